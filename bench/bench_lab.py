@@ -1,0 +1,246 @@
+"""Benchmark: the lab's batched ensemble trainer against a plain per-model PyTorch loop.
+
+Both sides run the same experiment (default: the ``classic`` preset, 5 scenarios x 3 seeds,
+784-100-100-10 MLP, Adam lr 1e-3, batch 30, 1000 steps, test evaluation every 50 steps) from
+the same initial weights, end to end: build + initialise every model, the first pass (probe
+on a batch of 100), training, and the periodic train/test metrics.
+
+- ensemble: ``initlab.lab.ensemble.run_group`` on each group of ``plan_groups(exp)``;
+- peer: the way the study and most tutorials do it, one model after the other:
+  ``nn.Sequential`` from the same builder, ``DataLoader(TensorDataset(x, y), batch_size=30,
+  shuffle=True)``, ``torch.optim.Adam``, ``loss.item()`` per step, test evaluation under
+  ``torch.no_grad()`` at the same steps.
+
+It prints the time of each, the speed-up, training samples/s against a matmul roofline
+measured in the same run (the GFLOP/s of a large fp32 GEMM, divided by the FLOPs one training
+sample costs), and the peak resident memory of each phase. Run from the repository root:
+
+    python bench/bench_lab.py                 # the full classic preset
+    python bench/bench_lab.py --steps 200     # a quick run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size in MiB: VmHWM since the last reset, else ru_maxrss (process lifetime)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def sgemm_gflops(n: int = 2048, repeat: int = 5) -> float:
+    """Best-of-``repeat`` fp32 GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) on this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e9
+
+
+def mlp_flops(widths: tuple[int, ...]) -> tuple[float, float]:
+    """(FLOPs per training sample, FLOPs per evaluated sample) of an MLP, matmuls only.
+
+    Training: forward 2*sum(in*out), weight gradients 2*sum(in*out), input gradients
+    2*sum(in*out) for every layer but the first. Evaluation: the forward pass.
+    """
+    mac = [a * b for a, b in zip(widths[:-1], widths[1:])]
+    fwd = 2.0 * sum(mac)
+    return fwd + 2.0 * sum(mac) + 2.0 * sum(mac[1:]), fwd
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def baseline_member(scenario: Any, seed: int, data: Any, train: Any) -> dict[str, float]:
+    """Train one model the tutorial way; return its final test loss and accuracy."""
+    import initlab
+    from initlab.lab.ensemble import first_pass_indices, init_member
+
+    x_train, y_train = data.x_train.float(), data.y_train.long()
+    x_test, y_test = data.x_test.float(), data.y_test.long()
+    if x_train.dim() > 2 and scenario.model.kind == "mlp":
+        x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    fp = first_pass_indices(seed, x_train.shape[0], train.first_pass_batch)
+    model = init_member(scenario, seed, batch=x_train[fp])
+    initlab.probe(model, x_train[fp], target=y_train[fp])  # the first pass, as the ensemble does it
+    model.zero_grad(set_to_none=True)
+
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr)
+    log: dict[str, float] = {}
+
+    def evaluate() -> None:
+        model.eval()
+        with torch.no_grad():
+            out = model(x_test)
+            log["test_loss"] = F.cross_entropy(out, y_test).item()
+            log["test_acc"] = (out.argmax(1) == y_test).float().mean().item()
+        model.train()
+
+    evaluate()
+    step, run_loss, run_acc, n = 0, 0.0, 0.0, 0
+    while step < train.steps:
+        for xb, yb in loader:
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run_loss += loss.item()
+            run_acc += (out.argmax(1) == yb).float().mean().item()
+            n += 1
+            step += 1
+            if step % train.log_every == 0 or step == train.steps:
+                log["train_loss"], log["train_acc"] = run_loss / n, run_acc / n
+                run_loss, run_acc, n = 0.0, 0.0, 0
+                evaluate()
+            if step >= train.steps:
+                break
+    return log
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="classic", help="preset name or TOML path (default: classic)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps (quick mode)")
+    p.add_argument("--seeds", type=int, default=None, help="override the number of seeds (0..N-1)")
+    p.add_argument("--skip-peer", action="store_true", help="time the ensemble only")
+    args = p.parse_args(argv)
+
+    from initlab.lab.config import load_experiment
+    from initlab.lab.data import load_dataset
+    from initlab.lab.ensemble import plan_groups, run_group
+
+    exp = load_experiment(args.preset)
+    train = exp.train
+    if args.steps is not None:
+        train = dataclasses.replace(train, steps=args.steps)
+    if args.seeds is not None:
+        train = dataclasses.replace(train, seeds=tuple(range(args.seeds)))
+    exp = dataclasses.replace(exp, train=train)
+    t = time.perf_counter()
+    data = load_dataset(exp.data)
+    t_data = time.perf_counter() - t
+    groups = plan_groups(exp)
+    members = [m for g in groups for m in g.members]
+    n_train, n_test = int(data.x_train.shape[0]), int(data.x_test.shape[0])
+
+    print(f"initlab lab bench: preset {exp.name!r}, {len(exp.scenarios)} scenarios x {len(train.seeds)} seeds = "
+          f"{len(members)} models in {len(groups)} group(s); batch {train.batch_size}, {train.steps} steps, "
+          f"log every {train.log_every}; train {n_train}, test {n_test}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; data load {t_data:.2f} s (not timed below)")
+
+    gflops = sgemm_gflops()
+    print(f"roofline: fp32 GEMM 2048^3 = {gflops:.1f} GFLOP/s")
+    # one-time process costs paid by whichever side runs first (torch.optim's first use imports
+    # torch._dynamo, ~1-2 s): pay them here, outside both timings
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    import initlab
+    initlab.probe(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(8, 4), target=torch.randint(0, 2, (8,)))
+
+    # --- the ensemble
+    _reset_peak_rss()
+    t = time.perf_counter()
+    results = [run_group(g, data) for g in groups]
+    t_ens = time.perf_counter() - t
+    peak_ens = _peak_rss_mb()
+    engines = sorted({r.engine for r in results})
+
+    # samples: every step's batch size (the last batch of an epoch is smaller), per model
+    per_epoch = [train.batch_size] * (n_train // train.batch_size) + ([n_train % train.batch_size] if n_train % train.batch_size else [])
+    samples_per_model = sum(per_epoch[i % len(per_epoch)] for i in range(train.steps))
+    samples = samples_per_model * len(members)
+    n_evals = 1 + len({s for s in range(train.log_every, train.steps + 1, train.log_every)} | {train.steps})
+    print(f"\nensemble ({'/'.join(engines)}): {t_ens:.2f} s end to end "
+          f"({sum(r.wall_s for r in results):.2f} s in run_group), {samples / t_ens:,.0f} training samples/s, "
+          f"peak RSS {peak_ens:.0f} MiB")
+    if all(m.scenario.model.kind == "mlp" for m in members):
+        widths = tuple(members[0].scenario.model.widths)
+        f_train, f_eval = mlp_flops(widths)
+        flops = samples * f_train + len(members) * n_evals * n_test * f_eval
+        achieved = flops / t_ens / 1e9
+        roof_sps = gflops * 1e9 / f_train
+        print(f"  matmul work {flops / 1e9:.1f} GFLOP ({f_train / 1e6:.2f} MFLOP per training sample, "
+              f"{n_evals} evaluations of {n_test}): {achieved:.1f} GFLOP/s = {100 * achieved / gflops:.0f}% of the GEMM roofline; "
+              f"roofline {roof_sps:,.0f} samples/s, achieved {samples / t_ens:,.0f} ({100 * samples / t_ens / roof_sps:.0f}%)")
+        params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+        print(f"  ensemble tensors: {len(members)} x {params:,} parameters x 4 (weights, grads, Adam m, v) x 4 B = "
+              f"{len(members) * params * 16 / 2 ** 20:.0f} MiB")
+
+    def final(metrics: list[dict[str, Any]], split: str, metric: str) -> dict[tuple[str, int], float]:
+        out: dict[tuple[str, int], tuple[int, float]] = {}
+        for r in metrics:
+            if r["split"] == split and r["metric"] == metric:
+                k = (r["scenario"], r["seed"])
+                if k not in out or r["step"] >= out[k][0]:
+                    out[k] = (r["step"], r["value"])
+        return {k: v for k, (_, v) in out.items()}
+
+    ens_acc = final([r for res in results for r in res.metrics], "test", "acc")
+    if args.skip_peer:
+        return 0
+
+    # --- the peer
+    _reset_peak_rss()
+    t = time.perf_counter()
+    peer = {m.key: baseline_member(m.scenario, m.seed, data, train) for m in members}
+    t_peer = time.perf_counter() - t
+    peak_peer = _peak_rss_mb()
+    print(f"peer (DataLoader + nn.Sequential + Adam, one model at a time): {t_peer:.2f} s, "
+          f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak_peer:.0f} MiB")
+
+    print("\nfinal test accuracy, mean over seeds (same initial weights; the peer's DataLoader draws its own order):")
+    for sc in exp.scenarios:
+        e = [ens_acc[(sc.name, s)] for s in train.seeds]
+        q = [peer[(sc.name, s)]["test_acc"] for s in train.seeds]
+        print(f"  {sc.name:<28} ensemble {statistics.fmean(e):.3f}   peer {statistics.fmean(q):.3f}")
+    print(f"\nspeed-up: {t_peer / t_ens:.1f}x end to end (goal >= 5x on 2 cores)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

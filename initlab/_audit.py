@@ -1,0 +1,551 @@
+"""``audit``: probe a model on a batch and say in plain words what is wrong with its initialization.
+
+``audit(model, batch)`` runs :func:`initlab.probe` (forward, and backward: with ``target``/``loss``
+the real loss, otherwise a fixed random unit-variance gradient at the output, which isolates
+how the network propagates gradients) and turns the per-layer numbers into findings, each with
+a severity, the layer, a message and a suggested fix. The rules and their thresholds:
+
+* **saturation** (sigmoid, tanh, softsign, hardtanh): share of unit values where
+  phi'(x) < 10% of its maximum. warning >= ``SATURATED_WARN`` (20%), error >= ``SATURATED_ERROR``
+  (50%). "Weights too large" when the pre-activation variance (without bias) exceeds 1.
+* **dead ReLUs** (relu, relu6): share of units that are 0 for every sample of the batch.
+  warning >= ``DEAD_WARN`` (10%), error >= ``DEAD_ERROR`` (40%); one level lower when the
+  layer's inputs are far from centred (E[x]^2 > E[x^2] / 4, e.g. after a ReLU and max-pool) and
+  the biases are not to blame: then the cure is normalisation rather than another init.
+* **signal**: r = (pre_var[last] / pre_var[first]) ** (1 / (L - 1)), the geometric-mean change
+  per layer of the pre-activation variance (without bias) over the L layers in forward order.
+  warning when r is outside [1/``RATIO``, ``RATIO``] = [0.5, 2] *and* the total change r^(L-1)
+  is outside [1/``TOTAL``, ``TOTAL``] = [1/4, 4]; error when the total change exceeds
+  ``TOTAL_ERROR`` (1e3) either way.
+* **gradient**: the same rule, backwards, on the squared gradient norm per sample
+  units * Var(dL/dh) (width-adjusted, so that a well-scaled network whose layers differ in width
+  is not flagged: with He's fan_in scaling, per-unit gradient variance changes with the width but
+  the norm does not). "grows" means towards the input (exploding), "shrinks" vanishing.
+* **output scale**: the readout's output variance above ``OUTPUT_VAR_WARN`` (100): logits that
+  large saturate the softmax at the first step.
+* **non-finite**: NaN or inf anywhere in the measured statistics (error).
+* **theory**: info only, where the measured pre-activation variance differs from the variance
+  recursion's prediction by more than ``THEORY_RATIO`` (2x) (correlated inputs, a non-Gaussian
+  regime, or a structure the recursion does not model).
+
+Fixes name the scheme matching the activation: He (relu family; He et al. 2015), Xavier or
+Kumar for sigmoid (Glorot & Bengio 2010; Kumar 2017), Xavier/LeCun for tanh, LeCun for SELU
+(Klambauer et al. 2017), or ``initlab.init_model(model, "auto")``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._activations import Activation, resolve_activation
+from ._errors import InitlabError
+from ._probe import ProbeResult, as_inputs, fmt, format_table, probe
+
+__all__ = ["audit", "AuditResult", "Finding", "register_cli"]
+
+SATURATED_WARN = 0.2
+SATURATED_ERROR = 0.5
+DEAD_WARN = 0.1
+DEAD_ERROR = 0.4
+RATIO = 2.0
+TOTAL = 4.0
+TOTAL_ERROR = 1e3
+OUTPUT_VAR_WARN = 100.0
+THEORY_RATIO = 2.0
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: ``severity`` ("error", "warning" or "info"), ``layer`` (module name, or None for
+    the whole model), ``message`` (plain language), ``fix`` (what to try) and ``code`` (a stable
+    identifier: saturation, dead_relu, signal_shrinks, signal_grows, gradient_vanishes,
+    gradient_explodes, output_scale, non_finite, theory_mismatch)."""
+
+    severity: str
+    layer: str | None
+    message: str
+    fix: str
+    code: str
+
+    def __str__(self) -> str:
+        return f"[{self.severity}] {self.message}" + (f" -> {self.fix}" if self.fix else "")
+
+
+@dataclass
+class AuditResult:
+    """Findings (most severe first) and the probe they came from. ``ok`` is True when no
+    finding is a warning or an error."""
+
+    findings: list[Finding]
+    probe: ProbeResult
+    model: str = ""
+    batch_shape: tuple[int, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity in ("error", "warning") for f in self.findings)
+
+    def codes(self) -> set[str]:
+        """The codes of the warnings and errors (infos excluded)."""
+        return {f.code for f in self.findings if f.severity != "info"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "batch_shape": list(self.batch_shape), "ok": self.ok,
+                "findings": [asdict(f) for f in self.findings], "probe": self.probe.to_dict(),
+                "notes": list(self.notes)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def table(self) -> str:
+        cols = [("#", "index"), ("layer", "layer"), ("act", "activation"), ("fan_in", "fan_in"),
+                ("pre_var", "pre_var"), ("predicted", "predicted_pre_var"), ("post_var", "post_var"),
+                ("saturated", "saturated_frac"), ("dead", "dead_frac")]
+        if self.probe.backward:
+            cols += [("grad_var", "grad_pre_var"), ("predicted", "predicted_grad_pre_var")]
+        rows = [dict(r, index=str(r["index"])) for r in self.probe.rows]
+        return format_table(rows, cols)
+
+    def __str__(self) -> str:
+        p = self.probe
+        head = (f"initlab audit: {self.model or 'model'} on a batch of shape {tuple(self.batch_shape)} "
+                f"(input E[x^2] = {fmt(p.input_sq_mean)}, Var = {fmt(p.input_var)})")
+        lines = [head, "", self.table(), ""]
+        if self.findings:
+            lines.append("findings:")
+            lines += [f"  {f}" for f in self.findings]
+        else:
+            lines.append("findings: none; the signal and the gradient keep their scale through the network")
+        for n in self.notes + p.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def suggest(act_name: str) -> str:
+    """The scheme(s) to try for layers followed by ``act_name``."""
+    if act_name in ("relu", "leaky_relu", "prelu", "relu6"):
+        return "he_normal"
+    if act_name == "sigmoid":
+        return "xavier_normal or kumar"
+    if act_name in ("tanh", "softsign", "hardtanh"):
+        return "xavier_normal or lecun_normal"
+    if act_name == "selu":
+        return "lecun_normal"
+    if act_name in ("identity", "none"):
+        return "lecun_normal or xavier_normal"
+    return "initlab.init_model(model, 'auto')"
+
+
+def _weight_story(rows: Sequence[dict[str, Any]]) -> str:
+    """What the weights look like: N(0,1), PyTorch's default, or fan_in * Var(w) = x."""
+    prods = sorted(r["fan_in"] * r["weight_var"] for r in rows
+                   if r["fan_in"] and math.isfinite(r["weight_var"]))
+    if not prods:
+        return ""
+    med = prods[len(prods) // 2]
+    fan = sorted(r["fan_in"] for r in rows if r["fan_in"])[len(prods) // 2]
+    if abs(med - 1.0 / 3.0) < 0.05:
+        return "PyTorch default init (Var(w) = 1/(3 fan_in))"
+    if fan > 4 and abs(med / fan - 1.0) < 0.2:
+        return "N(0,1) weights (Var(w) = 1)"
+    return f"weights with fan_in * Var(w) = {med:.3g}"
+
+
+def _main_activation(rows: Sequence[dict[str, Any]]) -> str:
+    acts = Counter(r["activation"] for r in rows if r["activation"] != "none")
+    return acts.most_common(1)[0][0] if acts else "none"
+
+
+def _label(row: dict[str, Any]) -> str:
+    return f"layer {row['index']} ({row['layer']})"
+
+
+def _trend(values: Sequence[float]) -> tuple[float, float] | None:
+    """(per-layer geometric-mean ratio, total ratio) from first to last, or None."""
+    v = [x for x in values if math.isfinite(x) and x > 0]
+    if len(v) < 2 or len(v) != len(values):
+        return None
+    total = v[-1] / v[0]
+    return total ** (1.0 / (len(v) - 1)), total
+
+
+def _severity(r: float, total: float) -> str | None:
+    if not (1.0 / RATIO <= r <= RATIO) and not (1.0 / TOTAL <= total <= TOTAL):
+        return "error" if (total > TOTAL_ERROR or total < 1.0 / TOTAL_ERROR) else "warning"
+    return None
+
+
+def _dead_finding(r: dict[str, Any], dead: float) -> Finding:
+    """Dead ReLUs, with their likely cause: negative biases, or inputs far from centred (after a
+    ReLU or a max-pool every input is >= 0, so the sign of a unit is mostly fixed by w . E[x] and
+    some units stay negative for the whole batch; that is a property of the architecture more
+    than of the init, so it is reported one level lower)."""
+    severity = "error" if dead >= DEAD_ERROR else "warning"
+    head = f"{100 * dead:.0f}% dead ReLUs in {_label(r)}: these units are 0 for every sample of the batch"
+    sd = math.sqrt(r["pre_var"]) if r["pre_var"] > 0 else 0.0
+    shift = r["pre_bias_mean"] - r["pre_mean"]  # the mean bias
+    m, sq = r["input_mean"], r["input_sq_mean"]
+    if sd > 0 and shift < -0.5 * sd:
+        return Finding(severity, r["layer"], f"{head}; negative biases (mean {fmt(shift)}) push them below 0",
+                       "zero the biases (bias='zeros') and use he_normal", "dead_relu")
+    if math.isfinite(m) and math.isfinite(sq) and sq > 0 and m * m > 0.25 * sq:
+        return Finding("warning" if severity == "error" else "info", r["layer"],
+                       f"{head}; its inputs are far from centred (mean {fmt(m)}, E[x^2] {fmt(sq)}), so the sign of "
+                       "a unit is mostly set by w . E[x]",
+                       "normalise this layer's inputs (e.g. BatchNorm before it), use a larger batch, or try "
+                       "leaky_relu", "dead_relu")
+    return Finding(severity, r["layer"], f"{head}, so they pass no gradient",
+                   "zero the biases and use he_normal, or try leaky_relu", "dead_relu")
+
+
+def findings_from(result: ProbeResult) -> list[Finding]:
+    """Apply the rules of the module docstring to a probe result."""
+    rows = result.rows
+    out: list[Finding] = []
+    main_act = _main_activation(rows)
+    story = _weight_story(rows)
+
+    for r in rows:
+        measured = [r["pre_var"], r["pre_bias_var"], r["post_var"]]
+        if result.backward:
+            measured.append(r["grad_pre_var"])
+        if any(math.isinf(v) for v in measured) or math.isnan(r["pre_bias_var"]):
+            out.append(Finding("error", r["layer"], f"{_label(r)}: non-finite values (NaN or inf) in the "
+                               "activations or gradients; the scale overflowed",
+                               f"use a variance-preserving init (try {suggest(r['activation'])})", "non_finite"))
+            continue
+        sat = r["saturated_frac"]
+        if isinstance(sat, float) and math.isfinite(sat) and sat >= SATURATED_WARN:
+            act = r["activation"]
+            if r["pre_var"] > 1.0:
+                why = f"weights too large for {act} (pre-activation variance {fmt(r['pre_var'])})"
+            else:
+                why = (f"pre-activations are shifted into the flat tails (mean {fmt(r['pre_bias_mean'])}); "
+                       "check the biases and centre the inputs")
+            out.append(Finding("error" if sat >= SATURATED_ERROR else "warning", r["layer"],
+                               f"{_label(r)}: {100 * sat:.0f}% of {act} units saturated; {why}",
+                               f"try {suggest(act)}", "saturation"))
+        dead = r["dead_frac"]
+        if isinstance(dead, float) and math.isfinite(dead) and dead >= DEAD_WARN:
+            out.append(_dead_finding(r, dead))
+
+    # forward: per-element pre-activation variance
+    tr = _trend([r["pre_var"] for r in rows])
+    if tr is not None:
+        per, total = tr
+        sev = _severity(per, total)
+        if sev is not None:
+            verb = "shrinks" if per < 1 else "grows"
+            cause = f": {story} with {main_act}" if story else ""
+            out.append(Finding(sev, None,
+                               f"signal variance {verb} x{per:.2g} per layer (pre-activation variance "
+                               f"{fmt(rows[0]['pre_var'])} at layer 1, {fmt(rows[-1]['pre_var'])} at layer "
+                               f"{rows[-1]['index']}){cause}",
+                               f"try {suggest(main_act)}", "signal_shrinks" if per < 1 else "signal_grows"))
+
+    # backward: squared gradient norm per sample, from the output back to the input
+    if result.backward:
+        energy = [r["grad_pre_var"] * r["units"] for r in reversed(rows)]
+        tr = _trend(energy)
+        if tr is not None:
+            per, total = tr
+            sev = _severity(per, total)
+            if sev is not None:
+                verb = "grows" if per > 1 else "shrinks"
+                kind = "exploding" if per > 1 else "vanishing"
+                out.append(Finding(sev, None,
+                                   f"gradient variance {verb} x{per:.2g} per layer towards the input "
+                                   f"({kind} gradients; width-adjusted: squared gradient norm per sample)",
+                                   f"try {suggest(main_act)}", "gradient_explodes" if per > 1 else "gradient_vanishes"))
+
+    last = rows[-1] if rows else None
+    if last is not None and last["activation"] == "none" and math.isfinite(last["pre_bias_var"]) \
+            and last["pre_bias_var"] > OUTPUT_VAR_WARN:
+        out.append(Finding("warning", last["layer"],
+                           f"{_label(last)}: output variance {fmt(last['pre_bias_var'])}; logits this large "
+                           "saturate a softmax at the first step",
+                           f"scale the layers down (try {suggest(main_act)}; lecun_normal for the readout)",
+                           "output_scale"))
+
+    for r in rows:
+        m, p = r["pre_var"], r["predicted_pre_var"]
+        if all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (m, p)) and \
+                not (1.0 / THEORY_RATIO <= m / p <= THEORY_RATIO):
+            out.append(Finding("info", r["layer"],
+                               f"{_label(r)}: measured pre-activation variance {fmt(m)} is {m / p:.2g}x the "
+                               f"variance recursion's {fmt(p)} (correlated inputs, shifted means, or a "
+                               "structure the recursion does not model)", "", "theory_mismatch"))
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    out.sort(key=lambda f: rank[f.severity])
+    return out
+
+
+def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
+          loss: Callable[..., Tensor] | str | None = None, backward: bool = True, seed: int = 0) -> AuditResult:
+    """Probe ``model`` on ``batch`` and return its :class:`AuditResult` (findings + table).
+
+    With ``target``/``loss`` the backward pass uses that loss (see :func:`initlab.probe`);
+    otherwise, when ``backward`` is True, the output receives a fixed N(0, 1) gradient drawn
+    with ``seed`` (loss = sum(output * g)), so the gradient findings describe the network, not the
+    loss. The model and its ``.grad`` are left unchanged. Thresholds: see the module docstring.
+    """
+    inputs = as_inputs(batch)
+    if loss is None and target is None and backward:
+        gen = torch.Generator().manual_seed(int(seed))
+
+        def loss(out: Any) -> Tensor:
+            y = out if isinstance(out, Tensor) else (out[0] if isinstance(out, (tuple, list)) else None)
+            if not isinstance(y, Tensor) or not y.is_floating_point():
+                raise InitlabError("audit's default backward needs a floating-point tensor output; "
+                                   "pass target=... and loss=..., or backward=False")
+            g = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
+            return (y * g).sum()
+    result = probe(model, inputs if len(inputs) > 1 else inputs[0], target=target, loss=loss)
+    return AuditResult(findings=findings_from(result), probe=result, model=type(model).__name__,
+                       batch_shape=tuple(inputs[0].shape))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _activation_module(name: str) -> nn.Module:
+    """An ``nn.Module`` computing the named activation (for ``--mlp``)."""
+    from ._activations import _MODULES
+
+    act: Activation = resolve_activation(name)
+    if act.name == "gelu":
+        return nn.GELU()
+    if act.name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    for cls, (table_name, _) in _MODULES.items():
+        if table_name == act.name:
+            if act.name in ("leaky_relu",):
+                return cls(negative_slope=act.param)
+            if act.name == "prelu":
+                return cls(init=act.param)
+            if act.name in ("elu", "celu"):
+                return cls(alpha=act.param)
+            return cls()
+    return _Elementwise(act)
+
+
+class _Elementwise(nn.Module):
+    def __init__(self, act: Activation) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act.fn(x)
+
+
+def build_mlp(widths: Sequence[int], activation: str) -> nn.Sequential:
+    """``Linear(w0, w1), act, ..., Linear(w_{n-2}, w_{n-1})`` with PyTorch's default init."""
+    if len(widths) < 2 or any(w < 1 for w in widths):
+        raise InitlabError(f"--mlp needs at least two positive widths (e.g. 784,100,100,10), got {list(widths)}")
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(_activation_module(activation))
+    return nn.Sequential(*layers)
+
+
+def _parse_widths(text: str) -> list[int]:
+    try:
+        return [int(w) for w in text.replace(" ", "").split(",") if w]
+    except ValueError as e:
+        raise InitlabError(f"--mlp expects comma-separated integers like 784,100,100,10, got {text!r}") from e
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(w) for w in text.replace(" ", "").split(",") if w)
+    except ValueError as e:
+        raise InitlabError(f"--input-shape expects comma-separated integers like 1,28,28, got {text!r}") from e
+    if not shape or any(s < 1 for s in shape):
+        raise InitlabError(f"--input-shape needs positive sizes, got {text!r}")
+    return shape
+
+
+def load_factory(spec: str) -> Any:
+    """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns."""
+    import importlib
+    import importlib.util
+    import os
+
+    if ":" not in spec:
+        raise InitlabError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_model or models.py:make), got {spec!r}")
+    mod_name, _, attr = spec.rpartition(":")
+    if not mod_name or not attr:
+        raise InitlabError(f"--model expects MODULE:FACTORY, got {spec!r}")
+    if mod_name.endswith(".py") or os.sep in mod_name:
+        if not os.path.isfile(mod_name):
+            raise InitlabError(f"--model: file {mod_name!r} not found")
+        sp = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
+        module = importlib.util.module_from_spec(sp)  # type: ignore[arg-type]
+        sys.modules.setdefault(sp.name, module)  # type: ignore[union-attr]
+        sp.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise InitlabError(f"--model: cannot import module {mod_name!r} ({e})") from e
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        from ._errors import unknown_choice
+
+        raise unknown_choice(f"factory in {mod_name}", attr, names)
+    return factory()
+
+
+def _gaussian(shape: tuple[int, ...], batch_size: int, gen: torch.Generator) -> Tensor:
+    return torch.randn((batch_size, *shape), generator=gen)
+
+
+def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
+    try:
+        from .lab.data import load_dataset
+
+        ds = load_dataset("mnist")
+    except (ImportError, InitlabError, OSError, ValueError) as e:
+        print(f"initlab audit: MNIST is unavailable ({type(e).__name__}: {e}); using Gaussian data instead",
+              file=sys.stderr)
+        return None
+    x, y = ds.x_train, ds.y_train
+    idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
+    return x[idx].reshape(len(idx), -1).float(), y[idx]
+
+
+def _first_layer_shape(model: nn.Module) -> tuple[int, ...] | None:
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            d = len(m.kernel_size)
+            ch = m.in_channels
+            return (ch,) + ((64,) if d == 1 else (32, 32) if d == 2 else (16, 16, 16))
+    return None
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise InitlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    batch: Tensor | tuple[Tensor, ...] | None = None
+    target: Tensor | None = None
+    notes: list[str] = []
+    if args.mlp is not None:
+        widths = _parse_widths(args.mlp)
+        model = build_mlp(widths, args.act)
+        name = f"MLP {'-'.join(map(str, widths))} {resolve_activation(args.act).name}"
+        in_shape: tuple[int, ...] | None = (widths[0],)
+    else:
+        made = load_factory(args.model)
+        if isinstance(made, tuple):
+            if not made or not isinstance(made[0], nn.Module) or len(made) > 3:
+                raise InitlabError("--model factory must return a model, (model, batch) or (model, batch, target)")
+            model = made[0]
+            batch = made[1] if len(made) > 1 else None
+            target = made[2] if len(made) > 2 else None
+        elif isinstance(made, nn.Module):
+            model = made
+        else:
+            raise InitlabError(f"--model factory must return an nn.Module or a (model, batch) tuple, "
+                               f"got {type(made).__name__}")
+        name = f"{args.model} ({type(model).__name__})"
+        in_shape = None
+    if args.input_shape:
+        in_shape = _parse_shape(args.input_shape)
+    if batch is None:
+        if args.data == "mnist":
+            got = _mnist(args.batch_size, gen)
+            if got is not None:
+                x, y = got
+                if in_shape is not None and math.prod(in_shape) != x.shape[1]:
+                    raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
+                                       "(use --mlp 784,... or --input-shape 1,28,28)")
+                batch = x.reshape(x.shape[0], *in_shape) if in_shape is not None else x
+                last = model_last_width(model)
+                if last == 10:
+                    target = y
+                else:
+                    notes.append("labels not used (the model does not have 10 outputs): random output gradient")
+        if batch is None:
+            if in_shape is None:
+                in_shape = _first_layer_shape(model)
+                if in_shape is None:
+                    raise InitlabError("cannot guess the model's input shape; pass --input-shape (e.g. 3,32,32)")
+                notes.append(f"input shape guessed from the first layer: {in_shape}; set it with --input-shape")
+            batch = _gaussian(in_shape, args.batch_size, gen)
+    if args.init is not None:
+        from ._apply import init_model
+
+        init_model(model, args.init, generator=gen, batch=batch if args.init == "lsuv" else None)
+        name += f", init {args.init}"
+    elif args.mlp is not None:
+        name += ", PyTorch default init"
+    result = audit(model, batch, target=target, backward=not args.forward_only, seed=args.seed)
+    result.model = name
+    result.notes.extend(notes)
+    if args.json:
+        print(result.to_json())
+    else:
+        print(result)
+    return 0
+
+
+def model_last_width(model: nn.Module) -> int | None:
+    """Output width of the last registered Linear layer (None when the model has none)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m.out_features
+    return last
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``initlab audit`` to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "audit", help="probe a model on one batch and say what is wrong with its initialization",
+        description=(
+            "Run one forward and backward pass, print per-layer statistics beside the variance "
+            "recursion's predictions, and list findings with suggested fixes. The model comes from "
+            "--mlp (a Linear/activation stack with PyTorch's default init unless --init is given) or "
+            "from --model MODULE:FACTORY: a function of your code, called without arguments, that "
+            "returns a model, a (model, batch) pair or a (model, batch, target) triple "
+            "(MODULE may also be a path to a .py file). Exit status 0 when the audit ran, whatever it found."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mlp", metavar="WIDTHS", help="layer widths, e.g. 784,100,100,10")
+    src.add_argument("--model", metavar="MODULE:FACTORY", help="factory in your code returning a model or (model, batch)")
+    p.add_argument("--act", default="relu", help="activation between the --mlp layers (any initlab activation name)")
+    p.add_argument("--init", default=None, help="initialise with this scheme first (e.g. normal, xavier_normal, he_normal, auto, lsuv)")
+    p.add_argument("--data", choices=("gaussian", "mnist"), default="gaussian",
+                   help="input batch: N(0,1) values, or MNIST digits scaled to [0,1] (with their labels)")
+    p.add_argument("--input-shape", default=None, metavar="SHAPE",
+                   help="input shape without the batch dimension, e.g. 1,28,28 (default: from the first layer)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch, the init and the output gradient")
+    p.add_argument("--forward-only", action="store_true", help="skip the backward pass")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    p.set_defaults(func=_run_cli)

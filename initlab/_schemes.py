@@ -1,0 +1,558 @@
+"""Named initialisation schemes: a string registry usable from configs, each a one-liner.
+
+Every fan-based scheme is a specialisation of :func:`initlab.variance_scaling_` (JAX style):
+``Var[W] = scale / n`` with ``n`` picked by ``mode``, drawn from ``distribution``; the
+realised variance is ``scale / n`` for every distribution (see ``initlab._engine``).
+
+==================== ======================================== =========================================
+name                 Var[W] (default parameters)              reference
+==================== ======================================== =========================================
+normal               std^2 = 1 (no fan scaling)               the naive baseline
+xavier_normal        2 gain^2 / (fan_in + fan_out), normal    Glorot & Bengio (2010)
+xavier_uniform       2 gain^2 / (fan_in + fan_out), uniform   Glorot & Bengio (2010)
+xavier_caffe         gain^2 / fan_in, uniform                 Caffe's XavierFiller (Jia et al. 2014)
+he_normal            g^2 / fan_in, g = gain(activation)       He et al. (2015)
+he_uniform           g^2 / fan_in, uniform                    He et al. (2015)
+lecun_normal         1 / fan_in, normal                       LeCun et al. (1998); Klambauer et al. (2017)
+lecun_uniform        1 / fan_in, uniform                      LeCun et al. (1998)
+kumar                g^2 / fan_in, g = Kumar's gain           Kumar (2017)
+torch_default        1 / (3 fan_in), uniform                  PyTorch's nn.Linear / nn.Conv default
+tf1_variance_scaling 1.3 * 0.77374 * factor / n, trunc normal TensorFlow 1 contrib initializer
+orthogonal           gain^2 / max(rows, cols)                 Saxe et al. (2014); Mezzadri (2007)
+delta_orthogonal     gain^2 / max(fan_in, fan_out)            Xiao et al. (2018)
+identity (dirac)     identity / Dirac delta                   ``torch.nn.init.eye_`` / ``dirac_``
+zeros                0
+auto                 per layer, chosen by ``initlab.init_model``
+==================== ======================================== =========================================
+
+``get_scheme(name, **params)`` returns a :class:`Scheme`: call it on a tensor
+(``scheme(w, fans=..., generator=...)``), read its ``name``/``params`` and its
+``target_std(fans)``. ``register_scheme(name, factory)`` adds your own.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_mode,
+                      check_scale, target_std, variance_scaling_)
+from ._errors import InitlabError, unknown_choice
+from ._fans import fans as _fans
+from ._fans import shape_of
+from ._gains import gain as _gain
+
+__all__ = [
+    "Scheme", "get_scheme", "schemes", "register_scheme", "scheme_descriptions", "register_cli",
+    "normal_", "xavier_normal_", "xavier_uniform_", "he_normal_", "he_uniform_", "lecun_normal_",
+    "lecun_uniform_", "kumar_", "orthogonal_", "delta_orthogonal_", "identity_", "TF1_REALISED_FACTOR",
+]
+
+TF1_REALISED_FACTOR = 1.3 * TRUNC_VAR
+"""TF1's truncated normal realises Var = 1.3 * 0.7737413 * factor / n = 1.0058637 * factor / n."""
+
+Fans = tuple[float, float]
+_Init = Callable[[Tensor, "Fans | None", "torch.Generator | None"], Tensor]
+_Std = Callable[[float, float, "tuple[int, ...] | None"], "float | None"]
+
+
+# --------------------------------------------------------------------------------------------
+# the Scheme object
+
+@dataclass(frozen=True, eq=False)
+class Scheme:
+    """A configured initialisation scheme: ``scheme(tensor, *, fans=None, generator=None)``.
+
+    Attributes:
+        name: registry name (``"he_normal"``).
+        params: the parameters it was built with, defaults included.
+        description: one line with the formula and the paper.
+        scale, mode, distribution: the engine's arguments for variance-scaling schemes
+            (``Var[W] = scale / n``), None for the others.
+    """
+
+    name: str
+    init: _Init = field(repr=False)
+    std: _Std | None = field(default=None, repr=False)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    scale: float | None = None
+    mode: str | None = None
+    distribution: str | None = None
+
+    def __call__(self, tensor: Tensor, *, fans: Fans | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Initialise ``tensor`` in place and return it. ``fans`` overrides the shape-based
+        ``(fan_in, fan_out)`` (pass ``initlab.fans(w, module=layer)`` for module-aware fans)."""
+        return self.init(tensor, fans, generator)
+
+    def target_std(self, fans: Fans | None = None, *, tensor: Tensor | None = None,
+                   shape: Sequence[int] | None = None) -> float | None:
+        """The std this scheme realises for a layer with these ``(fan_in, fan_out)`` (or the
+        fans of ``tensor`` / ``shape``); None where it does not depend on fans alone."""
+        if self.std is None:
+            return None
+        shp = shape_of(tensor if tensor is not None else shape) if (tensor is not None or shape is not None) else None
+        if fans is None:
+            if shp is None:
+                raise InitlabError("target_std needs fans=(fan_in, fan_out), tensor= or shape=")
+            try:
+                fans = _fans(shp)
+            except InitlabError:
+                fans = (0.0, 0.0)
+        return self.std(float(fans[0]), float(fans[1]), shp)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"Scheme({self.name!r}{', ' if args else ''}{args})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable through the registry
+        return (_rebuild, (self.name, dict(self.params)))
+
+
+def _rebuild(name: str, params: dict[str, Any]) -> Scheme:
+    return get_scheme(name, **params)
+
+
+def _vs(scale: float, mode: str, distribution: str) -> Scheme:
+    """A variance-scaling scheme: ``variance_scaling_(t, scale, mode, distribution)``."""
+    scale, mode, distribution = check_scale(scale), check_mode(mode), check_distribution(distribution)
+    return Scheme(
+        name="variance_scaling",
+        init=lambda t, f, g: variance_scaling_(t, scale, mode, distribution, generator=g, fans=f),
+        std=lambda fi, fo, shp: target_std(scale, mode, (fi, fo)),
+        scale=scale, mode=mode, distribution=distribution,
+    )
+
+
+def _plain(init: _Init, std: _Std | None) -> Scheme:
+    return Scheme(name="custom", init=init, std=std)
+
+
+# --------------------------------------------------------------------------------------------
+# in-place functions
+
+def _check_gain(g: object) -> float:
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(float(g)) or float(g) <= 0:
+        raise InitlabError(f"gain must be a finite number > 0, got {g!r}")
+    return float(g)
+
+
+def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
+            generator: torch.Generator | None = None) -> Tensor:
+    """N(mean, std^2), no fan scaling (the naive baseline of the classic MNIST study: with
+    std = 1 a sigmoid network saturates). Any shape, biases included. Note the argument order
+    differs from ``torch.nn.init.normal_(tensor, mean, std)``: ``std`` comes first here."""
+    _check_tensor(tensor, "normal_")
+    std = check_scale(std, "std")
+    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+        raise InitlabError(f"mean must be a finite number, got {mean!r}")
+    gen = _check_generator(generator, tensor)
+    _sample_(tensor, "normal", std, gen)
+    if mean and not tensor.is_meta:
+        with torch.no_grad():
+            tensor.add_(mean)
+    return tensor
+
+
+def xavier_normal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None,
+                   fans: Fans | None = None) -> Tensor:
+    """Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out)); realised variance as stated."""
+    return variance_scaling_(tensor, _check_gain(gain) ** 2, "fan_avg", "normal", generator=generator, fans=fans)
+
+
+def xavier_uniform_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None,
+                    fans: Fans | None = None) -> Tensor:
+    """Glorot & Bengio (2010): U(-a, a), a = gain sqrt(6 / (fan_in + fan_out)); Var = 2 gain^2 / (fan_in + fan_out)."""
+    return variance_scaling_(tensor, _check_gain(gain) ** 2, "fan_avg", "uniform", generator=generator, fans=fans)
+
+
+def he_normal_(tensor: Tensor, activation: object = "relu", param: float | None = None, *, mode: str = "fan_in",
+               distribution: str = "normal", generator: torch.Generator | None = None,
+               fans: Fans | None = None) -> Tensor:
+    """He et al. (2015): Var = g^2 / fan with g = ``gain(activation, param)`` (second moment):
+    2 / fan_in for ReLU, 2 / ((1 + a^2) fan_in) for leaky ReLU / PReLU with slope a."""
+    g = _gain(activation, param)
+    return variance_scaling_(tensor, g * g, mode, distribution, generator=generator, fans=fans)
+
+
+def he_uniform_(tensor: Tensor, activation: object = "relu", param: float | None = None, *, mode: str = "fan_in",
+                generator: torch.Generator | None = None, fans: Fans | None = None) -> Tensor:
+    """He et al. (2015), uniform: U(-a, a), a = g sqrt(3 / fan); Var = g^2 / fan."""
+    return he_normal_(tensor, activation, param, mode=mode, distribution="uniform", generator=generator, fans=fans)
+
+
+def lecun_normal_(tensor: Tensor, *, distribution: str = "normal", generator: torch.Generator | None = None,
+                  fans: Fans | None = None) -> Tensor:
+    """LeCun et al. (1998): Var = 1 / fan_in (SELU's choice, Klambauer et al. 2017)."""
+    return variance_scaling_(tensor, 1.0, "fan_in", distribution, generator=generator, fans=fans)
+
+
+def lecun_uniform_(tensor: Tensor, *, generator: torch.Generator | None = None,
+                   fans: Fans | None = None) -> Tensor:
+    """LeCun et al. (1998), uniform: U(-sqrt(3 / fan_in), sqrt(3 / fan_in)); Var = 1 / fan_in."""
+    return variance_scaling_(tensor, 1.0, "fan_in", "uniform", generator=generator, fans=fans)
+
+
+def kumar_(tensor: Tensor, activation: object = "sigmoid", param: float | None = None, *, mode: str = "fan_in",
+           distribution: str = "normal", generator: torch.Generator | None = None,
+           fans: Fans | None = None) -> Tensor:
+    """Kumar (2017): Var = 1 / (fan phi'(0)^2 (1 + phi(0)^2)); sigmoid: 12.8 / fan_in, tanh: 1 / fan_in.
+    Activations not differentiable at 0 (ReLU family) raise: use :func:`he_normal_`."""
+    g = _gain(activation, param, method="kumar")
+    return variance_scaling_(tensor, g * g, mode, distribution, generator=generator, fans=fans)
+
+
+def _matrix_shape(tensor: Tensor, what: str) -> tuple[int, int]:
+    if tensor.dim() < 2:
+        raise InitlabError(f"{what} needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}; "
+                           "initialise biases with zeros or a constant")
+    rows = tensor.shape[0]
+    return rows, (tensor.numel() // rows if rows else 0)
+
+
+def _haar(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+          generator: torch.Generator | None) -> Tensor:
+    """A (rows, cols) matrix with orthonormal rows or columns, Haar-distributed (Mezzadri 2007)."""
+    n, m = max(rows, cols), min(rows, cols)
+    a = torch.empty((n, m), dtype=dtype, device=device)
+    _sample_(a, "normal", 1.0, generator)
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        # LAPACK's blocked QR sums in a thread-dependent order: run it on one thread so that
+        # the same generator gives the same bits whatever torch.get_num_threads() is
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            q, r = torch.linalg.qr(a)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        q, r = torch.linalg.qr(a)
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    q = q * d  # sign correction: without it the QR's convention biases the distribution
+    return q.T if rows < cols else q
+
+
+@torch.no_grad()
+def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+    """Saxe et al. (2014): a Haar-random (semi-)orthogonal matrix times ``gain``, the tensor
+    viewed as (shape[0], prod(shape[1:])). QR of a Gaussian matrix with the sign of diag(R)
+    corrected (Mezzadri 2007); computed in fp32 (fp64 for fp64 tensors), then copied. On CPU the
+    QR runs on one thread, so results are bit-identical for any ``torch.get_num_threads()``.
+    Realised variance gain^2 / max(rows, cols)."""
+    _check_tensor(tensor, "orthogonal_")
+    g = _check_gain(gain)
+    gen = _check_generator(generator, tensor)
+    rows, cols = _matrix_shape(tensor, "orthogonal_")
+    if tensor.is_meta or tensor.numel() == 0:
+        return tensor
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    q = _haar(rows, cols, work, tensor.device, gen)
+    tensor.copy_((q * g).reshape(tensor.shape))
+    return tensor
+
+
+@torch.no_grad()
+def delta_orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+    """Xiao et al. (2018): zeros everywhere except the kernel centre (index k // 2 on every
+    spatial axis), which holds a Haar (semi-)orthogonal (out, in) matrix times ``gain``.
+    The convolution is then a norm-preserving map for out >= in (dynamical isometry).
+    Realised variance gain^2 / max(fan_in, fan_out) (shape-based fans). A 2-d tensor gets
+    a plain orthogonal matrix."""
+    _check_tensor(tensor, "delta_orthogonal_")
+    g = _check_gain(gain)
+    gen = _check_generator(generator, tensor)
+    _matrix_shape(tensor, "delta_orthogonal_")
+    if tensor.is_meta or tensor.numel() == 0:
+        return tensor
+    if tensor.dim() == 2:
+        return orthogonal_(tensor, gain, generator=generator)
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    q = _haar(tensor.shape[0], tensor.shape[1], work, tensor.device, gen)
+    tensor.zero_()
+    centre = tuple(k // 2 for k in tensor.shape[2:])
+    tensor[(slice(None), slice(None), *centre)] = (q * g).to(tensor.dtype)
+    return tensor
+
+
+@torch.no_grad()
+def identity_(tensor: Tensor, gain: float = 1.0, *, groups: int = 1) -> Tensor:
+    """The identity map: ``eye`` for (out, in) matrices, a Dirac delta at the kernel centre for
+    convolutions (``torch.nn.init.dirac_``, any number of spatial dims, ``groups``), times ``gain``."""
+    _check_tensor(tensor, "identity_")
+    g = _check_gain(gain)
+    if tensor.dim() < 2:
+        raise InitlabError(f"identity_ needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or tensor.shape[0] % groups:
+        raise InitlabError(f"groups must be a positive int dividing out_channels={tensor.shape[0]}, got {groups!r}")
+    if tensor.is_meta:
+        return tensor
+    tensor.zero_()
+    out_pg = tensor.shape[0] // groups
+    m = min(out_pg, tensor.shape[1])
+    idx = torch.arange(m, device=tensor.device)
+    centre = tuple(k // 2 for k in tensor.shape[2:])
+    for k in range(groups):
+        tensor[(idx + k * out_pg, idx, *centre)] = g
+    return tensor
+
+
+def _ortho_std(gain: float) -> _Std:
+    def std(fi: float, fo: float, shp: tuple[int, ...] | None) -> float | None:
+        if shp is not None and len(shp) >= 2:
+            rows = shp[0]
+            cols = math.prod(shp[1:])
+            return gain / math.sqrt(max(rows, cols, 1))
+        return gain / math.sqrt(max(fi, fo)) if max(fi, fo) > 0 else None
+    return std
+
+
+def _delta_std(gain: float) -> _Std:
+    def std(fi: float, fo: float, shp: tuple[int, ...] | None) -> float | None:
+        if shp is not None and len(shp) >= 2:
+            fi, fo = _fans(shp)
+        return gain / math.sqrt(max(fi, fo)) if max(fi, fo) > 0 else None
+    return std
+
+
+def _identity_std(gain: float) -> _Std:
+    def std(fi: float, fo: float, shp: tuple[int, ...] | None) -> float | None:
+        if shp is not None and len(shp) >= 2:
+            fi, fo = _fans(shp)
+        n = max(fi, fo)
+        if n <= 0:
+            return None
+        p = 1.0 / n  # fraction of entries equal to gain
+        return gain * math.sqrt(p * (1.0 - p))
+    return std
+
+
+def _auto_marker(distribution: str = "normal", mode: str = "fan_in") -> Scheme:
+    check_distribution(distribution)
+    check_mode(mode)
+
+    def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
+        raise InitlabError(
+            "scheme 'auto' chooses a scheme per layer from the activation that consumes the layer's output, "
+            "so it needs the whole model: use initlab.init_model(model, 'auto'). For a single tensor pick a "
+            "scheme yourself, e.g. get_scheme('he_normal', activation='relu')")
+    return _plain(init, None)
+
+
+# --------------------------------------------------------------------------------------------
+# the registry
+
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., Any]
+    description: str
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def register_scheme(name: str, factory: Callable[..., Any], description: str = "", *,
+                    aliases: Sequence[str] = (), overwrite: bool = False) -> None:
+    """Add a scheme to the registry.
+
+    ``factory(**params)`` returns a :class:`Scheme` (e.g. ``lambda k=1.0: get_scheme(
+    "lecun_normal")``), or any callable ``f(tensor, *, fans=None, generator=None) -> tensor``,
+    which is wrapped. ``description`` is the one line shown by ``initlab schemes``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InitlabError(f"a scheme name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise InitlabError(f"factory for scheme {name!r} must be callable, got {type(factory).__name__}")
+    key = _key(name)
+    if not overwrite and (key in _REGISTRY or key in _ALIASES):
+        raise InitlabError(f"scheme {key!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[key] = _Entry(factory, description)
+    for a in aliases:
+        _ALIASES[_key(a)] = key
+
+
+def schemes() -> list[str]:
+    """Names of all registered schemes, in registration order (aliases excluded)."""
+    return list(_REGISTRY)
+
+
+def scheme_descriptions() -> list[tuple[str, str, str]]:
+    """(name, parameters with defaults, description) for every registered scheme."""
+    out = []
+    for name, e in _REGISTRY.items():
+        try:
+            sig = inspect.signature(e.factory)
+            params = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                               for p in sig.parameters.values())
+        except (TypeError, ValueError):
+            params = "..."
+        out.append((name, params, e.description))
+    return out
+
+
+def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
+    """The scheme ``name`` configured with ``params`` (see ``initlab.schemes()``).
+
+    Raises InitlabError for an unknown name (listing the valid names and the closest one) and
+    for parameters the scheme does not take or rejects (naming them and the valid ones).
+    """
+    if isinstance(name, Scheme):
+        if params:
+            return get_scheme(name.name, **{**name.params, **params})
+        return name
+    if not isinstance(name, str):
+        raise InitlabError(f"a scheme name must be a string, got {type(name).__name__}: {name!r}. "
+                           f"Valid schemes: {', '.join(_REGISTRY)}")
+    key = _key(name)
+    key = _ALIASES.get(key, key)
+    entry = _REGISTRY.get(key)
+    if entry is None:
+        raise unknown_choice("scheme", name, list(_REGISTRY) + list(_ALIASES))
+    try:
+        sig = inspect.signature(entry.factory)
+    except (TypeError, ValueError):
+        sig = None
+    bound: dict[str, Any] = dict(params)
+    if sig is not None:
+        try:
+            b = sig.bind(**params)
+        except TypeError:
+            accepted = [p.name for p in sig.parameters.values()
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            bad = sorted(set(params) - set(accepted))
+            what = f"does not take {', '.join(map(repr, bad))}" if bad else "is missing a parameter"
+            shown = ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                              for p in sig.parameters.values())
+            raise InitlabError(f"scheme {key!r} {what}; its parameters: {shown or 'none'}") from None
+        b.apply_defaults()
+        bound = dict(b.arguments)
+    try:
+        made = entry.factory(**params)
+    except InitlabError as e:
+        raise InitlabError(f"scheme {key!r}: {e}") from e
+    if isinstance(made, Scheme):
+        return replace(made, name=key, params=bound, description=made.description or entry.description)
+    if callable(made):
+        fn = made
+        return Scheme(name=key, init=lambda t, f, g: fn(t, fans=f, generator=g), params=bound,
+                      description=entry.description)
+    raise InitlabError(f"factory of scheme {key!r} returned {type(made).__name__}, not a Scheme or a callable")
+
+
+# one line each over the engine
+register_scheme("normal", lambda std=1.0, mean=0.0: _normal(std, mean),
+                "N(mean, std^2) with no fan scaling (default N(0, 1): the naive baseline)")
+register_scheme("xavier_normal", lambda gain=1.0: _vs(_check_gain(gain) ** 2, "fan_avg", "normal"),
+                "Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out))", aliases=("glorot_normal",))
+register_scheme("xavier_uniform", lambda gain=1.0: _vs(_check_gain(gain) ** 2, "fan_avg", "uniform"),
+                "Glorot & Bengio (2010): uniform, Var = 2 gain^2 / (fan_in + fan_out)", aliases=("glorot_uniform",))
+register_scheme("xavier_caffe", lambda gain=1.0, distribution="uniform": _vs(_check_gain(gain) ** 2, "fan_in", distribution),
+                "Caffe's 'xavier' filler: uniform, Var = gain^2 / fan_in")
+register_scheme("he_normal", lambda activation="relu", param=None, mode="fan_in", distribution="normal":
+                _vs(_gain(activation, param) ** 2, mode, distribution),
+                "He et al. (2015): N(0, g^2 / fan_in), g = gain(activation) (2/fan_in for ReLU)",
+                aliases=("kaiming_normal",))
+register_scheme("he_uniform", lambda activation="relu", param=None, mode="fan_in":
+                _vs(_gain(activation, param) ** 2, mode, "uniform"),
+                "He et al. (2015): uniform, Var = g^2 / fan_in", aliases=("kaiming_uniform",))
+register_scheme("lecun_normal", lambda distribution="normal": _vs(1.0, "fan_in", distribution),
+                "LeCun et al. (1998): N(0, 1 / fan_in) (SELU: Klambauer et al. 2017)")
+register_scheme("lecun_uniform", lambda: _vs(1.0, "fan_in", "uniform"),
+                "LeCun et al. (1998): uniform, Var = 1 / fan_in")
+register_scheme("kumar", lambda activation="sigmoid", param=None, mode="fan_in", distribution="normal":
+                _vs(_gain(activation, param, method="kumar") ** 2, mode, distribution),
+                "Kumar (2017): Var = 1 / (fan_in phi'(0)^2 (1 + phi(0)^2)); sigmoid 12.8 / fan_in")
+register_scheme("torch_default", lambda: _vs(1.0 / 3.0, "fan_in", "uniform"),
+                "PyTorch's nn.Linear/nn.Conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), Var = 1 / (3 fan_in)",
+                aliases=("pytorch_default", "torch"))
+register_scheme("tf1_variance_scaling", lambda factor=2.0, mode="fan_in", uniform=False: _tf1(factor, mode, uniform),
+                "TF1 contrib variance_scaling_initializer: truncated normal, sigma = sqrt(1.3 factor / n)")
+register_scheme("orthogonal", lambda gain=1.0: _plain(
+    lambda t, f, g: orthogonal_(t, gain, generator=g), _ortho_std(_check_gain(gain))),
+    "Saxe et al. (2014): Haar-random (semi-)orthogonal matrix times gain")
+register_scheme("delta_orthogonal", lambda gain=1.0: _plain(
+    lambda t, f, g: delta_orthogonal_(t, gain, generator=g), _delta_std(_check_gain(gain))),
+    "Xiao et al. (2018): orthogonal matrix at the kernel centre, zeros elsewhere")
+register_scheme("identity", lambda gain=1.0, groups=1: _plain(
+    lambda t, f, g: identity_(t, gain, groups=groups), _identity_std(_check_gain(gain))),
+    "identity matrix / Dirac delta at the kernel centre (torch eye_ / dirac_)", aliases=("dirac", "eye"))
+register_scheme("zeros", lambda: _plain(lambda t, f, g: _zeros_(t), lambda fi, fo, s: 0.0),
+                "all zeros (biases; a layer that must start silent)")
+register_scheme("auto", _auto_marker,
+                "per layer from the activation that follows (He / LeCun / Kumar / second moment): init_model only")
+
+
+def _normal(std: float, mean: float) -> Scheme:
+    std = check_scale(std, "std")
+    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+        raise InitlabError(f"mean must be a finite number, got {mean!r}")
+    return _plain(lambda t, f, g: normal_(t, std, mean=mean, generator=g), lambda fi, fo, s: std)
+
+
+def _zeros_(t: Tensor) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise InitlabError(f"zeros expects a torch.Tensor, got {type(t).__name__}")
+    if not t.is_meta:
+        with torch.no_grad():
+            t.zero_()
+    return t
+
+
+def _tf1(factor: float, mode: str, uniform: bool) -> Scheme:
+    """TF1's ``tf.contrib.layers.variance_scaling_initializer(factor, mode, uniform)``.
+
+    n = fan_in / fan_out / (fan_in + fan_out) / 2 by ``mode`` (``FAN_IN``, ``FAN_OUT``,
+    ``FAN_AVG``; case-insensitive). ``uniform=True``: U(-sqrt(3 factor / n), sqrt(3 factor / n)),
+    Var = factor / n. ``uniform=False``: a normal with sigma = sqrt(1.3 factor / n) truncated at
+    +-2 sigma, **not** exactly variance-corrected: the realised variance is
+    1.3 * 0.7737413 * factor / n = 1.0058637 factor / n (std 0.29% above sqrt(factor / n);
+    the exact correction would be 1 / 0.7737413 = 1.2924217 instead of 1.3).
+    """
+    valid = ("fan_in", "fan_out", "fan_avg")
+    key = _key(mode) if isinstance(mode, str) else mode
+    if key not in valid:
+        raise unknown_choice("mode", mode, valid)
+    if not isinstance(uniform, bool):
+        raise InitlabError(f"uniform must be True or False, got {uniform!r}")
+    factor = check_scale(factor, "factor")
+    return _vs(factor, key, "uniform") if uniform else _vs(1.3 * factor * TRUNC_VAR, key, "truncated_normal")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: ``initlab schemes``
+
+def _cli_schemes(args: argparse.Namespace) -> int:
+    rows = scheme_descriptions()
+    aliases: dict[str, list[str]] = {}
+    for a, k in _ALIASES.items():
+        aliases.setdefault(k, []).append(a)
+    width = max(len(n) for n, _, _ in rows)
+    print("Initialisation schemes (initlab.get_scheme(name, **params); init_model(model, name, **params)):")
+    print()
+    for name, params, desc in rows:
+        print(f"{name.ljust(width)}  {desc}")
+        if args.verbose:
+            print(f"{'':{width}}    params: {params or 'none'}")
+            if name in aliases:
+                print(f"{'':{width}}    aliases: {', '.join(sorted(aliases[name]))}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``initlab schemes [-v]``."""
+    p = subparsers.add_parser("schemes", help="list the named initialisation schemes",
+                              description="List the registry of named initialisation schemes.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show parameters and aliases")
+    p.set_defaults(func=_cli_schemes)

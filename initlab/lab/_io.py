@@ -1,0 +1,196 @@
+"""Crash-safe file output for run directories.
+
+Every file of a run directory is written atomically: the bytes go to a temporary file in the
+same directory, are flushed and ``fsync``-ed, and the temporary file is renamed over the target
+with ``os.replace`` (atomic on POSIX and on Windows for files on one volume), after which the
+directory itself is ``fsync``-ed so that the rename survives a power cut. A reader, or a run that
+is interrupted at any instant, therefore sees either the old file or the new one, never a
+truncated mix.
+
+Directories that must appear all at once (a finished unit of work, a TensorBoard log) are built
+under a temporary name and renamed into place (:func:`atomic_dir`). Leftover temporaries of an
+interrupted run carry the :data:`TMP_PREFIX` prefix and are removed by :func:`clean_tmp`.
+
+Only the standard library is used here.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_csv",
+    "read_csv",
+    "atomic_dir",
+    "clean_tmp",
+    "fsync_dir",
+    "csv_text",
+    "slug",
+]
+
+#: name prefix of every temporary file or directory created here
+TMP_PREFIX = ".initlab-tmp-"
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory so that renames inside it are durable (a no-op where unsupported)."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory + ``os.replace``).
+
+    Parent directories are created. On any error the temporary file is removed and ``path`` is
+    left exactly as it was. Returns ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _cell(value: Any) -> Any:
+    """One CSV cell: floats in ``repr`` form (round-trips exactly), NaN as ``nan``, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return _cell(value.item())
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Rows (mappings) as CSV text with a header of ``columns``; missing keys are empty cells."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]],
+                     columns: Sequence[str]) -> Path:
+    """Write ``rows`` as a CSV file with header ``columns``, atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_text(path, csv_text(rows, columns))
+
+
+def read_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV written by :func:`atomic_write_csv`: ``(columns, rows as dicts of strings)``."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it to ``path`` when the block succeeds.
+
+    ``with atomic_dir(p) as tmp: (tmp / "a.csv").write_text(...)``: files written into ``tmp``
+    appear at ``p`` together, or not at all when the block raises (the temporary is removed).
+    ``path`` must not exist unless ``replace=True``, in which case the old directory is first
+    renamed aside and then deleted (a crash in between leaves a temporary that
+    :func:`clean_tmp` removes; ``path`` itself is then missing, i.e. "not done", never half done).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} already exists")
+            old = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_tmp(root: str | os.PathLike[str]) -> int:
+    """Remove the temporaries an interrupted write left anywhere under ``root``; return how many."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    found = sorted((p for p in root.rglob(f"{TMP_PREFIX}*")), key=lambda p: len(p.parts))
+    n = 0
+    for p in found:
+        if not p.exists() and not p.is_symlink():
+            continue  # inside a temporary directory removed above
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        n += 1
+    return n
+
+
+def slug(name: str) -> str:
+    """A file-system-safe, injective name for ``name`` (a scenario name) to use as a directory.
+
+    Names made of letters, digits, ``.``, ``_`` and ``-`` (not starting with ``.``) are kept as
+    they are; any other name gets its unsafe characters replaced by ``_`` and a short hash of
+    the original appended, so two different names never share a directory.
+    """
+    name = str(name)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip(".") or "_"
+    if safe == name and len(safe) <= 100:
+        return safe
+    return f"{safe[:80]}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"

@@ -1,0 +1,165 @@
+"""``initlab run``, ``initlab presets`` and ``initlab report``: the lab's command line.
+
+Examples::
+
+    initlab presets                                  # the built-in experiments
+    initlab run classic                              # the classic study into runs/classic/
+    initlab run my_study.toml --out runs/mine --seeds 5 --steps 2000
+    initlab run classic --data-root ~/data/mnist     # full MNIST from IDX files
+    initlab report runs/classic                      # rebuild figures and report.html from the CSVs
+
+Re-running ``initlab run`` with the same experiment and ``--out`` resumes: finished members
+(scenario x seed) are skipped. An output directory holding another experiment is refused.
+Only argparse and the standard library are imported at module level (the heavy lab modules load
+when a command runs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._errors import InitlabError
+
+__all__ = ["register_cli", "cmd_run", "cmd_presets", "cmd_report"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the ``run``, ``presets`` and ``report`` subcommands to ``initlab``'s parser."""
+    p = subparsers.add_parser(
+        "run", help="run an experiment (a preset or a TOML file) into a run directory",
+        description="Train every scenario x seed of an experiment as one batched ensemble and write a run "
+                    "directory: config.toml, metrics.csv, first_pass.csv, TensorBoard logs (tb/), figures/ and "
+                    "report.html. Re-running the same command resumes an interrupted run.",
+    )
+    p.add_argument("experiment", metavar="PRESET_OR_TOML",
+                   help="a preset name (see `initlab presets`) or the path of a .toml experiment file")
+    p.add_argument("--out", metavar="DIR", default=None, help="run directory (default: runs/<experiment name>)")
+    p.add_argument("--device", metavar="DEVICE", default=None, help="where to train: cpu (default) or cuda")
+    p.add_argument("--seeds", metavar="N", type=_positive_int, default=None, help="train seeds 0..N-1 per scenario")
+    p.add_argument("--steps", metavar="N", type=_positive_int, default=None, help="training steps per model")
+    p.add_argument("--data-root", metavar="DIR", default=None,
+                   help="folder with the MNIST IDX files (full MNIST instead of the embedded 5,000-digit sample)")
+    p.add_argument("--download", action="store_true",
+                   help="download the MNIST IDX files into --data-root when they are missing (checksums verified)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the results already in --out (same experiment only) and start over")
+    p.set_defaults(func=cmd_run)
+
+    p = subparsers.add_parser("presets", help="list the built-in experiments",
+                              description="List the built-in experiment presets that `initlab run NAME` accepts.")
+    p.set_defaults(func=cmd_presets)
+
+    p = subparsers.add_parser("report", help="rebuild a run directory's figures and report.html",
+                              description="Rebuild figures/*.png and report.html of a run directory from its CSV files.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
+    p.set_defaults(func=cmd_report)
+
+
+def _experiment_from_args(args: argparse.Namespace) -> Any:
+    from .config import load_experiment, with_overrides
+
+    exp = load_experiment(args.experiment)
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["train.steps"] = args.steps
+        if exp.train.log_every > args.steps:
+            overrides["train.log_every"] = args.steps  # log at least at the end
+    if args.seeds is not None:
+        overrides["train.seeds"] = list(range(args.seeds))
+    if args.device is not None:
+        overrides["train.device"] = args.device
+    if args.data_root is not None:
+        root = Path(args.data_root).expanduser()
+        if not root.is_dir() and not args.download:
+            raise InitlabError(f"--data-root: folder {args.data_root!r} does not exist "
+                               "(give the folder holding the MNIST IDX files, or add --download to fetch them)")
+        overrides["data.root"] = str(root)
+    elif args.download and exp.data.name in ("mnist", "mnist_idx") and not exp.data.root:
+        raise InitlabError("--download needs --data-root DIR: the folder to download full MNIST into "
+                           "(the default data set is the embedded 5,000-digit sample, which needs no download)")
+    if overrides:
+        exp = with_overrides(exp, overrides)
+    return exp
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``initlab run``: run the experiment, then say where the report and the TensorBoard logs are."""
+    from .run import run_experiment
+
+    exp = _experiment_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / exp.name
+    summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
+                             download=bool(args.download))
+    if summary.members_run == 0 and summary.members_skipped:
+        what = f"nothing to train, all {summary.members_skipped} model(s) already done"
+    else:
+        what = f"{summary.members_run} model(s) trained"
+        if summary.members_skipped:
+            what += f" ({summary.members_skipped} already done, skipped)"
+    print(f"initlab: {exp.name}: {what} in {summary.wall_s:.1f} s -> {out}")
+    if summary.diverged:
+        print("  diverged: " + ", ".join(f"{d['scenario']} seed {d['seed']} (step {d['step']})" for d in summary.diverged))
+    if summary.report is not None:
+        _print_results(out)
+        print(f"  report:      {summary.report}  (open it in a browser)")
+    print(f"  data:        {out / 'metrics.csv'}, {out / 'first_pass.csv'}")
+    print(f"  TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def _print_results(run_dir: Path) -> None:
+    from .report import _pct, load_run, summary_rows
+
+    try:
+        rows = summary_rows(load_run(run_dir))
+    except InitlabError:
+        return
+    if not rows:
+        return
+    width = max(len(r["scenario"]) for r in rows)
+    print(f"  {'scenario':<{width}}  final test accuracy (mean \u00b1 std over seeds)")
+    for r in rows:
+        n = r["test_acc"].n
+        print(f"  {r['scenario']:<{width}}  {_pct(r['test_acc'])}  (n={n})")
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """``initlab presets``: the built-in experiments, one per line."""
+    from .config import list_presets
+
+    presets = list_presets()
+    width = max((len(n) for n, _ in presets), default=4)
+    for name, desc in presets:
+        print(f"{name:<{width}}  {desc}")
+    print(f"\nrun one with: initlab run NAME [--out DIR]")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``initlab report RUN_DIR``: rebuild the figures and report.html from the run directory's files."""
+    from .report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"initlab: report written to {path}")
+    print(f"  TensorBoard: tensorboard --logdir {os.path.join(args.run_dir, 'tb')}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Package-level contracts: a light import, a curated API, a working CLI entry point."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import initlab
+
+HEAVY = ("pandas", "matplotlib", "scipy", "tensorboard", "tqdm")
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = (
+        f"{code}\nimport sys\n"
+        f"print(','.join(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return {m for m in out.stdout.strip().split(",") if m}
+
+
+BASELINE = _loaded_after("import torch, numpy")  # what torch itself brings (e.g. tqdm via torch.hub)
+
+
+def test_import_is_light():
+    assert _loaded_after("import initlab") - BASELINE == set()
+
+
+def test_core_api_is_light():
+    # touching the library's core names must not pull in the heavy stack either
+    code = (
+        "import initlab, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))\n"
+        "initlab.init_model(m, 'auto', generator=torch.Generator().manual_seed(0))\n"
+        "initlab.gain('tanh'); initlab.fans((3, 4)); initlab.get_scheme('he_normal')\n"
+    )
+    assert _loaded_after(code) - BASELINE == set()
+
+
+def test_heavy_check_can_fail():
+    # negative control: the check above does see a heavy import when one happens
+    assert "pandas" in _loaded_after("import pandas") - BASELINE
+
+
+@pytest.mark.parametrize("name", sorted(initlab._EXPORTS))
+def test_every_export_resolves(name):
+    assert getattr(initlab, name) is not None
+
+
+def test_unknown_attribute():
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        initlab.nope  # noqa: B018
+
+
+def test_python_m_initlab_help():
+    out = subprocess.run([sys.executable, "-m", "initlab", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("gains", "schemes", "audit", "run", "presets", "report"):
+        assert command in out.stdout
+
+
+def test_cli_without_command_is_an_error():
+    out = subprocess.run([sys.executable, "-m", "initlab"], capture_output=True, text=True)
+    assert out.returncode == 2
