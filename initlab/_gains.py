@@ -96,11 +96,25 @@ def _kumar(act: Activation) -> float:
         raise InitlabError(f"activation {act.name!r} is not finite near 0; Kumar's rule does not apply")
     if abs(right - left) > 1e-5 * max(1.0, abs(right), abs(left)):
         raise _not_differentiable(act, (left, right))
-    d = 0.5 * (left + right)
+    d = _exact_slope_at_0(act, 0.5 * (left + right))
     if abs(d) < 1e-8:
         raise InitlabError(f"activation {act.name!r} has phi'(0) = 0, so Kumar's rule gives an infinite gain; "
                            "use method='second_moment'")
     return 1.0 / math.sqrt(d * d * (1.0 + f0 * f0))
+
+
+def _exact_slope_at_0(act: Activation, estimate: float) -> float:
+    """phi'(0) by autograd where it agrees with the finite-difference ``estimate`` (exact to the
+    last bit for sigmoid: 1/4), else the estimate itself (callables autograd cannot follow)."""
+    try:
+        with torch.enable_grad():
+            x0 = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+            (g,) = torch.autograd.grad(act.fn(x0).sum(), x0)
+        slope = float(g)
+    except Exception:  # noqa: BLE001 - any failure means: keep the finite difference
+        return estimate
+    ok = math.isfinite(slope) and abs(slope - estimate) <= 1e-5 * max(1.0, abs(estimate))
+    return slope if ok else estimate
 
 
 def _not_differentiable(act: Activation, sides: tuple[float, float] | None) -> InitlabError:
