@@ -48,6 +48,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _rss_mb() -> float:
+    """Current resident set size in MiB (VmRSS), NaN where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _peak_rss_mb() -> float:
     """Peak resident set size in MiB: VmHWM since the last reset, else ru_maxrss (process lifetime)."""
     try:
@@ -184,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- the ensemble
     _reset_peak_rss()
+    rss0 = _rss_mb()
     t = time.perf_counter()
     results = [run_group(g, data) for g in groups]
     t_ens = time.perf_counter() - t
@@ -196,17 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     samples = samples_per_model * len(members)
     n_evals = 1 + len({s for s in range(train.log_every, train.steps + 1, train.log_every)} | {train.steps})
     print(f"\nensemble ({'/'.join(engines)}): {t_ens:.2f} s end to end "
-          f"({sum(r.wall_s for r in results):.2f} s in run_group), {samples / t_ens:,.0f} training samples/s, "
-          f"peak RSS {peak_ens:.0f} MiB")
+          f"({sum(r.wall_s for r in results):.2f} s in run_group: "
+          + ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s" for k in ("init_first_pass", "setup", "train"))
+          + f"), {samples / t_ens:,.0f} training samples/s, peak RSS {peak_ens:.0f} MiB (+{peak_ens - rss0:.0f} MiB over the phase start)")
     if all(m.scenario.model.kind == "mlp" for m in members):
         widths = tuple(members[0].scenario.model.widths)
         f_train, f_eval = mlp_flops(widths)
         flops = samples * f_train + len(members) * n_evals * n_test * f_eval
-        achieved = flops / t_ens / 1e9
+        t_loop = sum((r.timings or {}).get("train", 0.0) for r in results) or t_ens
         roof_sps = gflops * 1e9 / f_train
         print(f"  matmul work {flops / 1e9:.1f} GFLOP ({f_train / 1e6:.2f} MFLOP per training sample, "
-              f"{n_evals} evaluations of {n_test}): {achieved:.1f} GFLOP/s = {100 * achieved / gflops:.0f}% of the GEMM roofline; "
-              f"roofline {roof_sps:,.0f} samples/s, achieved {samples / t_ens:,.0f} ({100 * samples / t_ens / roof_sps:.0f}%)")
+              f"{n_evals} evaluations of {n_test} test digits); GEMM roofline {roof_sps:,.0f} training samples/s")
+        for label, tt in (("end to end", t_ens), ("training loop", t_loop)):
+            achieved = flops / tt / 1e9
+            print(f"  {label:>13}: {achieved:6.1f} GFLOP/s = {100 * achieved / gflops:4.1f}% of the GEMM roofline, "
+                  f"{samples / tt:,.0f} training samples/s = {100 * samples / tt / roof_sps:4.1f}% of the roofline's")
         params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
         print(f"  ensemble tensors: {len(members)} x {params:,} parameters x 4 (weights, grads, Adam m, v) x 4 B = "
               f"{len(members) * params * 16 / 2 ** 20:.0f} MiB")
@@ -226,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- the peer
     _reset_peak_rss()
+    rss0 = _rss_mb()
     t = time.perf_counter()
     peer = {m.key: baseline_member(m.scenario, m.seed, data, train) for m in members}
     t_peer = time.perf_counter() - t
     peak_peer = _peak_rss_mb()
     print(f"peer (DataLoader + nn.Sequential + Adam, one model at a time): {t_peer:.2f} s, "
-          f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak_peer:.0f} MiB")
+          f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak_peer:.0f} MiB (+{peak_peer - rss0:.0f} MiB over the phase start)")
 
     print("\nfinal test accuracy, mean over seeds (same initial weights; the peer's DataLoader draws its own order):")
     for sc in exp.scenarios:

@@ -74,7 +74,7 @@ __all__ = ["probe", "ProbeResult", "Histogram", "COLUMNS", "SATURATION_LEVEL"]
 #: a bounded unit counts as saturated where its derivative is below this fraction of its maximum
 SATURATION_LEVEL = 0.1
 
-#: the frame's column contract (forward order, one row per weight layer)
+#: the frame's columns, which scripts and reports rely on (one row per weight layer, forward order)
 COLUMNS: tuple[str, ...] = (
     "index", "layer", "kind", "activation", "fan_in", "fan_out", "units",
     "input_mean", "input_var", "input_sq_mean",
@@ -333,26 +333,32 @@ def forward_error(exc: BaseException, inputs: Sequence[Tensor], tracker: _Tracke
     return InitlabError(f"the model's forward pass failed on a batch of shape {shapes}{hint} (torch: {torch_msg})")
 
 
-# model -> (submodule signature, find_activations result without the module references, which
-# would keep the model alive): tracing costs milliseconds per call
-_LINKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, int], ...], dict[str, Any]]]" = \
+# model -> (ids and types of its submodules, their names, the weight layers' links without the module
+# references, which would keep the model alive): tracing costs milliseconds per call
+_LINKS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[str, ...], list[tuple[str, Any]]]]" = \
     weakref.WeakKeyDictionary()
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
     """``(name, module, link)`` for every supported weight layer, via ``initlab._graph.find_activations``."""
+    named = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+    return [(name, module, replace(link, module=module)) for name, module, link in _weight_layers(model, named)]
+
+
+def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[str, nn.Module, Any]]:
+    """:func:`weight_layers` with links whose ``module`` field is None (the module comes beside it):
+    ``named`` is ``dict(model.named_modules())``. The graph is traced once per model and cached,
+    keyed by the model and checked against the identity of every submodule (a replaced or added
+    submodule traces again)."""
     from ._graph import WEIGHT_LAYERS, find_activations
 
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = dict(model.named_modules())
-    signature = tuple((name, id(m)) for name, m in named.items())
+    signature = (tuple(map(id, named.values())), tuple(map(type, named.values())))
     cached = _LINKS.get(model)
-    if cached is not None and cached[0] == signature:
-        links = {name: replace(link, module=named[name]) for name, link in cached[1].items()}
-    else:
-        links = dict(find_activations(model))
-        _LINKS[model] = (signature, {name: replace(link, module=None) for name, link in links.items()})
+    if cached is not None and cached[0] == signature and tuple(named) == cached[1]:
+        return [(name, named[name], link) for name, link in cached[2]]
+    links = dict(find_activations(model))
     for name, link in list(links.items()):
         if isinstance(link.module, nn.MultiheadAttention):
             # the attention output is out_proj's output; out_proj itself is never called as a module,
@@ -366,10 +372,13 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
         raise InitlabError(
             f"model {type(model).__name__} has no supported weight layer; supported layers: {names}"
         )
+    # the cached links drop their module references, which would keep the model alive
+    bare = [(name, replace(link, module=None)) for name, link in links.items()]
+    _LINKS[model] = (signature, tuple(named), bare)
     return [(name, link.module, link) for name, link in links.items()]
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- internals
 
 
 def _first_tensor(out: Any) -> Tensor | None:
@@ -685,16 +694,22 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     # the batch's moments double as the finiteness check (NaN and inf propagate into them)
     x0 = inputs[0]
     xf = _flat(_as_float(x0) if x0.is_floating_point() else x0.double())
-    # per-example mean squares (for the recursion, which propagates each example's own length)
-    per_sample = (xf.reshape(x0.shape[0], -1) ** 2).mean(dim=1) if x0.dim() > 1 else (xf * xf).mean().reshape(1)
-    batch_sums = torch.cat([xf.sum().reshape(1), per_sample])
+    # per-example norms (their squares / size are the per-example mean squares, for the
+    # recursion, which propagates each example's own length): one fused reduction
+    if x0.dim() > 1:
+        sample_size = xf.numel() // x0.shape[0]
+        norms = torch.linalg.vector_norm(xf.reshape(x0.shape[0], -1), dim=1)
+    else:
+        sample_size = xf.numel()
+        norms = torch.linalg.vector_norm(xf).reshape(1)
+    batch_sums = torch.cat([xf.sum().reshape(1), norms])
     if not bool(torch.isfinite(batch_sums).all()) or len(inputs) > 1:
         as_inputs(batch)  # the detailed check (raises for NaN/inf)
     if target is not None and not isinstance(target, Tensor):
         raise InitlabError(f"target must be a torch.Tensor, got {type(target).__name__}")
     loss_fn = _make_loss(loss, target)
-    found = weight_layers(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+    found = _weight_layers(model, modules)
     layers = {name: _Layer(name, mod, link) for name, mod, link in found}
     traced = any(bool(getattr(link, "traced", False)) for _, _, link in found)
     backward = loss_fn is not None
@@ -728,22 +743,25 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         f = _flat(p)
         n = f.numel()
         s = f.sum()
-        d = f - s / n
+        d = torch.sub(f, s, alpha=1.0 / n)  # f - mean, in one pass
         parts = layer.parts
         parts["post_sum"], parts["post_dev"] = s, torch.dot(d, d)
         layer.counts["post"] = n
-        layer.post_shape = tuple(p.shape)
+        shape = layer.post_shape = tuple(p.shape)
         act = layer.act
         if act is not None and act.name in _DEAD_ACTIVATIONS and not act.custom:
             if p.dim() <= 1:
                 parts["post_max_c"] = p
-            elif tuple(p.shape) == layer.shape:
-                parts["post_max_c"] = p.amax(dim=tuple(d for d in range(p.dim()) if d != layer.cdim))
+            elif shape == layer.shape:
+                if p.dim() == 2:
+                    parts["post_max_c"] = p.amax(dim=1 - layer.cdim)
+                else:
+                    parts["post_max_c"] = p.amax(dim=tuple(d for d in range(p.dim()) if d != layer.cdim))
             else:  # reshaped on the way: every position of a sample is a unit
                 parts["post_max_c"] = p.reshape(p.shape[0], -1).amax(dim=0)
         if act is not None and act.saturates:
             center, half = saturation_band(act)
-            parts["sat"] = torch.count_nonzero((p - center).abs_() >= half)
+            parts["sat"] = torch.sub(p, center).abs_().ge_(half).sum()
         if bins is not None:
             histograms[layer.name]["post"] = _histogram(p, bins)
 
@@ -766,7 +784,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
                 sum_c = _channel_sums(yd, cdim)
                 shape = [1] * yd.dim()
                 shape[cdim] = -1
-                d = _flat(yd - (sum_c / (yd.numel() // sum_c.numel())).reshape(shape))
+                # deviations from the channel means in one pass: y - sum_c / (values per channel)
+                d = _flat(torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / yd.numel()))
                 parts["pre_sum_c"], parts["pre_dev"] = sum_c, torch.dot(d, d)
                 layer.counts["pre"] = yd.numel()
                 x = args[0] if args and isinstance(args[0], Tensor) else None
@@ -794,12 +813,13 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 
     def grad_hook(layer: _Layer) -> Callable[[Tensor], None]:
         def hook(g: Tensor) -> None:
-            if "grad_sum" not in layer.parts:
-                with torch.no_grad():
-                    gf = _flat(_as_float(g))
-                    layer.parts["grad_sum"], layer.parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
-                    layer.counts["grad"] = gf.numel()
-                    if bins is not None:
+            parts = layer.parts
+            if "grad_sum" not in parts:  # the backward pass runs without grad mode (no create_graph)
+                gf = _flat(_as_float(g))
+                parts["grad_sum"], parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
+                layer.counts["grad"] = gf.numel()
+                if bins is not None:
+                    with torch.no_grad():
                         histograms[layer.name]["grad_pre"] = _histogram(gf, bins)
         return hook
 
@@ -866,7 +886,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     missing = [n for n, l in layers.items() if l.order < 0]
     if missing:
         notes.append("not called by the forward pass (no row): " + ", ".join(missing))
-    sample_sq = batch_host[1:]
+    sample_sq = batch_host[1:] ** 2 / sample_size
     in_mean, in_sq = float(batch_host[0]) / xf.numel(), float(sample_sq.mean())
     in_var = max(in_sq - in_mean * in_mean, 0.0)
     if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
@@ -881,67 +901,75 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     return result
 
 
+def _host_moments(a: np.ndarray) -> tuple[float, float]:
+    """(mean, population variance) of a small float64 array, two passes, as Python floats."""
+    n = len(a)
+    m = float(np.add.reduce(a)) / n
+    d = a - m
+    return m, float(np.dot(d, d)) / n
+
+
 def _collect(order: list[_Layer], grads: dict[int, Tensor], loss_value: Tensor | None,
              batch_sums: Tensor) -> tuple[list[dict[str, Any]], float | None, list[str], np.ndarray]:
     """Move every layer's raw sums to the host in one transfer and turn them into statistics."""
     nan = float("nan")
-    pieces: list[Tensor] = []
-    index: list[tuple[int, str, int, int]] = []  # (layer, key, offset, length)
-    offset = 0
-
-    def put(i: int, key: str, t: Tensor) -> None:
-        nonlocal offset
-        flat = t.detach().reshape(-1)
-        pieces.append(flat)
-        index.append((i, key, offset, flat.numel()))
-        offset += flat.numel()
-
-    put(-2, "batch", batch_sums)
+    scalars: list[Tensor] = []  # 0-d sums, stacked
+    vectors: list[Tensor] = [batch_sums]  # 1-d: the batch's sums, then per-channel sums and biases
+    s_index: list[tuple[int, str]] = []
+    v_index: list[tuple[int, str, int]] = []  # (layer, key, length)
     if loss_value is not None:
-        put(-1, "loss", loss_value)
+        scalars.append(loss_value.detach().reshape(()))
+        s_index.append((-1, "loss"))
     for i, layer in enumerate(order):
         for key, t in layer.parts.items():
-            put(i, key, t)
+            if t.dim() == 0:
+                scalars.append(t)
+                s_index.append((i, key))
+            else:
+                vectors.append(t.detach().reshape(-1))
+                v_index.append((i, key, vectors[-1].numel()))
         w = _weight_of(layer.module)
         if w is not None and not w.is_meta:
             wf = _flat(_as_float(w))
-            put(i, "w_sum", wf.sum())
-            put(i, "w_sq", torch.dot(wf, wf))
+            scalars += [wf.sum(), torch.dot(wf, wf)]
+            s_index += [(i, "w_sum"), (i, "w_sq")]
             layer.counts["w"] = wf.numel()
             g = grads.get(id(w))
             if g is not None:
                 gf = _flat(_as_float(g))
-                put(i, "wg_sum", gf.sum())
-                put(i, "wg_sq", torch.dot(gf, gf))
+                scalars += [gf.sum(), torch.dot(gf, gf)]
+                s_index += [(i, "wg_sum"), (i, "wg_sq")]
                 layer.counts["wg"] = gf.numel()
         b = _bias_of(layer.module)
         if b is not None and not b.is_meta:
-            put(i, "bias", b)
-    host = np.zeros(0)
-    if pieces:
-        devices = {p.device for p in pieces}
-        if len(devices) == 1:
-            host = torch.cat(pieces).to(torch.float64).cpu().numpy()
-        else:  # a model split over devices
-            host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
+            vectors.append(b.detach().reshape(-1))
+            v_index.append((i, "bias", vectors[-1].numel()))
+    pieces = vectors + ([torch.stack(scalars)] if scalars else [])  # stack and cat promote dtypes
+    devices = {p.device for p in pieces}
+    if len(devices) == 1:
+        host = torch.cat(pieces).to(torch.float64).cpu().numpy()
+    else:  # a model split over devices
+        host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
     vals: list[dict[str, Any]] = [{} for _ in order]
     loss_f: float | None = None
-    batch = np.zeros(0)
-    for i, key, off, n in index:
-        v = host[off:off + n]
-        if i == -2:
-            batch = v
-        elif i == -1:
-            loss_f = float(v[0])
+    n_batch = len(batch_sums)
+    batch = host[:n_batch]
+    off = n_batch
+    for i, key, n in v_index:
+        vals[i][key] = host[off:off + n]
+        off += n
+    for (i, key), v in zip(s_index, host[off:].tolist()):
+        if i < 0:
+            loss_f = v
         else:
-            vals[i][key] = v if key in ("pre_sum_c", "post_max_c", "bias") else float(v[0])
+            vals[i][key] = v
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for i, layer in enumerate(order):
         fan_in, fan_out = _layer_fans(layer.module)
         v, c = vals[i], layer.counts
-        row: dict[str, Any] = {k: nan for k in COLUMNS}
+        row: dict[str, Any] = dict.fromkeys(COLUMNS, nan)
         row.update(index=i + 1, layer=layer.name, kind=type(layer.module).__name__,
                    activation=layer.act.name if layer.act is not None else "none",
                    fan_in=fan_in, fan_out=fan_out,
@@ -949,13 +977,14 @@ def _collect(order: list[_Layer], grads: dict[int, Tensor], loss_value: Tensor |
         # pre-activation, with bias: per-channel means + within-channel deviations
         mean_c = v["pre_sum_c"] / (c["pre"] / len(v["pre_sum_c"]))
         within = v["pre_dev"] / c["pre"]
-        row["pre_bias_mean"] = float(mean_c.mean())
-        row["pre_bias_var"] = within + float(mean_c.var())
+        m, var = _host_moments(mean_c)
+        row["pre_bias_mean"] = m
+        row["pre_bias_var"] = within + var
         bias = v.get("bias")
         if bias is not None and len(bias) == len(mean_c):
-            mz = mean_c - bias  # subtracting the bias shifts the channel means only
-            row["pre_mean"], row["pre_var"] = float(mz.mean()), within + float(mz.var())
-            row["bias_var"] = float(bias.var())
+            m, var = _host_moments(mean_c - bias)  # subtracting the bias shifts the channel means only
+            row["pre_mean"], row["pre_var"] = m, within + var
+            row["bias_var"] = _host_moments(bias)[1]
         else:
             row["pre_mean"], row["pre_var"] = row["pre_bias_mean"], row["pre_bias_var"]
             row["bias_var"] = 0.0
@@ -983,7 +1012,7 @@ def _collect(order: list[_Layer], grads: dict[int, Tensor], loss_value: Tensor |
             row["post_mean"] = v["post_sum"] / c["post"]
             row["post_var"] = v["post_dev"] / c["post"]
             if "post_max_c" in v:
-                row["dead_frac"] = float(np.mean(v["post_max_c"] <= 0))
+                row["dead_frac"] = np.count_nonzero(v["post_max_c"] <= 0) / len(v["post_max_c"])
             if "sat" in v:
                 row["saturated_frac"] = v["sat"] / c["post"]
         else:

@@ -518,3 +518,15 @@ def test_probe_module_imports_no_pandas():
             "print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cached_graph_follows_a_replaced_activation():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(32, 6)
+    assert probe(m, x)["0"]["activation"] == "relu"
+    assert probe(m, x)["0"]["activation"] == "relu"  # from the cache
+    m[1] = nn.Tanh()
+    res = probe(m, x)
+    assert res["0"]["activation"] == "tanh"
+    assert res["0"]["post_var"] == pytest.approx(torch.tanh(m[0](x)).var(unbiased=False).item(), rel=1e-5)

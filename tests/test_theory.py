@@ -16,6 +16,16 @@ from initlab._activations import activation_names, resolve_activation
 from initlab._errors import InitlabError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The simulations are many small matrix products: one thread is faster than two fighting
+    over a busy machine's cores (restored afterwards)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def erf_act(x: torch.Tensor) -> torch.Tensor:
     """A custom callable (not in the activation table) with closed-form Gaussian moments."""
     return torch.erf(x)
@@ -546,3 +556,39 @@ def test_dynamical_isometry():
     assert np.log(orth).std() < 1.0 < 3.0 < np.log(gauss).std()
     # mean squared singular value = prod of chi1 = 1 at criticality (up to finite width)
     assert 0.7 < float(np.mean(orth ** 2)) < 1.3
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu", "prelu"])
+def test_homogeneous_shortcut_matches_the_quadrature(name):
+    phi = T._phi(name)
+    assert phi.homogeneous
+    q = np.logspace(-8, 12, 41)
+    fast = T._expect_1d(phi, q, grad=True, stein=True)
+    slow = T._expect_1d_quadrature(phi, q, True, True)
+    # rounding noise of the quadrature sums is ~1e-16 of each term's scale (identity: E[phi] = 0)
+    scale = {"mean": np.sqrt(q), "sq": q, "dsq": np.ones_like(q), "stein": np.ones_like(q)}
+    for key in ("mean", "sq", "dsq", "stein"):
+        assert np.all(np.abs(fast[key] - slow[key]) <= 1e-11 * np.abs(slow[key]) + 1e-14 * scale[key]), key
+
+
+def test_homogeneous_shortcut_only_for_scale_free_activations():
+    # negative control: relu6 and sigmoid are not homogeneous; scaling their q = 1 moments is wrong
+    for name in ("relu6", "sigmoid", "elu"):
+        phi = T._phi(name)
+        assert not phi.homogeneous
+        q = np.array([50.0])
+        unit = T._expect_1d_quadrature(phi, np.ones(1), False, False)["sq"][0]
+        assert abs(q[0] * unit - T._expect_1d(phi, q)["sq"][0]) > 1e-3 * T._expect_1d(phi, q)["sq"][0]
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_derivative_from_output_matches_autograd(name):
+    phi = T._phi(name)
+    u = np.linspace(-40.0, 40.0, 2001)
+    f, df = phi.f_df(u)
+    t = torch.from_numpy(u).requires_grad_(True)
+    (g,) = torch.autograd.grad(resolve_activation(name).fn(t).sum(), t)
+    np.testing.assert_allclose(df, g.numpy(), rtol=1e-12, atol=1e-15)  # phi' <= 1: rounding near 1 - y^2 = 0
+    # negative control: the other activation's derivative formula differs
+    other = T._DERIV_FROM_OUTPUT["tanh" if name == "sigmoid" else "sigmoid"]
+    assert np.max(np.abs(other(f) - g.numpy())) > 0.1

@@ -95,7 +95,7 @@ def _cell(value: Any) -> Any:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)
+        return "nan" if math.isnan(value) else repr(float(value))  # float(): np.float64 is a float
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         try:
             return _cell(value.item())
