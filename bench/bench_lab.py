@@ -210,17 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     n_evals = 1 + len({s for s in range(train.log_every, train.steps + 1, train.log_every)} | {train.steps})
     print(f"\nensemble ({'/'.join(engines)}): {t_ens:.2f} s end to end "
           f"({sum(r.wall_s for r in results):.2f} s in run_group: "
-          + ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s" for k in ("init_first_pass", "setup", "train"))
+          + ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s" for k in ("init_first_pass", "setup", "train", "eval"))
           + f"), {samples / t_ens:,.0f} training samples/s, peak RSS {peak_ens:.0f} MiB (+{peak_ens - rss0:.0f} MiB over the phase start)")
     if all(m.scenario.model.kind == "mlp" for m in members):
         widths = tuple(members[0].scenario.model.widths)
         f_train, f_eval = mlp_flops(widths)
         flops = samples * f_train + len(members) * n_evals * n_test * f_eval
-        t_loop = sum((r.timings or {}).get("train", 0.0) for r in results) or t_ens
+        t_loop = sum((r.timings or {}).get("train", 0.0) + (r.timings or {}).get("eval", 0.0) for r in results) or t_ens
         roof_sps = gflops * 1e9 / f_train
         print(f"  matmul work {flops / 1e9:.1f} GFLOP ({f_train / 1e6:.2f} MFLOP per training sample, "
               f"{n_evals} evaluations of {n_test} test digits); GEMM roofline {roof_sps:,.0f} training samples/s")
-        for label, tt in (("end to end", t_ens), ("training loop", t_loop)):
+        for label, tt in (("end to end", t_ens), ("steps + evals", t_loop)):
             achieved = flops / tt / 1e9
             print(f"  {label:>13}: {achieved:6.1f} GFLOP/s = {100 * achieved / gflops:4.1f}% of the GEMM roofline, "
                   f"{samples / tt:,.0f} training samples/s = {100 * samples / tt / roof_sps:4.1f}% of the roofline's")
