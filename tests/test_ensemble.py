@@ -120,19 +120,62 @@ def test_ensemble_matches_single_model_training_float32(data):
 
 
 def test_ensemble_matches_single_model_float64_mixed_activations(data):
-    """float64, N(0,1) weights included (chaotic in float32), a generic activation (GELU, autograd
-    path) and SGD: agreement to 1e-9."""
+    """float64, N(0,1) weights included (chaotic in float32), leaky ReLU, a generic activation
+    (GELU, autograd path), a single-layer model, and SGD: agreement to 1e-9."""
     steps = 60
     for optimizer, lr in (("adam", 1e-3), ("sgd", 0.05)):
-        exp = make_exp([("sigmoid", "normal"), ("relu", "normal"), ("gelu", "he_normal")],
+        exp = make_exp([("sigmoid", "normal"), ("relu", "normal"), ("gelu", "he_normal"), ("leaky_relu", "he_normal"),
+                        ("relu", "xavier_normal", {"widths": [784, 10]})],
                        seeds=(3,), steps=steps, log_every=1, optimizer=optimizer, lr=lr)
-        (group,) = E.plan_groups(exp)
-        res = E.run_group(group, data, dtype=torch.float64)
-        for m in group.members:
-            ref, (ref_test_loss, _) = reference(m, data, steps, dtype=torch.float64, optimizer=optimizer, lr=lr)
-            _, ens = series(res, m.key)
-            np.testing.assert_allclose(ens, ref, rtol=1e-9, err_msg=f"{optimizer} {m.key}")
-            assert series(res, m.key, "test", "loss")[1][-1] == pytest.approx(ref_test_loss, rel=1e-9)
+        groups = E.plan_groups(exp)
+        assert [len(g.members) for g in groups] == [4, 1]
+        for group in groups:
+            res = E.run_group(group, data, dtype=torch.float64)
+            assert res.engine == "stacked"
+            for m in group.members:
+                ref, (ref_test_loss, _) = reference(m, data, steps, dtype=torch.float64, optimizer=optimizer, lr=lr)
+                _, ens = series(res, m.key)
+                np.testing.assert_allclose(ens, ref, rtol=1e-9, err_msg=f"{optimizer} {m.key}")
+                assert series(res, m.key, "test", "loss")[1][-1] == pytest.approx(ref_test_loss, rel=1e-9)
+
+
+def test_inputs_zero_in_training_keep_their_initial_weights(data):
+    """Features that are 0 in every training digit (MNIST's borders) are not trained (their
+    gradient is exactly 0), but test digits that light them up still see their initial weights."""
+    x_train = data.x_train.clone()
+    x_train[:, :50] = 0.0
+    x_test = data.x_test.clone()
+    x_test[:, :50] = 0.5
+    d = dataclasses.replace(data, x_train=x_train, x_test=x_test)
+    steps = 40
+    exp = make_exp([("relu", "he_normal"), ("sigmoid", "xavier_normal")], seeds=(2,), steps=steps, log_every=steps)
+    (group,) = E.plan_groups(exp)
+    res = E.run_group(group, d)
+    for m in group.members:
+        ref, (ref_test_loss, _) = reference(m, d, steps)
+        assert series(res, m.key)[1][-1] == pytest.approx(ref.mean(), rel=1e-4)
+        assert series(res, m.key, "test", "loss")[1][-1] == pytest.approx(ref_test_loss, rel=1e-4)
+    # negative control: the same weights evaluated without the frozen rows give another test loss
+    model = E.init_member(group.members[0].scenario, 2)
+    with torch.no_grad():
+        full = F.cross_entropy(model(x_test), d.y_test).item()
+        model[0].weight[:, :50] = 0
+        assert F.cross_entropy(model(x_test), d.y_test).item() != pytest.approx(full, rel=1e-3)
+
+
+def test_denormal_mode_is_restored(data):
+    exp = make_exp([("sigmoid", "normal")], seeds=(0,), steps=5, log_every=5)
+    (group,) = E.plan_groups(exp)
+    assert not E._flush_denormal_on()
+    a = E.run_group(group, data)
+    assert not E._flush_denormal_on()
+    torch.set_flush_denormal(True)
+    try:
+        b = E.run_group(group, data, flush_denormal=False)
+        assert E._flush_denormal_on()
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_allclose([r["value"] for r in a.metrics], [r["value"] for r in b.metrics], rtol=1e-6)
 
 
 def test_one_adam_over_stacked_tensors_is_per_member_adam():
@@ -167,14 +210,18 @@ def test_one_adam_over_stacked_tensors_is_per_member_adam():
         torch.testing.assert_close(stacked.detach(), torch.stack([s.detach() for s in singles]), rtol=1e-6, atol=1e-7)
 
 
-def test_cnn_group_matches_single_model(data):
-    """CNN members (the torch.func engine, one vmap block per activation) train like single models."""
+@pytest.mark.parametrize("engine", ["vmap", "per-member"])
+def test_cnn_group_matches_single_model(data, monkeypatch, engine):
+    """CNN members (torch.func vmap blocks, one per activation; or the per-member fallback) train
+    like single models, and a poisoned member is dropped there too."""
+    if engine == "per-member":
+        monkeypatch.setattr(E, "_vmap_works", lambda models, x: False)
     steps = 15
     exp = make_exp([("relu", "he_normal"), ("tanh", "xavier_normal")], seeds=(0, 1), steps=steps, log_every=5,
                    model={"kind": "cnn", "widths": [784, 10], "channels": [4, 8], "kernel": 3, "bias": True})
     (group,) = E.plan_groups(exp)
     res = E.run_group(group, data)
-    assert res.engine in ("vmap", "per-member", "per-member+vmap")
+    assert res.engine == engine
     for m in group.members:
         ref, (ref_test_loss, _) = reference(m, data, steps)
         steps_logged, ens = series(res, m.key)
@@ -182,7 +229,24 @@ def test_cnn_group_matches_single_model(data):
         np.testing.assert_allclose(ens, ref.reshape(3, 5).mean(1), rtol=1e-4)
         assert series(res, m.key, "test", "loss")[1][-1] == pytest.approx(ref_test_loss, rel=1e-4)
     vals = res.first_pass_values[group.members[0].key]
-    assert vals["mat_mul_1"].shape[:2] == (50, 4) and vals["mat_mul_1"].ndim == 4
+    assert vals["mat_mul_1"].shape == (50, 4, 28, 28) and vals["fc_out_2"].shape == (50, 8, 14, 14)
+    assert vals["mat_mul_3"].shape == (50, 10)
+
+    real_init = E.init_member
+
+    def poisoned(scenario, seed, **kw):
+        model = real_init(scenario, seed, **kw)
+        if seed == 1 and scenario.activation == "tanh":
+            with torch.no_grad():
+                model[-1].weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(E, "init_member", poisoned)
+    bad = E.run_group(group, data)
+    assert [(d["scenario"], d["seed"], d["step"]) for d in bad.diverged] == [("tanh-xavier_normal", 1, 1)]
+    survivors = [r["value"] for r in bad.metrics if (r["scenario"], r["seed"]) != ("tanh-xavier_normal", 1)]
+    clean = [r["value"] for r in res.metrics if (r["scenario"], r["seed"]) != ("tanh-xavier_normal", 1)]
+    np.testing.assert_allclose(survivors, clean, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -349,3 +413,7 @@ def test_bad_device_and_train_settings(data):
         E.run_group(dataclasses.replace(group, train=dataclasses.replace(group.train, optimizer="adamw")), data)
     with pytest.raises(InitlabError, match="train.steps"):
         E.run_group(dataclasses.replace(group, train=dataclasses.replace(group.train, steps=0)), data)
+    with pytest.raises(InitlabError, match="dataset.x_train must be a torch.Tensor"):
+        E.run_group(group, dataclasses.replace(data, x_train=data.x_train.numpy()))
+    with pytest.raises(InitlabError, match="no members"):
+        E.run_group(dataclasses.replace(group, members=()), data)

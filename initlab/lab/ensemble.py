@@ -138,15 +138,17 @@ class GroupResult:
 
     - ``metrics``: dicts with keys scenario, seed, step, split ("train"/"test"), metric
       ("loss"/"acc"), value (float; NaN after divergence);
-    - ``first_pass``: the probe rows of each member's initial model on its first-pass batch,
-      plus scenario, seed and ``input_var`` (the batch's population variance over all entries);
+    - ``first_pass``: the probe rows (``initlab.probe(...).rows``, one per weight layer) of each
+      member's initial model on its first-pass batch, plus scenario, seed and
+      ``batch_input_var`` (the batch's population variance over all entries; the probe's own
+      ``input_var`` column is each layer's input variance, so layer 1's equals it);
     - ``first_pass_values``: ``{(scenario, seed): {"input", "mat_mul_<i>", "fc_out_<i>"}}`` raw
       float32 arrays for histograms (i from 1: the pre-activation without bias of weight layer i,
       and the output of the activation that consumes it, or the layer output for the readout);
     - ``diverged``: dicts scenario, seed, step (first step whose minibatch loss was not finite);
     - ``wall_s``: seconds for the whole call; ``timings``: its parts ("init_first_pass", "setup",
-      "train": the training steps, "eval": the test evaluations); ``engine``: "stacked", "vmap" or "per-member"
-      (see the module docstring); ``device``: where it trained.
+      "train": the training steps, "eval": the test evaluations); ``engine``: "stacked", "vmap"
+      or "per-member" (see the module docstring); ``device``: where it trained.
     """
 
     metrics: list[dict[str, Any]]
@@ -613,36 +615,40 @@ class _StackedMLP(_Engine):
     # --- evaluation
     @torch.no_grad()
     def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        M, C = self.M, self.dims[-1]
+        """All members on a shared set: the first layer as one GEMM X (n, D) @ [W_1 ... W_M]
+        (D, M*H), the others batched; activations in place; softmax over the class dim of
+        (M, classes, n) logits."""
+        M, L, D, H1 = self.M, len(self.W), self.dims[0], self.dims[1]
         loss = torch.zeros(M, device=self.device, dtype=torch.float64)
         correct = torch.zeros(M, device=self.device, dtype=torch.long)
         W_in = self.W[0]
         if self.W_in_full is not None:
             W_in = self.W_in_full.index_copy_(1, self.active, self.W[0].detach())
-        W0 = W_in.permute(1, 0, 2).reshape(self.dims[0], M * self.dims[1])  # (D, M*H1): one GEMM
+        W0 = W_in.permute(1, 0, 2).reshape(D, M * H1)
+        b0 = self.b[0].reshape(1, M * H1) if self.b[0] is not None else None
         for s in range(0, x.shape[0], _EVAL_CHUNK):
             xc, yc = x[s:s + _EVAL_CHUNK], y[s:s + _EVAL_CHUNK]
             n = xc.shape[0]
-            z = torch.mm(xc, W0).view(n, M, self.dims[1]).transpose(0, 1)
-            if self.b[0] is not None:
-                z = z + self.b[0]
-            h = self._eval_act(0, z.contiguous())
-            for i in range(1, len(self.W)):
-                z = torch.baddbmm(self.b[i], h, self.W[i]) if self.b[i] is not None else torch.bmm(h, self.W[i])
-                h = self._eval_act(i, z)
-            logits = h.reshape(M * n, C)
-            yy = yc.repeat(M)
-            loss += F.cross_entropy(logits, yy, reduction="none").view(M, n).sum(1, dtype=torch.float64)
-            correct += (logits.view(M, n, C).argmax(2) == yc).sum(1)
+            z = torch.addmm(b0, xc, W0) if b0 is not None else torch.mm(xc, W0)  # (n, M*H1)
+            h = z.view(n, M, H1).transpose(0, 1)  # (M, n, H1), strided
+            self._eval_act(0, h)
+            for i in range(1, L):
+                if i < L - 1:
+                    h = torch.baddbmm(self.b[i], h, self.W[i]) if self.b[i] is not None else torch.bmm(h, self.W[i])
+                else:  # (M, classes, n)
+                    wt, ht = self.W[i].transpose(1, 2), h.transpose(1, 2)
+                    h = torch.baddbmm(self.b[i].transpose(1, 2), wt, ht) if self.b[i] is not None else torch.bmm(wt, ht)
+                self._eval_act(i, h)
+            logits = h if L > 1 else h.permute(0, 2, 1)  # (M, classes, n)
+            logp = torch.log_softmax(logits, 1)
+            loss -= logp.gather(1, yc.view(1, 1, n).expand(M, 1, n)).view(M, n).sum(1, dtype=torch.float64)
+            correct += (torch.max(logits, 1)[1] == yc).sum(1)
         return loss, correct
 
-    def _eval_act(self, i: int, z: Tensor) -> Tensor:
-        if self.identity_layer[i]:
-            return z
-        out = torch.empty_like(z)
-        for a in self.acts[i]:
-            a.forward(z, out, False)
-        return out
+    def _eval_act(self, i: int, z: Tensor) -> None:
+        if not self.identity_layer[i]:
+            for a in self.acts[i]:
+                a.forward(z, z, False)  # in place, slice by slice
 
     # --- divergence
     def keep(self, keep: list[int]) -> list[tuple[Tensor, Tensor, bool]]:
@@ -1000,8 +1006,13 @@ def _check_train(train: TrainSpec) -> None:
         raise unknown_choice("optimizer", train.optimizer, OPTIMIZERS)
 
 
+def _flush_denormal_on() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero (DAZ: a denormal input reads as 0)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+
+
 def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] | None = None,
-              dtype: torch.dtype = torch.float32) -> GroupResult:
+              dtype: torch.dtype = torch.float32, flush_denormal: bool = True) -> GroupResult:
     """Train every member of ``spec`` on ``data`` at once; return metrics and first-pass statistics.
 
     Steps: build and initialise each member (:func:`init_member`), run the first pass (probe on
@@ -1009,15 +1020,38 @@ def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] 
     (see the module docstring for the data order, metrics and divergence rules).
     ``progress(n)`` is called with the number of steps done so far (0..steps) at each log step.
     ``dtype`` is the training precision (float32; float64 for exactness checks).
+    ``flush_denormal``: for the duration of the call, the CPU flushes denormal numbers (below
+    1.2e-38 in float32) to zero (``torch.set_flush_denormal``; the previous mode is restored on
+    return). Saturated members (sigmoid with N(0, 1) weights) produce gradients and Adam second
+    moments that underflow into the denormal range, where x86 arithmetic is many times slower;
+    flushing changes values below float32's normal range only: Adam's step m/(sqrt(v) + 1e-8)
+    moves by less than 1e-30 of a weight.
     Pure: no file I/O and no global state; the arguments and the result pickle.
     """
+    previous = _flush_denormal_on()
+    if flush_denormal != previous:
+        torch.set_flush_denormal(flush_denormal)
+    try:
+        return _run_group(spec, data, progress, dtype)
+    finally:
+        if flush_denormal != previous:
+            torch.set_flush_denormal(previous)
+
+
+def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | None, dtype: torch.dtype) -> GroupResult:
     t0 = time.perf_counter()
     if not spec.members:
         raise InitlabError("group has no members")
     train = spec.train
     _check_train(train)
     device = _resolve_device(getattr(train, "device", "cpu"))
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        if not isinstance(getattr(data, name, None), Tensor):
+            raise InitlabError(f"dataset.{name} must be a torch.Tensor, got {type(getattr(data, name, None)).__name__} "
+                               f"(load data with initlab.lab.data.load_dataset)")
     n_train = int(data.x_train.shape[0])
+    if n_train == 0:
+        raise InitlabError("dataset has no training examples")
     fp_size = int(train.first_pass_batch)
 
     # Build, initialise and probe every member on CPU (reproducible whatever the device).
