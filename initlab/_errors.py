@@ -22,7 +22,6 @@ def unknown_choice(kind: str, value: object, choices: Iterable[str]) -> InitlabE
     choices = sorted(set(choices))
     hint = closest(str(value), choices) if isinstance(value, str) else None
     msg = f"unknown {kind} {value!r}"
-    if hint is not None:
-        msg += f"; did you mean {hint!r}?"
+    msg += f"; did you mean {hint!r}?" if hint is not None else "."
     msg += f" Valid {kind}s: {', '.join(choices)}"
     return InitlabError(msg)

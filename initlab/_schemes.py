@@ -494,6 +494,19 @@ register_scheme("auto", _auto_marker,
                 "per layer from the activation that follows (He / LeCun / Kumar / second moment): init_model only")
 
 
+def _lsuv_marker(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center: bool = False) -> Scheme:
+    def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
+        raise InitlabError(
+            "scheme 'lsuv' rescales each layer on a batch of data, so it needs the model and a batch: "
+            "use initlab.init_model(model, 'lsuv', batch=x) or initlab.lsuv_(model, x)")
+    return _plain(init, None)
+
+
+register_scheme("lsuv", _lsuv_marker,
+                "Mishkin & Matas (2016): orthogonal, then each layer rescaled to unit output variance on a batch: "
+                "init_model(..., batch=x) only")
+
+
 def _normal(std: float, mean: float) -> Scheme:
     std = check_scale(std, "std")
     if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
