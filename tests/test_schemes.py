@@ -31,18 +31,19 @@ def var_z(x: torch.Tensor, var: float, distribution: str) -> float:
     return abs(float(np.var(a)) - var) / se
 
 
-STOCHASTIC = [n for n in schemes() if n not in ("auto", "zeros", "identity")]
+MODEL_ONLY = ("auto", "lsuv")  # need the whole model (and, for lsuv, a batch): tested through init_model
+STOCHASTIC = [n for n in schemes() if n not in MODEL_ONLY + ("zeros", "identity")]
 
 
 def test_registry_has_every_named_scheme():
     expected = {"normal", "xavier_normal", "xavier_uniform", "xavier_caffe", "he_normal", "he_uniform",
                 "lecun_normal", "lecun_uniform", "kumar", "torch_default", "tf1_variance_scaling",
-                "orthogonal", "delta_orthogonal", "identity", "zeros", "auto"}
+                "orthogonal", "delta_orthogonal", "identity", "zeros", "auto", "lsuv"}
     assert expected <= set(schemes())
     assert get_scheme("dirac").name == "identity"
 
 
-@pytest.mark.parametrize("name", [n for n in schemes() if n != "auto"])
+@pytest.mark.parametrize("name", [n for n in schemes() if n not in MODEL_ONLY])
 def test_every_scheme_realises_its_target_std(name):
     s = get_scheme(name)
     w = torch.empty(256, 384)
@@ -55,7 +56,7 @@ def test_every_scheme_realises_its_target_std(name):
         assert float(w.std()) == pytest.approx(target, rel=0.02)
 
 
-@pytest.mark.parametrize("name", [n for n in schemes() if n != "auto"])
+@pytest.mark.parametrize("name", [n for n in schemes() if n not in MODEL_ONLY])
 def test_every_scheme_on_conv_meta_and_half(name):
     s = get_scheme(name)
     w = torch.empty(8, 4, 3, 3, dtype=torch.float16)
@@ -199,6 +200,8 @@ def test_zeros_and_auto():
     assert torch.count_nonzero(get_scheme("zeros")(torch.ones(5))) == 0
     with pytest.raises(InitlabError, match=r"init_model\(model, 'auto'\)"):
         get_scheme("auto")(torch.empty(3, 4))
+    with pytest.raises(InitlabError, match=r"init_model\(model, 'lsuv', batch=x\)"):
+        get_scheme("lsuv")(torch.empty(3, 4))
     with pytest.raises(InitlabError, match="unknown distribution 'gaus'"):
         get_scheme("auto", distribution="gaus")
 
