@@ -13,6 +13,9 @@ from . import __version__
 from ._errors import InitlabError
 
 _CLI_MODULES = ("initlab._gains", "initlab._schemes", "initlab._audit", "initlab.lab.cli")
+# optional dependencies -> the extra that installs them
+_EXTRAS = {"pandas": "lab", "matplotlib": "lab", "tensorboard": "lab", "tomli_w": "lab", "tomli": "lab",
+           "tqdm": "lab", "sklearn": "digits", "ray": "ray"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InitlabError as e:
         print(f"initlab: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        print(f"initlab: error: this command needs the optional package {top!r}: "
+              f"pip install 'initlab[{_EXTRAS[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("initlab: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -63,3 +63,29 @@ def test_python_m_initlab_help():
 def test_cli_without_command_is_an_error():
     out = subprocess.run([sys.executable, "-m", "initlab"], capture_output=True, text=True)
     assert out.returncode == 2
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    from initlab import cli
+
+    def needs_pandas(args):
+        raise ModuleNotFoundError("No module named 'pandas'", name="pandas")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=needs_pandas)
+    assert cli.main([]) == 2
+    assert "pip install 'initlab[lab]'" in capsys.readouterr().err
+
+
+def test_missing_unrelated_module_is_not_masked(monkeypatch):
+    from initlab import cli
+
+    def broken(args):
+        raise ModuleNotFoundError("No module named 'nonexistent_pkg'", name="nonexistent_pkg")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser.set_defaults(func=broken)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main([])
