@@ -7,9 +7,9 @@ Three methods:
   so this g keeps it at 1. It is He et al. (2015)'s argument generalised to any activation:
   ReLU gives E[phi^2] = 1/2, g = sqrt(2) exactly; leaky ReLU with slope a gives
   sqrt(2 / (1 + a^2)). Closed forms come from the activation table; other activations are
-  integrated numerically (composite trapezoid rule on [-12, 12] with step 1e-3: spectrally
-  accurate for smooth phi and still ~1e-7 for phi with kinks away from 0 such as hardtanh,
-  relu6, hardswish, where Gauss–Hermite converges slowly). Results are cached.
+  integrated numerically by :mod:`initlab.theory`'s Gaussian quadrature (composite
+  Gauss-Legendre split at the activation's kinks; Gauss-Hermite converges slowly for phi with
+  kinks such as relu6, hardswish). Results are cached.
 * ``"kumar"``: Kumar (2017): for phi differentiable at 0, Var[W] = 1 / (N phi'(0)^2 (1 + phi(0)^2)),
   i.e. g = 1 / sqrt(phi'(0)^2 (1 + phi(0)^2)). tanh gives 1; sigmoid (phi(0) = 1/2,
   phi'(0) = 1/4) gives g^2 = 12.8. The derivative is checked numerically from both sides, so
@@ -39,8 +39,6 @@ _METHOD_HELP = {
     "torch": "torch.nn.init.calculate_gain (for compatibility)",
 }
 
-_HALF_WIDTH = 12.0  # phi(12) ~ 1e-32: nothing of a Gaussian expectation lies beyond
-_STEP = 1e-3
 
 _lock = threading.Lock()
 _cache: dict[tuple[str, str, float | None], float] = {}
@@ -69,17 +67,16 @@ def _eval(act: Activation, x: torch.Tensor) -> torch.Tensor:
     return y.detach().double()
 
 
-@torch.no_grad()
 def second_moment(activation: object, param: float | None = None) -> float:
-    """E[phi(z)^2] for z ~ N(0, 1): the closed form where known, else the trapezoid rule."""
+    """E[phi(z)^2] for z ~ N(0, 1): the closed form where known, else the quadrature of
+    :func:`initlab.theory.gaussian_moments` (the same rule the variance recursion uses)."""
     act = resolve_activation(activation, param)
     if act.second_moment is not None:
         return float(act.second_moment)
-    n = int(round(2 * _HALF_WIDTH / _STEP)) + 1
-    x = torch.linspace(-_HALF_WIDTH, _HALF_WIDTH, n, dtype=torch.float64)
-    w = torch.exp(-0.5 * x * x) * (_STEP / math.sqrt(2.0 * math.pi))
-    y = _eval(act, x)
-    return float(torch.dot(w, y * y))
+    _eval(act, torch.zeros(3, dtype=torch.float64))  # a clear error for a callable that is not elementwise
+    from .theory import gaussian_moments
+
+    return float(gaussian_moments(act, 1.0)["sq_mean"])
 
 
 @torch.no_grad()
