@@ -39,6 +39,11 @@ class Activation:
     def __call__(self, x: Tensor) -> Tensor:
         return self.fn(x)
 
+    @property
+    def label(self) -> str:
+        """``name``, or ``name(param)`` when a parameter is bound (``leaky_relu(0.2)``)."""
+        return self.name if self.param is None else f"{self.name}({self.param:g})"
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -166,8 +171,6 @@ def _from_module(m: nn.Module) -> Activation:
                 return _custom(m, f"softplus(beta={m.beta})")
             if cls is nn.Hardtanh and cls is type(m) and (m.min_val, m.max_val) != (-1.0, 1.0):
                 return replace(_custom(m, f"hardtanh({m.min_val},{m.max_val})"), family="saturating", saturates=True, differentiable_at_0=True)
-            if cls is nn.GELU:
-                break
             return _from_name(name, read(m))
     if isinstance(m, nn.GELU):
         return _from_name("gelu_tanh" if m.approximate == "tanh" else "gelu", None)

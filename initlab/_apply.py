@@ -196,10 +196,8 @@ def _auto_choice(act: Activation | None, distribution: str) -> _Choice:
     if act.family == "saturating" and act.differentiable_at_0 and not act.custom:
         g = float(gain(act, method="kumar"))
         return _Choice("kumar", g * g, g)
-    g = float(gain(act, method="second_moment"))  # relu family, smooth, custom callables
-    if not (math.isfinite(g) and g > 0):
-        raise InitlabError(f"activation {act.name!r} has second-moment gain {g!r}; "
-                           "E[phi(z)^2] must be finite and positive")
+    # relu family, smooth, custom callables; gain() rejects E[phi(z)^2] that is not finite and > 0
+    g = float(gain(act, method="second_moment"))
     return _Choice(f"he_{suffix}", g * g, g)
 
 
@@ -422,11 +420,8 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
 def _row(name: str, module: nn.Module, shape: tuple[int, ...], fan_in: int | None, fan_out: int | None,
          act: Activation | None, scheme: str, target: float | None, gain: float | None,
          bias: str | float | None) -> dict[str, Any]:
-    act_label = None
-    if act is not None:
-        act_label = act.name if act.param is None else f"{act.name}({act.param:g})"
     return {"name": name, "kind": _kind(module), "shape": shape, "fan_in": fan_in, "fan_out": fan_out,
-            "activation": act_label, "scheme": scheme, "target_std": target, "realised_std": None,
+            "activation": None if act is None else act.label, "scheme": scheme, "target_std": target, "realised_std": None,
             "gain": gain, "bias": bias}
 
 

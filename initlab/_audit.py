@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ._activations import Activation, resolve_activation
 from ._errors import InitlabError
-from ._probe import ProbeResult, as_inputs, fmt, format_table, probe
+from ._probe import ProbeResult, _first_tensor, as_inputs, fmt, format_table, probe
 
 __all__ = ["audit", "AuditResult", "Finding", "register_cli"]
 
@@ -309,8 +309,8 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         gen = torch.Generator().manual_seed(int(seed))
 
         def loss(out: Any) -> Tensor:
-            y = out if isinstance(out, Tensor) else (out[0] if isinstance(out, (tuple, list)) else None)
-            if not isinstance(y, Tensor) or not y.is_floating_point():
+            y = _first_tensor(out)
+            if y is None or not y.is_floating_point():
                 raise InitlabError("audit's default backward needs a floating-point tensor output; "
                                    "pass target=... and loss=..., or backward=False")
             g = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(device=y.device, dtype=y.dtype)

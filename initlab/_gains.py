@@ -196,8 +196,7 @@ def _format_table(names: list[str], methods: list[str], param: float | None) -> 
     for name in names:
         act = resolve_activation(name, param if param is not None and
                                  resolve_activation(name).param is not None else None)
-        label = act.name if act.param is None else f"{act.name}({act.param:g})"
-        cells = [label, act.family]
+        cells = [act.label, act.family]
         for m in methods:
             try:
                 cells.append(f"{gain(act, method=m):.6f}")

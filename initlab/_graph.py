@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._activations import _FUNCTIONS, _MODULES, METHOD_NAMES, Activation, resolve_activation
+from ._errors import InitlabError
 
 __all__ = ["WEIGHT_LAYERS", "LayerLink", "find_activations"]
 
@@ -127,6 +128,9 @@ _KNOWN_BLOCKS: tuple[type[nn.Module], ...] = (
     nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
     nn.TransformerDecoder, nn.Transformer,
 )
+# modules kept whole (never traced into): weight layers and the known blocks
+_OPAQUE: tuple[type[nn.Module], ...] = WEIGHT_LAYERS + _KNOWN_BLOCKS
+_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = _NORMS + _DROPOUTS + _RESHAPES
 
 
 def _is_activation_module(m: nn.Module) -> bool:
@@ -142,7 +146,7 @@ def _activation_module(m: nn.Module) -> Activation | None:
 
 
 def _transparent_module(m: nn.Module) -> bool:
-    if isinstance(m, _NORMS + _DROPOUTS + _RESHAPES):
+    if isinstance(m, _TRANSPARENT_MODULES):
         return True
     return any(cls.__module__ in _TRANSPARENT_MODULE_FILES for cls in type(m).__mro__[:-2])
 
@@ -166,15 +170,11 @@ class _Outcome:
         return None if self.activation is None else (self.activation.name, self.activation.param)
 
     def describe(self) -> str:
-        return "readout" if self.activation is None else _act_label(self.activation)
+        return "readout" if self.activation is None else self.activation.label
 
 
 _DEAD = _Outcome("dead")
 _READOUT = _Outcome("stop")
-
-
-def _act_label(act: Activation) -> str:
-    return act.name if act.param is None else f"{act.name}({act.param:g})"
 
 
 def _prefix(name: str, out: _Outcome) -> _Outcome:
@@ -208,9 +208,9 @@ def _function_activation(node: torch.fx.Node) -> tuple[Activation, str]:
     note = ""
     param: float | None = None
     if name in ("leaky_relu", "elu", "celu"):
-        key, default = ("negative_slope", 0.01) if name == "leaky_relu" else ("alpha", 1.0)
+        key = "negative_slope" if name == "leaky_relu" else "alpha"
         raw = node.args[1] if len(node.args) > 1 else node.kwargs.get(key)
-        param, note = _scalar(raw, default)
+        param, note = _scalar(raw, resolve_activation(name).param)  # the table's default
     elif name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
         name = "gelu_tanh"
     return resolve_activation(name, param), note
@@ -314,12 +314,12 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
         for child_name, child in m.named_children():
             walk(child, _join(name, child_name))
 
-    if isinstance(model, _KNOWN_BLOCKS) or isinstance(model, WEIGHT_LAYERS):
+    if isinstance(model, _OPAQUE):
         _leaf_links(model, prefix, after, traced, out)
         return
     walk(model, prefix)
     for i, (name, m) in enumerate(items):
-        if not (isinstance(m, WEIGHT_LAYERS) or isinstance(m, _KNOWN_BLOCKS)):
+        if not isinstance(m, _OPAQUE):
             continue
         through: list[str] = []
         outcome = after
@@ -328,7 +328,7 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
             if act is not None:
                 outcome = _Outcome("act", act, nxt_name)
                 break
-            if isinstance(nxt, WEIGHT_LAYERS) or isinstance(nxt, _KNOWN_BLOCKS):
+            if isinstance(nxt, _OPAQUE):
                 outcome = _READOUT
                 break
             through.append(nxt_name)
@@ -347,7 +347,7 @@ class _Tracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # only class checks here: parameters read during tracing would be proxies
-        if isinstance(m, WEIGHT_LAYERS + _KNOWN_BLOCKS) or _is_activation_module(m):
+        if isinstance(m, _OPAQUE) or _is_activation_module(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -429,11 +429,9 @@ def find_activations(model: nn.Module) -> dict[str, LayerLink]:
     work. Layers that are never called as modules in ``forward`` get ``activation=None`` and a note.
     """
     if not isinstance(model, nn.Module):
-        from ._errors import InitlabError
-
         raise InitlabError(f"find_activations expects an nn.Module, got {type(model).__name__}")
     out: dict[str, LayerLink] = {}
-    if isinstance(model, WEIGHT_LAYERS + _KNOWN_BLOCKS):
+    if isinstance(model, _OPAQUE):
         _leaf_links(model, "", _READOUT, True, out)
     else:
         try:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import InitlabError
-from ._probe import (_channel_dim, _channel_moments, _moments, _Tracker, as_inputs, format_table, forward_error,
-                     no_mha_fastpath)
+from ._probe import (_as_float, _channel_dim, _channel_sums, _moments, _Tracker, as_inputs, format_table,
+                     forward_error, no_mha_fastpath)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -176,10 +176,11 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
         for it in range(max_iter + 1):
             if fresh:
                 out = mod.forward(*args, **kwargs)  # the layer alone: its hooks do not run
-                of = out if out.dtype in (torch.float32, torch.float64) else out.float()
+                of = _as_float(out)
                 if center and b is not None:
                     cdim = _channel_dim(mod, of)
-                    m_c, _ = _channel_moments(of, cdim)
+                    sum_c = _channel_sums(of, cdim)
+                    m_c = sum_c / (of.numel() // sum_c.numel())
                     b.sub_(m_c.to(b.dtype))
                     shape = [1] * of.dim()
                     shape[cdim] = -1

@@ -339,14 +339,9 @@ _LINKS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[str, ...], list[t
     weakref.WeakKeyDictionary()
 
 
-def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
-    """``(name, module, link)`` for every supported weight layer, via ``initlab._graph.find_activations``."""
-    named = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    return [(name, module, replace(link, module=module)) for name, module, link in _weight_layers(model, named)]
-
-
 def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[str, nn.Module, Any]]:
-    """:func:`weight_layers` with links whose ``module`` field is None (the module comes beside it):
+    """``(name, module, link)`` for every supported weight layer, via ``initlab._graph.find_activations``
+    (links read from the cache have ``module`` None; the module comes beside them):
     ``named`` is ``dict(model.named_modules())``. The graph is traced once per model and cached,
     keyed by the model and checked against the identity of every submodule (a replaced or added
     submodule traces again)."""
@@ -422,18 +417,16 @@ def _layer_fans(module: nn.Module) -> tuple[int, int]:
     hit = _FANS.get(module)
     if hit is not None and hit[0] == tuple(w.shape):
         return hit[1]
-    result = _compute_fans(module, w)
+    result = _compute_fans(module)
     _FANS[module] = (tuple(w.shape), result)
     return result
 
 
-def _compute_fans(module: nn.Module, w: Tensor) -> tuple[int, int]:
-    from ._fans import fans
+def _compute_fans(module: nn.Module) -> tuple[int, int]:
+    from ._fans import module_fans
 
     try:
-        if isinstance(module, nn.MultiheadAttention):
-            return fans(module.out_proj.weight, module=module.out_proj)
-        return fans(w, module=module)
+        return module_fans(module.out_proj if isinstance(module, nn.MultiheadAttention) else module)
     except InitlabError:
         return (0, 0)
 
@@ -447,42 +440,12 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
-def _channel_moments(y: Tensor, cdim: int) -> tuple[Tensor, Tensor]:
-    """Per-channel means and the mean within-channel variance, channels along ``cdim``.
-
-    Two passes (means, then the squared deviations by one dot product): exact where E[y^2] -
-    E[y]^2 would cancel, and far cheaper on CPU than ``torch.var_mean`` over several dims.
-    """
-    if y.dim() == 1:
-        y = y.unsqueeze(0)
-        cdim = 1
-    if cdim == y.dim() - 1:
-        mean_c = y.reshape(-1, y.shape[-1]).mean(dim=0)
-        d = y - mean_c
-    else:
-        moved = y.movedim(cdim, 1) if cdim != 1 else y
-        n0 = moved.shape[0]
-        mean_c = moved.reshape(n0, moved.shape[1], -1).sum(dim=2).sum(dim=0) / (y.numel() // moved.shape[1])
-        shape = [1] * y.dim()
-        shape[cdim] = -1
-        d = y - mean_c.reshape(shape)
-    d = _flat(d)
-    return mean_c, torch.dot(d, d) / y.numel()
-
-
 def _moments(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, population variance) of all values, by two passes (see :func:`_channel_moments`)."""
+    """(mean, population variance) of all values, by two passes: exact where E[y^2] - E[y]^2 would cancel."""
     f = _flat(t)
     m = f.mean()
     d = f - m
     return m, torch.dot(d, d) / f.numel()
-
-
-def _raw_moments(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, mean square) in one pass each, for values whose mean is small next to their spread
-    (gradients) or whose second moment is what matters (layer inputs)."""
-    f = _flat(t)
-    return f.mean(), torch.dot(f, f) / f.numel()
 
 
 @lru_cache(maxsize=64)
@@ -557,7 +520,7 @@ class _Layer:
     reduced to statistics on the host once, after the pass."""
 
     __slots__ = ("name", "module", "link", "act", "order", "cdim", "parts", "counts", "shape", "post_shape",
-                 "in_shape", "in_ref", "post_src", "post_apply")
+                 "in_shape", "in_ref", "post_apply")
 
     def __init__(self, name: str, module: nn.Module, link: Any) -> None:
         self.name, self.module, self.link = name, module, link
@@ -571,8 +534,7 @@ class _Layer:
         self.in_shape: tuple[int, ...] = ()
         # the input is a tensor measured already: (layer, "pre" or "post"), or (None, "batch")
         self.in_ref: tuple[_Layer | None, str] | None = None
-        self.post_src: str | None = None  # module whose output is (or feeds) the activation; None: the layer
-        self.post_apply = False  # whether act.fn is applied to that output
+        self.post_apply = False  # whether act.fn is applied to the output of the module feeding the activation
 
 
 def _resolve_post_source(layer: _Layer, modules: dict[str, nn.Module]) -> tuple[str | None, bool]:
@@ -844,7 +806,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         sources: set[str] = set()
         for name, layer in layers.items():
             src, apply_fn = _resolve_post_source(layer, modules)
-            layer.post_src, layer.post_apply = src, apply_fn
+            layer.post_apply = apply_fn
             handles.append(layer.module.register_forward_hook(layer_hook(layer, src is None, apply_fn, src)))
             if src is not None:
                 sources.add(src)

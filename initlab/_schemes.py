@@ -98,7 +98,8 @@ class Scheme:
         fans of ``tensor`` / ``shape``); None where it does not depend on fans alone."""
         if self.std is None:
             return None
-        shp = shape_of(tensor if tensor is not None else shape) if (tensor is not None or shape is not None) else None
+        src = tensor if tensor is not None else shape
+        shp = shape_of(src) if src is not None else None
         if fans is None:
             if shp is None:
                 raise InitlabError("target_std needs fans=(fan_in, fan_out), tensor= or shape=")
@@ -144,6 +145,11 @@ def _check_gain(g: object) -> float:
     return float(g)
 
 
+def _check_mean(mean: object) -> None:
+    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+        raise InitlabError(f"mean must be a finite number, got {mean!r}")
+
+
 def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
             generator: torch.Generator | None = None) -> Tensor:
     """N(mean, std^2), no fan scaling (the naive baseline of the classic MNIST study: with
@@ -151,8 +157,7 @@ def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
     differs from ``torch.nn.init.normal_(tensor, mean, std)``: ``std`` comes first here."""
     _check_tensor(tensor, "normal_")
     std = check_scale(std, "std")
-    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
-        raise InitlabError(f"mean must be a finite number, got {mean!r}")
+    _check_mean(mean)
     gen = _check_generator(generator, tensor)
     _sample_(tensor, "normal", std, gen)
     if mean and not tensor.is_meta:
@@ -509,8 +514,7 @@ register_scheme("lsuv", _lsuv_marker,
 
 def _normal(std: float, mean: float) -> Scheme:
     std = check_scale(std, "std")
-    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
-        raise InitlabError(f"mean must be a finite number, got {mean!r}")
+    _check_mean(mean)
     return _plain(lambda t, f, g: normal_(t, std, mean=mean, generator=g), lambda fi, fo, s: std)
 
 

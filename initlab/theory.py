@@ -982,6 +982,12 @@ def _self_overlap(phi: _Phi, q: float) -> float:
                    lambda: float(_expect_2d(phi, q, np.array([1.0]))["ff"][0]))
 
 
+def _cs(phi: _Phi, sw2: float, sb2: float) -> tuple[float, float]:
+    """(c*, chi_c at c*) with the cache (validated arguments)."""
+    key = _phi_key(phi.act)
+    return _cached(None if key is None else ("c*", key, sw2, sb2), lambda: _c_star(phi, sw2, sb2))
+
+
 def _c_star(phi: _Phi, sw2: float, sb2: float) -> tuple[float, float]:
     """(c*, chi_c at c*)."""
     q = _q_for(phi, None, sw2, sb2)
@@ -1029,9 +1035,7 @@ def c_star(act: object, sw2: float, sb2: float = 0.0) -> float:
     Raises :class:`~initlab.InitlabError` when ``q*`` diverges.
     """
     sw2, sb2 = _var("sw2", sw2), _var("sb2", sb2)
-    phi = _phi(act)
-    key = _phi_key(phi.act)
-    return _cached(None if key is None else ("c*", key, sw2, sb2), lambda: _c_star(phi, sw2, sb2))[0]
+    return _cs(_phi(act), sw2, sb2)[0]
 
 
 def depth_scales(act: object, sw2: float, sb2: float = 0.0) -> tuple[float, float]:
@@ -1052,11 +1056,10 @@ def depth_scales(act: object, sw2: float, sb2: float = 0.0) -> tuple[float, floa
     """
     sw2, sb2 = _var("sw2", sw2), _var("sb2", sb2)
     phi = _phi(act)
-    key = _phi_key(phi.act)
     q = _q_for(phi, None, sw2, sb2)
     ex = _expect_1d(phi, np.array([q]), stein=True)
     chi_q = float(sw2 * ex["stein"][0])
-    _c, chi_c = _cached(None if key is None else ("c*", key, sw2, sb2), lambda: _c_star(phi, sw2, sb2))
+    _c, chi_c = _cs(phi, sw2, sb2)
     return _xi(chi_q), _xi(chi_c)
 
 
@@ -1105,8 +1108,7 @@ def mean_field(act: object, sw2: float, sb2: float = 0.0) -> MeanField:
     x1 = _chi1_at(phi, sw2, q)
     if math.isinf(q):
         return MeanField(phi.name, sw2, sb2, q, math.nan, x1, math.nan, math.nan, math.nan)
-    key = _phi_key(phi.act)
-    cs, chi_c = _cached(None if key is None else ("c*", key, sw2, sb2), lambda: _c_star(phi, sw2, sb2))
+    cs, chi_c = _cs(phi, sw2, sb2)
     xi_q, xi_c = depth_scales(phi.act, sw2, sb2)
     return MeanField(phi.name, sw2, sb2, q, cs, x1, chi_c, xi_q, xi_c)
 

@@ -53,7 +53,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -514,7 +514,7 @@ def _auto_name(activation: str, scheme: str, depth: int | None, width: int | Non
 
 
 def _scenario_model(base: ModelSpec, widths: tuple[int, ...]) -> ModelSpec:
-    return ModelSpec(kind=base.kind, widths=widths, bias=base.bias, channels=base.channels, kernel=base.kernel)
+    return replace(base, widths=widths)
 
 
 def _parse_model(raw: Mapping[str, Any], data: DataSpec) -> ModelSpec:

@@ -32,7 +32,7 @@ import os
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,21 +392,15 @@ def _load_mnist_idx(root: str, download: bool) -> tuple[np.ndarray, np.ndarray, 
 @lru_cache(maxsize=1)
 def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The shipped 5,000-digit sample: (uint8 (5000, 28, 28), int64 (5000,)), sorted by class."""
-    from importlib.resources import files
+    from importlib.resources import as_file, files
 
     base = files(__package__) / "_data"
     names = (f"initlab/lab/_data/{_EMBEDDED_IMAGES}", f"initlab/lab/_data/{_EMBEDDED_LABELS}")
-    with _as_path(base / _EMBEDDED_IMAGES) as pi, _as_path(base / _EMBEDDED_LABELS) as pl:
+    with as_file(base / _EMBEDDED_IMAGES) as pi, as_file(base / _EMBEDDED_LABELS) as pl:
         x, y = read_idx_pair(pi, pl, image_size=(28, 28), _names=names)
     x.setflags(write=False)
     y.setflags(write=False)
     return x, y
-
-
-def _as_path(resource: Any) -> Any:
-    from importlib.resources import as_file
-
-    return as_file(resource)
 
 
 # ----------------------------------------------------------------------------- synthetic and optional
@@ -500,7 +494,7 @@ def _spec_from(spec: DataSpec | str | None, overrides: dict[str, Any]) -> tuple[
     elif not isinstance(spec, DataSpec):
         raise InitlabError(f"data: expected a data set name or a DataSpec, got {type(spec).__name__}: {spec!r}")
     if overrides:
-        spec = DataSpec(**{**{f.name: getattr(spec, f.name) for f in fields(spec)}, **overrides})
+        spec = replace(spec, **overrides)
     return spec, download, flat
 
 

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._errors import InitlabError, unknown_choice
+from .config import OPTIMIZERS
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
     from .config import Experiment, ModelSpec, Scenario, TrainSpec
@@ -95,7 +96,6 @@ __all__ = [
     "OPTIMIZERS",
 ]
 
-OPTIMIZERS = ("adam", "sgd")
 _EVAL_CHUNK = 2048  # test examples per evaluation chunk (bounds memory: M x chunk x width)
 
 
@@ -550,6 +550,8 @@ class _StackedMLP(_Engine):
                 nll=torch.empty(M, 1, b, **kw),
                 pred=torch.empty(M, b, dtype=torch.long, device=self.device),
                 top=torch.empty(M, b, **kw),
+                hit=torch.empty(M, b, dtype=torch.bool, device=self.device),
+                n_hit=torch.empty(M, dtype=torch.long, device=self.device),
                 minus_one=torch.full((M, 1, b), -1.0, **kw),
             )
             self._bufs[b] = buf
@@ -587,7 +589,9 @@ class _StackedMLP(_Engine):
         torch.mean(buf["nll"].view(M, b), 1, out=loss_out)
         loss_out.neg_()
         torch.max(h, 1, out=(buf["top"], buf["pred"]))  # max(dim) is much faster than argmax over a middle dim
-        acc_out.copy_((buf["pred"] == buf["y"].view(M, b)).sum(1)).div_(b)
+        torch.eq(buf["pred"], buf["y"].view(M, b), out=buf["hit"])
+        torch.sum(buf["hit"], 1, out=buf["n_hit"])
+        acc_out.copy_(buf["n_hit"]).div_(b)
 
     @torch.no_grad()
     def backward(self) -> None:
@@ -746,20 +750,12 @@ def _vmap_works(models: Sequence[nn.Module], x: Tensor) -> bool:
     if any(not p.requires_grad for m in models for p in m.parameters()):
         return False
     try:
-        from torch.func import functional_call, stack_module_state, vmap
         import copy
 
         sample = x[:2].detach().to("cpu", torch.float32)
-        params, _ = stack_module_state([copy.deepcopy(m).cpu().float() for m in models])
-        base = copy.deepcopy(models[0]).to("meta")
-        names = list(params)
-
-        def one(*args: Tensor) -> Tensor:
-            *ps, xi = args
-            return functional_call(base, dict(zip(names, ps)), (xi,))
-
+        trial = _Vmapped([copy.deepcopy(m) for m in models], sample, sample, torch.device("cpu"), torch.float32)
         with torch.no_grad():
-            out = vmap(one, in_dims=tuple([0] * len(names)) + (None,))(*[params[k] for k in names], sample)
+            out = trial._logits(sample, True)
             ref = torch.stack([m.cpu().float()(sample) for m in models])
         return out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
     except Exception:  # noqa: BLE001 - anything vmap cannot do sends the group to the per-member engine
@@ -972,25 +968,19 @@ def _fallback_rows(model: nn.Module, values: dict[str, np.ndarray], weight_types
 
 
 def _dataset_tensors(data: Dataset, flatten: bool, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The data set's tensors on ``device`` (inputs in ``dtype``, flattened when asked; labels long).
+
+    ``_run_group`` has already checked that all four are tensors and that the training set is not empty.
+    """
     xs = []
-    for name in ("x_train", "x_test"):
-        x = getattr(data, name)
-        if not isinstance(x, Tensor):
-            raise InitlabError(f"dataset.{name} must be a torch.Tensor, got {type(x).__name__}")
+    for x in (data.x_train, data.x_test):
         if flatten and x.dim() > 2:
             x = x.reshape(x.shape[0], -1)
         xs.append(x.to(device=device, dtype=dtype).contiguous())
-    ys = []
-    for name in ("y_train", "y_test"):
-        y = getattr(data, name)
-        if not isinstance(y, Tensor):
-            raise InitlabError(f"dataset.{name} must be a torch.Tensor, got {type(y).__name__}")
-        ys.append(y.to(device=device, dtype=torch.long).contiguous())
+    ys = [y.to(device=device, dtype=torch.long).contiguous() for y in (data.y_train, data.y_test)]
     if xs[0].shape[0] != ys[0].shape[0] or xs[1].shape[0] != ys[1].shape[0]:
         raise InitlabError(f"dataset sizes disagree: x_train {tuple(xs[0].shape)}, y_train {tuple(ys[0].shape)}, "
                            f"x_test {tuple(xs[1].shape)}, y_test {tuple(ys[1].shape)}")
-    if xs[0].shape[0] == 0:
-        raise InitlabError("dataset has no training examples")
     return xs[0], ys[0], xs[1], ys[1]
 
 
@@ -1151,7 +1141,8 @@ def _train_loop(engine: _Engine, members: list[Member], x_test: Tensor, y_test: 
 
     def drop(bad: list[int], first_bad: list[int]) -> None:
         nonlocal opt, win_loss, win_acc, gens, perm, full, tail, alive
-        keep = [i for i in range(len(alive)) if i not in set(bad)]
+        bad_set = set(bad)
+        keep = [i for i in range(len(alive)) if i not in bad_set]
         for i, s in zip(bad, first_bad):
             m = alive[i]
             diverged.append(dict(scenario=m.scenario.name, seed=int(m.seed), step=int(s)))

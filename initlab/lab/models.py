@@ -88,7 +88,7 @@ def _module_for(act: Activation) -> nn.Module:
     return Elementwise(act.fn, act.name)
 
 
-def _check_sizes(values: Any, what: str, *, min_len: int, allow_empty: bool = False) -> tuple[int, ...]:
+def _check_sizes(values: Any, what: str, *, min_len: int) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise InitlabError(f"{what}: expected a list of positive integers, got {values!r}")
     out = []
@@ -96,7 +96,7 @@ def _check_sizes(values: Any, what: str, *, min_len: int, allow_empty: bool = Fa
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InitlabError(f"{what}[{i}]: expected a positive integer, got {v!r}")
         out.append(int(v))
-    if len(out) < min_len and not (allow_empty and not out):
+    if len(out) < min_len:
         raise InitlabError(f"{what}: expected at least {min_len} entries, got {list(values)!r}")
     return tuple(out)
 

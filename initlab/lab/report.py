@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import os
 import time
@@ -41,15 +40,14 @@ import numpy as np
 
 from .._errors import InitlabError
 from ._io import atomic_write_text, slug
+from .plots import _label, _names
+from .run import METRICS_COLUMNS, read_run_meta
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = ["RunData", "load_run", "findings", "summary_rows", "first_pass_rows", "render_html", "write_report",
            "final_values", "accuracy_ordering", "Finding"]
-
-METRICS_COLUMNS = ("scenario", "seed", "step", "split", "metric", "value")
-
 
 # ----------------------------------------------------------------------------- loading
 
@@ -122,12 +120,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             raise InitlabError(f"{fp_path}: cannot be read as CSV ({e})") from e
         if "scenario" in first_pass:
             first_pass["scenario"] = first_pass["scenario"].astype(str)
-    meta: dict[str, Any] = {}
-    if (run_dir / "run.json").is_file():
-        try:
-            meta = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            meta = {}
+    meta = read_run_meta(run_dir)
 
     # scenario order and (activation, scheme) from the resolved config, else from the CSVs
     scenarios: list[str] = []
@@ -143,13 +136,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
             widths = sc.get("widths", base_widths)
             if isinstance(widths, list) and all(isinstance(w, int) for w in widths):
                 models[name] = tuple(widths)
-    seen = set(scenarios)
-    for name in list(dict.fromkeys(list(metrics["scenario"]) + (list(first_pass["scenario"]) if "scenario" in first_pass else []))):
-        if name not in seen:
-            scenarios.append(name)
-            seen.add(name)
-    present = set(metrics["scenario"]) | (set(first_pass["scenario"]) if "scenario" in first_pass else set())
-    scenarios = [s for s in scenarios if s in present]
+    in_csv = list(dict.fromkeys(list(metrics["scenario"]) + (list(first_pass["scenario"]) if "scenario" in first_pass else [])))
+    present, seen = set(in_csv), set(scenarios)
+    scenarios = [s for s in scenarios if s in present] + [s for s in in_csv if s not in seen]
 
     values: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     parts = run_dir / "parts"
@@ -237,22 +226,6 @@ def _col(df: pandas.DataFrame, name: str) -> Any:
     return df[name] if name in df else pd.Series([math.nan] * len(df), index=df.index, dtype=float)
 
 
-def _label(data: RunData, sc: str) -> str:
-    """The scenario's name, with activation and scheme when the name does not say them."""
-    act, scheme = data.info.get(sc, ("", ""))
-    if act and scheme and not (act in sc and scheme.split("_")[0] in sc):
-        return f"{sc} ({act} + {scheme})"
-    return sc
-
-
-def _names(names: Sequence[str], limit: int = 5) -> str:
-    """``"a, b, c"``, or ``"a, b, c, d and 7 more"`` for long lists."""
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[:limit - 1]) + f" and {len(names) - limit + 1} more"
-
-
 def _per_seed(df: pandas.DataFrame, cols: Sequence[str]) -> pandas.DataFrame:
     """Mean of ``cols`` per seed: members with the same seed share their first-pass batch."""
     if "seed" not in df:
@@ -324,7 +297,7 @@ def _input_findings(data: RunData) -> list[Finding]:
     var = Stat.of(ps["_var"])
     pred_sq = float(ps["_psq"].mean())
     pred_var = float(ps["_pvar"].mean())
-    scen = _names(list(dict.fromkeys(str(s) for s in pick["scenario"])))
+    scen = _names(list(dict.fromkeys(str(s) for s in pick["scenario"])), 5)
     wdesc = "N(0,1) weights" if chosen_schemes and abs(w.mean - 1) < 0.1 else f"weights of variance {_g(w.mean)}"
     ndesc = f"mean \u00b1 std over {measured.n} seeds" if measured.n > 1 else "1 seed"
     head = (f"Layer-1 pre-activation variance with {wdesc} ({scen}; {ndesc}): measured {_ms(measured)}. "
@@ -373,7 +346,7 @@ def _saturation_findings(data: RunData) -> list[Finding]:
                 text += " Most units sit on the flat ends of the curve, where gradients vanish."
             elif sat.mean <= 0.05:
                 text += " The units work in the curve's steep middle part."
-            sat_groups.setdefault(text, []).append(_label(data, sc))
+            sat_groups.setdefault(text, []).append(_label(sc, data.info))
         elif dead.n:
             later = data.first_pass[(data.first_pass["scenario"] == sc) & (data.first_pass["index"] > 1)]
             dead_all = Stat.of(_col(later, "dead_frac").astype(float))
@@ -381,18 +354,18 @@ def _saturation_findings(data: RunData) -> list[Finding]:
             part = f"{100 * dead.mean:.0f}% in layer 1"
             if dead_all.n:
                 part += f", {100 * dead_all.mean:.0f}% in later hidden layers"
-            dead_groups.setdefault(part, []).append(_label(data, sc))
-            dead_names.append(_label(data, sc))
+            dead_groups.setdefault(part, []).append(_label(sc, data.info))
+            dead_names.append(_label(sc, data.info))
     for text, names in sat_groups.items():
-        out.append(Finding("saturation", f"{_names(names)}: {text}"))
+        out.append(Finding("saturation", f"{_names(names, 5)}: {text}"))
     if dead_groups:
         if any_dead:
             out.append(Finding("dead units", "Dead units (zero output for every sample of the first-pass batch): "
-                                             + "; ".join(f"{_names(v)}: {k}" for k, v in dead_groups.items()) + "."))
+                                             + "; ".join(f"{_names(v, 5)}: {k}" for k, v in dead_groups.items()) + "."))
         else:
             out.append(Finding("dead units", "No dead unit at initialisation: every unit of every hidden layer is "
                                              "active for some sample of the first-pass batch ("
-                                             + _names(dead_names) + ")."))
+                                             + _names(dead_names, 5) + ")."))
     return out
 
 
@@ -414,7 +387,7 @@ def _depth_finding(data: RunData) -> list[Finding]:
         if len(shown) > 5:
             shown = shown[:2] + ["\u2026"] + shown[-1:]
         chain = " \u2192 ".join(shown)
-        parts.append(f"{_label(data, sc)} {chain} ({len(v)} layers, \u00d7{_g(factor, 2)} per layer)")
+        parts.append(f"{_label(sc, data.info)} {chain} ({len(v)} layers, \u00d7{_g(factor, 2)} per layer)")
     if not parts:
         return []
     return [Finding("depth", "Pre-activation variance from layer 1 to the readout (first pass, mean over seeds): "
@@ -439,7 +412,7 @@ def _recursion_finding(data: RunData) -> list[Finding]:
     first_err = float(np.exp(err[ok_first].max()) - 1) if ok_first.any() else math.nan
     text = (f"The variance recursion (initlab.theory, fed with the batch's E[x\u00b2] and each layer's weight variance) "
             f"predicts the mean measured pre-activation variance of every layer of every scenario within a factor "
-            f"{_g(1 + within)}; the largest gap is {_label(data, worst[0])}, layer {int(worst[1])} "
+            f"{_g(1 + within)}; the largest gap is {_label(worst[0], data.info)}, layer {int(worst[1])} "
             f"(measured/predicted = {_g(r_worst)}).")
     if math.isfinite(first_err):
         text += f" At layer 1, where the Gaussian assumption is not needed, the gap is at most {100 * first_err:.1f}%."
@@ -528,8 +501,8 @@ def summary_rows(data: RunData) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"scenario": sc, "activation": act, "scheme": scheme, "seeds": int(seeds.get(sc, 0))}
         for (split, metric), f in finals.items():
             row[f"{split}_{metric}"] = Stat.of(list(f.get(sc, {}).values()))
-        row["saturated"] = Stat.of(_col(d1, "saturated_frac").astype(float)) if not d1.empty else Stat.of([])
-        row["dead"] = Stat.of(_col(d1, "dead_frac").astype(float)) if not d1.empty else Stat.of([])
+        row["saturated"] = Stat.of(_col(d1, "saturated_frac").astype(float))
+        row["dead"] = Stat.of(_col(d1, "dead_frac").astype(float))
         rows.append(row)
     return rows
 
@@ -669,9 +642,10 @@ def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Find
                "<th class=\"num\">Seeds</th><th class=\"num\">Final train accuracy</th><th class=\"num\">Final test accuracy</th>"
                "<th class=\"num\">Final test loss</th><th class=\"num\">Layer-1 saturated</th><th class=\"num\">Layer-1 dead</th>"
                "</tr></thead>\n<tbody>\n")
+    def frac(s: Stat) -> str:
+        return f"{100 * s.mean:.0f}%" if s.n else "\u2013"
+
     for r in summary_rows(data):
-        def frac(s: Stat) -> str:
-            return f"{100 * s.mean:.0f}%" if s.n else "\u2013"
         n_note = "" if r["test_acc"].n == r["test_acc"].n_total else f" ({r['test_acc'].n_total - r['test_acc'].n} diverged)"
         out.append(f"<tr><td>{_e(r['scenario'])}</td><td>{_e(r['activation'])}</td><td>{_e(r['scheme'])}</td>"
                    f"<td class=\"num\">{r['seeds']}{_e(n_note)}</td><td class=\"num\">{_e(_pct(r['train_acc']))}</td>"

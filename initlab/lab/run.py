@@ -58,6 +58,7 @@ import numpy as np
 from .._errors import InitlabError
 from ._io import (TMP_PREFIX, atomic_dir, atomic_write_csv, atomic_write_text, clean_tmp, csv_text, read_csv,
                   slug)
+from .tb import member_log_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import Experiment
@@ -132,7 +133,7 @@ def member_dir(run_dir: str | Path, scenario: str, seed: int) -> Path:
 
 
 def _tb_dir(run_dir: Path, scenario: str, seed: int) -> Path:
-    return run_dir / "tb" / slug(scenario) / f"seed{int(seed)}"
+    return member_log_dir(run_dir / "tb", slug(scenario), seed)
 
 
 def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
@@ -321,8 +322,10 @@ def _first_pass_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _commit_member(run_dir: Path, fingerprint: str, scenario: Any, seed: int, result: GroupResult,
-                   unit_index: int) -> None:
-    """Write one member's results as ``parts/<scenario>/seed<k>/`` (atomically, all files at once)."""
+                   unit_index: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Write one member's results as ``parts/<scenario>/seed<k>/`` (atomically, all files at once).
+
+    Returns the member's first-pass arrays and metrics rows (for its TensorBoard log)."""
     key = (scenario.name, int(seed))
     metrics = [{c: r[c] for c in METRICS_COLUMNS} for r in result.metrics
                if (r["scenario"], int(r["seed"])) == key]
@@ -345,16 +348,20 @@ def _commit_member(run_dir: Path, fingerprint: str, scenario: Any, seed: int, re
         with open(tmp / "values.npz", "wb") as f:
             np.savez_compressed(f, **values)
         (tmp / "member.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    return values, metrics
 
 
-def _write_tb(run_dir: Path, scenario: str, seed: int, *, replace: bool = True) -> None:
-    from . import tb
+def _write_tb(run_dir: Path, scenario: str, seed: int, values: dict[str, np.ndarray] | None = None,
+              metrics: Sequence[dict[str, Any]] | None = None, *, replace: bool = True) -> None:
+    """The member's TensorBoard log, from ``values`` and ``metrics`` or else from its recorded part."""
+    from .tb import write_member_events
 
-    part = member_dir(run_dir, scenario, seed)
-    _, metrics = read_csv(part / "metrics.csv")
-    with np.load(part / "values.npz") as z:
-        values = {k: z[k] for k in z.files}
-    tb.write_member_events(_tb_dir(run_dir, scenario, seed), values, metrics, replace=replace)
+    if values is None or metrics is None:
+        part = member_dir(run_dir, scenario, seed)
+        _, metrics = read_csv(part / "metrics.csv")
+        with np.load(part / "values.npz") as z:
+            values = {k: z[k] for k in z.files}
+    write_member_events(_tb_dir(run_dir, scenario, seed), values, metrics, replace=replace)
 
 
 def _merge(run_dir: Path, members: Sequence[tuple[str, int]]) -> tuple[int, int]:
@@ -508,7 +515,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
     if units and data is None:
         from .data import load_dataset
 
-        data = load_dataset(exp.data, download=download) if download else load_dataset(exp.data)
+        data = load_dataset(exp.data, download=download)
 
     if progress is True:
         progress = TqdmProgress()
@@ -540,8 +547,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
             def commit(i: int, unit: GroupSpec, result: GroupResult) -> None:
                 nonlocal n_done, units_run
                 for m in unit.members:
-                    _commit_member(run_dir, fingerprint, m.scenario, m.seed, result, i)
-                    _write_tb(run_dir, m.scenario.name, m.seed)
+                    values, rows = _commit_member(run_dir, fingerprint, m.scenario, m.seed, result, i)
+                    _write_tb(run_dir, m.scenario.name, m.seed, values, rows)
                     n_done += 1
                 _merge(run_dir, members)
                 units_run += 1
