@@ -38,8 +38,8 @@ _EXPORTS: dict[str, str] = {
     "lecun_normal_": "._schemes",
     "lecun_uniform_": "._schemes",
     "kumar_": "._schemes",
-    "orthogonal_": "._schemes",
-    "delta_orthogonal_": "._schemes",
+    "orthogonal_": "._orthogonal",
+    "delta_orthogonal_": "._orthogonal",
     # whole models
     "init_model": "._apply",
     "InitReport": "._apply",
@@ -71,17 +71,38 @@ def __dir__() -> list[str]:
     return __all__
 
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ._activations import Activation, activation_names, register_activation, resolve_activation
-    from ._apply import InitReport, init_model
-    from ._audit import AuditResult, audit
-    from ._engine import truncated_normal_, variance_scaling, variance_scaling_
-    from ._errors import InitlabError
-    from ._fans import fans
-    from ._gains import gain, gain_table
-    from ._graph import find_activations
-    from ._lsuv import LSUVReport, lsuv_
-    from ._probe import ProbeResult, probe
-    from ._schemes import (Scheme, delta_orthogonal_, get_scheme, he_normal_, he_uniform_, kumar_,
-                           lecun_normal_, lecun_uniform_, normal_, orthogonal_, register_scheme,
-                           schemes, xavier_normal_, xavier_uniform_)
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (``X as X``: a re-export)
+    from ._activations import Activation as Activation
+    from ._activations import activation_names as activation_names
+    from ._activations import register_activation as register_activation
+    from ._activations import resolve_activation as resolve_activation
+    from ._apply import InitReport as InitReport
+    from ._apply import init_model as init_model
+    from ._audit import AuditResult as AuditResult
+    from ._audit import audit as audit
+    from ._engine import truncated_normal_ as truncated_normal_
+    from ._engine import variance_scaling as variance_scaling
+    from ._engine import variance_scaling_ as variance_scaling_
+    from ._errors import InitlabError as InitlabError
+    from ._fans import fans as fans
+    from ._gains import gain as gain
+    from ._gains import gain_table as gain_table
+    from ._graph import find_activations as find_activations
+    from ._lsuv import LSUVReport as LSUVReport
+    from ._lsuv import lsuv_ as lsuv_
+    from ._orthogonal import delta_orthogonal_ as delta_orthogonal_
+    from ._orthogonal import orthogonal_ as orthogonal_
+    from ._probe import ProbeResult as ProbeResult
+    from ._probe import probe as probe
+    from ._schemes import Scheme as Scheme
+    from ._schemes import get_scheme as get_scheme
+    from ._schemes import he_normal_ as he_normal_
+    from ._schemes import he_uniform_ as he_uniform_
+    from ._schemes import kumar_ as kumar_
+    from ._schemes import lecun_normal_ as lecun_normal_
+    from ._schemes import lecun_uniform_ as lecun_uniform_
+    from ._schemes import normal_ as normal_
+    from ._schemes import register_scheme as register_scheme
+    from ._schemes import schemes as schemes
+    from ._schemes import xavier_normal_ as xavier_normal_
+    from ._schemes import xavier_uniform_ as xavier_uniform_

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ._errors import InitlabError, unknown_choice
 
 __all__ = ["Activation", "ActivationRow", "Kernels", "register_activation", "resolve_activation",
-           "activation_names", "activation_row", "row_of_function", "row_of_method", "activation_of_call",
+           "activation_names", "activation_row", "activation_functions", "row_of_function", "row_of_method", "activation_of_call",
            "is_activation_module", "AUTO_RULES", "FAMILIES"]
 
 # descriptive families, shown by ``initlab gains`` (no code branches on them)
@@ -45,6 +45,7 @@ FAMILIES = ("linear", "relu", "saturating", "selu", "smooth")
 #   lecun: Var[W] = 1/fan_in; kumar: Kumar's rule; second_moment: Var[W] = 1/(fan_in E[phi(z)^2])
 AUTO_RULES = ("lecun", "kumar", "second_moment")
 _DEFAULT_SUGGESTION = "initlab.init_model(model, 'auto')"
+IDENTITY = "identity"  # the row ``None`` (no activation) resolves to
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,13 @@ class Kernels:
     backward: Callable[[Tensor, Tensor, Tensor, float | None], Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ActivationRow:
-    """One row of the activation table (see the module docstring for what each fact is for)."""
+    """One row of the activation table (see the module docstring for what each fact is for).
+
+    Rows compare and hash by identity: a row re-registered with ``overwrite=True`` is a new
+    row, so caches keyed on rows (gains, theory, probe) never return its predecessor's values.
+    """
 
     name: str
     fn: Callable[..., Tensor]  # phi(x), or phi(x, param) when ``param`` is not None
@@ -150,9 +155,22 @@ class Activation:
         return self.bounds is not None
 
     @property
+    def cache_key(self) -> Any:
+        """What identifies phi for caches: ``(row, param)`` for a table activation (a row
+        re-registered with ``overwrite=True`` is a new key), ``("custom", fn)`` for a custom
+        callable, None when the callable is not hashable (then nothing is cached)."""
+        if self.row is not None:
+            return (self.row, self.param)
+        try:
+            hash(self.fn)
+        except TypeError:
+            return None
+        return ("custom", self.fn)
+
+    @property
     def is_identity(self) -> bool:
         """True for the identity row (no activation)."""
-        return self.row is not None and self.row.name == "identity"
+        return self.row is not None and self.row.name == IDENTITY
 
     def module(self) -> nn.Module:
         """An ``nn.Module`` computing this activation (the table's module, else a wrapper)."""
@@ -351,11 +369,14 @@ def _module_rows(m: nn.Module) -> list[ActivationRow] | None:
 
 
 def is_activation_module(m: nn.Module) -> bool:
-    """True when ``m`` is an instance of a class the table knows."""
-    return _module_rows(m) is not None
+    """True when ``m`` is an instance of a class the table knows, or the :class:`Elementwise`
+    wrapper that :meth:`Activation.module` builds for a row without a module of its own."""
+    return isinstance(m, Elementwise) or _module_rows(m) is not None
 
 
 def _from_module(m: nn.Module) -> Activation:
+    if isinstance(m, Elementwise):
+        return m.act
     rows = _module_rows(m)
     if rows is None:
         return _custom(m, type(m).__name__)
@@ -379,6 +400,12 @@ def row_of_function(fn: object) -> ActivationRow | None:
     except TypeError:  # unhashable
         return None
     return None if rows is None else _pick(rows, lambda key, default: default)
+
+
+def activation_functions() -> list[Callable[..., Any]]:
+    """Every function the table recognises in a traced graph (``torch.relu``, ``F.gelu``, a
+    registered user function...)."""
+    return list(_BY_FUNCTION)
 
 
 def row_of_method(name: object) -> ActivationRow | None:
@@ -420,7 +447,7 @@ def resolve_activation(activation: object, param: float | None = None) -> Activa
     if isinstance(activation, Activation):
         return activation
     if activation is None:
-        return _from_row(_TABLE["identity"], None)
+        return _from_row(_TABLE[IDENTITY], None)
     if isinstance(activation, str):
         return _from_row(activation_row(activation), param)
     if isinstance(activation, type) and issubclass(activation, nn.Module):
@@ -488,7 +515,7 @@ _SATURATING_SUGGESTION = "xavier_normal or lecun_normal"
 _RELU_FAMILY = dict(family="relu", differentiable_at_0=False, auto="second_moment", suggest="he_normal")
 
 for _row in (
-    ActivationRow("identity", lambda x: x, family="linear", aliases=("linear", "none"), modules=(nn.Identity,),
+    ActivationRow(IDENTITY, lambda x: x, family="linear", aliases=("linear", "none"), modules=(nn.Identity,),
                   second_moment=_const(1.0), torch_gain=_const(1.0), homogeneous=True, auto="lecun",
                   suggest="lecun_normal or xavier_normal", kernels=_K_IDENTITY),
     ActivationRow("sigmoid", torch.sigmoid, family="saturating", aliases=("logistic",), modules=(nn.Sigmoid,),

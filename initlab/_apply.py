@@ -2,7 +2,7 @@
 
 ``init_model(model, scheme="auto")`` walks the model in registration order and initialises
 
-* every weight layer (:data:`initlab._graph.WEIGHT_LAYERS`: Linear, Conv1/2/3d, ConvTranspose1/2/3d,
+* every weight layer (the layer table's :data:`initlab._layers.WEIGHT_LAYERS`: Linear, Conv1/2/3d, ConvTranspose1/2/3d,
   Bilinear, Embedding, MultiheadAttention) with module-aware fans (``initlab._fans.module_fans``):
   MultiheadAttention's fused ``in_proj_weight`` (3E, E) is initialised as three (E, E) blocks
   (q, k, v), its ``out_proj`` as the ``nn.Linear`` it is; an Embedding's ``padding_idx`` row is
@@ -33,10 +33,16 @@ Var[W] the realised weight variance:
 * readout (nothing follows) or identity: **LeCun normal**, Var[W] = 1/n_in.
 
 ``auto`` samples from a plain normal by default (``distribution="normal"``, as He and LeCun
-did); ``distribution`` and ``mode`` may be passed as scheme parameters. Any other scheme name is
-looked up in the registry (``initlab.get_scheme(name, **scheme_params)``) and applied to every
-layer. ``"lsuv"`` delegates to ``initlab._lsuv.lsuv_`` and needs ``batch``.
+did); ``distribution`` and ``mode`` may be passed as scheme parameters.
+
+Every scheme name is looked up in the registry (``initlab.get_scheme(name, **scheme_params)``),
+and the :class:`~initlab._schemes.Scheme` says what it needs: a tensor-level scheme is applied
+to every layer; a model-level one (``level="model"``) chooses per layer (``for_layer``: ``auto``'s
+rule above), and a data-dependent one (``needs_batch``, ``lsuv``) then fits the model on ``batch``
+(``fit``: :func:`initlab.lsuv_`).
 """
+from __future__ import annotations
+
 from __future__ import annotations
 
 import fnmatch
@@ -50,7 +56,11 @@ from torch import Tensor, nn
 
 from ._activations import Activation
 from ._errors import InitlabError
-from ._graph import _NORMS, WEIGHT_LAYERS, LayerLink, find_activations
+from ._fans import module_fans
+from ._graph import LayerLink, find_activations
+from ._layers import init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters
+from ._text import text_table
 
 __all__ = ["InitReport", "init_model"]
 
@@ -58,11 +68,13 @@ __all__ = ["InitReport", "init_model"]
 #: error 1/sqrt(2 * 2**20) = 0.07 %); a full pass over a 4096 x 4096 weight costs ~18 % of sampling it.
 STD_SAMPLE = 1 << 20
 
-_AUTO_PARAMS = ("distribution", "mode")
+#: the parameters of ``auto`` (read by the lab's config check)
+_AUTO_PARAMS = scheme_parameters("auto")
 _COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "target_std",
             "realised_std")
 _TABLE = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",
           "realised_std")
+_NUMERIC = {3, 4, 7, 8, 9}  # right-aligned columns of _TABLE
 
 Selector = str | Callable[[str, nn.Module], bool]
 
@@ -110,24 +122,16 @@ class InitReport:
         return f"InitReport({len(self.rows)} modules, scheme={self.scheme!r}, traced={self.traced})"
 
     def __str__(self) -> str:
-        cells = [list(_TABLE)]
-        for r in self.rows:
-            cells.append([
-                r["name"] or "<model>", r["kind"], "x".join(map(str, r["shape"])) if r["shape"] else "-",
-                _fmt(r["fan_in"]), _fmt(r["fan_out"]), r["activation"] or "-", r["scheme"],
-                _fmt(r.get("gain")), _fmt(r["target_std"]), _fmt(r["realised_std"]),
-            ])
-        widths = [max(len(row[i]) for row in cells) for i in range(len(_TABLE))]
-        numeric = {3, 4, 7, 8, 9}
+        cells = [[
+            r["name"] or "<model>", r["kind"], "x".join(map(str, r["shape"])) if r["shape"] else "-",
+            _fmt(r["fan_in"]), _fmt(r["fan_out"]), r["activation"] or "-", r["scheme"],
+            _fmt(r.get("gain")), _fmt(r["target_std"]), _fmt(r["realised_std"]),
+        ] for r in self.rows]
         lines = [f"init_model: scheme={self.scheme}, {len(self.rows)} modules"]
         if not self.traced:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
-        for k, row in enumerate(cells):
-            lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-            if k == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines.append(text_table(_TABLE, cells, right=_NUMERIC))
         return "\n".join(lines)
 
 
@@ -137,6 +141,14 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
+
+
+def _row(name: str, module: nn.Module, shape: tuple[int, ...], fan_in: float | None = None,
+         fan_out: float | None = None, act: Activation | None = None, scheme: str = "", target: float | None = None,
+         gain: float | None = None, bias: str | float | None = None) -> dict[str, Any]:
+    return {"name": name, "kind": kind_name(module), "shape": shape, "fan_in": fan_in, "fan_out": fan_out,
+            "activation": None if act is None else act.label, "scheme": scheme, "target_std": target,
+            "realised_std": None, "gain": gain, "bias": bias}
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,51 +189,99 @@ def _matches(sel: Selector, name: str, module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# per-layer choice of ``auto``
+# the scheme
 
-@dataclass(frozen=True)
-class _Choice:
-    label: str  # scheme label in the report
-    scale: float  # Var[W] = scale / fan
-    gain: float
+def _scheme_label(scheme: Any, fallback: str) -> str:
+    name = getattr(scheme, "name", None)
+    return str(name) if isinstance(name, str) else str(fallback)
 
 
-def _auto_choice(act: Activation | None, distribution: str) -> _Choice:
-    """The ``auto`` rule for the activation that follows a layer (None: a readout)."""
-    from ._gains import gain
+def _model_level_params(name: str) -> tuple[str, ...] | None:
+    """The parameters of a model-level scheme, None for any other name (unknown ones included)."""
+    try:
+        return scheme_parameters(name) if get_scheme(name).level == "model" else None
+    except InitlabError:
+        return None
 
-    suffix = distribution  # he_normal / he_uniform / he_truncated_normal, same for lecun
-    if act is None or act.auto == "lecun":
-        return _Choice(f"lecun_{suffix}", 1.0, 1.0)
-    if act.auto == "kumar":
-        g = float(gain(act, method="kumar"))
-        return _Choice("kumar", g * g, g)
-    # relu family, smooth, custom callables; gain() rejects E[phi(z)^2] that is not finite and > 0
-    g = float(gain(act, method="second_moment"))
-    return _Choice(f"he_{suffix}", g * g, g)
+
+def _named_scheme(name: str, params: dict[str, Any]) -> Scheme:
+    """``get_scheme(name, **params)``; a model-level scheme given parameters it does not take says
+    which it takes (``init_model(model, 'auto', gain=2)``)."""
+    try:
+        return get_scheme(name, **params)
+    except InitlabError:
+        accepted = _model_level_params(name)
+        unknown = sorted(set(params) - set(accepted or ()))
+        if accepted is None or not unknown:
+            raise
+        raise InitlabError(f"scheme {get_scheme(name).name!r} takes the parameters {', '.join(accepted)}; "
+                           f"got {', '.join(map(repr, unknown))}") from None
+
+
+def _resolve_scheme(scheme: Any, params: dict[str, Any]) -> tuple[Any, str]:
+    """(the scheme: a :class:`Scheme` or any callable ``f(tensor, *, fans, generator)``, its report label)."""
+    if isinstance(scheme, Scheme) and scheme.level == "model":  # get_scheme("auto", distribution=...)
+        scheme, params = scheme.name, {**scheme.params, **params}
+    if isinstance(scheme, str):
+        obj = _named_scheme(scheme, params)
+        return obj, _scheme_label(obj, scheme)
+    if callable(scheme):
+        if params:
+            raise InitlabError("scheme parameters are only accepted with a scheme name; "
+                               f"got a {type(scheme).__name__} and {sorted(params)}")
+        return scheme, _scheme_label(scheme, getattr(scheme, "__name__", type(scheme).__name__))
+    raise InitlabError(f"scheme must be a name (see initlab.schemes()), 'auto', 'lsuv' or a Scheme, "
+                       f"got {type(scheme).__name__}: {scheme!r}")
+
+
+def _check_needs(scheme: Any, label: str, batch: Tensor | None, inc: object, exc: object) -> None:
+    """A data-dependent scheme needs ``batch`` and initialises every layer."""
+    if getattr(scheme, "needs_batch", False) and batch is None:
+        raise InitlabError(f"scheme {label!r} is data-dependent and needs an input batch: "
+                           f"init_model(model, {label!r}, batch=x)")
+    if getattr(scheme, "fit", None) is not None and (inc is not None or exc is not None):
+        raise InitlabError(f"scheme {label!r} initialises every layer; include/exclude are not supported with it")
+    if getattr(scheme, "level", "tensor") == "model" and getattr(scheme, "for_layer", None) is None:
+        raise InitlabError(f"scheme {label!r} is a model-level scheme without a per-layer rule (for_layer)")
+
+
+def _scheme_target(scheme: Any, fan_in: float, fan_out: float, shape: tuple[int, ...]) -> float | None:
+    """The scheme's target std for these fans (None for a callable without ``target_std``)."""
+    fn = getattr(scheme, "target_std", None)
+    if not callable(fn):
+        return None
+    v = fn((fan_in, fan_out), shape=shape)
+    return None if v is None else float(v)
+
+
+def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLink], scheme: Any,
+             label: str) -> dict[str, LayerChoice]:
+    """What the scheme does to each weight layer: the scheme itself, or a model-level scheme's
+    choice from the activation that follows (computed once per activation)."""
+    weights = [(name, module) for name, module, what in targets if what == "weight"]
+    for_layer = getattr(scheme, "for_layer", None)
+    if for_layer is None:
+        same = LayerChoice(scheme, label)
+        return {name: same for name, _ in weights}
+    by_act: dict[Any, LayerChoice] = {}
+    out: dict[str, LayerChoice] = {}
+    for name, module in weights:
+        act = links[name].activation if name in links else None
+        key = ("readout",) if act is None else act.cache_key
+        choice = by_act.get(key) if key is not None else None
+        if choice is None:
+            try:
+                choice = for_layer(act)
+            except InitlabError as e:
+                raise InitlabError(f"layer {name!r} ({kind_name(module)}): {e}") from e
+            if key is not None:
+                by_act[key] = choice
+        out[name] = choice
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # the walk
-
-def _weight_tensors(module: nn.Module) -> list[tuple[str, Tensor, int]]:
-    """(param name, tensor view, blocks) to initialise for a weight layer; MHA in_proj: 3 blocks."""
-    if isinstance(module, nn.MultiheadAttention):
-        if module.in_proj_weight is not None:
-            return [("in_proj_weight", module.in_proj_weight, 3)]
-        return [(n, getattr(module, n), 1) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-    return [("weight", module.weight, 1)]
-
-
-def _bias_tensors(module: nn.Module) -> list[Tensor]:
-    names = ("in_proj_bias", "bias_k", "bias_v") if isinstance(module, nn.MultiheadAttention) else ("bias",)
-    out = []
-    for n in names:
-        t = getattr(module, n, None)
-        if isinstance(t, Tensor):
-            out.append(t)
-    return out
-
 
 def _std_sample(t: Tensor) -> Tensor | None:
     if t.is_meta or t.numel() < 2:
@@ -232,11 +292,18 @@ def _std_sample(t: Tensor) -> Tensor | None:
     return torch.std(flat)
 
 
-def _kind(module: nn.Module) -> str:
-    for cls in WEIGHT_LAYERS:  # NonDynamicallyQuantizableLinear and user subclasses: the base name
-        if isinstance(module, cls):
-            return cls.__name__
-    return type(module).__name__
+def _to_floats(stds: list[Tensor | None]) -> list[float | None]:
+    """One host transfer per device for all the measured stds."""
+    out: list[float | None] = [None] * len(stds)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(stds):
+        if s is not None:
+            by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        values = torch.stack([stds[i].double() for i in idx]).tolist()  # type: ignore[union-attr]
+        for i, v in zip(idx, values):
+            out[i] = float(v)
+    return out
 
 
 def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
@@ -255,6 +322,144 @@ def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
             torch.cuda.default_generators[i].manual_seed(seed)
         reset()
     return True
+
+
+def _init_norm(module: nn.Module) -> None:
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(w, Tensor):
+        w.fill_(1.0)
+    if isinstance(b, Tensor):
+        b.zero_()
+    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+        module.reset_running_stats()
+
+
+class _Walk:
+    """One ``init_model`` walk: the generator and bias rule, the report rows written so far with
+    their std samples, and the tensors initialised already (tied weights are initialised once)."""
+
+    def __init__(self, generator: torch.Generator | None, bias_mode: str | float) -> None:
+        self.generator, self.bias_mode = generator, bias_mode
+        self.rows: list[dict[str, Any]] = []
+        self.stds: list[Tensor | None] = []
+        self.done: dict[int, str] = {}  # id(parameter) -> first module that initialised it
+        self.reset: dict[str, bool] = {}  # other modules: whether reset_parameters() ran
+
+    def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
+        self.rows.append(row)
+        self.stds.append(std)
+
+    def reset_others(self, targets: list[tuple[str, nn.Module, str]]) -> None:
+        """``reset_parameters()`` of the other parameter-holding modules, first: an activation
+        parameter (PReLU's slope) must be initialised before ``auto`` reads it (after
+        ``to_empty()`` it is uninitialised memory)."""
+        with torch.no_grad():
+            for name, module, what in targets:
+                if what == "other":
+                    self.reset[name] = _reset_other(module, self.generator)
+
+    def norm(self, name: str, module: nn.Module) -> None:
+        _init_norm(module)
+        w = getattr(module, "weight", None)
+        has_w = isinstance(w, Tensor)
+        self._add(_row(name, module, tuple(w.shape) if has_w else (), scheme="ones/zeros",
+                       target=0.0 if has_w else None), _std_sample(w) if has_w else None)
+
+    def other(self, name: str, module: nn.Module) -> None:
+        did = self.reset[name]
+        p = next(module.parameters(recurse=False))
+        self._add(_row(name, module, tuple(p.shape), scheme="reset_parameters" if did else "untouched"),
+                  _std_sample(p) if did else None)
+
+    def weight_layer(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice) -> None:
+        for pname, tensor, blocks in init_weights(module):
+            self._weight(name, module, act, choice, pname, tensor, blocks)
+        if self.bias_mode != "keep":
+            for b in init_biases(module):
+                if id(b) not in self.done:
+                    b.fill_(self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
+                    self.done[id(b)] = name
+
+    def _weight(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice, pname: str,
+                tensor: Tensor, blocks: int) -> None:
+        if isinstance(tensor, nn.parameter.UninitializedParameter):
+            raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
+                               "run one forward pass before init_model")
+        fan_in, fan_out = module_fans(module, pname)
+        label = name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
+        shape = tuple(tensor.shape)
+        if id(tensor) in self.done:
+            self._add(_row(label, module, shape, fan_in, fan_out, act, f"tied to {self.done[id(tensor)]}"), None)
+            return
+        self.done[id(tensor)] = label
+        # on the meta device there is nothing to sample: only the targets are reported
+        parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
+        block_shape = (shape[0] // blocks, *shape[1:])
+        try:
+            for part in parts:
+                choice.scheme(part, fans=(fan_in, fan_out), generator=self.generator)
+            target = _scheme_target(choice.scheme, fan_in, fan_out, block_shape)
+        except InitlabError as e:
+            raise InitlabError(f"layer {label!r} ({kind_name(module)} {shape}): {e}") from e
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None and pname == "weight" \
+                and not tensor.is_meta:
+            tensor[module.padding_idx].zero_()  # as PyTorch does
+        bias = self.bias_mode if init_biases(module) else None
+        self._add(_row(label, module, shape, fan_in, fan_out, act, choice.label, target, choice.gain, bias),
+                  _std_sample(tensor))
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The rows, with their realised stds (one host transfer)."""
+        for row, s in zip(self.rows, _to_floats(self.stds)):
+            row["realised_std"] = s
+        return self.rows
+
+
+def _targets(model: nn.Module, inc: list[Selector] | None,
+             exc: list[Selector] | None) -> list[tuple[str, nn.Module, str]]:
+    """(name, module, "weight"|"norm"|"other") in registration order, after include/exclude."""
+    found: list[tuple[str, nn.Module, str]] = []
+    for name, m in model.named_modules():
+        if is_weight_layer(m):
+            found.append((name, m, "weight"))
+        elif is_norm(m):
+            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
+                found.append((name, m, "norm"))
+        elif any(True for _ in m.parameters(recurse=False)):
+            found.append((name, m, "other"))
+    out = []
+    inc_used: set[int] = set()
+    exc_used: set[int] = set()
+    for name, m, what in found:
+        inc_hits = {i for i, s in enumerate(inc or ()) if _matches(s, name, m)}
+        exc_hits = {i for i, s in enumerate(exc or ()) if _matches(s, name, m)}
+        inc_used |= inc_hits
+        exc_used |= exc_hits
+        if (inc is None or inc_hits) and not exc_hits:
+            out.append((name, m, what))
+    names = [n or "<model>" for n, _, _ in found]
+    for sels, used_idx, what in ((inc, inc_used, "include"), (exc, exc_used, "exclude")):
+        for i, s in enumerate(sels or ()):
+            if isinstance(s, str) and i not in used_idx:
+                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+                raise InitlabError(f"{what} pattern {s!r} matches no initialisable module; modules: {shown}")
+    return out
+
+
+def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, scheme: Scheme,
+         report: InitReport) -> None:
+    """A data-dependent scheme's fit (LSUV), after the per-layer initialisation; the rows of the
+    layers it fitted say so, with their new realised stds."""
+    result = scheme.fit(model, batch, generator)  # type: ignore[misc]
+    updates = result.row_updates()
+    modules = dict(model.named_modules())
+    rows = [row for row in report.rows if row["name"] in updates]
+    with torch.no_grad():
+        stds = [_std_sample(modules[row["name"]].weight) for row in rows]
+    for row, v in zip(rows, _to_floats(stds)):
+        row.update(scheme=scheme.name, **updates[row["name"]])
+        row["realised_std"] = v
+    report.extra[scheme.name] = result
 
 
 def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Generator | None = None,
@@ -289,248 +494,27 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InitlabError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     inc, exc = _selectors(include, "include"), _selectors(exclude, "exclude")
-
-    if isinstance(scheme, str) and scheme.strip().lower() == "lsuv":
-        return _lsuv(model, batch, generator, bias_mode, inc, exc, scheme_params)
-
-    from ._engine import check_distribution, check_mode, target_std, variance_scaling_
-    from ._fans import module_fans
-    from ._schemes import Scheme, get_scheme
-
-    if isinstance(scheme, Scheme) and scheme.name == "auto":  # get_scheme("auto", ...)
-        scheme_params = {**scheme.params, **scheme_params}
-        scheme = "auto"
-    auto = isinstance(scheme, str) and scheme.strip().lower() == "auto"
-    if auto:
-        unknown = sorted(set(scheme_params) - set(_AUTO_PARAMS))
-        if unknown:
-            raise InitlabError(f"scheme 'auto' takes the parameters {', '.join(_AUTO_PARAMS)}; "
-                               f"got {', '.join(map(repr, unknown))}")
-        mode = check_mode(scheme_params.get("mode", "fan_in"))
-        distribution = check_distribution(scheme_params.get("distribution", "normal"))
-        scheme_obj = None
-        scheme_name = "auto"
-    elif isinstance(scheme, str):
-        scheme_obj = get_scheme(scheme, **scheme_params)
-        scheme_name = _scheme_label(scheme_obj, scheme)
-    elif callable(scheme):
-        if scheme_params:
-            raise InitlabError("scheme parameters are only accepted with a scheme name; "
-                               f"got a {type(scheme).__name__} and {sorted(scheme_params)}")
-        scheme_obj = scheme
-        scheme_name = _scheme_label(scheme_obj, getattr(scheme, "__name__", type(scheme).__name__))
-    else:
-        raise InitlabError(f"scheme must be a name (see initlab.schemes()), 'auto', 'lsuv' or a Scheme, "
-                           f"got {type(scheme).__name__}: {scheme!r}")
+    scheme_obj, label = _resolve_scheme(scheme, scheme_params)
+    _check_needs(scheme_obj, label, batch, inc, exc)
 
     targets = _targets(model, inc, exc)
-    # other parameter-holding modules first: an activation parameter (PReLU's slope) must be
-    # initialised before ``auto`` reads it (after to_empty() it is uninitialised memory)
-    reset: dict[str, bool] = {}
-    with torch.no_grad():
-        for name, module, what in targets:
-            if what == "other":
-                reset[name] = _reset_other(module, generator)
+    walk = _Walk(generator, bias_mode)
+    walk.reset_others(targets)
     links = find_activations(model)
     traced = all(link.traced for link in links.values())
     note = next((link.note for link in links.values() if not link.traced), "")
-
-    # gains first, outside no_grad (a gain may be computed with autograd); cached per activation
-    choices: dict[str, _Choice] = {}
-    if auto:
-        by_act: dict[tuple[str, float | None] | None, _Choice] = {}
-        for name, module, what in targets:
-            if what == "weight":
-                act = links[name].activation if name in links else None
-                key = None if act is None else (act.name, act.param) if not act.custom else (f"custom:{id(act.fn)}", None)
-                if key not in by_act:
-                    try:
-                        by_act[key] = _auto_choice(act, distribution)
-                    except InitlabError as e:
-                        raise InitlabError(f"layer {name!r} ({_kind(module)}): {e}") from e
-                choices[name] = by_act[key]
-
-    rows: list[dict[str, Any]] = []
-    stds: list[Tensor | None] = []
-    done: dict[int, str] = {}  # id(parameter) -> first module that initialised it (tied weights)
+    # choices first, outside no_grad (a gain may be computed with autograd)
+    choices = _choices(targets, links, scheme_obj, label)
     with torch.no_grad():
         for name, module, what in targets:
             if what == "norm":
-                _init_norm(module)
-                w = getattr(module, "weight", None)
-                rows.append(_row(name, module, tuple(w.shape) if isinstance(w, Tensor) else (), None, None,
-                                 None, "ones/zeros", 0.0 if isinstance(w, Tensor) else None, None, None))
-                stds.append(_std_sample(w) if isinstance(w, Tensor) else None)
-                continue
-            if what == "other":
-                did = reset[name]
-                p = next(module.parameters(recurse=False))
-                rows.append(_row(name, module, tuple(p.shape), None, None, None,
-                                 "reset_parameters" if did else "untouched", None, None, None))
-                stds.append(_std_sample(p) if did else None)
-                continue
-            link: LayerLink | None = links.get(name)
-            act = link.activation if link is not None else None
-            for pname, tensor, blocks in _weight_tensors(module):
-                if isinstance(tensor, nn.parameter.UninitializedParameter):
-                    raise InitlabError(f"layer {name!r} ({_kind(module)}) has uninitialised lazy parameters; "
-                                       "run one forward pass before init_model")
-                fan_in, fan_out = module_fans(module, pname)
-                label = name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
-                if id(tensor) in done:
-                    rows.append(_row(label, module, tuple(tensor.shape), fan_in, fan_out, act,
-                                     f"tied to {done[id(tensor)]}", None, None, None))
-                    stds.append(None)
-                    continue
-                done[id(tensor)] = label
-                # on the meta device there is nothing to sample: only the targets are reported
-                parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
-                block_shape = (tensor.shape[0] // blocks, *tensor.shape[1:])
-                try:
-                    if auto:
-                        choice = choices[name]
-                        for part in parts:
-                            variance_scaling_(part, choice.scale, mode, distribution,
-                                              generator=generator, fans=(fan_in, fan_out))
-                        target = target_std(choice.scale, mode, (fan_in, fan_out))
-                        row_scheme, row_gain = choice.label, choice.gain
-                    else:
-                        for part in parts:
-                            scheme_obj(part, fans=(fan_in, fan_out), generator=generator)
-                        target = _scheme_target(scheme_obj, fan_in, fan_out, tuple(parts[0].shape))
-                        row_scheme, row_gain = scheme_name, None
-                except InitlabError as e:
-                    raise InitlabError(f"layer {label!r} ({_kind(module)} {tuple(tensor.shape)}): {e}") from e
-                if (isinstance(module, nn.Embedding) and module.padding_idx is not None and pname == "weight"
-                        and not tensor.is_meta):
-                    tensor[module.padding_idx].zero_()
-                rows.append(_row(label, module, tuple(tensor.shape), fan_in, fan_out, act, row_scheme,
-                                 target, row_gain, bias_mode if _bias_tensors(module) else None))
-                stds.append(_std_sample(tensor))
-            if bias_mode != "keep":
-                for b in _bias_tensors(module):
-                    if id(b) not in done:
-                        b.fill_(bias_mode if isinstance(bias_mode, float) else 0.0)
-                        done[id(b)] = name
-    for row, s in zip(rows, _to_floats(stds)):
-        row["realised_std"] = s
-    return InitReport(rows, traced, scheme_name, note)
-
-
-def _row(name: str, module: nn.Module, shape: tuple[int, ...], fan_in: int | None, fan_out: int | None,
-         act: Activation | None, scheme: str, target: float | None, gain: float | None,
-         bias: str | float | None) -> dict[str, Any]:
-    return {"name": name, "kind": _kind(module), "shape": shape, "fan_in": fan_in, "fan_out": fan_out,
-            "activation": None if act is None else act.label, "scheme": scheme, "target_std": target, "realised_std": None,
-            "gain": gain, "bias": bias}
-
-
-def _to_floats(stds: list[Tensor | None]) -> list[float | None]:
-    """One host transfer per device for all the measured stds."""
-    out: list[float | None] = [None] * len(stds)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, s in enumerate(stds):
-        if s is not None:
-            by_device.setdefault(s.device, []).append(i)
-    for idx in by_device.values():
-        values = torch.stack([stds[i].double() for i in idx]).tolist()  # type: ignore[union-attr]
-        for i, v in zip(idx, values):
-            out[i] = float(v)
-    return out
-
-
-def _init_norm(module: nn.Module) -> None:
-    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(w, Tensor):
-        w.fill_(1.0)
-    if isinstance(b, Tensor):
-        b.zero_()
-    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-        module.reset_running_stats()
-
-
-def _targets(model: nn.Module, inc: list[Selector] | None,
-             exc: list[Selector] | None) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, "weight"|"norm"|"other") in registration order, after include/exclude."""
-    found: list[tuple[str, nn.Module, str]] = []
-    for name, m in model.named_modules():
-        if isinstance(m, WEIGHT_LAYERS):
-            found.append((name, m, "weight"))
-        elif isinstance(m, _NORMS):
-            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-                found.append((name, m, "norm"))
-        elif any(True for _ in m.parameters(recurse=False)):
-            found.append((name, m, "other"))
-    out = []
-    inc_used: set[int] = set()
-    exc_used: set[int] = set()
-    for name, m, what in found:
-        inc_hits = {i for i, s in enumerate(inc or ()) if _matches(s, name, m)}
-        exc_hits = {i for i, s in enumerate(exc or ()) if _matches(s, name, m)}
-        inc_used |= inc_hits
-        exc_used |= exc_hits
-        if (inc is None or inc_hits) and not exc_hits:
-            out.append((name, m, what))
-    names = [n or "<model>" for n, _, _ in found]
-    for sels, used_idx, what in ((inc, inc_used, "include"), (exc, exc_used, "exclude")):
-        if sels is None:
-            continue
-        for i, s in enumerate(sels):
-            if isinstance(s, str) and i not in used_idx:
-                shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-                raise InitlabError(f"{what} pattern {s!r} matches no initialisable module; modules: {shown}")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# adapters to the scheme registry
-
-def _scheme_label(scheme: Any, fallback: str) -> str:
-    name = getattr(scheme, "name", None)
-    return str(name) if isinstance(name, str) else str(fallback)
-
-
-def _scheme_target(scheme: Any, fan_in: float, fan_out: float, shape: tuple[int, ...]) -> float | None:
-    """The scheme's target std for these fans (None for a callable without ``target_std``)."""
-    fn = getattr(scheme, "target_std", None)
-    if not callable(fn):
-        return None
-    v = fn((fan_in, fan_out), shape=shape)
-    return None if v is None else float(v)
-
-
-# --------------------------------------------------------------------------------------------
-# LSUV
-
-def _lsuv(model: nn.Module, batch: Tensor | None, generator: torch.Generator | None, bias_mode: str | float,
-          inc: list[Selector] | None, exc: list[Selector] | None, params: dict[str, Any]) -> InitReport:
-    """``auto`` for every module, then LSUV (Mishkin & Matas 2016) on the layers it covers.
-
-    LSUV re-initialises Linear/Conv/ConvTranspose orthogonally, zeroes their biases and rescales
-    each so that its output variance on ``batch`` is ``target_var``; the layers it does not cover
-    (Embedding, Bilinear, MultiheadAttention in_proj) keep their ``auto`` initialisation.
-    """
-    if batch is None:
-        raise InitlabError("scheme 'lsuv' is data-dependent and needs an input batch: "
-                           "init_model(model, 'lsuv', batch=x)")
-    if inc is not None or exc is not None:
-        raise InitlabError("scheme 'lsuv' initialises every layer; include/exclude are not supported with it")
-    from ._lsuv import lsuv_
-
-    report = init_model(model, "auto", generator=generator, bias=bias_mode)
-    result = lsuv_(model, batch, generator=generator, **params)
-    fitted = {r["layer"] for r in result.rows if r.get("iterations") is not None}
-    modules = dict(model.named_modules())
-    stds: list[Tensor | None] = []
-    rows = []
-    with torch.no_grad():
-        for row in report.rows:
-            if row["name"] in fitted:
-                row.update(scheme="lsuv", target_std=None, gain=None, bias="zeros")
-                rows.append(row)
-                stds.append(_std_sample(modules[row["name"]].weight))
-    for row, v in zip(rows, _to_floats(stds)):
-        row["realised_std"] = v
-    report.scheme = "lsuv"
-    report.extra["lsuv"] = result
+                walk.norm(name, module)
+            elif what == "other":
+                walk.other(name, module)
+            else:
+                link = links.get(name)
+                walk.weight_layer(name, module, link.activation if link is not None else None, choices[name])
+    report = InitReport(walk.finish(), traced, label, note)
+    if getattr(scheme_obj, "fit", None) is not None:
+        _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     return report

@@ -5,10 +5,11 @@ the real loss, otherwise a fixed random unit-variance gradient at the output, wh
 how the network propagates gradients) and turns the per-layer numbers into findings, each with
 a severity, the layer, a message and a suggested fix. The rules and their thresholds:
 
-* **saturation** (sigmoid, tanh, softsign, hardtanh): share of unit values where
+* **saturation** (bounded activations of the table: sigmoid, tanh, softsign, hardtanh): share of unit values where
   phi'(x) < 10% of its maximum. warning >= ``SATURATED_WARN`` (20%), error >= ``SATURATED_ERROR``
   (50%). "Weights too large" when the pre-activation variance (without bias) exceeds 1.
-* **dead ReLUs** (relu, relu6): share of units that are 0 for every sample of the batch.
+* **dead ReLUs** (activations zero on the negative half-line: relu, relu6): share of units that are 0
+  for every sample of the batch.
   warning >= ``DEAD_WARN`` (10%), error >= ``DEAD_ERROR`` (40%); one level lower when the
   layer's inputs are far from centred (E[x]^2 > E[x^2] / 4, e.g. after a ReLU and max-pool) and
   the biases are not to blame: then the cure is normalisation rather than another init.
@@ -28,15 +29,18 @@ a severity, the layer, a message and a suggested fix. The rules and their thresh
   recursion's prediction by more than ``THEORY_RATIO`` (2x) (correlated inputs, a non-Gaussian
   regime, or a structure the recursion does not model).
 
-Fixes name the scheme matching the activation: He (relu family; He et al. 2015), Xavier or
-Kumar for sigmoid (Glorot & Bengio 2010; Kumar 2017), Xavier/LeCun for tanh, LeCun for SELU
-(Klambauer et al. 2017), or ``initlab.init_model(model, "auto")``.
+Fixes name the scheme the activation table suggests for the activation: He (relu family; He et
+al. 2015), Xavier or Kumar for sigmoid (Glorot & Bengio 2010; Kumar 2017), Xavier/LeCun for tanh,
+LeCun for SELU (Klambauer et al. 2017), or ``initlab.init_model(model, "auto")``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,9 +50,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._activations import Activation, resolve_activation
-from ._errors import InitlabError
-from ._probe import ProbeResult, _first_tensor, as_inputs, fmt, format_table, probe
+from ._activations import resolve_activation
+from ._apply import init_model
+from ._errors import InitlabError, unknown_choice
+from ._forward import as_inputs, first_tensor
+from ._layers import guess_input_shape, mlp, output_width
+from ._probe import READOUT, ProbeResult, probe
+from ._text import fmt, format_table
 
 __all__ = ["audit", "AuditResult", "Finding", "register_cli"]
 
@@ -160,8 +168,8 @@ def _weight_story(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _main_activation(rows: Sequence[dict[str, Any]]) -> str:
-    acts = Counter(r["activation"] for r in rows if r["activation"] != "none")
-    return acts.most_common(1)[0][0] if acts else "none"
+    acts = Counter(r["activation"] for r in rows if r["activation"] != READOUT)
+    return acts.most_common(1)[0][0] if acts else READOUT
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -195,7 +203,7 @@ def _dead_finding(r: dict[str, Any], dead: float) -> Finding:
     m, sq = r["input_mean"], r["input_sq_mean"]
     if sd > 0 and shift < -0.5 * sd:
         return Finding(severity, r["layer"], f"{head}; negative biases (mean {fmt(shift)}) push them below 0",
-                       "zero the biases (bias='zeros') and use he_normal", "dead_relu")
+                       f"zero the biases (bias='zeros') and use {suggest(r['activation'])}", "dead_relu")
     if math.isfinite(m) and math.isfinite(sq) and sq > 0 and m * m > 0.25 * sq:
         return Finding("warning" if severity == "error" else "info", r["layer"],
                        f"{head}; its inputs are far from centred (mean {fmt(m)}, E[x^2] {fmt(sq)}), so the sign of "
@@ -203,78 +211,83 @@ def _dead_finding(r: dict[str, Any], dead: float) -> Finding:
                        "normalise this layer's inputs (e.g. BatchNorm before it), use a larger batch, or try "
                        "leaky_relu", "dead_relu")
     return Finding(severity, r["layer"], f"{head}, so they pass no gradient",
-                   "zero the biases and use he_normal, or try leaky_relu", "dead_relu")
+                   f"zero the biases and use {suggest(r['activation'])}, or try leaky_relu", "dead_relu")
 
 
-def findings_from(result: ProbeResult) -> list[Finding]:
-    """Apply the rules of the module docstring to a probe result."""
-    rows = result.rows
+def _layer_findings(r: dict[str, Any], backward: bool) -> list[Finding]:
+    """Non-finite values, saturation and dead units of one layer."""
+    measured = [r["pre_var"], r["pre_bias_var"], r["post_var"]]
+    if backward:
+        measured.append(r["grad_pre_var"])
+    if any(math.isinf(v) for v in measured) or math.isnan(r["pre_bias_var"]):
+        return [Finding("error", r["layer"], f"{_label(r)}: non-finite values (NaN or inf) in the "
+                        "activations or gradients; the scale overflowed",
+                        f"use a variance-preserving init (try {suggest(r['activation'])})", "non_finite")]
     out: list[Finding] = []
-    main_act = _main_activation(rows)
-    story = _weight_story(rows)
+    sat = r["saturated_frac"]
+    if isinstance(sat, float) and math.isfinite(sat) and sat >= SATURATED_WARN:
+        act = r["activation"]
+        if r["pre_var"] > 1.0:
+            why = f"weights too large for {act} (pre-activation variance {fmt(r['pre_var'])})"
+        else:
+            why = (f"pre-activations are shifted into the flat tails (mean {fmt(r['pre_bias_mean'])}); "
+                   "check the biases and centre the inputs")
+        out.append(Finding("error" if sat >= SATURATED_ERROR else "warning", r["layer"],
+                           f"{_label(r)}: {100 * sat:.0f}% of {act} units saturated; {why}",
+                           f"try {suggest(act)}", "saturation"))
+    dead = r["dead_frac"]
+    if isinstance(dead, float) and math.isfinite(dead) and dead >= DEAD_WARN:
+        out.append(_dead_finding(r, dead))
+    return out
 
-    for r in rows:
-        measured = [r["pre_var"], r["pre_bias_var"], r["post_var"]]
-        if result.backward:
-            measured.append(r["grad_pre_var"])
-        if any(math.isinf(v) for v in measured) or math.isnan(r["pre_bias_var"]):
-            out.append(Finding("error", r["layer"], f"{_label(r)}: non-finite values (NaN or inf) in the "
-                               "activations or gradients; the scale overflowed",
-                               f"use a variance-preserving init (try {suggest(r['activation'])})", "non_finite"))
-            continue
-        sat = r["saturated_frac"]
-        if isinstance(sat, float) and math.isfinite(sat) and sat >= SATURATED_WARN:
-            act = r["activation"]
-            if r["pre_var"] > 1.0:
-                why = f"weights too large for {act} (pre-activation variance {fmt(r['pre_var'])})"
-            else:
-                why = (f"pre-activations are shifted into the flat tails (mean {fmt(r['pre_bias_mean'])}); "
-                       "check the biases and centre the inputs")
-            out.append(Finding("error" if sat >= SATURATED_ERROR else "warning", r["layer"],
-                               f"{_label(r)}: {100 * sat:.0f}% of {act} units saturated; {why}",
-                               f"try {suggest(act)}", "saturation"))
-        dead = r["dead_frac"]
-        if isinstance(dead, float) and math.isfinite(dead) and dead >= DEAD_WARN:
-            out.append(_dead_finding(r, dead))
 
-    # forward: per-element pre-activation variance
+def _signal_finding(rows: Sequence[dict[str, Any]], main_act: str, story: str) -> Finding | None:
+    """Forward: the per-element pre-activation variance from the first layer to the last."""
     tr = _trend([r["pre_var"] for r in rows])
-    if tr is not None:
-        per, total = tr
-        sev = _severity(per, total)
-        if sev is not None:
-            verb = "shrinks" if per < 1 else "grows"
-            cause = f": {story} with {main_act}" if story else ""
-            out.append(Finding(sev, None,
-                               f"signal variance {verb} x{per:.2g} per layer (pre-activation variance "
-                               f"{fmt(rows[0]['pre_var'])} at layer 1, {fmt(rows[-1]['pre_var'])} at layer "
-                               f"{rows[-1]['index']}){cause}",
-                               f"try {suggest(main_act)}", "signal_shrinks" if per < 1 else "signal_grows"))
+    sev = None if tr is None else _severity(*tr)
+    if sev is None:
+        return None
+    per = tr[0]  # type: ignore[index]
+    verb = "shrinks" if per < 1 else "grows"
+    cause = f": {story} with {main_act}" if story else ""
+    return Finding(sev, None,
+                   f"signal variance {verb} x{per:.2g} per layer (pre-activation variance "
+                   f"{fmt(rows[0]['pre_var'])} at layer 1, {fmt(rows[-1]['pre_var'])} at layer "
+                   f"{rows[-1]['index']}){cause}",
+                   f"try {suggest(main_act)}", "signal_shrinks" if per < 1 else "signal_grows")
 
-    # backward: squared gradient norm per sample, from the output back to the input
-    if result.backward:
-        energy = [r["grad_pre_var"] * r["units"] for r in reversed(rows)]
-        tr = _trend(energy)
-        if tr is not None:
-            per, total = tr
-            sev = _severity(per, total)
-            if sev is not None:
-                verb = "grows" if per > 1 else "shrinks"
-                kind = "exploding" if per > 1 else "vanishing"
-                out.append(Finding(sev, None,
-                                   f"gradient variance {verb} x{per:.2g} per layer towards the input "
-                                   f"({kind} gradients; width-adjusted: squared gradient norm per sample)",
-                                   f"try {suggest(main_act)}", "gradient_explodes" if per > 1 else "gradient_vanishes"))
 
+def _gradient_finding(rows: Sequence[dict[str, Any]], main_act: str) -> Finding | None:
+    """Backward: the squared gradient norm per sample, from the output back to the input."""
+    tr = _trend([r["grad_pre_var"] * r["units"] for r in reversed(rows)])
+    sev = None if tr is None else _severity(*tr)
+    if sev is None:
+        return None
+    per = tr[0]  # type: ignore[index]
+    verb = "grows" if per > 1 else "shrinks"
+    kind = "exploding" if per > 1 else "vanishing"
+    return Finding(sev, None,
+                   f"gradient variance {verb} x{per:.2g} per layer towards the input "
+                   f"({kind} gradients; width-adjusted: squared gradient norm per sample)",
+                   f"try {suggest(main_act)}", "gradient_explodes" if per > 1 else "gradient_vanishes")
+
+
+def _output_finding(rows: Sequence[dict[str, Any]], main_act: str) -> Finding | None:
+    """A readout whose logits are large enough to saturate a softmax."""
     last = rows[-1] if rows else None
-    if last is not None and last["activation"] == "none" and math.isfinite(last["pre_bias_var"]) \
-            and last["pre_bias_var"] > OUTPUT_VAR_WARN:
-        out.append(Finding("warning", last["layer"],
-                           f"{_label(last)}: output variance {fmt(last['pre_bias_var'])}; logits this large "
-                           "saturate a softmax at the first step",
-                           f"scale the layers down (try {suggest(main_act)}; lecun_normal for the readout)",
-                           "output_scale"))
+    if last is None or last["activation"] != READOUT or not math.isfinite(last["pre_bias_var"]) \
+            or last["pre_bias_var"] <= OUTPUT_VAR_WARN:
+        return None
+    return Finding("warning", last["layer"],
+                   f"{_label(last)}: output variance {fmt(last['pre_bias_var'])}; logits this large "
+                   "saturate a softmax at the first step",
+                   f"scale the layers down (try {suggest(main_act)}; lecun_normal for the readout)",
+                   "output_scale")
 
+
+def _theory_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
+    """Layers whose measured pre-activation variance is far from the variance recursion's."""
+    out = []
     for r in rows:
         m, p = r["pre_var"], r["predicted_pre_var"]
         if all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (m, p)) and \
@@ -283,9 +296,21 @@ def findings_from(result: ProbeResult) -> list[Finding]:
                                f"{_label(r)}: measured pre-activation variance {fmt(m)} is {m / p:.2g}x the "
                                f"variance recursion's {fmt(p)} (correlated inputs, shifted means, or a "
                                "structure the recursion does not model)", "", "theory_mismatch"))
-    rank = {s: i for i, s in enumerate(SEVERITIES)}
-    out.sort(key=lambda f: rank[f.severity])
     return out
+
+
+def findings_from(result: ProbeResult) -> list[Finding]:
+    """Apply the rules of the module docstring to a probe result (most severe first)."""
+    rows = result.rows
+    main_act = _main_activation(rows)
+    out = [f for r in rows for f in _layer_findings(r, result.backward)]
+    out.append(_signal_finding(rows, main_act, _weight_story(rows)))
+    if result.backward:
+        out.append(_gradient_finding(rows, main_act))
+    out.append(_output_finding(rows, main_act))
+    out += _theory_findings(rows)
+    rank = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted((f for f in out if f is not None), key=lambda f: rank[f.severity])
 
 
 def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
@@ -302,7 +327,7 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         gen = torch.Generator().manual_seed(int(seed))
 
         def loss(out: Any) -> Tensor:
-            y = _first_tensor(out)
+            y = first_tensor(out)
             if y is None or not y.is_floating_point():
                 raise InitlabError("audit's default backward needs a floating-point tensor output; "
                                    "pass target=... and loss=..., or backward=False")
@@ -316,21 +341,12 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 # --------------------------------------------------------------------------- CLI
 
 
-def _activation_module(name: str) -> nn.Module:
-    """An ``nn.Module`` computing the named activation (for ``--mlp``)."""
-    return resolve_activation(name).module()
-
-
 def build_mlp(widths: Sequence[int], activation: str) -> nn.Sequential:
-    """``Linear(w0, w1), act, ..., Linear(w_{n-2}, w_{n-1})`` with PyTorch's default init."""
+    """``--mlp``: :func:`initlab._layers.mlp` (``Linear(w0, w1), act, ..., Linear(w_{n-2}, w_{n-1})``
+    with PyTorch's default init), with the CLI's words for bad widths."""
     if len(widths) < 2 or any(w < 1 for w in widths):
         raise InitlabError(f"--mlp needs at least two positive widths (e.g. 784,100,100,10), got {list(widths)}")
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(widths) - 2:
-            layers.append(_activation_module(activation))
-    return nn.Sequential(*layers)
+    return mlp(widths, activation)
 
 
 def _parse_widths(text: str) -> list[int]:
@@ -352,10 +368,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 def load_factory(spec: str) -> Any:
     """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns."""
-    import importlib
-    import importlib.util
-    import os
-
     if ":" not in spec:
         raise InitlabError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_model or models.py:make), got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
@@ -378,8 +390,6 @@ def load_factory(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        from ._errors import unknown_choice
-
         raise unknown_choice(f"factory in {mod_name}", attr, names)
     return factory()
 
@@ -403,14 +413,52 @@ def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | Non
 
 
 def _first_layer_shape(model: nn.Module) -> tuple[int, ...] | None:
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return (m.in_features,)
-        if isinstance(m, nn.modules.conv._ConvNd):
-            d = len(m.kernel_size)
-            ch = m.in_channels
-            return (ch,) + ((64,) if d == 1 else (32, 32) if d == 2 else (16, 16, 16))
-    return None
+    return guess_input_shape(model)
+
+
+def _model_from_args(args: argparse.Namespace) -> tuple[nn.Module, str, tuple[int, ...] | None, Any, Any]:
+    """(model, its name, input shape or None, batch or None, target or None) from ``--mlp`` or ``--model``."""
+    if args.mlp is not None:
+        widths = _parse_widths(args.mlp)
+        model = build_mlp(widths, args.act)
+        return model, f"MLP {'-'.join(map(str, widths))} {resolve_activation(args.act).name}", (widths[0],), None, None
+    made = load_factory(args.model)
+    batch = target = None
+    if isinstance(made, tuple):
+        if not made or not isinstance(made[0], nn.Module) or len(made) > 3:
+            raise InitlabError("--model factory must return a model, (model, batch) or (model, batch, target)")
+        model = made[0]
+        batch = made[1] if len(made) > 1 else None
+        target = made[2] if len(made) > 2 else None
+    elif isinstance(made, nn.Module):
+        model = made
+    else:
+        raise InitlabError(f"--model factory must return an nn.Module or a (model, batch) tuple, "
+                           f"got {type(made).__name__}")
+    return model, f"{args.model} ({type(model).__name__})", None, batch, target
+
+
+def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[int, ...] | None,
+                   gen: torch.Generator, notes: list[str]) -> tuple[Tensor, Tensor | None]:
+    """(batch, target) of ``--data``: MNIST digits (labels used for a model with 10 outputs), or
+    N(0, 1) values of ``in_shape`` (guessed from the first layer when not given)."""
+    if args.data == "mnist":
+        got = _mnist(args.batch_size, gen)
+        if got is not None:
+            x, y = got
+            if in_shape is not None and math.prod(in_shape) != x.shape[1]:
+                raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
+                                   "(use --mlp 784,... or --input-shape 1,28,28)")
+            if output_width(model) != 10:
+                notes.append("labels not used (the model does not have 10 outputs): random output gradient")
+                y = None
+            return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
+    if in_shape is None:
+        in_shape = _first_layer_shape(model)
+        if in_shape is None:
+            raise InitlabError("cannot guess the model's input shape; pass --input-shape (e.g. 3,32,32)")
+        notes.append(f"input shape guessed from the first layer: {in_shape}; set it with --input-shape")
+    return _gaussian(in_shape, args.batch_size, gen), None
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -418,76 +466,22 @@ def _run_cli(args: argparse.Namespace) -> int:
         raise InitlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    batch: Tensor | tuple[Tensor, ...] | None = None
-    target: Tensor | None = None
     notes: list[str] = []
-    if args.mlp is not None:
-        widths = _parse_widths(args.mlp)
-        model = build_mlp(widths, args.act)
-        name = f"MLP {'-'.join(map(str, widths))} {resolve_activation(args.act).name}"
-        in_shape: tuple[int, ...] | None = (widths[0],)
-    else:
-        made = load_factory(args.model)
-        if isinstance(made, tuple):
-            if not made or not isinstance(made[0], nn.Module) or len(made) > 3:
-                raise InitlabError("--model factory must return a model, (model, batch) or (model, batch, target)")
-            model = made[0]
-            batch = made[1] if len(made) > 1 else None
-            target = made[2] if len(made) > 2 else None
-        elif isinstance(made, nn.Module):
-            model = made
-        else:
-            raise InitlabError(f"--model factory must return an nn.Module or a (model, batch) tuple, "
-                               f"got {type(made).__name__}")
-        name = f"{args.model} ({type(model).__name__})"
-        in_shape = None
+    model, name, in_shape, batch, target = _model_from_args(args)
     if args.input_shape:
         in_shape = _parse_shape(args.input_shape)
     if batch is None:
-        if args.data == "mnist":
-            got = _mnist(args.batch_size, gen)
-            if got is not None:
-                x, y = got
-                if in_shape is not None and math.prod(in_shape) != x.shape[1]:
-                    raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
-                                       "(use --mlp 784,... or --input-shape 1,28,28)")
-                batch = x.reshape(x.shape[0], *in_shape) if in_shape is not None else x
-                last = model_last_width(model)
-                if last == 10:
-                    target = y
-                else:
-                    notes.append("labels not used (the model does not have 10 outputs): random output gradient")
-        if batch is None:
-            if in_shape is None:
-                in_shape = _first_layer_shape(model)
-                if in_shape is None:
-                    raise InitlabError("cannot guess the model's input shape; pass --input-shape (e.g. 3,32,32)")
-                notes.append(f"input shape guessed from the first layer: {in_shape}; set it with --input-shape")
-            batch = _gaussian(in_shape, args.batch_size, gen)
+        batch, target = _default_batch(args, model, in_shape, gen, notes)
     if args.init is not None:
-        from ._apply import init_model
-
-        init_model(model, args.init, generator=gen, batch=batch if args.init == "lsuv" else None)
+        init_model(model, args.init, generator=gen, batch=batch)  # the batch is used by data-dependent schemes
         name += f", init {args.init}"
     elif args.mlp is not None:
         name += ", PyTorch default init"
     result = audit(model, batch, target=target, backward=not args.forward_only, seed=args.seed)
     result.model = name
     result.notes.extend(notes)
-    if args.json:
-        print(result.to_json())
-    else:
-        print(result)
+    print(result.to_json() if args.json else result)
     return 0
-
-
-def model_last_width(model: nn.Module) -> int | None:
-    """Output width of the last registered Linear layer (None when the model has none)."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m.out_features
-    return last
 
 
 def register_cli(subparsers: Any) -> None:

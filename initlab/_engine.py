@@ -46,7 +46,7 @@ from ._fans import fans as _fans
 from ._fans import shape_of
 
 __all__ = ["variance_scaling_", "variance_scaling", "truncated_normal_", "MODES", "DISTRIBUTIONS",
-           "TRUNC_STD", "TRUNC_VAR", "check_scale", "check_mode", "check_distribution", "fan_for",
+           "TRUNC_STD", "TRUNC_VAR", "check_scale", "check_gain", "check_mode", "check_distribution", "fan_for",
            "target_std"]
 
 MODES = ("fan_in", "fan_out", "fan_avg", "fan_geo_avg")
@@ -76,6 +76,13 @@ def check_scale(scale: object, what: str = "scale") -> float:
         raise InitlabError(f"{what} must be a finite number > 0, got {scale!r} "
                            "(the variance of the weights is scale / fan)")
     return v
+
+
+def check_gain(g: object) -> float:
+    """``g`` as a float; it must be a finite number > 0."""
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(float(g)) or float(g) <= 0:
+        raise InitlabError(f"gain must be a finite number > 0, got {g!r}")
+    return float(g)
 
 
 def check_mode(mode: object) -> str:

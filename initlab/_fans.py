@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import InitlabError
+from ._layers import fan_rule
 
 Fan = int | float
 Axes = int | Sequence[int]
@@ -113,33 +114,51 @@ def _param_name(module: nn.Module, tensor_or_shape: object) -> str | None:
     return None
 
 
+def _conv_fans(module: nn.Module, shape: tuple[int, ...]) -> tuple[Fan, Fan]:
+    if len(shape) < 3:
+        raise InitlabError(f"a {type(module).__name__} weight has at least 3 dimensions, got shape {shape}")
+    g = int(module.groups)
+    k = math.prod(shape[2:])
+    if module.transposed:  # (in, out/groups, *k)
+        stride = math.prod(module.stride)
+        return _exact(shape[0] / g * k / stride), shape[1] * k
+    return shape[1] * k, _exact(shape[0] / g * k)  # (out, in/groups, *k)
+
+
+def _attention_fans(module: nn.Module, shape: tuple[int, ...], pname: str | None) -> tuple[Fan, Fan] | None:
+    e = int(module.embed_dim)
+    if len(shape) == 2 and shape == (3 * e, e):
+        return e, e
+    if pname == "in_proj_weight":
+        raise InitlabError(f"MultiheadAttention in_proj_weight should have shape {(3 * e, e)}, got {shape}")
+    return None  # a (E, E) block, q/k/v_proj_weight or out_proj: the Linear rule
+
+
+def _embedding_fans(module: nn.Module, shape: tuple[int, ...]) -> tuple[Fan, Fan]:
+    if len(shape) != 2:
+        raise InitlabError(f"an {type(module).__name__} weight is 2-d (num_embeddings, dim), got shape {shape}")
+    return 1, shape[1]
+
+
+def _bilinear_fans(module: nn.Module, shape: tuple[int, ...]) -> tuple[Fan, Fan]:
+    if len(shape) != 3:
+        raise InitlabError(f"a Bilinear weight is 3-d (out, in1, in2), got shape {shape}")
+    return shape[1] * shape[2], shape[0]
+
+
 def _module_fans(module: nn.Module, shape: tuple[int, ...], pname: str | None) -> tuple[Fan, Fan] | None:
-    """Module-aware fans, or None to fall back to the shape rule."""
-    nd = len(shape)
-    if isinstance(module, nn.modules.conv._ConvNd) and pname in (None, "weight"):
-        if nd < 3:
-            raise InitlabError(f"a {type(module).__name__} weight has at least 3 dimensions, got shape {shape}")
-        g = int(module.groups)
-        k = math.prod(shape[2:])
-        if module.transposed:  # (in, out/groups, *k)
-            stride = math.prod(module.stride)
-            return _exact(shape[0] / g * k / stride), shape[1] * k
-        return shape[1] * k, _exact(shape[0] / g * k)  # (out, in/groups, *k)
-    if isinstance(module, nn.MultiheadAttention) and pname in (None, "in_proj_weight"):
-        e = int(module.embed_dim)
-        if nd == 2 and shape == (3 * e, e):
-            return e, e
-        if pname == "in_proj_weight":
-            raise InitlabError(f"MultiheadAttention in_proj_weight should have shape {(3 * e, e)}, got {shape}")
-        return None  # a (E, E) block, q/k/v_proj_weight or out_proj: the Linear rule
-    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname in (None, "weight"):
-        if nd != 2:
-            raise InitlabError(f"an {type(module).__name__} weight is 2-d (num_embeddings, dim), got shape {shape}")
-        return 1, shape[1]
-    if isinstance(module, nn.Bilinear) and pname in (None, "weight"):
-        if nd != 3:
-            raise InitlabError(f"a Bilinear weight is 3-d (out, in1, in2), got shape {shape}")
-        return shape[1] * shape[2], shape[0]
+    """Module-aware fans by the layer table's fan rule, or None to fall back to the shape rule."""
+    rule = fan_rule(module)
+    if rule == "attention" and pname in (None, "in_proj_weight"):
+        return _attention_fans(module, shape, pname)
+    if pname not in (None, "weight"):
+        return None
+    if rule == "conv":
+        return _conv_fans(module, shape)
+    if rule == "embedding":
+        return _embedding_fans(module, shape)
+    if rule == "bilinear":
+        return _bilinear_fans(module, shape)
     return None
 
 

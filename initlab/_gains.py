@@ -24,11 +24,14 @@ import argparse
 import math
 import threading
 import weakref
+from typing import Any
 
 import torch
 
 from ._activations import Activation, activation_names, resolve_activation
 from ._errors import InitlabError, unknown_choice
+from ._text import text_table
+from .theory import gaussian_moments
 
 __all__ = ["gain", "gain_table", "second_moment", "METHODS", "register_cli"]
 
@@ -41,7 +44,8 @@ _METHOD_HELP = {
 
 
 _lock = threading.Lock()
-_cache: dict[tuple[str, str, float | None], float] = {}
+# (method, row, param) -> gain: keyed on the table row, so a re-registered row is never stale
+_cache: dict[tuple[str, Any, float | None], float] = {}
 _custom_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -74,8 +78,6 @@ def second_moment(activation: object, param: float | None = None) -> float:
     if act.second_moment is not None:
         return float(act.second_moment)
     _eval(act, torch.zeros(3, dtype=torch.float64))  # a clear error for a callable that is not elementwise
-    from .theory import gaussian_moments
-
     return float(gaussian_moments(act, 1.0)["sq_mean"])
 
 
@@ -157,7 +159,7 @@ def gain(activation: object, param: float | None = None, *, method: str = "secon
     method = _check_method(method)
     act = resolve_activation(activation, param)
     if not act.custom:
-        key = (method, act.name, act.param)
+        key = (method, *act.cache_key)
         with _lock:
             hit = _cache.get(key)
         if hit is None:
@@ -192,7 +194,7 @@ def gain_table(method: str = "second_moment") -> list[tuple[str, float | None]]:
 # CLI: ``initlab gains``
 
 def _format_table(names: list[str], methods: list[str], param: float | None) -> str:
-    rows = [["activation", "family", *methods]]
+    rows = []
     for name in names:
         act = resolve_activation(name, param if param is not None and
                                  resolve_activation(name).param is not None else None)
@@ -203,13 +205,7 @@ def _format_table(names: list[str], methods: list[str], param: float | None) -> 
             except InitlabError:
                 cells.append("-")
         rows.append(cells)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(["activation", "family", *methods], rows)
 
 
 def _cli_gains(args: argparse.Namespace) -> int:

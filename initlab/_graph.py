@@ -31,7 +31,8 @@ has ``traced=False`` and a note giving the reason.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
+import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -39,20 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._activations import Activation, activation_of_call, is_activation_module, resolve_activation, row_of_method
+from . import _layers
+from ._activations import (Activation, activation_functions, activation_of_call, is_activation_module,
+                           resolve_activation, row_of_method)
 from ._errors import InitlabError
 
 __all__ = ["WEIGHT_LAYERS", "LayerLink", "find_activations"]
 
-#: Module types whose weights initlab initialises with fan-based schemes.
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Bilinear,
-    nn.Embedding,
-    nn.MultiheadAttention,
-)
+#: Module types whose weights initlab initialises (the layer table's weight layers; kept here for
+#: code that imported it from this module).
+WEIGHT_LAYERS = _layers.WEIGHT_LAYERS
 
 
 @dataclass(frozen=True)
@@ -84,20 +81,8 @@ class LayerLink:
 # --------------------------------------------------------------------------------------------
 # what counts as transparent, an activation, or a dead end
 
-_NORMS: tuple[type[nn.Module], ...] = tuple(
-    t for t in (
-        nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm, Lazy*
-        nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None),
-    ) if t is not None
-)
-_DROPOUTS: tuple[type[nn.Module], ...] = (nn.modules.dropout._DropoutNd,)
-_RESHAPES: tuple[type[nn.Module], ...] = (
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
-    nn.ChannelShuffle,
-)
-# pooling and padding modules are recognised by their defining torch module
-_TRANSPARENT_MODULE_FILES = ("torch.nn.modules.pooling", "torch.nn.modules.padding")
-
+# modules: the layer table says which are transparent (normalisation, dropout, reshapes,
+# identity, resampling, pooling, padding); functions and Tensor methods here
 _TRANSPARENT_FUNCTIONS: set[Any] = {
     operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
     operator.truediv, operator.itruediv, operator.neg, operator.pos, operator.getitem,
@@ -130,14 +115,12 @@ _KNOWN_BLOCKS: tuple[type[nn.Module], ...] = (
 )
 # modules kept whole (never traced into): weight layers and the known blocks
 _OPAQUE: tuple[type[nn.Module], ...] = WEIGHT_LAYERS + _KNOWN_BLOCKS
-_TRANSPARENT_MODULES: tuple[type[nn.Module], ...] = _NORMS + _DROPOUTS + _RESHAPES
 
 
 def _is_activation_module(m: nn.Module) -> bool:
-    """Whether ``m`` is an activation module of the table (class check only, reads no parameter)."""
-    if isinstance(m, nn.Identity):
-        return False  # transparent, not an activation
-    return is_activation_module(m)
+    """Whether ``m`` is an activation module of the table (class check only, reads no parameter);
+    a module the layer table calls transparent (``nn.Identity``) is not an activation here."""
+    return not _layers.is_transparent(m) and is_activation_module(m)
 
 
 def _activation_module(m: nn.Module) -> Activation | None:
@@ -145,14 +128,8 @@ def _activation_module(m: nn.Module) -> Activation | None:
     return resolve_activation(m) if _is_activation_module(m) else None
 
 
-def _transparent_module(m: nn.Module) -> bool:
-    if isinstance(m, _TRANSPARENT_MODULES):
-        return True
-    return any(cls.__module__ in _TRANSPARENT_MODULE_FILES for cls in type(m).__mro__[:-2])
-
-
 def _has_weight_layers(m: nn.Module) -> bool:
-    return any(isinstance(sub, WEIGHT_LAYERS) for sub in m.modules())
+    return any(_layers.is_weight_layer(sub) for sub in m.modules())
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +192,7 @@ def _leaf_links(module: nn.Module, name: str, after: _Outcome, traced: bool,
             sub = _join(name, "out_proj")
             out[sub] = _link(sub, module.out_proj, after, traced)
         return
-    if isinstance(module, WEIGHT_LAYERS):
+    if _layers.is_weight_layer(module):
         out[name] = _link(name, module, after, traced)
         return
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
@@ -284,10 +261,10 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
     items: list[tuple[str, nn.Module]] = []
 
     def walk(m: nn.Module, name: str) -> None:
-        if isinstance(m, WEIGHT_LAYERS) or (isinstance(m, _KNOWN_BLOCKS) and name != prefix):
+        if _layers.is_weight_layer(m) or (isinstance(m, _KNOWN_BLOCKS) and name != prefix):
             items.append((name, m))
             return  # its insides are handled by _leaf_links
-        if name != prefix and (_is_activation_module(m) or _transparent_module(m)):
+        if name != prefix and (_is_activation_module(m) or _layers.is_transparent(m)):
             items.append((name, m))
             return
         for child_name, child in m.named_children():
@@ -320,9 +297,21 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
 # --------------------------------------------------------------------------------------------
 # tracing
 
+def _user_functions() -> tuple[Callable[..., Any], ...]:
+    """The table's Python functions from outside torch (a registered ``squareplus``): fx would trace
+    into them, so they are wrapped as single calls. torch's own functions reach the graph as
+    calls already (through ``__torch_function__``)."""
+    return tuple(f for f in activation_functions()
+                 if isinstance(f, types.FunctionType) and not (f.__module__ or "").startswith("torch"))
+
+
 class _Tracer(torch.fx.Tracer):
     """Keeps weight layers, activation modules and PyTorch's transformer blocks as leaves,
-    including user subclasses of them (the default tracer would trace into those)."""
+    including user subclasses of them (the default tracer would trace into those), and calls
+    of the table's user functions as single nodes."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_user_functions())
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # only class checks here: parameters read during tracing would be proxies
@@ -338,47 +327,57 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
 def _via(user: torch.fx.Node, value: torch.fx.Node, modules: dict[str, nn.Module],
          memo: dict[torch.fx.Node, _Outcome]) -> _Outcome:
     """What happens to ``value`` when ``user`` consumes it."""
-    op, target = user.op, user.target
-    if op == "output":
+    if user.op == "call_module":
+        return _via_module(user, modules, memo)
+    if user.op == "call_function":
+        return _via_function(user, value, modules, memo)
+    if user.op == "call_method":
+        return _via_method(user, memo)
+    return _READOUT  # the output, or anything else that ends the search
+
+
+def _via_module(user: torch.fx.Node, modules: dict[str, nn.Module], memo: dict[torch.fx.Node, _Outcome]) -> _Outcome:
+    target = str(user.target)
+    m = modules[target]
+    act = _activation_module(m)
+    if act is not None:
+        return _Outcome("act", act, target)
+    if _layers.is_transparent(m):
+        return _prefix(target, memo[user])
+    if _layers.is_weight_layer(m) or _has_weight_layers(m):
         return _READOUT
-    if op == "call_module":
-        m = modules[target]  # type: ignore[index]
-        act = _activation_module(m)
-        if act is not None:
-            return _Outcome("act", act, str(target))
-        if _transparent_module(m):
-            return _prefix(str(target), memo[user])
-        if isinstance(m, WEIGHT_LAYERS) or _has_weight_layers(m):
-            return _READOUT
-        return _Outcome("stop", note=f"stopped at module {target!r} ({type(m).__name__}), "
-                                     "not an activation")
-    if op == "call_function":
-        call = activation_of_call(target, tuple(user.args[1:]), user.kwargs)
-        if call is not None:
-            act, note = call
-            return _Outcome("act", act, None, note=note)
-        if target is operator.getitem:
-            src = value
-            if (src.op == "call_module" and isinstance(modules.get(str(src.target)), nn.MultiheadAttention)
-                    and len(user.args) > 1 and user.args[1] == 1):
-                return _DEAD  # the attention weights, not the output
-            return memo[user]
-        if target in _DEAD_FUNCTIONS:
-            return _DEAD
-        if target in _TRANSPARENT_FUNCTIONS:
-            return memo[user]
-        return _Outcome("stop", note=f"stopped at {getattr(target, '__name__', target)}(), "
-                                     "not an activation")
-    if op == "call_method":
-        row = row_of_method(target)
-        if row is not None:
-            return _Outcome("act", resolve_activation(row.name), None)
-        if target in _DEAD_METHODS:
-            return _DEAD
-        if target in _TRANSPARENT_METHODS:
-            return memo[user]
-        return _Outcome("stop", note=f"stopped at .{target}(), not an activation")
-    return _READOUT
+    return _Outcome("stop", note=f"stopped at module {target!r} ({type(m).__name__}), not an activation")
+
+
+def _via_function(user: torch.fx.Node, value: torch.fx.Node, modules: dict[str, nn.Module],
+                  memo: dict[torch.fx.Node, _Outcome]) -> _Outcome:
+    target = user.target
+    call = activation_of_call(target, tuple(user.args[1:]), user.kwargs)
+    if call is not None:
+        act, note = call
+        return _Outcome("act", act, None, note=note)
+    if target is operator.getitem:
+        if (value.op == "call_module" and isinstance(modules.get(str(value.target)), nn.MultiheadAttention)
+                and len(user.args) > 1 and user.args[1] == 1):
+            return _DEAD  # the attention weights, not the output
+        return memo[user]
+    if target in _DEAD_FUNCTIONS:
+        return _DEAD
+    if target in _TRANSPARENT_FUNCTIONS:
+        return memo[user]
+    return _Outcome("stop", note=f"stopped at {getattr(target, '__name__', target)}(), not an activation")
+
+
+def _via_method(user: torch.fx.Node, memo: dict[torch.fx.Node, _Outcome]) -> _Outcome:
+    target = user.target
+    row = row_of_method(target)
+    if row is not None:
+        return _Outcome("act", resolve_activation(row.name), None)
+    if target in _DEAD_METHODS:
+        return _DEAD
+    if target in _TRANSPARENT_METHODS:
+        return memo[user]
+    return _Outcome("stop", note=f"stopped at .{target}(), not an activation")
 
 
 def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLink]:
@@ -392,7 +391,7 @@ def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLin
     for node in nodes:
         if node.op == "call_module":
             m = modules[str(node.target)]
-            if isinstance(m, WEIGHT_LAYERS) or (_has_weight_layers(m) and not _is_activation_module(m)):
+            if _layers.is_weight_layer(m) or (_has_weight_layers(m) and not _is_activation_module(m)):
                 called.setdefault(str(node.target), []).append(memo[node])
     out: dict[str, LayerLink] = {}
     for name, outcomes in called.items():
@@ -426,7 +425,7 @@ def find_activations(model: nn.Module) -> dict[str, LayerLink]:
     # every weight layer gets a link, in registration order
     ordered: dict[str, LayerLink] = {}
     for name, m in model.named_modules():
-        if not isinstance(m, WEIGHT_LAYERS):
+        if not _layers.is_weight_layer(m):
             continue
         if name in out:
             ordered[name] = out[name]

@@ -28,23 +28,24 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._errors import InitlabError
-from ._probe import (_as_float, _channel_dim, _channel_sums, _moments, _Tracker, as_inputs, format_table,
-                     forward_error, no_mha_fastpath)
+from ._forward import Tracker, as_inputs, forward_error, hooks, kept_buffers, no_mha_fastpath
+from ._layers import AFFINE_LAYERS, calls_children_functionally, channel_dim, is_affine, is_stock_affine, is_weight_layer
+from ._orthogonal import orthogonal_
+from ._stats import as_float, channel_sums, moments
+from ._text import format_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = ["lsuv_", "LSUVReport"]
-
-_COVERED: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
 
 
 class _StopForward(Exception):
@@ -72,6 +73,16 @@ class LSUVReport:
         return all(r["converged"] for r in self.rows if r["iterations"] is not None)
 
     @property
+    def fitted(self) -> list[str]:
+        """The layers LSUV rescaled, in forward order."""
+        return [r["layer"] for r in self.rows if r["iterations"] is not None]
+
+    def row_updates(self) -> dict[str, dict[str, Any]]:
+        """For ``init_model``'s report: what changes in the row of every fitted layer (its target
+        std is set by the data, not by the fans; no gain; biases zeroed by the pre-init)."""
+        return {name: {"target_std": None, "gain": None, "bias": "zeros"} for name in self.fitted}
+
+    @property
     def iterations(self) -> dict[str, int]:
         return {r["layer"]: r["iterations"] for r in self.rows if r["iterations"] is not None}
 
@@ -96,19 +107,16 @@ class LSUVReport:
 
 
 def _covered_layers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str]]:
-    from torch.nn.utils import parametrize
-
-    from ._graph import WEIGHT_LAYERS
-
+    """(the layers LSUV fits, the weight layers it leaves as they are, with the reason)."""
     covered: list[tuple[str, nn.Module]] = []
     skipped: list[str] = []
-    inside_attention: list[str] = []
+    inside: list[str] = []  # prefixes of modules whose submodules are applied functionally
     for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            inside_attention.append(name + ".")
-        if any(name.startswith(p) for p in inside_attention):
+        if calls_children_functionally(m):
+            inside.append(name + ".")
+        if any(name.startswith(p) for p in inside):
             continue  # out_proj of an attention block is applied functionally, never called
-        if isinstance(m, _COVERED):
+        if is_affine(m):
             if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
                 raise InitlabError(f"layer {name!r} ({type(m).__name__}) has uninitialised lazy parameters; "
                                    "run one forward pass before lsuv_")
@@ -116,9 +124,123 @@ def _covered_layers(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list
                 skipped.append(f"{name} (parametrized weight)")
                 continue
             covered.append((name, m))
-        elif isinstance(m, WEIGHT_LAYERS):
+        elif is_weight_layer(m):
             skipped.append(f"{name} ({type(m).__name__})")
     return covered, skipped
+
+
+def check_lsuv_args(tol: object, max_iter: object, target_var: object) -> None:
+    """Raise :class:`InitlabError` for a tolerance, iteration count or target variance LSUV cannot use."""
+    for key, value in (("tol", tol), ("target_var", target_var)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise InitlabError(f"{key} must be a positive finite number, got {value!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise InitlabError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+
+
+class _Fit:
+    """One LSUV pass: the covered layers, the settings, and each fitted layer's result.
+
+    Each covered layer is fitted in a forward pre-hook on its own input (:meth:`pre_hook`), so the
+    forward pass continues with the fitted weights; :class:`_StopForward` ends the pass once the
+    last covered layer is fitted.
+    """
+
+    def __init__(self, covered: list[tuple[str, nn.Module]], inputs: tuple[Tensor, ...], *, tol: float,
+                 max_iter: int, target: float, center: bool) -> None:
+        self.covered, self.inputs = covered, inputs
+        self.tol, self.max_iter, self.target, self.center = tol, max_iter, target, center
+        self.results: dict[str, dict[str, Any]] = {}
+        self.order: list[str] = []
+        self.tracker = Tracker()
+
+    def run(self, model: nn.Module) -> None:
+        """One forward pass with the fitting hooks; buffers (BatchNorm statistics) are restored in
+        training mode, and no hook is left behind."""
+        with kept_buffers(model, model.training), hooks() as handles:
+            for name, m in self.covered:
+                handles.append(m.register_forward_pre_hook(partial(self.pre_hook, name), with_kwargs=True))
+                handles.append(m.register_forward_hook(self.tracker.post))
+            with torch.no_grad(), no_mha_fastpath():
+                try:
+                    model(*self.inputs)
+                except _StopForward:
+                    pass
+                except InitlabError:
+                    raise
+                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                    raise forward_error(e, self.inputs, self.tracker, self.covered) from e
+
+    def pre_hook(self, name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.tracker.enter(name, mod, args)
+        if name in self.results:
+            return
+        self.order.append(name)
+        with torch.no_grad():
+            try:
+                self.results[name] = self.fit(name, mod, args, kwargs)
+            except RuntimeError as e:
+                raise forward_error(e, self.inputs, self.tracker, self.covered) from e
+        if len(self.results) == len(self.covered):
+            raise _StopForward
+
+    def _output_moments(self, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[float, float]:
+        """(variance, mean) of the layer's output, computed alone (its hooks do not run); with
+        ``center`` the bias first absorbs the per-channel means."""
+        of = as_float(mod.forward(*args, **kwargs))
+        b = mod.bias
+        if self.center and b is not None:
+            cdim = channel_dim(mod, of)
+            sum_c = channel_sums(of, cdim)
+            m_c = sum_c / (of.numel() // sum_c.numel())
+            b.sub_(m_c.to(b.dtype))
+            shape = [1] * of.dim()
+            shape[cdim] = -1
+            of = of - m_c.reshape(shape)
+        mu, v = moments(of)
+        return float(v), float(mu)
+
+    def fit(self, name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rescale the layer until its output variance is within ``tol`` of the target."""
+        w, b = mod.weight, mod.bias
+        target, band = self.target, self.tol * self.target
+        # the stock layers are linear in (W, b): scaling both by s scales the output by exactly s,
+        # so its moments are updated in closed form; subclasses (which may e.g. normalise their
+        # weights in forward) are recomputed after every rescaling
+        exact = is_stock_affine(mod)
+        total, note, it, fresh = 1.0, "", 0, True
+        var = mean = float("nan")
+        for it in range(self.max_iter + 1):
+            if fresh:
+                var, mean = self._output_moments(mod, args, kwargs)
+            if abs(var - target) <= band or it == self.max_iter:
+                break
+            if not math.isfinite(var) or var <= 0:
+                note = ("output is constant on the batch (variance 0); cannot rescale" if var == 0
+                        else f"output variance is {var}; cannot rescale")
+                break
+            s = math.sqrt(target / var)
+            w.mul_(s)
+            if b is not None and (self.center or exact):
+                b.mul_(s)  # zero after the pre-init unless centred; keeps the centred mean at 0
+            total *= s
+            if exact:
+                var, mean = var * s * s, mean * s
+                fresh = False
+        if self.center and b is None:
+            note = (note + "; " if note else "") + "no bias: mean not centred"
+        return {"layer": name, "kind": type(mod).__name__, "iterations": it, "variance": var, "mean": mean,
+                "scale": total, "converged": abs(var - target) <= band, "note": note}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The fitted layers in forward order, then the covered layers the forward pass never called."""
+        rows = [self.results[n] for n in self.order]
+        for name, m in self.covered:
+            if name not in self.results:
+                rows.append({"layer": name, "kind": type(m).__name__, "iterations": None, "variance": float("nan"),
+                             "mean": float("nan"), "scale": 1.0, "converged": False,
+                             "note": "not called by the forward pass; kept the orthogonal init"})
+        return rows
 
 
 def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 0.1, max_iter: int = 10,
@@ -135,21 +257,15 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
     """
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for key, value in (("tol", tol), ("target_var", target_var)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise InitlabError(f"{key} must be a positive finite number, got {value!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise InitlabError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    check_lsuv_args(tol, max_iter, target_var)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InitlabError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     inputs = as_inputs(batch)
     covered, skipped = _covered_layers(model)
     if not covered:
-        names = ", ".join(c.__name__ for c in _COVERED)
+        names = ", ".join(c.__name__ for c in AFFINE_LAYERS)
         extra = f" (found only: {', '.join(skipped)})" if skipped else ""
         raise InitlabError(f"model {type(model).__name__} has no layer LSUV can fit; supported: {names}{extra}")
-
-    from ._schemes import orthogonal_
 
     target = float(target_var)
     with torch.no_grad():
@@ -157,103 +273,10 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
             orthogonal_(m.weight, generator=generator)
             if m.bias is not None:
                 m.bias.zero_()
-
-    results: dict[str, dict[str, Any]] = {}
-    order: list[str] = []
-    tracker = _Tracker()
-
-    def fit(name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        w, b = mod.weight, mod.bias
-        # the stock layers are linear in (W, b): scaling both by s scales the output by exactly s,
-        # so its moments are updated in closed form; subclasses (which may e.g. normalise their
-        # weights in forward) are recomputed after every rescaling
-        exact = type(mod) in _COVERED
-        total = 1.0
-        note = ""
-        it = 0
-        var = mean = float("nan")
-        fresh = True
-        for it in range(max_iter + 1):
-            if fresh:
-                out = mod.forward(*args, **kwargs)  # the layer alone: its hooks do not run
-                of = _as_float(out)
-                if center and b is not None:
-                    cdim = _channel_dim(mod, of)
-                    sum_c = _channel_sums(of, cdim)
-                    m_c = sum_c / (of.numel() // sum_c.numel())
-                    b.sub_(m_c.to(b.dtype))
-                    shape = [1] * of.dim()
-                    shape[cdim] = -1
-                    of = of - m_c.reshape(shape)
-                mu, v = _moments(of)
-                var, mean = float(v), float(mu)
-            if abs(var - target) <= tol * target or it == max_iter:
-                break
-            if not math.isfinite(var) or var <= 0:
-                note = ("output is constant on the batch (variance 0); cannot rescale" if var == 0
-                        else f"output variance is {var}; cannot rescale")
-                break
-            s = math.sqrt(target / var)
-            w.mul_(s)
-            if b is not None and (center or exact):
-                b.mul_(s)  # zero after the pre-init unless centred; keeps the centred mean at 0
-            total *= s
-            if exact:
-                var, mean = var * s * s, mean * s
-                fresh = False
-        converged = abs(var - target) <= tol * target
-        if center and b is None:
-            note = (note + "; " if note else "") + "no bias: mean not centred"
-        results[name] = {"layer": name, "kind": type(mod).__name__, "iterations": it, "variance": var,
-                         "mean": mean, "scale": total, "converged": converged, "note": note}
-
-    def pre_hook(name: str) -> Any:
-        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            tracker.current = (name, mod, [tuple(a.shape) for a in args if isinstance(a, Tensor)])
-            if name in results:
-                return
-            order.append(name)
-            with torch.no_grad():
-                try:
-                    fit(name, mod, args, kwargs)
-                except RuntimeError as e:
-                    raise forward_error(e, inputs, tracker, covered) from e
-            if len(results) == len(covered):
-                raise _StopForward
-        return hook
-
-    saved = {k: v.clone() for k, v in model.named_buffers()} if model.training else {}
-    handles = []
-    try:
-        for name, m in covered:
-            handles.append(m.register_forward_pre_hook(pre_hook(name), with_kwargs=True))
-            handles.append(m.register_forward_hook(tracker.post))
-        with torch.no_grad(), no_mha_fastpath():
-            try:
-                model(*inputs)
-            except _StopForward:
-                pass
-            except InitlabError:
-                raise
-            except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                raise forward_error(e, inputs, tracker, covered) from e
-    finally:
-        for h in handles:
-            h.remove()
-        if saved:
-            with torch.no_grad():
-                for k, v in model.named_buffers():
-                    if k in saved and v.shape == saved[k].shape:
-                        v.copy_(saved[k])
-
-    rows = [results[n] for n in order]
-    for name, m in covered:
-        if name not in results:
-            rows.append({"layer": name, "kind": type(m).__name__, "iterations": None, "variance": float("nan"),
-                         "mean": float("nan"), "scale": 1.0, "converged": False,
-                         "note": "not called by the forward pass; kept the orthogonal init"})
-    report = LSUVReport(rows=rows, target_var=target, tol=float(tol), max_iter=max_iter, skipped=skipped)
-    stuck = [r for r in rows if r["iterations"] is not None and not r["converged"]]
+    fit = _Fit(covered, inputs, tol=tol, max_iter=max_iter, target=target, center=center)
+    fit.run(model)
+    report = LSUVReport(rows=fit.rows(), target_var=target, tol=float(tol), max_iter=max_iter, skipped=skipped)
+    stuck = [r for r in report.rows if r["iterations"] is not None and not r["converged"]]
     if stuck:
         detail = ", ".join(f"{r['layer']} (variance {r['variance']:.4g})" for r in stuck)
         warnings.warn(

@@ -50,12 +50,13 @@ All hooks are removed in ``finally``, also when the forward or the loss fails.
 """
 from __future__ import annotations
 
+
 import math
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,13 +64,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import theory
 from ._activations import Activation
 from ._errors import InitlabError, unknown_choice
+from ._fans import module_fans
+from ._forward import as_inputs, first_tensor, forward_error, hooks, locate_failure, no_mha_fastpath
+from ._graph import WEIGHT_LAYERS, find_activations
+from ._layers import channel_dim, is_modeled, is_one_hot, is_plain, output_bias, output_layer, output_weight
+from ._stats import Histogram, as_float, channel_sums, flat, histogram, host_moments, moments
+from ._text import format_table
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
-__all__ = ["probe", "ProbeResult", "Histogram", "COLUMNS", "SATURATION_LEVEL"]
+__all__ = ["probe", "ProbeResult", "Histogram", "COLUMNS", "SATURATION_LEVEL", "format_table"]
 
 #: a bounded unit counts as saturated where its derivative is below this fraction of its maximum
 SATURATION_LEVEL = 0.1
@@ -87,39 +95,13 @@ COLUMNS: tuple[str, ...] = (
     "predicted_pre_var", "predicted_post_sq_mean", "predicted_grad_pre_var",
 )
 
+#: the ``activation`` of a readout row (no activation follows the layer)
+READOUT = "none"
+
 _LOSSES = ("cross_entropy", "mse")
 
 
 # --------------------------------------------------------------------------- results
-
-
-@dataclass
-class Histogram:
-    """Counts of one tensor's values in ``len(counts)`` equal bins between ``edges[0]`` and ``edges[-1]``.
-
-    ``min``, ``max``, ``num``, ``sum`` and ``sum_squares`` are kept so that the histogram can be
-    written to TensorBoard without the raw values: ``writer.add_histogram_raw(tag, **h.tensorboard())``.
-    """
-
-    counts: np.ndarray
-    edges: np.ndarray
-    min: float
-    max: float
-    num: int
-    sum: float
-    sum_squares: float
-
-    def tensorboard(self) -> dict[str, Any]:
-        """Keyword arguments for ``SummaryWriter.add_histogram_raw`` (bucket limits are right edges)."""
-        return {
-            "min": self.min, "max": self.max, "num": self.num, "sum": self.sum,
-            "sum_squares": self.sum_squares, "bucket_limits": self.edges[1:].tolist(),
-            "bucket_counts": self.counts.tolist(),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts.tolist(), "edges": self.edges.tolist(), "min": self.min, "max": self.max,
-                "num": self.num, "sum": self.sum, "sum_squares": self.sum_squares}
 
 
 @dataclass
@@ -187,149 +169,7 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def fmt(v: Any) -> str:
-    """A number for a table: 4 significant digits, fractions as percentages handled by callers."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        if v == 0:
-            return "0"
-        if 1e-3 <= abs(v) < 1e5:
-            return f"{v:.4g}"
-        return f"{v:.3e}"
-    return str(v)
-
-
-def format_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]]) -> str:
-    """A plain aligned text table; ``*_frac`` values are shown as percentages."""
-    def cell(key: str, v: Any) -> str:
-        if key.endswith("_frac") and isinstance(v, float) and not math.isnan(v):
-            return f"{100 * v:.0f}%"
-        return fmt(v)
-
-    header = [title for title, _ in cols]
-    body = [[cell(key, row.get(key)) for _, key in cols] for row in rows]
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(cols))]
-    lines = ["  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in body:
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-def as_inputs(batch: object, what: str = "batch", *, check_finite: bool = True) -> tuple[Tensor, ...]:
-    """Positional model inputs from ``batch``: a tensor, or a tuple of tensors for a model with several inputs.
-
-    Raises :class:`InitlabError` for anything else, for an empty batch, and for NaN/inf values.
-    """
-    if isinstance(batch, Tensor):
-        inputs: tuple[Tensor, ...] = (batch,)
-    elif isinstance(batch, tuple) and batch and all(isinstance(t, Tensor) for t in batch):
-        inputs = batch
-    else:
-        hint = ""
-        if isinstance(batch, np.ndarray):
-            hint = "; convert it with torch.from_numpy(batch).float()"
-        elif isinstance(batch, list):
-            hint = "; convert it with torch.tensor(batch) or torch.stack(batch), or pass a tuple for several inputs"
-        raise InitlabError(
-            f"{what} must be a torch.Tensor (or a tuple of tensors for a model with several inputs), "
-            f"got {type(batch).__name__}{hint}"
-        )
-    for t in inputs:
-        if t.numel() == 0:
-            raise InitlabError(f"{what} is empty (shape {tuple(t.shape)}); pass at least one sample")
-        if check_finite and (t.is_floating_point() or t.is_complex()) and not t.is_meta:
-            # fast path: a sum is finite when every value is (NaN and inf propagate); only a
-            # non-finite sum (or an overflow) needs the elementwise check
-            if bool(torch.isfinite(t.sum())):
-                continue
-            finite = torch.isfinite(t)
-            if not bool(finite.all()):
-                n_nan = int(torch.isnan(t).sum())
-                n_inf = int((~finite).sum()) - n_nan
-                raise InitlabError(
-                    f"{what} contains non-finite values ({n_nan} NaN, {n_inf} inf out of {t.numel()}); "
-                    "clean or impute the data first"
-                )
-    return inputs
-
-
-def describe_expected_input(module: nn.Module) -> str | None:
-    """What a weight layer expects as input, in words (None when unknown)."""
-    if isinstance(module, nn.Linear):
-        return f"inputs whose last dimension is {module.in_features} (in_features), e.g. shape (N, {module.in_features})"
-    if isinstance(module, nn.Bilinear):
-        return f"two inputs with last dimensions {module.in1_features} and {module.in2_features}"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        d = len(module.kernel_size)
-        spatial = ", ".join("HWD"[i] if d > 1 else "L" for i in range(d))
-        return (f"{d + 2}-d inputs (N, {module.in_channels}, {spatial}) with {module.in_channels} channels "
-                f"(in_channels), or unbatched ({module.in_channels}, {spatial})")
-    if isinstance(module, nn.Embedding):
-        return f"integer indices in [0, {module.num_embeddings}) (num_embeddings)"
-    if isinstance(module, nn.MultiheadAttention):
-        return f"query/key/value with embedding dimension {module.embed_dim}"
-    return None
-
-
-class no_mha_fastpath:
-    """Context manager: disable PyTorch's fused attention fast path, which skips submodule calls
-    (and so forward hooks) in eval mode without grad."""
-
-    def __enter__(self) -> "no_mha_fastpath":
-        mha = getattr(torch.backends, "mha", None)
-        self.prev = mha.get_fastpath_enabled() if mha is not None else None
-        if mha is not None:
-            mha.set_fastpath_enabled(False)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.prev is not None:
-            torch.backends.mha.set_fastpath_enabled(self.prev)
-
-
-class _Tracker:
-    """Forward pre/post hooks that remember which weight layer is running, to explain a failed forward."""
-
-    def __init__(self) -> None:
-        self.current: tuple[str, nn.Module, list[tuple[int, ...]]] | None = None
-
-    def pre(self, name: str, module: nn.Module) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            self.current = (name, mod, [tuple(a.shape) for a in args if isinstance(a, Tensor)])
-        return hook
-
-    def post(self, mod: nn.Module, args: Any, out: Any) -> None:
-        self.current = None
-
-
-def forward_error(exc: BaseException, inputs: Sequence[Tensor], tracker: _Tracker | None,
-                  layers: Sequence[tuple[str, nn.Module]]) -> InitlabError:
-    """An :class:`InitlabError` explaining why ``model(*inputs)`` raised ``exc``."""
-    shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-    torch_msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if tracker is not None and tracker.current is not None:
-        name, mod, got = tracker.current
-        expected = describe_expected_input(mod)
-        if expected is not None:
-            got_s = ", ".join(str(s) for s in got) or "?"
-            return InitlabError(
-                f"the batch of shape {shapes} does not fit the model: layer {name!r} ({type(mod).__name__}) "
-                f"expects {expected}, got input of shape {got_s} (torch: {torch_msg})"
-            )
-    hint = ""
-    if layers:
-        name, mod = layers[0]
-        expected = describe_expected_input(mod)
-        if expected is not None:
-            hint = f"; its first weight layer {name!r} ({type(mod).__name__}) expects {expected}"
-    return InitlabError(f"the model's forward pass failed on a batch of shape {shapes}{hint} (torch: {torch_msg})")
+# --------------------------------------------------------------------------- the model's layers
 
 
 # model -> (ids and types of its submodules, their names, the weight layers' links without the module
@@ -344,8 +184,6 @@ def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[
     ``named`` is ``dict(model.named_modules())``. The graph is traced once per model and cached,
     keyed by the model and checked against the identity of every submodule (a replaced or added
     submodule traces again)."""
-    from ._graph import WEIGHT_LAYERS, find_activations
-
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     signature = (tuple(map(id, named.values())), tuple(map(type, named.values())))
@@ -372,86 +210,30 @@ def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[
     return [(name, link.module, link) for name, link in links.items()]
 
 
-# --------------------------------------------------------------------------- internals
-
-
-def _first_tensor(out: Any) -> Tensor | None:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    return None
-
-
-def _bias_of(module: nn.Module) -> Tensor | None:
-    if isinstance(module, nn.MultiheadAttention):
-        b = module.out_proj.bias
-    else:
-        b = getattr(module, "bias", None)
-    return b if isinstance(b, Tensor) else None
-
-
-def _weight_of(module: nn.Module) -> Tensor | None:
-    if isinstance(module, nn.MultiheadAttention):
-        return module.out_proj.weight
-    w = getattr(module, "weight", None)
-    return w if isinstance(w, Tensor) else None
-
-
-def _channel_dim(module: nn.Module, y: Tensor) -> int:
-    """The output dimension that indexes the layer's units: 1 for batched convs, else the last."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return 1 if y.dim() == len(module.kernel_size) + 2 else 0
-    return y.dim() - 1
-
-
 _FANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
 
 
 def _layer_fans(module: nn.Module) -> tuple[int, int]:
-    """``initlab.fans`` of the layer's weight (cached per module and weight shape)."""
-    w = _weight_of(module)
+    """``initlab.fans`` of the layer's output weight (cached per module and weight shape)."""
+    w = output_weight(module)
     if w is None:
         return (0, 0)
     hit = _FANS.get(module)
     if hit is not None and hit[0] == tuple(w.shape):
         return hit[1]
-    result = _compute_fans(module)
+    try:
+        result = module_fans(output_layer(module))
+    except InitlabError:
+        result = (0, 0)
     _FANS[module] = (tuple(w.shape), result)
     return result
 
 
-def _compute_fans(module: nn.Module) -> tuple[int, int]:
-    from ._fans import module_fans
-
-    try:
-        return module_fans(module.out_proj if isinstance(module, nn.MultiheadAttention) else module)
-    except InitlabError:
-        return (0, 0)
+# --------------------------------------------------------------------------- saturation
 
 
-def _as_float(t: Tensor) -> Tensor:
-    t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.reshape(-1)
-
-
-def _moments(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, population variance) of all values, by two passes: exact where E[y^2] - E[y]^2 would cancel."""
-    f = _flat(t)
-    m = f.mean()
-    d = f - m
-    return m, torch.dot(d, d) / f.numel()
-
-
-@lru_cache(maxsize=64)
-def _saturation_band_cached(name: str, param: float | None) -> tuple[float, float]:
-    from ._activations import resolve_activation
-
-    return _saturation_band(resolve_activation(name, param).fn)
+# Activation.cache_key -> band: keyed on the table row, so a re-registered row is never stale
+_BANDS: dict[Any, tuple[float, float]] = {}
 
 
 def _saturation_band(fn: Callable[[Tensor], Tensor]) -> tuple[float, float]:
@@ -470,21 +252,23 @@ def _saturation_band(fn: Callable[[Tensor], Tensor]) -> tuple[float, float]:
             (g,) = torch.autograd.grad(fn(z).sum(), z)
         return g.detach()
 
-    d = deriv(x)
-    level = SATURATION_LEVEL * float(d.max())
-    ok = torch.nonzero(d >= level).flatten()
-    i_lo, i_hi = int(ok[0]), int(ok[-1])
+    def below(v: float) -> bool:
+        return float(deriv(torch.tensor([v], dtype=torch.float64))) < level
 
     def refine(a: float, b: float) -> float:  # deriv(a) < level <= deriv(b) or reversed; find the crossing
-        fa_low = float(deriv(torch.tensor([a], dtype=torch.float64))) < level
+        fa_low = below(a)
         for _ in range(50):
             m = 0.5 * (a + b)
-            if (float(deriv(torch.tensor([m], dtype=torch.float64))) < level) == fa_low:
+            if below(m) == fa_low:
                 a = m
             else:
                 b = m
         return 0.5 * (a + b)
 
+    d = deriv(x)
+    level = SATURATION_LEVEL * float(d.max())
+    ok = torch.nonzero(d >= level).flatten()
+    i_lo, i_hi = int(ok[0]), int(ok[-1])
     lo = refine(float(x[i_lo - 1]), float(x[i_lo])) if i_lo > 0 else float(x[0])
     hi = refine(float(x[i_hi + 1]), float(x[i_hi])) if i_hi < len(x) - 1 else float(x[-1])
     with torch.no_grad():
@@ -494,24 +278,16 @@ def _saturation_band(fn: Callable[[Tensor], Tensor]) -> tuple[float, float]:
 
 def saturation_band(act: Activation) -> tuple[float, float]:
     """Cached :func:`_saturation_band` for table activations (custom callables are recomputed)."""
-    if act.custom:
+    key = act.cache_key
+    if act.custom or key is None:
         return _saturation_band(act.fn)
-    return _saturation_band_cached(act.name, act.param)
+    band = _BANDS.get(key)
+    if band is None:
+        band = _BANDS[key] = _saturation_band(act.fn)
+    return band
 
 
-def _histogram(t: Tensor, bins: int) -> Histogram:
-    x = _as_float(t).flatten()
-    mn, mx = (float(v) for v in torch.aminmax(x))
-    hi = mx if mx > mn else mn + 1e-12
-    counts = torch.histc(x, bins=bins, min=mn, max=hi)
-    return Histogram(
-        counts=counts.to(torch.int64).cpu().numpy(),
-        edges=np.linspace(mn, hi, bins + 1),
-        min=mn, max=mx, num=x.numel(), sum=float(x.sum()), sum_squares=float((x * x).sum()),
-    )
-
-
-# --------------------------------------------------------------------------- the probe
+# --------------------------------------------------------------------------- per-layer scratch
 
 
 class _Layer:
@@ -550,6 +326,23 @@ def _resolve_post_source(layer: _Layer, modules: dict[str, nn.Module]) -> tuple[
     return None, True
 
 
+def _named_loss(name: str, target: Tensor, out: Any) -> Tensor:
+    out_t = first_tensor(out)
+    if out_t is None:
+        raise InitlabError(f"the model's output is a {type(out).__name__}; pass a callable loss(output, target)")
+    try:
+        if name == "cross_entropy":
+            return F.cross_entropy(out_t, target)
+        if target.shape != out_t.shape:
+            raise ValueError("mse needs a target of the output's shape")
+        return F.mse_loss(out_t, target.to(out_t.dtype))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise InitlabError(
+            f"target of shape {tuple(target.shape)} ({target.dtype}) does not fit the output of shape "
+            f"{tuple(out_t.shape)} for loss {name!r}: {str(e).splitlines()[0]}"
+        ) from e
+
+
 def _make_loss(loss: object, target: Tensor | None) -> Callable[[Any], Tensor] | None:
     if loss is None and target is None:
         return None
@@ -567,33 +360,7 @@ def _make_loss(loss: object, target: Tensor | None) -> Callable[[Any], Tensor] |
         raise InitlabError(f"loss must be a callable, one of {', '.join(_LOSSES)}, or None; got {type(loss).__name__}")
     if target is None:
         raise InitlabError(f"loss {name!r} needs a target; pass target=... or a callable loss(output)")
-
-    def fn(out: Any) -> Tensor:
-        out_t = _first_tensor(out)
-        if out_t is None:
-            raise InitlabError(f"the model's output is a {type(out).__name__}; pass a callable loss(output, target)")
-        try:
-            if name == "cross_entropy":
-                return F.cross_entropy(out_t, target)
-            if target.shape != out_t.shape:
-                raise ValueError("mse needs a target of the output's shape")
-            return F.mse_loss(out_t, target.to(out_t.dtype))
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise InitlabError(
-                f"target of shape {tuple(target.shape)} ({target.dtype}) does not fit the output of shape "
-                f"{tuple(out_t.shape)} for loss {name!r}: {str(e).splitlines()[0]}"
-            ) from e
-    return fn
-
-
-def _channel_sums(y: Tensor, cdim: int) -> Tensor:
-    """Sum over everything but the channel dimension (one reduction, or two for conv maps)."""
-    if cdim == y.dim() - 1:
-        return y.reshape(-1, y.shape[-1]).sum(dim=0)
-    moved = y.movedim(cdim, 1) if cdim != 1 else y
-    if moved.dim() == 2:
-        return moved.sum(dim=0)
-    return moved.reshape(moved.shape[0], moved.shape[1], -1).sum(dim=2).sum(dim=0)
+    return partial(_named_loss, name, target)
 
 
 def _key(t: Tensor) -> tuple[int, int, int] | None:
@@ -604,29 +371,397 @@ def _key(t: Tensor) -> tuple[int, int, int] | None:
         return None
 
 
-def _locate_failure(model: nn.Module, inputs: Sequence[Tensor], layers: dict[str, "_Layer"]) -> _Tracker:
-    """Re-run a forward pass that failed, with hooks that note the weight layer running when it
-    fails (the normal path carries no such hooks). Buffers are restored afterwards."""
-    tracker = _Tracker()
-    handles = []
-    saved = {k: v.clone() for k, v in model.named_buffers()}
-    try:
-        for name, layer in layers.items():
-            handles.append(layer.module.register_forward_pre_hook(tracker.pre(name, layer.module)))
-            handles.append(layer.module.register_forward_hook(tracker.post))
-        with torch.no_grad(), no_mha_fastpath():
-            try:
-                model(*inputs)
-            except Exception:  # noqa: BLE001 - the failure we are locating
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+def _dev_moments(f: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum, sum of squared deviations from the mean) of a flat tensor, on its device."""
+    n = f.numel()
+    s = f.sum()
+    d = torch.sub(f, s, alpha=1.0 / n)  # f - mean, in one pass
+    return s, torch.dot(d, d)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+class _Probe:
+    """One probe pass: the layers' scratch, the hooks that fill it, the tensors measured already
+    and the backward pass's results."""
+
+    def __init__(self, layers: dict[str, _Layer], modules: dict[str, nn.Module], bins: int | None,
+                 backward: bool) -> None:
+        self.layers, self.modules, self.bins, self.backward = layers, modules, bins, backward
+        self.order: list[_Layer] = []
+        self.histograms: dict[str, dict[str, Histogram]] = defaultdict(dict)
+        self.queues: dict[str, deque[_Layer]] = defaultdict(deque)  # hooked module -> layers waiting for it
+        # tensors measured already, by (address, size, version); a weak reference proves the tensor
+        # is still alive (a freed tensor's memory may hold a new tensor at the same address)
+        self.known: dict[tuple[int, int, int], tuple[Any, _Layer | None, str]] = {}
+        self.grads: dict[int, Tensor] = {}
+        self.loss_value: Tensor | None = None
+
+    # ---- tensors measured already
+    def remember(self, t: Tensor, layer: _Layer | None, kind: str) -> None:
+        k = _key(t)
+        if k is not None:
+            self.known[k] = (weakref.ref(t), layer, kind)
+
+    def recall(self, t: Tensor) -> tuple[_Layer | None, str] | None:
+        k = _key(t)
+        hit = self.known.get(k) if k is not None else None
+        if hit is None or hit[0]() is None:
+            return None
+        return hit[1], hit[2]
+
+    # ---- running the model
+    def run(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None) -> None:
+        """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
+        hooks are removed afterwards, also when the forward or the loss fails."""
+        with hooks() as handles:
+            self._install(handles)
+            grad_params = self._grad_params()
+            with torch.set_grad_enabled(self.backward), no_mha_fastpath():
+                try:
+                    out = model(*inputs)
+                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                    if isinstance(e, InitlabError):
+                        raise
+                    for h in handles:  # the failure is located by a second pass, without these hooks
+                        h.remove()
+                    handles.clear()
+                    layers = [(n, layer.module) for n, layer in self.layers.items()]
+                    raise forward_error(e, inputs, locate_failure(model, inputs, layers), layers) from e
+                if loss_fn is not None:
+                    self._run_backward(loss_fn(out), grad_params)
+
+    def _install(self, handles: list[Any]) -> None:
+        sources: set[str] = set()
+        for layer in self.layers.values():
+            src, apply_fn = _resolve_post_source(layer, self.modules)
+            layer.post_apply = apply_fn
+            handles.append(layer.module.register_forward_hook(partial(self._on_layer, layer, src, apply_fn)))
+            if src is not None:
+                sources.add(src)
+        for src in sources:
+            handles.append(self.modules[src].register_forward_hook(partial(self._on_source, src)))
+
+    def _grad_params(self) -> list[Tensor]:
+        params = [output_weight(layer.module) for layer in self.layers.values()]
+        grad_params = list(dict.fromkeys(p for p in params if p is not None and p.requires_grad))
+        if self.backward and not grad_params:
+            raise InitlabError("no weight of the model requires grad, so no backward pass is possible; "
+                               "call probe without target/loss, or enable requires_grad")
+        return grad_params
+
+    def _run_backward(self, loss_t: Any, grad_params: list[Tensor]) -> None:
+        if not isinstance(loss_t, Tensor) or loss_t.numel() != 1:
+            raise InitlabError(f"the loss must return a scalar tensor, got {type(loss_t).__name__}"
+                               + (f" of shape {tuple(loss_t.shape)}" if isinstance(loss_t, Tensor) else ""))
+        if not loss_t.requires_grad:
+            raise InitlabError("the loss does not depend on any weight (no grad_fn); check the model and loss")
+        gs = torch.autograd.grad(loss_t.reshape(()), grad_params, allow_unused=True)
+        self.grads = {id(p): g for p, g in zip(grad_params, gs) if g is not None}
+        self.loss_value = loss_t.detach()
+
+    # ---- hooks
+    def _on_layer(self, layer: _Layer, src: str | None, apply_fn: bool, mod: nn.Module, args: tuple[Any, ...],
+                  out: Any) -> None:
+        """Forward hook of a weight layer: its output (pre-activation), input and, when nothing
+        else is hooked for it, its post-activation."""
+        if layer.order >= 0:
+            return  # measured at the first call
+        y = first_tensor(out)
+        if y is None:
+            return
+        layer.order = len(self.order)
+        self.order.append(layer)
         with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in saved and v.shape == saved[k].shape:
-                    v.copy_(saved[k])
-    return tracker
+            yd = self._measure_pre(layer, mod, y)
+            x = args[0] if args and isinstance(args[0], Tensor) else None
+            if x is not None and x.is_floating_point():
+                self._measure_input(layer, x)
+            self.remember(y, layer, "pre")
+            if self.bins is not None:
+                b = output_bias(mod)
+                shape = [1] * yd.dim()
+                shape[layer.cdim] = -1
+                z = yd if b is None else yd - as_float(b).reshape(shape)
+                self.histograms[layer.name]["pre"] = histogram(z, self.bins)
+            if src is None and layer.act is not None:
+                self.measure_post(layer, layer.act.fn(yd) if apply_fn else y, not apply_fn)
+        if src is not None:
+            self.queues[src].append(layer)
+        if self.backward and y.requires_grad:
+            y.register_hook(partial(self._on_grad, layer))
+
+    def _measure_pre(self, layer: _Layer, mod: nn.Module, y: Tensor) -> Tensor:
+        """Per-channel sums and the squared deviations from the channel means of the layer output;
+        returns the output as a float tensor of at least 2 dimensions."""
+        yd = as_float(y)
+        layer.shape = tuple(yd.shape)
+        if yd.dim() == 1:
+            yd = yd.unsqueeze(0)
+        cdim = layer.cdim = channel_dim(mod, yd)
+        sum_c = channel_sums(yd, cdim)
+        shape = [1] * yd.dim()
+        shape[cdim] = -1
+        # deviations from the channel means in one pass: y - sum_c / (values per channel)
+        d = flat(torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / yd.numel()))
+        layer.parts["pre_sum_c"], layer.parts["pre_dev"] = sum_c, torch.dot(d, d)
+        layer.counts["pre"] = yd.numel()
+        return yd
+
+    def _measure_input(self, layer: _Layer, x: Tensor) -> None:
+        layer.in_shape = tuple(x.shape)
+        layer.in_ref = self.recall(x)
+        if layer.in_ref is None:  # not measured yet: two passes
+            xf = flat(as_float(x))
+            s_in = xf.sum()
+            dx = xf - s_in / xf.numel()
+            layer.parts["in_sum"], layer.parts["in_dev"] = s_in, torch.dot(dx, dx)
+            layer.counts["in"] = xf.numel()
+
+    def _on_source(self, src: str, mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        """Forward hook of the module feeding (or being) an activation: the post-activation of every
+        layer waiting for this call (e.g. a residual branch and its shortcut)."""
+        q = self.queues[src]
+        p = first_tensor(out)
+        if not q or p is None:
+            return
+        with torch.no_grad():
+            while q:
+                layer = q.popleft()
+                if layer.post_apply:
+                    self.measure_post(layer, layer.act.fn(as_float(p)), False)
+                else:
+                    self.measure_post(layer, p, True)
+
+    def _on_grad(self, layer: _Layer, g: Tensor) -> None:
+        """Tensor hook on a layer output: the gradient w.r.t. the pre-activation."""
+        parts = layer.parts
+        if "grad_sum" not in parts:  # the backward pass runs without grad mode (no create_graph)
+            gf = flat(as_float(g))
+            parts["grad_sum"], parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
+            layer.counts["grad"] = gf.numel()
+            if self.bins is not None:
+                with torch.no_grad():
+                    self.histograms[layer.name]["grad_pre"] = histogram(gf, self.bins)
+
+    def measure_post(self, layer: _Layer, p: Tensor, model_tensor: bool) -> None:
+        """Sums of the post-activation ``p``, the dead units' maxima and the saturated count."""
+        if model_tensor:  # the model's own tensor: a later layer reading it reuses these moments
+            self.remember(p, layer, "post")
+        p = as_float(p)
+        parts = layer.parts
+        parts["post_sum"], parts["post_dev"] = _dev_moments(flat(p))
+        layer.counts["post"] = p.numel()
+        layer.post_shape = tuple(p.shape)
+        act = layer.act
+        if act is not None and act.zero_on_negative:
+            parts["post_max_c"] = _unit_maxima(p, layer)
+        if act is not None and act.saturates:
+            center, half = saturation_band(act)
+            parts["sat"] = torch.sub(p, center).abs_().ge_(half).sum()
+        if self.bins is not None:
+            self.histograms[layer.name]["post"] = histogram(p, self.bins)
+
+
+def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
+    """Each unit's maximum over the batch (a unit: a feature, a conv channel over all positions)."""
+    if p.dim() <= 1:
+        return p
+    if tuple(p.shape) == layer.shape:
+        if p.dim() == 2:
+            return p.amax(dim=1 - layer.cdim)
+        return p.amax(dim=tuple(d for d in range(p.dim()) if d != layer.cdim))
+    return p.reshape(p.shape[0], -1).amax(dim=0)  # reshaped on the way: every position of a sample is a unit
+
+
+# --------------------------------------------------------------------------- statistics on the host
+
+
+class _Transfer:
+    """Device tensors queued for one host transfer: 1-d vectors first, then the 0-d scalars stacked.
+    Each is filed under ``(layer index, key)``; index -1 holds the batch's sums and the loss."""
+
+    def __init__(self) -> None:
+        self.vectors: list[Tensor] = []
+        self.v_index: list[tuple[int, str, int]] = []
+        self.scalars: list[Tensor] = []
+        self.s_index: list[tuple[int, str]] = []
+
+    def vector(self, i: int, key: str, t: Tensor) -> None:
+        self.vectors.append(t.detach().reshape(-1))
+        self.v_index.append((i, key, self.vectors[-1].numel()))
+
+    def scalar(self, i: int, key: str, t: Tensor) -> None:
+        self.scalars.append(t)
+        self.s_index.append((i, key))
+
+    def fetch(self, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(values of index -1, values of every layer)``: numpy arrays for vectors, floats for scalars."""
+        pieces = self.vectors + ([torch.stack(self.scalars)] if self.scalars else [])  # stack and cat promote dtypes
+        if len({p.device for p in pieces}) == 1:
+            host = torch.cat(pieces).to(torch.float64).cpu().numpy()
+        else:  # a model split over devices
+            host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
+        vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
+        off = 0
+        for i, key, n in self.v_index:
+            vals[i][key] = host[off:off + n]
+            off += n
+        for (i, key), v in zip(self.s_index, host[off:].tolist()):
+            vals[i][key] = v
+        return vals[-1], vals[:-1]
+
+
+def _queue_layer(transfer: _Transfer, i: int, layer: _Layer, grads: dict[int, Tensor]) -> None:
+    """Queue a layer's raw sums, and its weight's (and weight gradient's) sums and its bias."""
+    for key, t in layer.parts.items():
+        if t.dim() == 0:
+            transfer.scalar(i, key, t)
+        else:
+            transfer.vector(i, key, t)
+    w = output_weight(layer.module)
+    if w is not None and not w.is_meta:
+        wf = flat(as_float(w))
+        transfer.scalar(i, "w_sum", wf.sum())
+        transfer.scalar(i, "w_sq", torch.dot(wf, wf))
+        layer.counts["w"] = wf.numel()
+        g = grads.get(id(w))
+        if g is not None:
+            gf = flat(as_float(g))
+            transfer.scalar(i, "wg_sum", gf.sum())
+            transfer.scalar(i, "wg_sq", torch.dot(gf, gf))
+            layer.counts["wg"] = gf.numel()
+    b = output_bias(layer.module)
+    if b is not None and not b.is_meta:
+        transfer.vector(i, "bias", b)
+
+
+def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
+    """Pre-activation moments with bias (per-channel means + within-channel deviations) and without."""
+    mean_c = v["pre_sum_c"] / (c["pre"] / len(v["pre_sum_c"]))
+    within = v["pre_dev"] / c["pre"]
+    m, var = host_moments(mean_c)
+    row["pre_bias_mean"] = m
+    row["pre_bias_var"] = within + var
+    bias = v.get("bias")
+    if bias is not None and len(bias) == len(mean_c):
+        m, var = host_moments(mean_c - bias)  # subtracting the bias shifts the channel means only
+        row["pre_mean"], row["pre_var"] = m, within + var
+        row["bias_var"] = host_moments(bias)[1]
+    else:
+        row["pre_mean"], row["pre_var"] = row["pre_bias_mean"], row["pre_bias_var"]
+        row["bias_var"] = 0.0
+    for p in ("pre", "pre_bias"):
+        row[f"{p}_sq_mean"] = row[f"{p}_var"] + row[f"{p}_mean"] ** 2
+
+
+def _param_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int], module: nn.Module) -> None:
+    """The input's, the weight's, the weight gradient's and the pre-activation gradient's moments."""
+    if "in" in c:
+        m, var = v["in_sum"] / c["in"], v["in_dev"] / c["in"]
+        row.update(input_mean=m, input_var=var, input_sq_mean=var + m * m)
+    if "w" in c:
+        m, sq = v["w_sum"] / c["w"], v["w_sq"] / c["w"]
+        if m * m > 0.99 * sq:  # E[w^2] - E[w]^2 would lose digits: two passes instead
+            row["weight_var"] = float(moments(as_float(output_weight(module)))[1])
+        else:
+            row["weight_var"] = max(sq - m * m, 0.0)
+    if "wg" in c:
+        m, sq = v["wg_sum"] / c["wg"], v["wg_sq"] / c["wg"]
+        row["weight_grad_var"] = max(sq - m * m, 0.0)
+        row["weight_grad_norm"] = math.sqrt(v["wg_sq"])
+    if "grad" in c:
+        m, sq = v["grad_sum"] / c["grad"], v["grad_sq"] / c["grad"]
+        row["grad_pre_var"] = max(sq - m * m, 0.0)
+
+
+def _post_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int], layer: _Layer, notes: list[str]) -> None:
+    """Post-activation moments, dead units and saturation (a readout's output is its post-activation)."""
+    if layer.act is None:
+        row["post_mean"], row["post_var"] = row["pre_bias_mean"], row["pre_bias_var"]
+    elif "post" in c:
+        row["post_mean"] = v["post_sum"] / c["post"]
+        row["post_var"] = v["post_dev"] / c["post"]
+        if "post_max_c" in v:
+            row["dead_frac"] = np.count_nonzero(v["post_max_c"] <= 0) / len(v["post_max_c"])
+        if "sat" in v:
+            row["saturated_frac"] = v["sat"] / c["post"]
+    else:
+        notes.append(f"{layer.name}: the activation ({layer.act.name}) was not reached; post statistics missing")
+    row["post_sq_mean"] = row["post_var"] + row["post_mean"] ** 2
+
+
+def _row(i: int, layer: _Layer, v: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    fan_in, fan_out = _layer_fans(layer.module)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS, float("nan"))
+    row.update(index=i + 1, layer=layer.name, kind=type(layer.module).__name__,
+               activation=layer.act.name if layer.act is not None else READOUT,
+               fan_in=fan_in, fan_out=fan_out,
+               units=math.prod(layer.shape[1:]) if len(layer.shape) > 1 else math.prod(layer.shape))
+    _pre_stats(row, v, layer.counts)
+    _param_stats(row, v, layer.counts, layer.module)
+    _post_stats(row, v, layer.counts, layer, notes)
+    return row
+
+
+def _link_inputs(order: list[_Layer], rows: list[dict[str, Any]]) -> None:
+    """Inputs that are tensors measured already (the batch, or an earlier layer's output/activation)."""
+    for layer, row in zip(order, rows):
+        if layer.in_ref is None:
+            continue
+        src, kind = layer.in_ref
+        if src is None:
+            row["_input_is_batch"] = True
+        elif src.order >= 0:
+            s_row = rows[src.order]
+            p = "post" if kind == "post" else "pre_bias"
+            row.update(input_mean=s_row[f"{p}_mean"], input_var=s_row[f"{p}_var"],
+                       input_sq_mean=s_row[f"{p}_sq_mean"])
+
+
+def _collect(state: _Probe, batch_sums: Tensor) -> tuple[list[dict[str, Any]], float | None, list[str], np.ndarray]:
+    """Move every layer's raw sums to the host in one transfer and turn them into statistics:
+    ``(rows, loss, notes, the batch's sums)``."""
+    transfer = _Transfer()
+    transfer.vector(-1, "batch", batch_sums)
+    if state.loss_value is not None:
+        transfer.scalar(-1, "loss", state.loss_value.detach().reshape(()))
+    for i, layer in enumerate(state.order):
+        _queue_layer(transfer, i, layer, state.grads)
+    extra, vals = transfer.fetch(len(state.order))
+    notes: list[str] = []
+    rows = [_row(i, layer, vals[i], notes) for i, layer in enumerate(state.order)]
+    _link_inputs(state.order, rows)
+    return rows, extra.get("loss"), notes, extra["batch"]
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor]:
+    """``(flat float values, values per example, [sum, per-example norms])`` of the first input: the
+    batch's moments (and, as NaN and inf propagate into them, its finiteness check) in one reduction."""
+    xf = flat(as_float(x0) if x0.is_floating_point() else x0.double())
+    # per-example norms (their squares / size are the per-example mean squares, for the
+    # recursion, which propagates each example's own length): one fused reduction
+    if x0.dim() > 1:
+        sample_size = xf.numel() // x0.shape[0]
+        norms = torch.linalg.vector_norm(xf.reshape(x0.shape[0], -1), dim=1)
+    else:
+        sample_size = xf.numel()
+        norms = torch.linalg.vector_norm(xf).reshape(1)
+    return xf, sample_size, torch.cat([xf.sum().reshape(1), norms])
+
+
+def _input_moments(batch_host: np.ndarray, xf: Tensor, sample_size: int) -> tuple[float, float, float, np.ndarray]:
+    """``(mean, variance, E[x^2], per-example E[x^2])`` of the batch from its host sums."""
+    sample_sq = batch_host[1:] ** 2 / sample_size
+    in_mean, in_sq = float(batch_host[0]) / xf.numel(), float(sample_sq.mean())
+    in_var = max(in_sq - in_mean * in_mean, 0.0)
+    if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
+        in_var = float(moments(xf)[1])
+    return in_mean, in_var, in_sq, sample_sq
 
 
 def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
@@ -652,18 +787,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
         raise InitlabError(f"bins must be a positive integer or None, got {bins!r}")
     inputs = as_inputs(batch, check_finite=False)
-    # the batch's moments double as the finiteness check (NaN and inf propagate into them)
     x0 = inputs[0]
-    xf = _flat(_as_float(x0) if x0.is_floating_point() else x0.double())
-    # per-example norms (their squares / size are the per-example mean squares, for the
-    # recursion, which propagates each example's own length): one fused reduction
-    if x0.dim() > 1:
-        sample_size = xf.numel() // x0.shape[0]
-        norms = torch.linalg.vector_norm(xf.reshape(x0.shape[0], -1), dim=1)
-    else:
-        sample_size = xf.numel()
-        norms = torch.linalg.vector_norm(xf).reshape(1)
-    batch_sums = torch.cat([xf.sum().reshape(1), norms])
+    xf, sample_size, batch_sums = _batch_sums(x0)
     if not bool(torch.isfinite(batch_sums).all()) or len(inputs) > 1:
         as_inputs(batch)  # the detailed check (raises for NaN/inf)
     if target is not None and not isinstance(target, Tensor):
@@ -671,335 +796,29 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
     found = _weight_layers(model, modules)
-    layers = {name: _Layer(name, mod, link) for name, mod, link in found}
-    traced = any(bool(getattr(link, "traced", False)) for _, _, link in found)
-    backward = loss_fn is not None
-    histograms: dict[str, dict[str, Histogram]] = defaultdict(dict)
-    queues: dict[str, deque[_Layer]] = defaultdict(deque)
-    order: list[_Layer] = []
-    handles: list[Any] = []
-    # tensors measured already, by (address, size, version); a weak reference proves the tensor
-    # is still alive (a freed tensor's memory may hold a new tensor at the same address)
-    known: dict[tuple[int, int, int], tuple[Any, _Layer | None, str]] = {}
-
-    def remember(t: Tensor, layer: _Layer | None, kind: str) -> None:
-        k = _key(t)
-        if k is not None:
-            known[k] = (weakref.ref(t), layer, kind)
-
-    def recall(t: Tensor) -> tuple[_Layer | None, str] | None:
-        k = _key(t)
-        hit = known.get(k) if k is not None else None
-        if hit is None or hit[0]() is None:
-            return None
-        return hit[1], hit[2]
-
+    state = _Probe({name: _Layer(name, mod, link) for name, mod, link in found}, modules, bins, loss_fn is not None)
     if x0.is_floating_point():
-        remember(x0, None, "batch")
-
-    def measure_post(layer: _Layer, p: Tensor, model_tensor: bool) -> None:
-        if model_tensor:  # the model's own tensor: a later layer reading it reuses these moments
-            remember(p, layer, "post")
-        p = _as_float(p)
-        f = _flat(p)
-        n = f.numel()
-        s = f.sum()
-        d = torch.sub(f, s, alpha=1.0 / n)  # f - mean, in one pass
-        parts = layer.parts
-        parts["post_sum"], parts["post_dev"] = s, torch.dot(d, d)
-        layer.counts["post"] = n
-        shape = layer.post_shape = tuple(p.shape)
-        act = layer.act
-        if act is not None and act.zero_on_negative:
-            if p.dim() <= 1:
-                parts["post_max_c"] = p
-            elif shape == layer.shape:
-                if p.dim() == 2:
-                    parts["post_max_c"] = p.amax(dim=1 - layer.cdim)
-                else:
-                    parts["post_max_c"] = p.amax(dim=tuple(d for d in range(p.dim()) if d != layer.cdim))
-            else:  # reshaped on the way: every position of a sample is a unit
-                parts["post_max_c"] = p.reshape(p.shape[0], -1).amax(dim=0)
-        if act is not None and act.saturates:
-            center, half = saturation_band(act)
-            parts["sat"] = torch.sub(p, center).abs_().ge_(half).sum()
-        if bins is not None:
-            histograms[layer.name]["post"] = _histogram(p, bins)
-
-    def layer_hook(layer: _Layer, post_self: bool, apply_fn: bool, src: str | None) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if layer.order >= 0:
-                return  # measured at the first call
-            y = _first_tensor(out)
-            if y is None:
-                return
-            layer.order = len(order)
-            order.append(layer)
-            parts = layer.parts
-            with torch.no_grad():
-                yd = _as_float(y)
-                layer.shape = tuple(yd.shape)
-                if yd.dim() == 1:
-                    yd = yd.unsqueeze(0)
-                cdim = layer.cdim = _channel_dim(mod, yd)
-                sum_c = _channel_sums(yd, cdim)
-                shape = [1] * yd.dim()
-                shape[cdim] = -1
-                # deviations from the channel means in one pass: y - sum_c / (values per channel)
-                d = _flat(torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / yd.numel()))
-                parts["pre_sum_c"], parts["pre_dev"] = sum_c, torch.dot(d, d)
-                layer.counts["pre"] = yd.numel()
-                x = args[0] if args and isinstance(args[0], Tensor) else None
-                if x is not None and x.is_floating_point():
-                    layer.in_shape = tuple(x.shape)
-                    layer.in_ref = recall(x)
-                    if layer.in_ref is None:  # not measured yet: two passes
-                        xf = _flat(_as_float(x))
-                        s_in = xf.sum()
-                        dx = xf - s_in / xf.numel()
-                        parts["in_sum"], parts["in_dev"] = s_in, torch.dot(dx, dx)
-                        layer.counts["in"] = xf.numel()
-                remember(y, layer, "pre")
-                if bins is not None:
-                    b = _bias_of(mod)
-                    z = yd if b is None else yd - _as_float(b).reshape(shape)
-                    histograms[layer.name]["pre"] = _histogram(z, bins)
-                if post_self and layer.act is not None:
-                    measure_post(layer, layer.act.fn(yd) if apply_fn else y, not apply_fn)
-            if src is not None:
-                queues[src].append(layer)
-            if backward and y.requires_grad:
-                y.register_hook(grad_hook(layer))
-        return hook
-
-    def grad_hook(layer: _Layer) -> Callable[[Tensor], None]:
-        def hook(g: Tensor) -> None:
-            parts = layer.parts
-            if "grad_sum" not in parts:  # the backward pass runs without grad mode (no create_graph)
-                gf = _flat(_as_float(g))
-                parts["grad_sum"], parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
-                layer.counts["grad"] = gf.numel()
-                if bins is not None:
-                    with torch.no_grad():
-                        histograms[layer.name]["grad_pre"] = _histogram(gf, bins)
-        return hook
-
-    def source_hook(src: str) -> Callable[..., None]:
-        def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            q = queues[src]
-            p = _first_tensor(out)
-            if not q or p is None:
-                return
-            with torch.no_grad():
-                while q:  # every layer waiting for this call (e.g. a residual branch and its shortcut)
-                    layer = q.popleft()
-                    if layer.post_apply:
-                        measure_post(layer, layer.act.fn(_as_float(p)), False)
-                    else:
-                        measure_post(layer, p, True)
-        return hook
-
-    loss_value: Tensor | None = None
-    grads: dict[int, Tensor] = {}
-    try:
-        sources: set[str] = set()
-        for name, layer in layers.items():
-            src, apply_fn = _resolve_post_source(layer, modules)
-            layer.post_apply = apply_fn
-            handles.append(layer.module.register_forward_hook(layer_hook(layer, src is None, apply_fn, src)))
-            if src is not None:
-                sources.add(src)
-        for src in sources:
-            handles.append(modules[src].register_forward_hook(source_hook(src)))
-
-        params = [_weight_of(l.module) for l in layers.values()]
-        grad_params = [p for p in dict.fromkeys(p for p in params if p is not None and p.requires_grad)]
-        if backward and not grad_params:
-            raise InitlabError("no weight of the model requires grad, so no backward pass is possible; "
-                               "call probe without target/loss, or enable requires_grad")
-        with torch.set_grad_enabled(backward), no_mha_fastpath():
-            try:
-                out = model(*inputs)
-            except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                if isinstance(e, InitlabError):
-                    raise
-                for h in handles:
-                    h.remove()
-                handles.clear()
-                raise forward_error(e, inputs, _locate_failure(model, inputs, layers),
-                                    [(n, l.module) for n, l in layers.items()]) from e
-            if backward:
-                loss_t = loss_fn(out)
-                if not isinstance(loss_t, Tensor) or loss_t.numel() != 1:
-                    raise InitlabError(f"the loss must return a scalar tensor, got {type(loss_t).__name__}"
-                                       + (f" of shape {tuple(loss_t.shape)}" if isinstance(loss_t, Tensor) else ""))
-                if not loss_t.requires_grad:
-                    raise InitlabError("the loss does not depend on any weight (no grad_fn); check the model and loss")
-                gs = torch.autograd.grad(loss_t.reshape(()), grad_params, allow_unused=True)
-                grads = {id(p): g for p, g in zip(grad_params, gs) if g is not None}
-                loss_value = loss_t.detach()
-    finally:
-        for h in handles:
-            h.remove()
+        state.remember(x0, None, "batch")
+    state.run(model, inputs, loss_fn)
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
-        rows, loss_f, notes, batch_host = _collect(order, grads, loss_value, batch_sums)
-    missing = [n for n, l in layers.items() if l.order < 0]
+        rows, loss_f, notes, batch_host = _collect(state, batch_sums)
+    missing = [n for n, layer in state.layers.items() if layer.order < 0]
     if missing:
         notes.append("not called by the forward pass (no row): " + ", ".join(missing))
-    sample_sq = batch_host[1:] ** 2 / sample_size
-    in_mean, in_sq = float(batch_host[0]) / xf.numel(), float(sample_sq.mean())
-    in_var = max(in_sq - in_mean * in_mean, 0.0)
-    if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
-        in_var = float(_moments(xf)[1])
+    in_mean, in_var, in_sq, sample_sq = _input_moments(batch_host, xf, sample_size)
     for row in rows:
         if row.pop("_input_is_batch", False):
             row.update(input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq)
-    result = ProbeResult(
-        rows=rows, histograms=dict(histograms), input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq, loss=loss_f, traced=traced, backward=backward, notes=notes,
-    )
-    _fill_predictions(result, order, modules, sample_sq if x0.dim() > 1 else None)
+    result = ProbeResult(rows=rows, histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var,
+                         input_sq_mean=in_sq, loss=loss_f, traced=any(bool(getattr(link, "traced", False))
+                                                                       for _, _, link in found),
+                         backward=state.backward, notes=notes)
+    _fill_predictions(result, state.order, modules, sample_sq if x0.dim() > 1 else None)
     return result
 
 
-def _host_moments(a: np.ndarray) -> tuple[float, float]:
-    """(mean, population variance) of a small float64 array, two passes, as Python floats."""
-    n = len(a)
-    m = float(np.add.reduce(a)) / n
-    d = a - m
-    return m, float(np.dot(d, d)) / n
-
-
-def _collect(order: list[_Layer], grads: dict[int, Tensor], loss_value: Tensor | None,
-             batch_sums: Tensor) -> tuple[list[dict[str, Any]], float | None, list[str], np.ndarray]:
-    """Move every layer's raw sums to the host in one transfer and turn them into statistics."""
-    nan = float("nan")
-    scalars: list[Tensor] = []  # 0-d sums, stacked
-    vectors: list[Tensor] = [batch_sums]  # 1-d: the batch's sums, then per-channel sums and biases
-    s_index: list[tuple[int, str]] = []
-    v_index: list[tuple[int, str, int]] = []  # (layer, key, length)
-    if loss_value is not None:
-        scalars.append(loss_value.detach().reshape(()))
-        s_index.append((-1, "loss"))
-    for i, layer in enumerate(order):
-        for key, t in layer.parts.items():
-            if t.dim() == 0:
-                scalars.append(t)
-                s_index.append((i, key))
-            else:
-                vectors.append(t.detach().reshape(-1))
-                v_index.append((i, key, vectors[-1].numel()))
-        w = _weight_of(layer.module)
-        if w is not None and not w.is_meta:
-            wf = _flat(_as_float(w))
-            scalars += [wf.sum(), torch.dot(wf, wf)]
-            s_index += [(i, "w_sum"), (i, "w_sq")]
-            layer.counts["w"] = wf.numel()
-            g = grads.get(id(w))
-            if g is not None:
-                gf = _flat(_as_float(g))
-                scalars += [gf.sum(), torch.dot(gf, gf)]
-                s_index += [(i, "wg_sum"), (i, "wg_sq")]
-                layer.counts["wg"] = gf.numel()
-        b = _bias_of(layer.module)
-        if b is not None and not b.is_meta:
-            vectors.append(b.detach().reshape(-1))
-            v_index.append((i, "bias", vectors[-1].numel()))
-    pieces = vectors + ([torch.stack(scalars)] if scalars else [])  # stack and cat promote dtypes
-    devices = {p.device for p in pieces}
-    if len(devices) == 1:
-        host = torch.cat(pieces).to(torch.float64).cpu().numpy()
-    else:  # a model split over devices
-        host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
-    vals: list[dict[str, Any]] = [{} for _ in order]
-    loss_f: float | None = None
-    n_batch = len(batch_sums)
-    batch = host[:n_batch]
-    off = n_batch
-    for i, key, n in v_index:
-        vals[i][key] = host[off:off + n]
-        off += n
-    for (i, key), v in zip(s_index, host[off:].tolist()):
-        if i < 0:
-            loss_f = v
-        else:
-            vals[i][key] = v
-
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    for i, layer in enumerate(order):
-        fan_in, fan_out = _layer_fans(layer.module)
-        v, c = vals[i], layer.counts
-        row: dict[str, Any] = dict.fromkeys(COLUMNS, nan)
-        row.update(index=i + 1, layer=layer.name, kind=type(layer.module).__name__,
-                   activation=layer.act.name if layer.act is not None else "none",
-                   fan_in=fan_in, fan_out=fan_out,
-                   units=math.prod(layer.shape[1:]) if len(layer.shape) > 1 else math.prod(layer.shape))
-        # pre-activation, with bias: per-channel means + within-channel deviations
-        mean_c = v["pre_sum_c"] / (c["pre"] / len(v["pre_sum_c"]))
-        within = v["pre_dev"] / c["pre"]
-        m, var = _host_moments(mean_c)
-        row["pre_bias_mean"] = m
-        row["pre_bias_var"] = within + var
-        bias = v.get("bias")
-        if bias is not None and len(bias) == len(mean_c):
-            m, var = _host_moments(mean_c - bias)  # subtracting the bias shifts the channel means only
-            row["pre_mean"], row["pre_var"] = m, within + var
-            row["bias_var"] = _host_moments(bias)[1]
-        else:
-            row["pre_mean"], row["pre_var"] = row["pre_bias_mean"], row["pre_bias_var"]
-            row["bias_var"] = 0.0
-        for p in ("pre", "pre_bias"):
-            row[f"{p}_sq_mean"] = row[f"{p}_var"] + row[f"{p}_mean"] ** 2
-        if "in" in c:
-            m, var = v["in_sum"] / c["in"], v["in_dev"] / c["in"]
-            row.update(input_mean=m, input_var=var, input_sq_mean=var + m * m)
-        if "w" in c:
-            m, sq = v["w_sum"] / c["w"], v["w_sq"] / c["w"]
-            if m * m > 0.99 * sq:  # E[w^2] - E[w]^2 would lose digits: two passes instead
-                row["weight_var"] = float(_moments(_as_float(_weight_of(layer.module)))[1])
-            else:
-                row["weight_var"] = max(sq - m * m, 0.0)
-        if "wg" in c:
-            m, sq = v["wg_sum"] / c["wg"], v["wg_sq"] / c["wg"]
-            row["weight_grad_var"] = max(sq - m * m, 0.0)
-            row["weight_grad_norm"] = math.sqrt(v["wg_sq"])
-        if "grad" in c:
-            m, sq = v["grad_sum"] / c["grad"], v["grad_sq"] / c["grad"]
-            row["grad_pre_var"] = max(sq - m * m, 0.0)
-        if layer.act is None:  # readout: the output is the post-activation
-            row["post_mean"], row["post_var"] = row["pre_bias_mean"], row["pre_bias_var"]
-        elif "post" in c:
-            row["post_mean"] = v["post_sum"] / c["post"]
-            row["post_var"] = v["post_dev"] / c["post"]
-            if "post_max_c" in v:
-                row["dead_frac"] = np.count_nonzero(v["post_max_c"] <= 0) / len(v["post_max_c"])
-            if "sat" in v:
-                row["saturated_frac"] = v["sat"] / c["post"]
-        else:
-            notes.append(f"{layer.name}: the activation ({layer.act.name}) was not reached; post statistics missing")
-        row["post_sq_mean"] = row["post_var"] + row["post_mean"] ** 2
-        rows.append(row)
-    # inputs that are tensors measured already (the batch, or an earlier layer's output/activation)
-    for layer, row in zip(order, rows):
-        if layer.in_ref is None:
-            continue
-        src, kind = layer.in_ref
-        if src is None:
-            row["_input_is_batch"] = True
-        elif src.order >= 0:
-            s_row = rows[src.order]
-            p = "post" if kind == "post" else "pre_bias"
-            row.update(input_mean=s_row[f"{p}_mean"], input_var=s_row[f"{p}_var"],
-                       input_sq_mean=s_row[f"{p}_sq_mean"])
-    return rows, loss_f, notes, batch
-
-
 # --------------------------------------------------------------------------- theory
-
-
-_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-                 nn.Flatten, nn.Unflatten)
 
 
 def _is_plain_link(prev: _Layer, cur: _Layer, prev_row: dict[str, Any], cur_row: dict[str, Any],
@@ -1013,7 +832,7 @@ def _is_plain_link(prev: _Layer, cur: _Layer, prev_row: dict[str, Any], cur_row:
     """
     for t in getattr(prev.link, "through", ()):
         mod = modules.get(t)
-        if mod is None or not isinstance(mod, _PASS_THROUGH):
+        if mod is None or not is_plain(mod):
             return False
     post_shape = prev.post_shape if prev.act is not None else prev.shape
     if not cur.in_shape or not post_shape or math.prod(post_shape) != math.prod(cur.in_shape):
@@ -1022,10 +841,6 @@ def _is_plain_link(prev: _Layer, cur: _Layer, prev_row: dict[str, Any], cur_row:
     if not (math.isfinite(a) and math.isfinite(b)):
         return False
     return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-30)
-
-
-# layers the recursion models: h = W x + b on one input (Embedding: a one-hot input, E[x^2] = 1)
-_MODELED: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 def _length_summary(sample_sq: np.ndarray, groups: int) -> np.ndarray:
@@ -1048,13 +863,11 @@ def _fill_predictions(result: ProbeResult, order: list[_Layer], modules: dict[st
     its last layer's measured gradient variance. Layers the recursion does not model
     (Bilinear, MultiheadAttention) get NaN and cut the chain.
     """
-    from . import theory
-
     rows = result.rows
-    modeled = [isinstance(l.module, _MODELED) for l in order]
+    modeled = [is_modeled(layer.module) for layer in order]
     starts = [0]
     for i in range(1, len(rows)):
-        if not (modeled[i] and modeled[i - 1]) or isinstance(order[i].module, nn.Embedding) or \
+        if not (modeled[i] and modeled[i - 1]) or is_one_hot(order[i].module) or \
                 not _is_plain_link(order[i - 1], order[i], rows[i - 1], rows[i], modules):
             starts.append(i)
     for s, e in zip(starts, starts[1:] + [len(rows)]):
@@ -1063,7 +876,7 @@ def _fill_predictions(result: ProbeResult, order: list[_Layer], modules: dict[st
         seg = rows[s:e]
         first = seg[0]
         ex2: float | np.ndarray
-        if isinstance(order[s].module, nn.Embedding):
+        if is_one_hot(order[s].module):
             ex2 = 1.0  # one-hot input: fan_in = 1 and sum_i x_i^2 = 1
         elif s == 0 and sample_sq is not None and len(sample_sq) and \
                 math.isclose(first["input_sq_mean"], float(sample_sq.mean()), rel_tol=1e-4):

@@ -41,18 +41,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_mode,
-                      check_scale, target_std, variance_scaling_)
+from ._activations import Activation
+from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
+                      check_mode, check_scale, target_std, variance_scaling_)
 from ._errors import InitlabError, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 from ._gains import gain as _gain
+from ._lsuv import check_lsuv_args, lsuv_
+from ._orthogonal import delta_orthogonal_, identity_, orthogonal_
 
 __all__ = [
     "Scheme", "get_scheme", "schemes", "register_scheme", "scheme_descriptions", "register_cli",
     "normal_", "xavier_normal_", "xavier_uniform_", "he_normal_", "he_uniform_", "lecun_normal_",
     "lecun_uniform_", "kumar_", "orthogonal_", "delta_orthogonal_", "identity_", "TF1_REALISED_FACTOR",
+    "LayerChoice", "LEVELS", "scheme_parameters",
 ]
+
+#: ``"tensor"``: the scheme initialises one tensor, ``scheme(w)``; ``"model"``: it needs the whole
+#: model (it chooses per layer, or fits on data) and only ``init_model`` applies it
+LEVELS = ("tensor", "model")
 
 TF1_REALISED_FACTOR = 1.3 * TRUNC_VAR
 """TF1's truncated normal realises Var = 1.3 * 0.7737413 * factor / n = 1.0058637 * factor / n."""
@@ -75,6 +83,13 @@ class Scheme:
         description: one line with the formula and the paper.
         scale, mode, distribution: the engine's arguments for variance-scaling schemes
             (``Var[W] = scale / n``), None for the others.
+        level: ``"tensor"`` (callable on a tensor) or ``"model"`` (``init_model`` only; calling
+            it on a tensor raises an error that says so).
+        needs_batch: the scheme fits the weights on a batch of data (``init_model(..., batch=x)``).
+        for_layer: for a model-level scheme, ``for_layer(act)`` gives the :class:`LayerChoice` for
+            a weight layer followed by activation ``act`` (None: a readout).
+        fit: for a data-dependent scheme, ``fit(model, batch, generator)`` runs after the per-layer
+            initialisation; it returns a result with ``row_updates()`` for ``init_model``'s report.
     """
 
     name: str
@@ -85,6 +100,14 @@ class Scheme:
     scale: float | None = None
     mode: str | None = None
     distribution: str | None = None
+    level: str = "tensor"
+    needs_batch: bool = False
+    for_layer: Callable[[Activation | None], LayerChoice] | None = field(default=None, repr=False)
+    fit: Callable[..., Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise unknown_choice("scheme level", self.level, LEVELS)
 
     def __call__(self, tensor: Tensor, *, fans: Fans | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
@@ -117,6 +140,16 @@ class Scheme:
         return (_rebuild, (self.name, dict(self.params)))
 
 
+@dataclass(frozen=True)
+class LayerChoice:
+    """What a scheme does to one weight layer: the tensor-level ``scheme`` applied to its weight,
+    the ``label`` shown in ``init_model``'s report and the ``gain`` it used (None: no gain)."""
+
+    scheme: Scheme
+    label: str
+    gain: float | None = None
+
+
 def _rebuild(name: str, params: dict[str, Any]) -> Scheme:
     return get_scheme(name, **params)
 
@@ -138,12 +171,6 @@ def _plain(init: _Init, std: _Std | None) -> Scheme:
 
 # --------------------------------------------------------------------------------------------
 # in-place functions
-
-def _check_gain(g: object) -> float:
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(float(g)) or float(g) <= 0:
-        raise InitlabError(f"gain must be a finite number > 0, got {g!r}")
-    return float(g)
-
 
 def _check_mean(mean: object) -> None:
     if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
@@ -169,13 +196,13 @@ def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
 def xavier_normal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None,
                    fans: Fans | None = None) -> Tensor:
     """Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out)); realised variance as stated."""
-    return variance_scaling_(tensor, _check_gain(gain) ** 2, "fan_avg", "normal", generator=generator, fans=fans)
+    return variance_scaling_(tensor, check_gain(gain) ** 2, "fan_avg", "normal", generator=generator, fans=fans)
 
 
 def xavier_uniform_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None,
                     fans: Fans | None = None) -> Tensor:
     """Glorot & Bengio (2010): U(-a, a), a = gain sqrt(6 / (fan_in + fan_out)); Var = 2 gain^2 / (fan_in + fan_out)."""
-    return variance_scaling_(tensor, _check_gain(gain) ** 2, "fan_avg", "uniform", generator=generator, fans=fans)
+    return variance_scaling_(tensor, check_gain(gain) ** 2, "fan_avg", "uniform", generator=generator, fans=fans)
 
 
 def he_normal_(tensor: Tensor, activation: object = "relu", param: float | None = None, *, mode: str = "fan_in",
@@ -214,101 +241,6 @@ def kumar_(tensor: Tensor, activation: object = "sigmoid", param: float | None =
     return variance_scaling_(tensor, g * g, mode, distribution, generator=generator, fans=fans)
 
 
-def _matrix_shape(tensor: Tensor, what: str) -> tuple[int, int]:
-    if tensor.dim() < 2:
-        raise InitlabError(f"{what} needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}; "
-                           "initialise biases with zeros or a constant")
-    rows = tensor.shape[0]
-    return rows, (tensor.numel() // rows if rows else 0)
-
-
-def _haar(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
-          generator: torch.Generator | None) -> Tensor:
-    """A (rows, cols) matrix with orthonormal rows or columns, Haar-distributed (Mezzadri 2007)."""
-    n, m = max(rows, cols), min(rows, cols)
-    a = torch.empty((n, m), dtype=dtype, device=device)
-    _sample_(a, "normal", 1.0, generator)
-    if device.type == "cpu" and torch.get_num_threads() > 1:
-        # LAPACK's blocked QR sums in a thread-dependent order: run it on one thread so that
-        # the same generator gives the same bits whatever torch.get_num_threads() is
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            q, r = torch.linalg.qr(a)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        q, r = torch.linalg.qr(a)
-    d = torch.sign(torch.diagonal(r))
-    d = torch.where(d == 0, torch.ones_like(d), d)
-    q = q * d  # sign correction: without it the QR's convention biases the distribution
-    return q.T if rows < cols else q
-
-
-@torch.no_grad()
-def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
-    """Saxe et al. (2014): a Haar-random (semi-)orthogonal matrix times ``gain``, the tensor
-    viewed as (shape[0], prod(shape[1:])). QR of a Gaussian matrix with the sign of diag(R)
-    corrected (Mezzadri 2007); computed in fp32 (fp64 for fp64 tensors), then copied. On CPU the
-    QR runs on one thread, so results are bit-identical for any ``torch.get_num_threads()``.
-    Realised variance gain^2 / max(rows, cols)."""
-    _check_tensor(tensor, "orthogonal_")
-    g = _check_gain(gain)
-    gen = _check_generator(generator, tensor)
-    rows, cols = _matrix_shape(tensor, "orthogonal_")
-    if tensor.is_meta or tensor.numel() == 0:
-        return tensor
-    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    q = _haar(rows, cols, work, tensor.device, gen)
-    tensor.copy_((q * g).reshape(tensor.shape))
-    return tensor
-
-
-@torch.no_grad()
-def delta_orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
-    """Xiao et al. (2018): zeros everywhere except the kernel centre (index k // 2 on every
-    spatial axis), which holds a Haar (semi-)orthogonal (out, in) matrix times ``gain``.
-    The convolution is then a norm-preserving map for out >= in (dynamical isometry).
-    Realised variance gain^2 / max(fan_in, fan_out) (shape-based fans). A 2-d tensor gets
-    a plain orthogonal matrix."""
-    _check_tensor(tensor, "delta_orthogonal_")
-    g = _check_gain(gain)
-    gen = _check_generator(generator, tensor)
-    _matrix_shape(tensor, "delta_orthogonal_")
-    if tensor.is_meta or tensor.numel() == 0:
-        return tensor
-    if tensor.dim() == 2:
-        return orthogonal_(tensor, gain, generator=generator)
-    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    q = _haar(tensor.shape[0], tensor.shape[1], work, tensor.device, gen)
-    tensor.zero_()
-    centre = tuple(k // 2 for k in tensor.shape[2:])
-    tensor[(slice(None), slice(None), *centre)] = (q * g).to(tensor.dtype)
-    return tensor
-
-
-@torch.no_grad()
-def identity_(tensor: Tensor, gain: float = 1.0, *, groups: int = 1) -> Tensor:
-    """The identity map: ``eye`` for (out, in) matrices, a Dirac delta at the kernel centre for
-    convolutions (``torch.nn.init.dirac_``, any number of spatial dims, ``groups``), times ``gain``."""
-    _check_tensor(tensor, "identity_")
-    g = _check_gain(gain)
-    if tensor.dim() < 2:
-        raise InitlabError(f"identity_ needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or tensor.shape[0] % groups:
-        raise InitlabError(f"groups must be a positive int dividing out_channels={tensor.shape[0]}, got {groups!r}")
-    if tensor.is_meta:
-        return tensor
-    tensor.zero_()
-    out_pg = tensor.shape[0] // groups
-    m = min(out_pg, tensor.shape[1])
-    idx = torch.arange(m, device=tensor.device)
-    centre = tuple(k // 2 for k in tensor.shape[2:])
-    for k in range(groups):
-        tensor[(idx + k * out_pg, idx, *centre)] = g
-    return tensor
-
-
 def _ortho_std(gain: float) -> _Std:
     def std(fi: float, fo: float, shp: tuple[int, ...] | None) -> float | None:
         if shp is not None and len(shp) >= 2:
@@ -339,16 +271,49 @@ def _identity_std(gain: float) -> _Std:
     return std
 
 
-def _auto_marker(distribution: str = "normal", mode: str = "fan_in") -> Scheme:
-    check_distribution(distribution)
-    check_mode(mode)
+# --------------------------------------------------------------------------------------------
+# model-level schemes: ``auto`` chooses per layer, ``lsuv`` also fits on a batch
+
+def _auto_rule(distribution: str, mode: str) -> Callable[[Activation | None], LayerChoice]:
+    """``auto``'s choice for a layer followed by ``act`` (None: a readout), by the table's ``auto`` rule:
+    LeCun (Var = 1/n), Kumar, or He with the second-moment gain (Var = g^2/n, g = 1/sqrt(E[phi^2]))."""
+    def choose(act: Activation | None) -> LayerChoice:
+        if act is None or act.auto == "lecun":
+            return LayerChoice(_vs(1.0, mode, distribution), f"lecun_{distribution}", 1.0)
+        if act.auto == "kumar":
+            g = float(_gain(act, method="kumar"))
+            return LayerChoice(_vs(g * g, mode, distribution), "kumar", g)
+        # relu family, smooth, custom callables; gain() rejects E[phi(z)^2] that is not finite and > 0
+        g = float(_gain(act, method="second_moment"))
+        return LayerChoice(_vs(g * g, mode, distribution), f"he_{distribution}", g)
+    return choose
+
+
+def _auto(distribution: str = "normal", mode: str = "fan_in") -> Scheme:
+    distribution, mode = check_distribution(distribution), check_mode(mode)
 
     def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
         raise InitlabError(
             "scheme 'auto' chooses a scheme per layer from the activation that consumes the layer's output, "
             "so it needs the whole model: use initlab.init_model(model, 'auto'). For a single tensor pick a "
             "scheme yourself, e.g. get_scheme('he_normal', activation='relu')")
-    return _plain(init, None)
+    return Scheme(name="auto", init=init, level="model", for_layer=_auto_rule(distribution, mode))
+
+
+def _lsuv(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center: bool = False) -> Scheme:
+    check_lsuv_args(tol, max_iter, target_var)
+
+    def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
+        raise InitlabError(
+            "scheme 'lsuv' rescales each layer on a batch of data, so it needs the model and a batch: "
+            "use initlab.init_model(model, 'lsuv', batch=x) or initlab.lsuv_(model, x)")
+
+    def fit(model: Any, batch: Any, generator: torch.Generator | None) -> Any:
+        return lsuv_(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
+                     generator=generator)
+    # the layers LSUV does not cover (Embedding, Bilinear, MultiheadAttention in_proj) keep auto's choice
+    return Scheme(name="lsuv", init=init, level="model", needs_batch=True,
+                  for_layer=_auto_rule("normal", "fan_in"), fit=fit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +372,25 @@ def scheme_descriptions() -> list[tuple[str, str, str]]:
     return out
 
 
+def _entry(name: str) -> tuple[str, _Entry]:
+    """(canonical name, registry entry) of a scheme name or alias; unknown names raise an error."""
+    key = _key(name)
+    key = _ALIASES.get(key, key)
+    entry = _REGISTRY.get(key)
+    if entry is None:
+        raise unknown_choice("scheme", name, list(_REGISTRY) + list(_ALIASES))
+    return key, entry
+
+
+def scheme_parameters(name: str) -> tuple[str, ...]:
+    """The names of a registered scheme's parameters (``("distribution", "mode")`` for ``auto``)."""
+    try:
+        sig = inspect.signature(_entry(name)[1].factory)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
     """The scheme ``name`` configured with ``params`` (see ``initlab.schemes()``).
 
@@ -420,11 +404,7 @@ def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
     if not isinstance(name, str):
         raise InitlabError(f"a scheme name must be a string, got {type(name).__name__}: {name!r}. "
                            f"Valid schemes: {', '.join(_REGISTRY)}")
-    key = _key(name)
-    key = _ALIASES.get(key, key)
-    entry = _REGISTRY.get(key)
-    if entry is None:
-        raise unknown_choice("scheme", name, list(_REGISTRY) + list(_ALIASES))
+    key, entry = _entry(name)
     try:
         sig = inspect.signature(entry.factory)
     except (TypeError, ValueError):
@@ -459,11 +439,11 @@ def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
 # one line each over the engine
 register_scheme("normal", lambda std=1.0, mean=0.0: _normal(std, mean),
                 "N(mean, std^2) with no fan scaling (default N(0, 1): the naive baseline)")
-register_scheme("xavier_normal", lambda gain=1.0: _vs(_check_gain(gain) ** 2, "fan_avg", "normal"),
+register_scheme("xavier_normal", lambda gain=1.0: _vs(check_gain(gain) ** 2, "fan_avg", "normal"),
                 "Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out))", aliases=("glorot_normal",))
-register_scheme("xavier_uniform", lambda gain=1.0: _vs(_check_gain(gain) ** 2, "fan_avg", "uniform"),
+register_scheme("xavier_uniform", lambda gain=1.0: _vs(check_gain(gain) ** 2, "fan_avg", "uniform"),
                 "Glorot & Bengio (2010): uniform, Var = 2 gain^2 / (fan_in + fan_out)", aliases=("glorot_uniform",))
-register_scheme("xavier_caffe", lambda gain=1.0, distribution="uniform": _vs(_check_gain(gain) ** 2, "fan_in", distribution),
+register_scheme("xavier_caffe", lambda gain=1.0, distribution="uniform": _vs(check_gain(gain) ** 2, "fan_in", distribution),
                 "Caffe's 'xavier' filler: uniform, Var = gain^2 / fan_in")
 register_scheme("he_normal", lambda activation="relu", param=None, mode="fan_in", distribution="normal":
                 _vs(_gain(activation, param) ** 2, mode, distribution),
@@ -485,29 +465,19 @@ register_scheme("torch_default", lambda: _vs(1.0 / 3.0, "fan_in", "uniform"),
 register_scheme("tf1_variance_scaling", lambda factor=2.0, mode="fan_in", uniform=False: _tf1(factor, mode, uniform),
                 "TF1 contrib variance_scaling_initializer: truncated normal, sigma = sqrt(1.3 factor / n)")
 register_scheme("orthogonal", lambda gain=1.0: _plain(
-    lambda t, f, g: orthogonal_(t, gain, generator=g), _ortho_std(_check_gain(gain))),
+    lambda t, f, g: orthogonal_(t, gain, generator=g), _ortho_std(check_gain(gain))),
     "Saxe et al. (2014): Haar-random (semi-)orthogonal matrix times gain")
 register_scheme("delta_orthogonal", lambda gain=1.0: _plain(
-    lambda t, f, g: delta_orthogonal_(t, gain, generator=g), _delta_std(_check_gain(gain))),
+    lambda t, f, g: delta_orthogonal_(t, gain, generator=g), _delta_std(check_gain(gain))),
     "Xiao et al. (2018): orthogonal matrix at the kernel centre, zeros elsewhere")
 register_scheme("identity", lambda gain=1.0, groups=1: _plain(
-    lambda t, f, g: identity_(t, gain, groups=groups), _identity_std(_check_gain(gain))),
+    lambda t, f, g: identity_(t, gain, groups=groups), _identity_std(check_gain(gain))),
     "identity matrix / Dirac delta at the kernel centre (torch eye_ / dirac_)", aliases=("dirac", "eye"))
 register_scheme("zeros", lambda: _plain(lambda t, f, g: _zeros_(t), lambda fi, fo, s: 0.0),
                 "all zeros (biases; a layer that must start silent)")
-register_scheme("auto", _auto_marker,
+register_scheme("auto", _auto,
                 "per layer from the activation that follows (He / LeCun / Kumar / second moment): init_model only")
-
-
-def _lsuv_marker(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center: bool = False) -> Scheme:
-    def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
-        raise InitlabError(
-            "scheme 'lsuv' rescales each layer on a batch of data, so it needs the model and a batch: "
-            "use initlab.init_model(model, 'lsuv', batch=x) or initlab.lsuv_(model, x)")
-    return _plain(init, None)
-
-
-register_scheme("lsuv", _lsuv_marker,
+register_scheme("lsuv", _lsuv,
                 "Mishkin & Matas (2016): orthogonal, then each layer rescaled to unit output variance on a batch: "
                 "init_model(..., batch=x) only")
 

@@ -71,6 +71,9 @@ from torch import Tensor, nn
 
 from ._activations import Activation, resolve_activation
 from ._errors import InitlabError, unknown_choice
+from ._fans import module_fans
+from ._graph import find_activations
+from ._layers import is_affine
 
 __all__ = [
     "LayerSpec",
@@ -292,13 +295,7 @@ _PHI_CACHE_SIZE = 64
 
 
 def _phi_key(act: Activation) -> Any:
-    if not act.custom:
-        return ("table", act.name, act.param)
-    try:
-        hash(act.fn)
-    except TypeError:
-        return None
-    return ("custom", act.fn)
+    return act.cache_key  # the table row (never stale after a re-registration) or the callable
 
 
 def _phi(activation: object) -> _Phi:
@@ -621,11 +618,6 @@ def backward_variances(output_grad_var: float, layers: Sequence[LayerSpec],
     return out
 
 
-_CHAIN_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-)
-
-
 def layer_specs_from_model(model: nn.Module, *, batch: Tensor | None = None,
                            stat: str = "var") -> list[LayerSpec]:
     """The model's Linear / Conv / ConvTranspose layers as :class:`LayerSpec` s, in forward order.
@@ -650,11 +642,8 @@ def layer_specs_from_model(model: nn.Module, *, batch: Tensor | None = None,
         raise InitlabError(f"layer_specs_from_model expects an nn.Module, got {type(model).__name__}")
     if stat not in ("var", "sq_mean"):
         raise unknown_choice("weight statistic", stat, ["var", "sq_mean"])
-    from ._fans import module_fans
-    from ._graph import find_activations
-
     links = find_activations(model)
-    layers = [(name, link.module) for name, link in links.items() if isinstance(link.module, _CHAIN_LAYERS)]
+    layers = [(name, link.module) for name, link in links.items() if is_affine(link.module)]
     if not layers:
         raise InitlabError(f"{type(model).__name__} has no Linear, Conv or ConvTranspose layer")
     if batch is not None:

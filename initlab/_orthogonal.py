@@ -1,0 +1,110 @@
+"""Orthogonal and identity weights: Haar-random (semi-)orthogonal matrices (Saxe et al. 2014;
+Mezzadri 2007), their delta-orthogonal convolution form (Xiao et al. 2018), and the identity map.
+
+Tensor samplers beside :mod:`initlab._engine`'s variance scaling; the scheme registry
+(:mod:`initlab._schemes`) names them, and LSUV starts from :func:`orthogonal_`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._engine import _check_generator, _check_tensor, _sample_, check_gain
+from ._errors import InitlabError
+
+__all__ = ["orthogonal_", "delta_orthogonal_", "identity_"]
+
+
+def _matrix_shape(tensor: Tensor, what: str) -> tuple[int, int]:
+    if tensor.dim() < 2:
+        raise InitlabError(f"{what} needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}; "
+                           "initialise biases with zeros or a constant")
+    rows = tensor.shape[0]
+    return rows, (tensor.numel() // rows if rows else 0)
+
+
+def _haar(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+          generator: torch.Generator | None) -> Tensor:
+    """A (rows, cols) matrix with orthonormal rows or columns, Haar-distributed (Mezzadri 2007)."""
+    n, m = max(rows, cols), min(rows, cols)
+    a = torch.empty((n, m), dtype=dtype, device=device)
+    _sample_(a, "normal", 1.0, generator)
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        # LAPACK's blocked QR sums in a thread-dependent order: run it on one thread so that
+        # the same generator gives the same bits whatever torch.get_num_threads() is
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            q, r = torch.linalg.qr(a)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        q, r = torch.linalg.qr(a)
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    q = q * d  # sign correction: without it the QR's convention biases the distribution
+    return q.T if rows < cols else q
+
+
+@torch.no_grad()
+def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+    """Saxe et al. (2014): a Haar-random (semi-)orthogonal matrix times ``gain``, the tensor
+    viewed as (shape[0], prod(shape[1:])). QR of a Gaussian matrix with the sign of diag(R)
+    corrected (Mezzadri 2007); computed in fp32 (fp64 for fp64 tensors), then copied. On CPU the
+    QR runs on one thread, so results are bit-identical for any ``torch.get_num_threads()``.
+    Realised variance gain^2 / max(rows, cols)."""
+    _check_tensor(tensor, "orthogonal_")
+    g = check_gain(gain)
+    gen = _check_generator(generator, tensor)
+    rows, cols = _matrix_shape(tensor, "orthogonal_")
+    if tensor.is_meta or tensor.numel() == 0:
+        return tensor
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    q = _haar(rows, cols, work, tensor.device, gen)
+    tensor.copy_((q * g).reshape(tensor.shape))
+    return tensor
+
+
+@torch.no_grad()
+def delta_orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator | None = None) -> Tensor:
+    """Xiao et al. (2018): zeros everywhere except the kernel centre (index k // 2 on every
+    spatial axis), which holds a Haar (semi-)orthogonal (out, in) matrix times ``gain``.
+    The convolution is then a norm-preserving map for out >= in (dynamical isometry).
+    Realised variance gain^2 / max(fan_in, fan_out) (shape-based fans). A 2-d tensor gets
+    a plain orthogonal matrix."""
+    _check_tensor(tensor, "delta_orthogonal_")
+    g = check_gain(gain)
+    gen = _check_generator(generator, tensor)
+    _matrix_shape(tensor, "delta_orthogonal_")
+    if tensor.is_meta or tensor.numel() == 0:
+        return tensor
+    if tensor.dim() == 2:
+        return orthogonal_(tensor, gain, generator=generator)
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    q = _haar(tensor.shape[0], tensor.shape[1], work, tensor.device, gen)
+    tensor.zero_()
+    centre = tuple(k // 2 for k in tensor.shape[2:])
+    tensor[(slice(None), slice(None), *centre)] = (q * g).to(tensor.dtype)
+    return tensor
+
+
+@torch.no_grad()
+def identity_(tensor: Tensor, gain: float = 1.0, *, groups: int = 1) -> Tensor:
+    """The identity map: ``eye`` for (out, in) matrices, a Dirac delta at the kernel centre for
+    convolutions (``torch.nn.init.dirac_``, any number of spatial dims, ``groups``), times ``gain``."""
+    _check_tensor(tensor, "identity_")
+    g = check_gain(gain)
+    if tensor.dim() < 2:
+        raise InitlabError(f"identity_ needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or tensor.shape[0] % groups:
+        raise InitlabError(f"groups must be a positive int dividing out_channels={tensor.shape[0]}, got {groups!r}")
+    if tensor.is_meta:
+        return tensor
+    tensor.zero_()
+    out_pg = tensor.shape[0] // groups
+    m = min(out_pg, tensor.shape[1])
+    idx = torch.arange(m, device=tensor.device)
+    centre = tuple(k // 2 for k in tensor.shape[2:])
+    for k in range(groups):
+        tensor[(idx + k * out_pg, idx, *centre)] = g
+    return tensor
