@@ -214,8 +214,8 @@ def _named_scheme(name: str, params: dict[str, Any]) -> Scheme:
         unknown = sorted(set(params) - set(accepted or ()))
         if accepted is None or not unknown:
             raise
-        raise InitlabError(f"scheme {get_scheme(name).name!r} takes the parameters {', '.join(accepted)}; "
-                           f"got {', '.join(map(repr, unknown))}") from None
+        takes = f"takes the parameters {', '.join(accepted)}" if accepted else "takes no parameters"
+        raise InitlabError(f"scheme {get_scheme(name).name!r} {takes}; got {', '.join(map(repr, unknown))}") from None
 
 
 def _resolve_scheme(scheme: Any, params: dict[str, Any]) -> tuple[Any, str]:

@@ -323,3 +323,46 @@ def test_orthogonal_bit_identical_for_any_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(out[1], out[2]))
+
+
+def test_schemes_declare_their_level_and_needs():
+    levels = {n: (get_scheme(n).level, get_scheme(n).needs_batch) for n in schemes()}
+    assert levels.pop("auto") == ("model", False)
+    assert levels.pop("lsuv") == ("model", True)
+    assert set(levels.values()) == {("tensor", False)}  # every other scheme initialises a tensor
+    for name in levels:
+        t = torch.empty(8, 6)
+        assert get_scheme(name)(t, generator=gen(0)) is t
+
+
+def test_a_registered_model_level_scheme_needs_no_special_case():
+    # init_model asks the Scheme what it is: a model-level scheme of a user's works like auto
+    from initlab._schemes import LayerChoice, Scheme, _REGISTRY
+
+    def per_layer_lecun() -> Scheme:
+        def init(t, f, g):
+            raise InitlabError("scheme 'test_per_layer' needs the whole model: use initlab.init_model")
+        lecun = get_scheme("lecun_normal")
+        return Scheme(name="test_per_layer", init=init, level="model",
+                      for_layer=lambda act: LayerChoice(lecun, "readout" if act is None else f"lecun after {act.name}"))
+    register_scheme("test_per_layer", per_layer_lecun, "LeCun, labelled by the activation")
+    try:
+        m = nn.Sequential(nn.Linear(400, 300), nn.Tanh(), nn.Linear(300, 10))
+        rep = initlab.init_model(m, "test_per_layer", generator=gen(0))
+        assert rep.scheme == "test_per_layer"
+        assert [r["scheme"] for r in rep] == ["lecun after tanh", "readout"]
+        assert rep["0"]["target_std"] == pytest.approx(1 / math.sqrt(400))
+        with pytest.raises(InitlabError, match="needs the whole model"):
+            get_scheme("test_per_layer")(torch.empty(3, 4))
+        with pytest.raises(InitlabError, match="scheme 'test_per_layer' takes no parameters; got 'k'"):
+            initlab.init_model(m, "test_per_layer", k=1)
+    finally:
+        _REGISTRY.pop("test_per_layer", None)
+
+
+def test_model_level_scheme_on_a_tensor_names_init_model():
+    for name, call in (("auto", r"init_model\(model, 'auto'\)"), ("lsuv", r"init_model\(model, 'lsuv', batch=x\)")):
+        with pytest.raises(InitlabError, match=call):
+            get_scheme(name)(torch.empty(3, 4))
+    # negative control: a tensor-level scheme does not raise
+    get_scheme("lecun_normal")(torch.empty(3, 4))
