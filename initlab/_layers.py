@@ -53,6 +53,10 @@ class LayerRow:
     fused: bool = False  # its submodules are applied functionally (never called as modules)
     one_hot: bool = False  # its input is an index, a one-hot vector: fan_in 1, E[x^2] = 1
 
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"layer role must be one of {ROLES}, got {self.role!r}")
+
 
 def _weights(*classes: type[nn.Module], **facts: Any) -> tuple[LayerRow, ...]:
     return tuple(LayerRow(c, "weight", **facts) for c in classes)
