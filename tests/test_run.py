@@ -139,7 +139,7 @@ def test_tensorboard_check_can_fail(tmp_path):
     # negative control: an empty log directory has none of the tags
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from initlab.lab.tb import write_member_events
+    from initlab.lab.report.tensorboard import write_member_events
 
     write_member_events(tmp_path / "x", {}, [])
     acc = EventAccumulator(str(tmp_path / "x"))
