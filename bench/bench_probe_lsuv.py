@@ -78,18 +78,18 @@ def bench_probe(repeat: int, quick: bool) -> None:
     for name, model, x in cases:
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
 
-        def plain() -> None:
+        def plain(model: nn.Module = model, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
             model.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
 
-        def probed() -> None:
+        def probed(model: nn.Module = model, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
             initlab.probe(model, x, target=y)
 
         t = interleaved({"plain": plain, "probe": probed}, repeat)
         print(f"{name:45s} plain {1e3 * t['plain']:8.2f} ms   probe {1e3 * t['probe']:8.2f} ms   "
               f"ratio {t['probe'] / t['plain']:.2f}x (goal <= 1.3x; "
               f"probe overhead {1e3 * (t['probe'] - t['plain']):.2f} ms per call)")
-        with_hist = interleaved({"hist": lambda: initlab.probe(model, x, target=y, bins=64)}, max(3, repeat // 3))
+        with_hist = interleaved({"hist": lambda model=model, x=x, y=y: initlab.probe(model, x, target=y, bins=64)}, max(3, repeat // 3))
         print(f"{'':45s} with 64-bin histograms {1e3 * with_hist['hist']:8.2f} ms "
               f"({with_hist['hist'] / t['plain']:.2f}x)")
 
@@ -130,29 +130,29 @@ def bench_lsuv(repeat: int, quick: bool) -> None:
     for name, base, x in cases:
         base.eval()  # the peer runs in eval mode; so do we here, for identical statistics
 
-        def ours() -> nn.Module:
+        def ours(base: nn.Module = base, x: torch.Tensor = x) -> nn.Module:
             m = copy.deepcopy(base)
             initlab.lsuv_(m, x, generator=torch.Generator().manual_seed(0))
             return m
 
-        def peer() -> nn.Module:
+        def peer(base: nn.Module = base, x: torch.Tensor = x) -> nn.Module:
             m = copy.deepcopy(base)
             with contextlib.redirect_stdout(io.StringIO()):
                 lsuv_with_singlebatch(m, x, verbose=False)
             return m
 
-        def copy_only() -> nn.Module:
+        def copy_only(base: nn.Module = base) -> nn.Module:
             return copy.deepcopy(base)
 
         layers = [m for m in base.modules() if isinstance(m, COVERED)]
 
-        def ours_orth() -> None:  # initlab's pre-init alone
+        def ours_orth(layers: list = layers) -> None:  # initlab's pre-init alone
             with torch.no_grad():
                 gen = torch.Generator().manual_seed(0)
                 for m in layers:
                     initlab.orthogonal_(m.weight.detach().clone(), generator=gen)
 
-        def peer_orth() -> None:  # the peer's pre-init alone (torch.nn.init.orthogonal_)
+        def peer_orth(layers: list = layers) -> None:  # the peer's pre-init alone (torch.nn.init.orthogonal_)
             with torch.no_grad():
                 for m in layers:
                     nn.init.orthogonal_(m.weight.detach().clone())

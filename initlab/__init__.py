@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "Activation": "._activations",
     "resolve_activation": "._activations",
     "activation_names": "._activations",
+    "register_activation": "._activations",
     # fans and gains
     "fans": "._fans",
     "gain": "._gains",
@@ -71,7 +72,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from ._activations import Activation, activation_names, resolve_activation
+    from ._activations import Activation, activation_names, register_activation, resolve_activation
     from ._apply import InitReport, init_model
     from ._audit import AuditResult, audit
     from ._engine import truncated_normal_, variance_scaling, variance_scaling_

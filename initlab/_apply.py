@@ -191,9 +191,9 @@ def _auto_choice(act: Activation | None, distribution: str) -> _Choice:
     from ._gains import gain
 
     suffix = distribution  # he_normal / he_uniform / he_truncated_normal, same for lecun
-    if act is None or act.family == "linear" or act.family == "selu" or act.name == "tanh":
+    if act is None or act.auto == "lecun":
         return _Choice(f"lecun_{suffix}", 1.0, 1.0)
-    if act.family == "saturating" and act.differentiable_at_0 and not act.custom:
+    if act.auto == "kumar":
         g = float(gain(act, method="kumar"))
         return _Choice("kumar", g * g, g)
     # relu family, smooth, custom callables; gain() rejects E[phi(z)^2] that is not finite and > 0

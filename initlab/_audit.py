@@ -137,18 +137,11 @@ class AuditResult:
 
 
 def suggest(act_name: str) -> str:
-    """The scheme(s) to try for layers followed by ``act_name``."""
-    if act_name in ("relu", "leaky_relu", "prelu", "relu6"):
-        return "he_normal"
-    if act_name == "sigmoid":
-        return "xavier_normal or kumar"
-    if act_name in ("tanh", "softsign", "hardtanh"):
-        return "xavier_normal or lecun_normal"
-    if act_name == "selu":
-        return "lecun_normal"
-    if act_name in ("identity", "none"):
-        return "lecun_normal or xavier_normal"
-    return "initlab.init_model(model, 'auto')"
+    """The scheme(s) to try for layers followed by ``act_name`` (the activation table's advice)."""
+    try:
+        return resolve_activation(act_name).suggest
+    except InitlabError:  # a custom callable's label
+        return resolve_activation(lambda x: x).suggest
 
 
 def _weight_story(rows: Sequence[dict[str, Any]]) -> str:
@@ -325,32 +318,7 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 
 def _activation_module(name: str) -> nn.Module:
     """An ``nn.Module`` computing the named activation (for ``--mlp``)."""
-    from ._activations import _MODULES
-
-    act: Activation = resolve_activation(name)
-    if act.name == "gelu":
-        return nn.GELU()
-    if act.name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    for cls, (table_name, _) in _MODULES.items():
-        if table_name == act.name:
-            if act.name in ("leaky_relu",):
-                return cls(negative_slope=act.param)
-            if act.name == "prelu":
-                return cls(init=act.param)
-            if act.name in ("elu", "celu"):
-                return cls(alpha=act.param)
-            return cls()
-    return _Elementwise(act)
-
-
-class _Elementwise(nn.Module):
-    def __init__(self, act: Activation) -> None:
-        super().__init__()
-        self.act = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act.fn(x)
+    return resolve_activation(name).module()
 
 
 def build_mlp(widths: Sequence[int], activation: str) -> nn.Sequential:

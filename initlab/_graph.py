@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._activations import _FUNCTIONS, _MODULES, METHOD_NAMES, Activation, resolve_activation
+from ._activations import Activation, activation_of_call, is_activation_module, resolve_activation, row_of_method
 from ._errors import InitlabError
 
 __all__ = ["WEIGHT_LAYERS", "LayerLink", "find_activations"]
@@ -137,7 +137,7 @@ def _is_activation_module(m: nn.Module) -> bool:
     """Whether ``m`` is an activation module of the table (class check only, reads no parameter)."""
     if isinstance(m, nn.Identity):
         return False  # transparent, not an activation
-    return isinstance(m, nn.GELU) or any(cls in _MODULES for cls in type(m).__mro__)
+    return is_activation_module(m)
 
 
 def _activation_module(m: nn.Module) -> Activation | None:
@@ -195,31 +195,10 @@ def _combine(outcomes: Iterable[_Outcome]) -> _Outcome:
     return first
 
 
-def _scalar(value: Any, default: float | None) -> tuple[float | None, str]:
-    if value is None:
-        return default, ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), ""
-    return default, f"activation parameter is not a constant ({value}); used the default {default}"
-
-
-def _function_activation(node: torch.fx.Node) -> tuple[Activation, str]:
-    name = _FUNCTIONS[node.target]
-    note = ""
-    param: float | None = None
-    if name in ("leaky_relu", "elu", "celu"):
-        key = "negative_slope" if name == "leaky_relu" else "alpha"
-        raw = node.args[1] if len(node.args) > 1 else node.kwargs.get(key)
-        param, note = _scalar(raw, resolve_activation(name).param)  # the table's default
-    elif name == "gelu" and node.kwargs.get("approximate", "none") == "tanh":
-        name = "gelu_tanh"
-    return resolve_activation(name, param), note
-
-
 def _attribute_activation(fn: Any) -> Activation | None:
     """The activation stored on a transformer layer: a function, a module, or an unknown callable."""
     act = resolve_activation(fn)
-    return None if act.name == "identity" else act
+    return None if act.is_identity else act
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,8 +353,9 @@ def _via(user: torch.fx.Node, value: torch.fx.Node, modules: dict[str, nn.Module
         return _Outcome("stop", note=f"stopped at module {target!r} ({type(m).__name__}), "
                                      "not an activation")
     if op == "call_function":
-        if target in _FUNCTIONS:
-            act, note = _function_activation(user)
+        call = activation_of_call(target, tuple(user.args[1:]), user.kwargs)
+        if call is not None:
+            act, note = call
             return _Outcome("act", act, None, note=note)
         if target is operator.getitem:
             src = value
@@ -390,8 +370,9 @@ def _via(user: torch.fx.Node, value: torch.fx.Node, modules: dict[str, nn.Module
         return _Outcome("stop", note=f"stopped at {getattr(target, '__name__', target)}(), "
                                      "not an activation")
     if op == "call_method":
-        if target in METHOD_NAMES:
-            return _Outcome("act", resolve_activation(METHOD_NAMES[str(target)]), None)
+        row = row_of_method(target)
+        if row is not None:
+            return _Outcome("act", resolve_activation(row.name), None)
         if target in _DEAD_METHODS:
             return _DEAD
         if target in _TRANSPARENT_METHODS:

@@ -87,7 +87,6 @@ COLUMNS: tuple[str, ...] = (
     "predicted_pre_var", "predicted_post_sq_mean", "predicted_grad_pre_var",
 )
 
-_DEAD_ACTIVATIONS = ("relu", "relu6")
 _LOSSES = ("cross_entropy", "mse")
 
 
@@ -711,7 +710,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         layer.counts["post"] = n
         shape = layer.post_shape = tuple(p.shape)
         act = layer.act
-        if act is not None and act.name in _DEAD_ACTIVATIONS and not act.custom:
+        if act is not None and act.zero_on_negative:
             if p.dim() <= 1:
                 parts["post_max_c"] = p
             elif shape == layer.shape:

@@ -19,6 +19,13 @@ _EXTRAS = {"pandas": "lab", "matplotlib": "lab", "tensorboard": "lab", "tomli_w"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``initlab`` parser, with the subcommands of every module in ``_CLI_MODULES``.
+
+    Each of those modules is part of initlab itself: one that fails to import, or that has no
+    ``register_cli``, is a broken installation and raises, never a command that silently vanishes.
+    A missing optional third-party package is not an error here: command modules import those
+    inside their commands, and :func:`main` names the extra to install.
+    """
     parser = argparse.ArgumentParser(
         prog="initlab",
         description="Weight initialization done right, and shown why.",
@@ -26,20 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"initlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # an optional part that is not installed
-            if e.name and e.name.startswith("initlab"):
-                continue
-            raise
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+        register = getattr(importlib.import_module(name), "register_cli", None)
+        if register is None:
+            raise RuntimeError(f"initlab is broken: command module {name} has no register_cli()")
+        register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        print(f"initlab: error: the command line needs the optional package {top!r}: "
+              f"pip install 'initlab[{_EXTRAS[top]}]'", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()

@@ -101,14 +101,6 @@ _Q_TINY = 1e-200  # q = 0 is evaluated at this q (the limit q -> 0+)
 _Q_MAX = 1e30  # lengths beyond this count as diverged (q* = inf)
 _MAX_LEVELS = 60
 
-# kinks of table activations away from 0 (0 is always a panel edge)
-_KINKS: dict[str, tuple[float, ...]] = {
-    "relu6": (6.0,),
-    "hardtanh": (-1.0, 1.0),
-    "hardswish": (-3.0, 3.0),
-}
-
-
 def _levels(q_max: float, extra: int) -> int:
     """Grading depth: panels reach down to ``2^-J`` so that ``sqrt(q) * 2^-J`` stays below ~1."""
     if not math.isfinite(q_max) or q_max > 1e300:
@@ -210,27 +202,15 @@ def _radial_rule(levels: int) -> tuple[np.ndarray, np.ndarray]:
 # activations evaluated on numpy arrays
 
 
-# table activations that are positively homogeneous of degree 1, phi(s z) = s phi(z) for s > 0
-# (two slopes meeting at 0): their Gaussian moments scale exactly with the length, see _Phi.unit
-_HOMOGENEOUS = frozenset({"identity", "relu", "leaky_relu", "prelu"})
-
-# phi' from phi's own output y for table activations, the formulas torch's autograd uses
-# (sigmoid: y (1 - y); tanh: 1 - y^2), so no backward pass is needed
-_DERIV_FROM_OUTPUT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "sigmoid": lambda y: (1.0 - y) * y,
-    "tanh": lambda y: 1.0 - y * y,
-}
-
-
 class _Phi:
     """``phi`` and ``phi'`` of one activation on float64 numpy arrays, through torch."""
 
     def __init__(self, act: Activation) -> None:
         self.act = act
         self.name = act.name
-        self.kinks = () if act.custom else _KINKS.get(act.name, ())
-        self.homogeneous = not act.custom and act.name in _HOMOGENEOUS
-        self._deriv = None if act.custom else _DERIV_FROM_OUTPUT.get(act.name)
+        self.kinks = act.kinks
+        self.homogeneous = act.homogeneous
+        self._deriv = act.derivative_from_output
         self._unit: dict[str, float] | None = None
         self._autograd: bool | None = None  # unknown until tried
         self._dtype = torch.float64

@@ -222,7 +222,6 @@ def test_transformer_encoder_layer():
 
 
 def test_mha_in_proj_is_three_blocks_for_orthogonal():
-    pytest.importorskip("initlab._schemes")
     e = 32
     m = nn.MultiheadAttention(e, 4)
     init_model(m, "orthogonal", generator=gen())
@@ -300,7 +299,6 @@ def test_include_pattern_selects_children():
 
 
 def test_named_scheme_from_the_registry():
-    pytest.importorskip("initlab._schemes")
     m = nn.Sequential(nn.Linear(200, 400), nn.ReLU(), nn.Linear(400, 100))
     rep = init_model(m, "xavier_normal", generator=gen())
     for name, (fi, fo) in (("0", (200, 400)), ("2", (400, 100))):
@@ -412,7 +410,6 @@ def test_lsuv_needs_a_batch_and_delegates():
     m = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
     with pytest.raises(InitlabError, match="batch"):
         init_model(m, "lsuv")
-    pytest.importorskip("initlab._lsuv")
     x = torch.randn(256, 32, generator=gen(1))
     rep = init_model(m, "lsuv", batch=x, generator=gen())
     assert rep.scheme == "lsuv" and "lsuv" in rep.extra

@@ -89,3 +89,31 @@ def test_missing_unrelated_module_is_not_masked(monkeypatch):
     parser.set_defaults(func=broken)
     with pytest.raises(ModuleNotFoundError):
         cli.main([])
+
+
+def test_missing_own_command_module_is_an_error_not_a_vanished_command(monkeypatch):
+    from initlab import cli
+
+    monkeypatch.setattr(cli, "_CLI_MODULES", cli._CLI_MODULES + ("initlab.lab.no_such_commands",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_commands"):
+        cli.build_parser()
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["--help"])
+
+
+def test_own_command_module_that_fails_to_import_is_an_error(monkeypatch, tmp_path):
+    from initlab import cli
+
+    (tmp_path / "initlab_broken_cmds.py").write_text("import initlab.lab.no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "_CLI_MODULES", cli._CLI_MODULES + ("initlab_broken_cmds",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
+        cli.build_parser()
+
+
+def test_command_module_without_register_cli_is_an_error(monkeypatch):
+    from initlab import cli
+
+    monkeypatch.setattr(cli, "_CLI_MODULES", cli._CLI_MODULES + ("initlab._errors",))
+    with pytest.raises(RuntimeError, match="initlab._errors has no register_cli"):
+        cli.build_parser()

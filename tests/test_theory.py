@@ -590,5 +590,5 @@ def test_derivative_from_output_matches_autograd(name):
     (g,) = torch.autograd.grad(resolve_activation(name).fn(t).sum(), t)
     np.testing.assert_allclose(df, g.numpy(), rtol=1e-12, atol=1e-15)  # phi' <= 1: rounding near 1 - y^2 = 0
     # negative control: the other activation's derivative formula differs
-    other = T._DERIV_FROM_OUTPUT["tanh" if name == "sigmoid" else "sigmoid"]
+    other = resolve_activation("tanh" if name == "sigmoid" else "sigmoid").derivative_from_output
     assert np.max(np.abs(other(f) - g.numpy())) > 0.1
