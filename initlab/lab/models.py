@@ -20,29 +20,6 @@ from .specs import MODEL_KINDS, ModelSpec, image_shape
 
 __all__ = ["Elementwise", "activation_module", "mlp", "cnn", "build_model", "image_shape", "MODEL_KINDS"]
 
-# activation table name -> nn.Module factory (param: the slope/alpha, already defaulted by the table)
-_FACTORIES: dict[str, Callable[[float | None], nn.Module]] = {
-    "identity": lambda p: nn.Identity(),
-    "sigmoid": lambda p: nn.Sigmoid(),
-    "tanh": lambda p: nn.Tanh(),
-    "relu": lambda p: nn.ReLU(),
-    "leaky_relu": lambda p: nn.LeakyReLU(negative_slope=float(p)),  # type: ignore[arg-type]
-    "prelu": lambda p: nn.PReLU(init=float(p)),  # type: ignore[arg-type]
-    "elu": lambda p: nn.ELU(alpha=float(p)),  # type: ignore[arg-type]
-    "selu": lambda p: nn.SELU(),
-    "celu": lambda p: nn.CELU(alpha=float(p)),  # type: ignore[arg-type]
-    "gelu": lambda p: nn.GELU(),
-    "gelu_tanh": lambda p: nn.GELU(approximate="tanh"),
-    "silu": lambda p: nn.SiLU(),
-    "mish": lambda p: nn.Mish(),
-    "softplus": lambda p: nn.Softplus(),
-    "softsign": lambda p: nn.Softsign(),
-    "hardtanh": lambda p: nn.Hardtanh(),
-    "relu6": lambda p: nn.ReLU6(),
-    "hardswish": lambda p: nn.Hardswish(),
-}
-
-
 class Elementwise(nn.Module):
     """An elementwise activation given as a function: ``forward(x) = fn(x)``."""
 
@@ -78,10 +55,9 @@ def activation_module(activation: Any, param: float | None = None) -> nn.Module:
 
 
 def _table_module(act: Activation) -> nn.Module | None:
-    """The ``torch.nn`` module of a table activation (its parameter bound), None for a custom one."""
-    if act.custom or act.name not in _FACTORIES:
-        return None
-    return _FACTORIES[act.name](act.param)
+    """The ``torch.nn`` module the activation table builds for a row (its parameter bound), None for a
+    custom activation or a row without a module."""
+    return None if act.custom or act.row is None else act.row.build_module(act.param)
 
 
 def _check_sizes(values: Any, what: str, *, min_len: int) -> tuple[int, ...]:

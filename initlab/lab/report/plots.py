@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..._activations import ActivationRow, activation_row
+from ..._errors import InitlabError
 from .._io import atomic_write_bytes
 from ..metrics import Metric, component_label, component_names, display_order, owner
 from .labels import Info, comparison_groups, label, names, widths_label
@@ -58,17 +60,24 @@ def figures() -> dict[str, str]:
     return out
 
 
+def _table_row(activation: str) -> ActivationRow | None:
+    """The activation table's row of a scenario's activation name, None for an unknown or empty name."""
+    try:
+        return activation_row(activation) if activation else None
+    except InitlabError:
+        return None
+
+
 def output_bounds(activation: str) -> tuple[float, float] | None:
-    """(lo, hi) of a bounded activation's outputs, None when unbounded."""
-    return _BOUNDED.get(activation)
-
-
-_BOUNDED = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "hardtanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
+    """(lo, hi) of a bounded activation's outputs (the table's ``bounds``), None when unbounded."""
+    row = _table_row(activation)
+    return None if row is None else row.bounds
 
 
 def zero_on_negative(activation: str) -> bool:
-    """Whether the activation outputs exactly 0 for every negative input (units can be dead)."""
-    return activation in ("relu", "relu6")
+    """Whether the activation outputs exactly 0 for every negative input (the table's ``zero_on_negative``)."""
+    row = _table_row(activation)
+    return row is not None and row.zero_on_negative
 
 
 # ----------------------------------------------------------------------------- building blocks
