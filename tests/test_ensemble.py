@@ -420,3 +420,24 @@ def test_bad_device_and_train_settings(data):
         E.run_group(group, dataclasses.replace(data, x_train=data.x_train.numpy()))
     with pytest.raises(InitlabError, match="no members"):
         E.run_group(dataclasses.replace(group, members=()), data)
+
+
+def test_first_pass_fallback_rows_number_layers_from_1_like_the_probe(data, monkeypatch):
+    """When the probe cannot measure a member, its first-pass rows come from the hooked arrays: they
+    must number the weight layers as the probe does (from 1), since the report picks layer 1 by index."""
+    from initlab.lab.training import first_pass as first_pass_mod
+
+    exp = make_exp([("relu", "he_normal")], seeds=(0,), steps=1, log_every=1)
+    (grp,) = E.plan_groups(exp)
+    good = E.run_group(grp, data)
+
+    def broken(*args, **kwargs):
+        raise InitlabError("the probe is unavailable")
+
+    monkeypatch.setattr(first_pass_mod, "probe", broken)
+    bad = E.run_group(grp, data)
+    assert all(r["note"].startswith("probe failed") for r in bad.first_pass)
+    assert [r["index"] for r in bad.first_pass] == [r["index"] for r in good.first_pass] == [1, 2, 3]
+    assert [r["layer"] for r in bad.first_pass] == [r["layer"] for r in good.first_pass]
+    for b, g in zip(bad.first_pass, good.first_pass):  # the same layer under the same number
+        assert b["pre_var"] == pytest.approx(g["pre_var"], rel=1e-3)
