@@ -1,6 +1,13 @@
 """initlab's lab: initializer x activation x depth x seed grids, trained as batched ensembles,
 logged to TensorBoard and summarised in plots and a self-contained HTML report.
 
+Laid out by stage, each module importing only the ones before it: :mod:`.specs` (the
+experiment's dataclasses) -> :mod:`.config` (TOML in and out) -> :mod:`.data` (the data sets)
+-> :mod:`.models` -> :mod:`.metrics` (the per-step metric registry) -> :mod:`.training`
+(plan, engines, loop, first pass, group) -> :mod:`.rundir` (layout, lock, commit, merge) ->
+:mod:`.report` (load, findings, tables, plots, TensorBoard, HTML) -> :mod:`.executors` ->
+:mod:`.run` -> :mod:`.cli`.
+
 The lab imports the library, never the reverse. Names load lazily, so ``import initlab.lab``
 stays as light as ``import initlab``.
 """
@@ -19,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "build_model": ".models",
     "mlp": ".models",
     "cnn": ".models",
+    "Metric": ".metrics",
+    "register_metric": ".metrics",
+    "unregister_metric": ".metrics",
     "plan_groups": ".training",
     "run_group": ".training",
     "run_experiment": ".run",
