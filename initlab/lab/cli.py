@@ -137,10 +137,9 @@ def _print_results(run_dir: Path) -> None:
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """``initlab presets``: the built-in experiments, one per line."""
-    presets = list_presets()
-    width = max((len(n) for n, _ in presets), default=4)
-    for name, desc in presets:
-        print(f"{name:<{width}}  {desc}")
+    rows = [{"name": name, "description": desc} for name, desc in list_presets()]
+    text = format_table(rows, [("preset", "name"), ("description", "description")])
+    print("\n".join(line.rstrip() for line in text.splitlines()))
     print("\nrun one with: initlab run NAME [--out DIR]")
     return 0
 

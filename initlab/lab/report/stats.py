@@ -52,6 +52,7 @@ def final_values(metrics: pandas.DataFrame, split: str, metric: str) -> dict[str
 
 
 def pct(s: Stat, digits: int = 1) -> str:
+    """``"91.6% \u00b1 0.4"`` (a fraction as a percentage, with the std over seeds when n >= 2)."""
     if s.n == 0:
         return "n/a"
     txt = f"{100 * s.mean:.{digits}f}%"
@@ -61,6 +62,7 @@ def pct(s: Stat, digits: int = 1) -> str:
 
 
 def num(x: float, digits: int = 3) -> str:
+    """A number with ``digits`` significant digits (scientific when very large or small), "n/a" when not finite."""
     if x is None or not isinstance(x, (int, float)) or not math.isfinite(x):
         return "n/a"
     if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-3):
@@ -71,12 +73,14 @@ def num(x: float, digits: int = 3) -> str:
 
 
 def mean_sd(s: Stat, digits: int = 3) -> str:
+    """``"0.512 \u00b1 0.031"``: the mean and, when n >= 2, the std over seeds."""
     if s.n == 0:
         return "n/a"
     return num(s.mean, digits) + (f" \u00b1 {num(s.std, 2)}" if s.n >= 2 else "")
 
 
 def col(df: pandas.DataFrame, name: str) -> Any:
+    """The column ``name``, or NaNs when the frame has none."""
     import pandas as pd
 
     return df[name] if name in df else pd.Series([math.nan] * len(df), index=df.index, dtype=float)
@@ -90,6 +94,7 @@ def per_seed(df: pandas.DataFrame, cols: Sequence[str]) -> pandas.DataFrame:
 
 
 def layer_rows(fp: pandas.DataFrame, index: int) -> pandas.DataFrame:
+    """The first-pass rows of weight layer ``index`` (numbered from 1, as the probe numbers them)."""
     if fp.empty or "index" not in fp:
         return fp.iloc[0:0]
     return fp[fp["index"] == index]

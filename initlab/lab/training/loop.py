@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..._errors import unknown_choice
-from ..metrics import ENGINE_METRICS, LogView, find, registered, values_by_name
+from ..metrics import ENGINE_METRICS, LogView, registered, values_by_name
 from ..specs import OPTIMIZERS, TrainSpec
 from .engines import Engine
 from .plan import Member, data_seed
@@ -87,7 +87,7 @@ class TrainLoop:
         self.metrics: list[dict[str, Any]] = []
         self.diverged: list[dict[str, Any]] = []
         self.pending_nan: dict[int, list[Member]] = {}  # log step -> members whose NaN rows are due there
-        self.train_names = [n for n in ENGINE_METRICS if "train" in find(n).splits]  # type: ignore[union-attr]
+        self.train_names = list(ENGINE_METRICS)  # the train metrics recorded so far (NaN rows after divergence)
         self.eval_s = 0.0
 
     # --- the run
