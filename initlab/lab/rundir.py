@@ -142,6 +142,11 @@ def check_out_dir(run_dir: Path, exp: Experiment, fingerprint: str) -> bool:
     name, fp, other = _dir_experiment(run_dir)
     if fp != fingerprint:
         diff = config_differences(other, exp) if other is not None else []
+        if other is not None and not diff and config_fingerprint(other) == fingerprint:
+            raise InitlabError(
+                f"output directory {str(run_dir)!r} holds the same experiment, recorded by an earlier initlab under "
+                f"another config fingerprint ({fp[:12]}, now {fingerprint[:12]}), so its finished members cannot be "
+                "matched: use another --out directory, or delete that one to start over")
         raise InitlabError(
             f"output directory {str(run_dir)!r} holds another experiment: {name!r} (config fingerprint {fp[:12]}), "
             f"not {exp.name!r} (config fingerprint {fingerprint[:12]})"
