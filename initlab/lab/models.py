@@ -133,7 +133,7 @@ def cnn(channels: Sequence[int] = (16, 32), kernel: int = 3, activation: Any = "
 
 
 def build_model(spec: ModelSpec, activation: Any) -> nn.Module:
-    """The model a :class:`~initlab.lab.config.ModelSpec` describes, with ``activation``.
+    """The model a :class:`~initlab.lab.specs.ModelSpec` describes, with ``activation``.
 
     ``mlp``: :func:`mlp` over ``spec.widths``. ``cnn``: :func:`cnn` with ``spec.channels``,
     ``spec.kernel``, input ``image_shape(widths[0])``, dense hidden layers ``widths[1:-1]`` and
