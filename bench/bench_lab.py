@@ -5,7 +5,7 @@ Both sides run the same experiment (default: the ``classic`` preset, 5 scenarios
 the same initial weights, end to end: build + initialise every model, the first pass (probe
 on a batch of 100), training, and the periodic train/test metrics.
 
-- ensemble: ``initlab.lab.ensemble.run_group`` on each group of ``plan_groups(exp)``;
+- ensemble: ``initlab.lab.training.run_group`` on each group of ``plan_groups(exp)``;
 - peer: the way the study and most tutorials do it, one model after the other:
   ``nn.Sequential`` from the same builder, ``DataLoader(TensorDataset(x, y), batch_size=30,
   shuffle=True)``, ``torch.optim.Adam``, ``loss.item()`` per step, test evaluation under
@@ -110,7 +110,7 @@ def mlp_flops(widths: tuple[int, ...]) -> tuple[float, float]:
 def baseline_member(scenario: Any, seed: int, data: Any, train: Any) -> dict[str, float]:
     """Train one model the tutorial way; return its final test loss and accuracy."""
     import initlab
-    from initlab.lab.ensemble import first_pass_indices, init_member
+    from initlab.lab.training import first_pass_indices, init_member
 
     x_train, y_train = data.x_train.float(), data.y_train.long()
     x_test, y_test = data.x_test.float(), data.y_test.long()
@@ -159,6 +159,96 @@ def baseline_member(scenario: Any, seed: int, data: Any, train: Any) -> dict[str
 # ----------------------------------------------------------------------------- main
 
 
+def _experiment(args: argparse.Namespace) -> Any:
+    """The preset, with the command line's steps and seeds."""
+    from initlab.lab.config import load_experiment
+
+    exp = load_experiment(args.preset)
+    train = exp.train
+    if args.steps is not None:
+        train = dataclasses.replace(train, steps=args.steps, log_every=min(train.log_every, args.steps))
+    if args.seeds is not None:
+        train = dataclasses.replace(train, seeds=tuple(range(args.seeds)))
+    return dataclasses.replace(exp, train=train)
+
+
+def _warm_up() -> None:
+    """One-time process costs paid by whichever side runs first (torch.optim's first use imports
+    torch._dynamo, ~1-2 s): pay them here, outside both timings."""
+    import initlab
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    initlab.probe(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(8, 4), target=torch.randint(0, 2, (8,)))
+
+
+def _samples(train: Any, n_train: int, n_members: int) -> int:
+    """Training samples of the whole run: every step's batch size (an epoch's last batch is smaller), per model."""
+    b = train.batch_size
+    per_epoch = [b] * (n_train // b) + ([n_train % b] if n_train % b else [])
+    return sum(per_epoch[i % len(per_epoch)] for i in range(train.steps)) * n_members
+
+
+def _time_ensemble(groups: list[Any], data: Any, samples: int) -> tuple[float, list[Any]]:
+    from initlab.lab.training import run_group
+
+    _reset_peak_rss()
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    results = [run_group(g, data) for g in groups]
+    t_ens = time.perf_counter() - t
+    peak = _peak_rss_mb()
+    engines = sorted({r.engine for r in results})
+    parts = ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s"
+                      for k in ("init_first_pass", "setup", "train", "eval"))
+    print(f"\nensemble ({'/'.join(engines)}): {t_ens:.2f} s end to end "
+          f"({sum(r.wall_s for r in results):.2f} s in run_group: {parts}), {samples / t_ens:,.0f} training samples/s, "
+          f"peak RSS {peak:.0f} MiB (+{peak - rss0:.0f} MiB over the phase start)")
+    return t_ens, results
+
+
+def _print_roofline(members: list[Any], train: Any, n_test: int, samples: int, gflops: float, t_ens: float,
+                    results: list[Any]) -> None:
+    """Matmul work of an MLP run against the GEMM roofline measured in this process."""
+    widths = tuple(members[0].scenario.model.widths)
+    f_train, f_eval = mlp_flops(widths)
+    n_evals = 1 + len({s for s in range(train.log_every, train.steps + 1, train.log_every)} | {train.steps})
+    flops = samples * f_train + len(members) * n_evals * n_test * f_eval
+    t_loop = sum((r.timings or {}).get("train", 0.0) + (r.timings or {}).get("eval", 0.0) for r in results) or t_ens
+    roof_sps = gflops * 1e9 / f_train
+    print(f"  matmul work {flops / 1e9:.1f} GFLOP ({f_train / 1e6:.2f} MFLOP per training sample, "
+          f"{n_evals} evaluations of {n_test} test digits); GEMM roofline {roof_sps:,.0f} training samples/s")
+    for label, tt in (("end to end", t_ens), ("steps + evals", t_loop)):
+        achieved = flops / tt / 1e9
+        print(f"  {label:>13}: {achieved:6.1f} GFLOP/s = {100 * achieved / gflops:4.1f}% of the GEMM roofline, "
+              f"{samples / tt:,.0f} training samples/s = {100 * samples / tt / roof_sps:4.1f}% of the roofline's")
+    params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    print(f"  ensemble tensors: {len(members)} x {params:,} parameters x 4 (weights, grads, Adam m, v) x 4 B = "
+          f"{len(members) * params * 16 / 2 ** 20:.0f} MiB")
+
+
+def _final(metrics: list[dict[str, Any]], split: str, metric: str) -> dict[tuple[str, int], float]:
+    """Each member's value at its last logged step."""
+    out: dict[tuple[str, int], tuple[int, float]] = {}
+    for r in metrics:
+        if r["split"] == split and r["metric"] == metric:
+            k = (r["scenario"], r["seed"])
+            if k not in out or r["step"] >= out[k][0]:
+                out[k] = (r["step"], r["value"])
+    return {k: v for k, (_, v) in out.items()}
+
+
+def _time_peer(members: list[Any], data: Any, train: Any, samples: int) -> tuple[float, dict[tuple[str, int], Any]]:
+    _reset_peak_rss()
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    peer = {m.key: baseline_member(m.scenario, m.seed, data, train) for m in members}
+    t_peer = time.perf_counter() - t
+    peak = _peak_rss_mb()
+    print(f"peer (DataLoader + nn.Sequential + Adam, one model at a time): {t_peer:.2f} s, "
+          f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak:.0f} MiB (+{peak - rss0:.0f} MiB over the phase start)")
+    return t_peer, peer
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="classic", help="preset name or TOML path (default: classic)")
@@ -167,81 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peer", action="store_true", help="time the ensemble only")
     args = p.parse_args(argv)
 
-    from initlab.lab.config import load_experiment
     from initlab.lab.data import load_dataset
-    from initlab.lab.ensemble import plan_groups, run_group
+    from initlab.lab.training import plan_groups, run_group
 
-    exp = load_experiment(args.preset)
+    exp = _experiment(args)
     train = exp.train
-    if args.steps is not None:
-        train = dataclasses.replace(train, steps=args.steps, log_every=min(train.log_every, args.steps))
-    if args.seeds is not None:
-        train = dataclasses.replace(train, seeds=tuple(range(args.seeds)))
-    exp = dataclasses.replace(exp, train=train)
     t = time.perf_counter()
     data = load_dataset(exp.data)
     t_data = time.perf_counter() - t
     groups = plan_groups(exp)
     members = [m for g in groups for m in g.members]
     n_train, n_test = int(data.x_train.shape[0]), int(data.x_test.shape[0])
-
+    samples = _samples(train, n_train, len(members))
     print(f"initlab lab bench: preset {exp.name!r}, {len(exp.scenarios)} scenarios x {len(train.seeds)} seeds = "
           f"{len(members)} models in {len(groups)} group(s); batch {train.batch_size}, {train.steps} steps, "
           f"log every {train.log_every}; train {n_train}, test {n_test}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; data load {t_data:.2f} s (not timed below)")
-
     gflops = sgemm_gflops()
     print(f"roofline: fp32 GEMM 2048^3 = {gflops:.1f} GFLOP/s")
-    # one-time process costs paid by whichever side runs first (torch.optim's first use imports
-    # torch._dynamo, ~1-2 s): pay them here, outside both timings
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)
-    import initlab
-    initlab.probe(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), torch.randn(8, 4), target=torch.randint(0, 2, (8,)))
+    _warm_up()
 
-    # --- the ensemble
-    _reset_peak_rss()
-    rss0 = _rss_mb()
-    t = time.perf_counter()
-    results = [run_group(g, data) for g in groups]
-    t_ens = time.perf_counter() - t
-    peak_ens = _peak_rss_mb()
-    engines = sorted({r.engine for r in results})
-
-    # samples: every step's batch size (the last batch of an epoch is smaller), per model
-    per_epoch = [train.batch_size] * (n_train // train.batch_size) + ([n_train % train.batch_size] if n_train % train.batch_size else [])
-    samples_per_model = sum(per_epoch[i % len(per_epoch)] for i in range(train.steps))
-    samples = samples_per_model * len(members)
-    n_evals = 1 + len({s for s in range(train.log_every, train.steps + 1, train.log_every)} | {train.steps})
-    print(f"\nensemble ({'/'.join(engines)}): {t_ens:.2f} s end to end "
-          f"({sum(r.wall_s for r in results):.2f} s in run_group: "
-          + ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s" for k in ("init_first_pass", "setup", "train", "eval"))
-          + f"), {samples / t_ens:,.0f} training samples/s, peak RSS {peak_ens:.0f} MiB (+{peak_ens - rss0:.0f} MiB over the phase start)")
+    t_ens, results = _time_ensemble(groups, data, samples)
     if all(m.scenario.model.kind == "mlp" for m in members):
-        widths = tuple(members[0].scenario.model.widths)
-        f_train, f_eval = mlp_flops(widths)
-        flops = samples * f_train + len(members) * n_evals * n_test * f_eval
-        t_loop = sum((r.timings or {}).get("train", 0.0) + (r.timings or {}).get("eval", 0.0) for r in results) or t_ens
-        roof_sps = gflops * 1e9 / f_train
-        print(f"  matmul work {flops / 1e9:.1f} GFLOP ({f_train / 1e6:.2f} MFLOP per training sample, "
-              f"{n_evals} evaluations of {n_test} test digits); GEMM roofline {roof_sps:,.0f} training samples/s")
-        for label, tt in (("end to end", t_ens), ("steps + evals", t_loop)):
-            achieved = flops / tt / 1e9
-            print(f"  {label:>13}: {achieved:6.1f} GFLOP/s = {100 * achieved / gflops:4.1f}% of the GEMM roofline, "
-                  f"{samples / tt:,.0f} training samples/s = {100 * samples / tt / roof_sps:4.1f}% of the roofline's")
-        params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-        print(f"  ensemble tensors: {len(members)} x {params:,} parameters x 4 (weights, grads, Adam m, v) x 4 B = "
-              f"{len(members) * params * 16 / 2 ** 20:.0f} MiB")
-
-    def final(metrics: list[dict[str, Any]], split: str, metric: str) -> dict[tuple[str, int], float]:
-        out: dict[tuple[str, int], tuple[int, float]] = {}
-        for r in metrics:
-            if r["split"] == split and r["metric"] == metric:
-                k = (r["scenario"], r["seed"])
-                if k not in out or r["step"] >= out[k][0]:
-                    out[k] = (r["step"], r["value"])
-        return {k: v for k, (_, v) in out.items()}
-
-    ens_acc = final([r for res in results for r in res.metrics], "test", "acc")
+        _print_roofline(members, train, n_test, samples, gflops, t_ens, results)
+    ens_acc = _final([r for res in results for r in res.metrics], "test", "acc")
     # the same without flushing denormals to zero (saturated members then run at denormal speed)
     t = time.perf_counter()
     for g in groups:
@@ -251,16 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_peer:
         return 0
 
-    # --- the peer
-    _reset_peak_rss()
-    rss0 = _rss_mb()
-    t = time.perf_counter()
-    peer = {m.key: baseline_member(m.scenario, m.seed, data, train) for m in members}
-    t_peer = time.perf_counter() - t
-    peak_peer = _peak_rss_mb()
-    print(f"peer (DataLoader + nn.Sequential + Adam, one model at a time): {t_peer:.2f} s, "
-          f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak_peer:.0f} MiB (+{peak_peer - rss0:.0f} MiB over the phase start)")
-
+    t_peer, peer = _time_peer(members, data, train, samples)
     print("\nfinal test accuracy, mean over seeds (same initial weights; the peer's DataLoader draws its own order):")
     for sc in exp.scenarios:
         e = [ens_acc[(sc.name, s)] for s in train.seeds]

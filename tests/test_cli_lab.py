@@ -182,7 +182,7 @@ def test_report_of_a_non_run(tmp_path, capsys):
 
 
 def test_interrupt_exits_130_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
-    import initlab.lab.ensemble as ensemble
+    import initlab.lab.run as ensemble
 
     real = ensemble.run_group
     calls = {"n": 0}
@@ -217,3 +217,16 @@ def test_progress_bar_draws_when_enabled(capsys):
     quiet(RunProgress("plan", -1, 1, 0, 10, (), 0, 1))
     quiet(RunProgress("done", -1, 1, 10, 10, (), 1, 1))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("run_json", ["{}", "not json", '{"name": "smoke"}'])
+def test_out_dir_with_a_run_json_that_records_nothing(tmp_path, capsys, run_json):
+    """A folder whose run.json has no fingerprint (and no config.toml beside it) is refused in one line
+    naming the file, what is wrong and what to do, and nothing is written there."""
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "run.json").write_text(run_json)
+    err = fails(["run", "smoke", "--steps", "5", "--out", str(out), "--no-progress"], capsys,
+                str(out / "run.json"), "fingerprint", "no config.toml", "another --out")
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]

@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from initlab._errors import InitlabError
-from initlab.lab import ensemble as E
+from initlab.lab import training as E
+from initlab.lab.training import engines as engines_mod
+from initlab.lab.training import group as group_mod
+from initlab.lab.training import loop as loop_mod
 from initlab.lab.config import experiment_from_dict
 from initlab.lab.data import load_dataset
 
@@ -166,13 +169,13 @@ def test_inputs_zero_in_training_keep_their_initial_weights(data):
 def test_denormal_mode_is_restored(data):
     exp = make_exp([("sigmoid", "normal")], seeds=(0,), steps=5, log_every=5)
     (group,) = E.plan_groups(exp)
-    assert not E._flush_denormal_on()
+    assert not group_mod._flush_denormal_on()
     a = E.run_group(group, data)
-    assert not E._flush_denormal_on()
+    assert not group_mod._flush_denormal_on()
     torch.set_flush_denormal(True)
     try:
         b = E.run_group(group, data, flush_denormal=False)
-        assert E._flush_denormal_on()
+        assert group_mod._flush_denormal_on()
     finally:
         torch.set_flush_denormal(False)
     np.testing.assert_allclose([r["value"] for r in a.metrics], [r["value"] for r in b.metrics], rtol=1e-6)
@@ -215,7 +218,7 @@ def test_cnn_group_matches_single_model(data, monkeypatch, engine):
     """CNN members (torch.func vmap blocks, one per activation; or the per-member fallback) train
     like single models, and a poisoned member is dropped there too."""
     if engine == "per-member":
-        monkeypatch.setattr(E, "_vmap_works", lambda models, x: False)
+        monkeypatch.setattr(engines_mod, "_vmap_works", lambda models, x: False)
     steps = 15
     exp = make_exp([("relu", "he_normal"), ("tanh", "xavier_normal")], seeds=(0, 1), steps=steps, log_every=5,
                    model={"kind": "cnn", "widths": [784, 10], "channels": [4, 8], "kernel": 3, "bias": True})
@@ -241,7 +244,7 @@ def test_cnn_group_matches_single_model(data, monkeypatch, engine):
                 model[-1].weight[0, 0] = float("nan")
         return model
 
-    monkeypatch.setattr(E, "init_member", poisoned)
+    monkeypatch.setattr(group_mod, "init_member", poisoned)
     bad = E.run_group(group, data)
     assert [(d["scenario"], d["seed"], d["step"]) for d in bad.diverged] == [("tanh-xavier_normal", 1, 1)]
     survivors = [r["value"] for r in bad.metrics if (r["scenario"], r["seed"]) != ("tanh-xavier_normal", 1)]
@@ -275,7 +278,7 @@ def test_absurd_lr_diverges_relu_but_sigmoid_goes_on(data):
 def test_poisoned_member_is_dropped_and_others_are_unchanged(data, monkeypatch, sync_each_step):
     """A member whose weights hold inf diverges at step 1; the survivors' metrics are exactly those
     of a group without it (both divergence checks: every step, and at log steps)."""
-    monkeypatch.setattr(E, "_sync_each_step", lambda device: sync_each_step)
+    monkeypatch.setattr(loop_mod, "_sync_each_step", lambda device: sync_each_step)
     real_init = E.init_member
 
     def poisoned(scenario, seed, **kw):
@@ -288,7 +291,7 @@ def test_poisoned_member_is_dropped_and_others_are_unchanged(data, monkeypatch, 
     exp = make_exp([("sigmoid", "xavier_normal"), ("relu", "he_normal")], seeds=(0, 1, 2), steps=25, log_every=10)
     (group,) = E.plan_groups(exp)
     clean = E.run_group(dataclasses.replace(group, members=tuple(m for m in group.members if m.seed != 1)), data)
-    monkeypatch.setattr(E, "init_member", poisoned)
+    monkeypatch.setattr(group_mod, "init_member", poisoned)
     res = E.run_group(group, data)
     assert sorted((d["scenario"], d["seed"], d["step"]) for d in res.diverged) == [
         ("relu-he_normal", 1, 1), ("sigmoid-xavier_normal", 1, 1)]
@@ -417,3 +420,24 @@ def test_bad_device_and_train_settings(data):
         E.run_group(group, dataclasses.replace(data, x_train=data.x_train.numpy()))
     with pytest.raises(InitlabError, match="no members"):
         E.run_group(dataclasses.replace(group, members=()), data)
+
+
+def test_first_pass_fallback_rows_number_layers_from_1_like_the_probe(data, monkeypatch):
+    """When the probe cannot measure a member, its first-pass rows come from the hooked arrays: they
+    must number the weight layers as the probe does (from 1), since the report picks layer 1 by index."""
+    from initlab.lab.training import first_pass as first_pass_mod
+
+    exp = make_exp([("relu", "he_normal")], seeds=(0,), steps=1, log_every=1)
+    (grp,) = E.plan_groups(exp)
+    good = E.run_group(grp, data)
+
+    def broken(*args, **kwargs):
+        raise InitlabError("the probe is unavailable")
+
+    monkeypatch.setattr(first_pass_mod, "probe", broken)
+    bad = E.run_group(grp, data)
+    assert all(r["note"].startswith("probe failed") for r in bad.first_pass)
+    assert [r["index"] for r in bad.first_pass] == [r["index"] for r in good.first_pass] == [1, 2, 3]
+    assert [r["layer"] for r in bad.first_pass] == [r["layer"] for r in good.first_pass]
+    for b, g in zip(bad.first_pass, good.first_pass):  # the same layer under the same number
+        assert b["pre_var"] == pytest.approx(g["pre_var"], rel=1e-3)

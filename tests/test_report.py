@@ -78,7 +78,7 @@ GOOD = {"sigmoid-normal": [0.80, 0.81, 0.79], "sigmoid-xavier": [0.90, 0.91, 0.9
 
 
 def finding_text(run: Path) -> str:
-    return "\n".join(f.text for f in findings(load_run(run)))
+    return "\n".join(f.message for f in findings(load_run(run)))
 
 
 # ----------------------------------------------------------------------------- findings from the numbers
@@ -281,7 +281,7 @@ def test_real_smoke_run_shows_the_first_pass_outcomes(tmp_path):
     exp = with_overrides(load_experiment("smoke"), {"train.steps": 20, "train.log_every": 10})
     run_experiment(exp, tmp_path / "run")
     data = load_run(tmp_path / "run")
-    text = "\n".join(f.text for f in findings(data))
+    text = "\n".join(f.message for f in findings(data))
     assert "matches the E[x\u00b2] rule" in text
     l1 = data.first_pass[data.first_pass["index"] == 1].set_index("scenario")
     # embedded MNIST: E[x^2] ~ 0.112 and Var(x) ~ 0.095 over the whole set; a 100-image batch is close

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -139,7 +140,7 @@ def test_tensorboard_check_can_fail(tmp_path):
     # negative control: an empty log directory has none of the tags
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from initlab.lab.tb import write_member_events
+    from initlab.lab.report.tensorboard import write_member_events
 
     write_member_events(tmp_path / "x", {}, [])
     acc = EventAccumulator(str(tmp_path / "x"))
@@ -268,6 +269,17 @@ def test_same_config_under_another_name_resumes(smoke_run, smoke):
     summary = run_experiment(renamed, out, report=False)
     assert summary.members_run == 0
     run_experiment(smoke, out, report=False)  # restore the name in config.toml
+
+
+def test_same_config_under_an_old_fingerprint_is_refused_clearly(smoke_run, smoke, tmp_path):
+    # a run directory written when fingerprints were computed differently: same settings, other fingerprint
+    out = tmp_path / "old"
+    shutil.copytree(smoke_run[0], out)
+    meta = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**meta, "fingerprint": "0" * 64}))
+    with pytest.raises(InitlabError, match="holds the same experiment, recorded by an earlier initlab") as e:
+        run_experiment(smoke, out, report=False)
+    assert "000000000000" in str(e.value) and "another --out" in str(e.value)
 
 
 def test_refuses_a_non_run_directory(tmp_path, smoke):

@@ -19,7 +19,7 @@ import torch
 import initlab
 from initlab.lab.config import load_experiment, with_overrides
 from initlab.lab.data import load_dataset
-from initlab.lab.ensemble import init_member
+from initlab.lab.training import init_member
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,13 @@
 """initlab's lab: initializer x activation x depth x seed grids, trained as batched ensembles,
 logged to TensorBoard and summarised in plots and a self-contained HTML report.
 
+Laid out by stage, each module importing only the ones before it: :mod:`.specs` (the
+experiment's dataclasses) -> :mod:`.config` (TOML in and out) -> :mod:`.data` (the data sets)
+-> :mod:`.models` -> :mod:`.metrics` (the per-step metric registry) -> :mod:`.training`
+(plan, engines, loop, first pass, group) -> :mod:`.rundir` (layout, lock, commit, merge) ->
+:mod:`.report` (load, findings, tables, plots, TensorBoard, HTML) -> :mod:`.executors` ->
+:mod:`.run` -> :mod:`.cli`.
+
 The lab imports the library, never the reverse. Names load lazily, so ``import initlab.lab``
 stays as light as ``import initlab``.
 """
@@ -13,14 +20,17 @@ _EXPORTS: dict[str, str] = {
     "load_experiment": ".config",
     "list_presets": ".config",
     "experiment_to_toml": ".config",
-    "Experiment": ".config",
+    "Experiment": ".specs",
     "load_dataset": ".data",
     "Dataset": ".data",
     "build_model": ".models",
     "mlp": ".models",
     "cnn": ".models",
-    "plan_groups": ".ensemble",
-    "run_group": ".ensemble",
+    "Metric": ".metrics",
+    "register_metric": ".metrics",
+    "unregister_metric": ".metrics",
+    "plan_groups": ".training",
+    "run_group": ".training",
     "run_experiment": ".run",
     "write_report": ".report",
 }

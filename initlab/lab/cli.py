@@ -10,18 +10,22 @@ Examples::
 
 Re-running ``initlab run`` with the same experiment and ``--out`` resumes: finished members
 (scenario x seed) are skipped. An output directory holding another experiment is refused.
-Only argparse and the standard library are imported at module level (the heavy lab modules load
-when a command runs).
+pandas, matplotlib and tensorboard load when a command needs them.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from .._errors import InitlabError
+from .._probe import format_table
+from .config import list_presets, load_experiment, with_overrides
+from .metrics import headline
+from .report import load_run, summary_rows, write_report
+from .report.stats import pct
+from .run import run_experiment
 
 __all__ = ["register_cli", "cmd_run", "cmd_presets", "cmd_report"]
 
@@ -70,8 +74,6 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _experiment_from_args(args: argparse.Namespace) -> Any:
-    from .config import load_experiment, with_overrides
-
     exp = load_experiment(args.experiment)
     overrides: dict[str, Any] = {}
     if args.steps is not None:
@@ -98,8 +100,6 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``initlab run``: run the experiment, then say where the report and the TensorBoard logs are."""
-    from .run import run_experiment
-
     exp = _experiment_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / exp.name
     summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
@@ -122,44 +122,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_results(run_dir: Path) -> None:
-    from .report import _pct, load_run, summary_rows
-
     try:
         rows = summary_rows(load_run(run_dir))
     except InitlabError:
         return
     if not rows:
         return
-    width = max(len(r["scenario"]) for r in rows)
-    print(f"  {'scenario':<{width}}  final test accuracy (mean \u00b1 std over seeds)")
-    for r in rows:
-        n = r["test_acc"].n
-        print(f"  {r['scenario']:<{width}}  {_pct(r['test_acc'])}  (n={n})")
+    key = f"test_{headline().name}"
+    table = [{"scenario": r["scenario"], "final": pct(r[key]), "n": r[key].n} for r in rows]
+    title = f"final test {headline().label} (mean \u00b1 std over seeds)"
+    text = format_table(table, [("scenario", "scenario"), (title, "final"), ("n", "n")])
+    print("\n".join("  " + line for line in text.splitlines()))
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
     """``initlab presets``: the built-in experiments, one per line."""
-    from .config import list_presets
-
-    presets = list_presets()
-    width = max((len(n) for n, _ in presets), default=4)
-    for name, desc in presets:
-        print(f"{name:<{width}}  {desc}")
-    print(f"\nrun one with: initlab run NAME [--out DIR]")
+    rows = [{"name": name, "description": desc} for name, desc in list_presets()]
+    text = format_table(rows, [("preset", "name"), ("description", "description")])
+    print("\n".join(line.rstrip() for line in text.splitlines()))
+    print("\nrun one with: initlab run NAME [--out DIR]")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``initlab report RUN_DIR``: rebuild the figures and report.html from the run directory's files."""
-    from .report import write_report
-
     path = write_report(args.run_dir)
     print(f"initlab: report written to {path}")
     print(f"  TensorBoard: tensorboard --logdir {os.path.join(args.run_dir, 'tb')}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    sys.exit(main())

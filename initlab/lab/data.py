@@ -8,7 +8,7 @@ standard deviation, ``x' = (x - mean) / std`` (one scalar each, so constant pixe
 Names (``load_dataset(name)``):
 
 - ``mnist``: 5,000 MNIST digits (500 per class) shipped inside the package as gzip'd IDX files
-  (``initlab/lab/_data``; MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0, see the licence
+  (``initlab/_data``, read by :mod:`initlab._mnist`; MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0, see the licence
   file there). No network. A stratified train/test split (``test_fraction``, ``split_seed``).
   Known statistics with pixels in [0, 1]: mean 0.1313, variance 0.0952, E[x^2] 0.1124, so a
   784-input layer with N(0, 1) weights has pre-activation variance 784 * E[x^2] ~= 88.
@@ -25,26 +25,22 @@ Names (``load_dataset(name)``):
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import math
 import os
-import struct
-import zlib
-from collections.abc import Mapping, Sequence
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._errors import InitlabError, unknown_choice
-
-if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from .config import DataSpec
+from .._mnist import embedded_mnist, read_idx, read_idx_pair, stratified_split, unit_pixels
+from .specs import DATASET_SHAPES, DATASETS, N_CLASSES, DataSpec
 
 __all__ = [
     "Dataset",
@@ -63,20 +59,8 @@ __all__ = [
     "MNIST_MIRRORS",
 ]
 
-DATASETS = ("mnist", "mnist_idx", "gaussian", "digits")
-# (channels, height, width) of one example of each data set
-DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
-    "mnist": (1, 28, 28),
-    "mnist_idx": (1, 28, 28),
-    "gaussian": (1, 28, 28),
-    "digits": (1, 8, 8),
-}
-N_CLASSES = 10
 GAUSSIAN_DEFAULT_N = 5000
 _GAUSSIAN_TEACHER_SEED = 20100513  # fixed: every seed sees the same task
-
-_EMBEDDED_IMAGES = "mnist5k-images-idx3-ubyte.gz"
-_EMBEDDED_LABELS = "mnist5k-labels-idx1-ubyte.gz"
 
 # The four standard MNIST files and their MD5 checksums (the ones torchvision checks).
 MNIST_FILES: dict[str, str] = {
@@ -142,125 +126,6 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
                 f"classes={self.n_classes}, source={self.meta.get('source', '?')!r})")
-
-
-# ----------------------------------------------------------------------------- IDX files
-
-# IDX type code -> (numpy big-endian dtype, name)
-_IDX_TYPES: dict[int, tuple[str, str]] = {
-    0x08: (">u1", "unsigned byte"),
-    0x09: (">i1", "signed byte"),
-    0x0B: (">i2", "short"),
-    0x0C: (">i4", "int"),
-    0x0D: (">f4", "float"),
-    0x0E: (">f8", "double"),
-}
-_MAGIC_IMAGES = 0x00000803  # unsigned bytes, 3 dimensions (N, rows, cols)
-_MAGIC_LABELS = 0x00000801  # unsigned bytes, 1 dimension (N,)
-
-
-def _read_bytes(path: Path | str, where: str | None = None) -> bytes:
-    """The file's bytes, gunzipped when they start with the gzip magic (whatever the suffix)."""
-    where = where or str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InitlabError(f"{where}: file not found") from None
-    except OSError as e:
-        raise InitlabError(f"{where}: cannot read the file ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise InitlabError(f"{where}: corrupt gzip data ({e}); delete the file and fetch it again") from None
-    return raw
-
-
-def _parse_idx(raw: bytes, where: str) -> np.ndarray:
-    """Decode an IDX buffer (LeCun's MNIST format) after checking its header against its size."""
-    if len(raw) < 4:
-        raise InitlabError(f"{where}: too short for an IDX header ({len(raw)} bytes)")
-    zero, code, ndim = struct.unpack(">HBB", raw[:4])
-    magic = struct.unpack(">I", raw[:4])[0]
-    if zero != 0:
-        raise InitlabError(f"{where}: bad magic number 0x{magic:08X}: not an IDX file "
-                           "(an IDX file starts with two zero bytes, a type code and the number of dimensions)")
-    if code not in _IDX_TYPES:
-        raise InitlabError(f"{where}: bad magic number 0x{magic:08X}: unknown IDX type code 0x{code:02X} "
-                           f"(valid: {', '.join(f'0x{c:02X}' for c in _IDX_TYPES)})")
-    if ndim == 0:
-        raise InitlabError(f"{where}: bad magic number 0x{magic:08X}: zero dimensions")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise InitlabError(f"{where}: truncated header: {ndim} dimensions need {header} bytes, the file has {len(raw)}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[code][0])
-    expected = int(math.prod(dims)) * dtype.itemsize
-    found = len(raw) - header
-    if found < expected:
-        raise InitlabError(f"{where}: truncated: the header announces shape {dims} of {_IDX_TYPES[code][1]}s "
-                           f"({expected} bytes of data), the file holds {found}")
-    if found > expected:
-        raise InitlabError(f"{where}: size mismatch: the header announces shape {dims} ({expected} bytes of data), "
-                           f"the file holds {found - expected} bytes more")
-    return np.frombuffer(raw, dtype=dtype, count=int(math.prod(dims)), offset=header).reshape(dims)
-
-
-def read_idx(path: Path | str) -> np.ndarray:
-    """Read an IDX file (optionally gzip'd): a numpy array of the header's shape and type.
-
-    Checks the magic number (two zero bytes, a known type code, >= 1 dimension) and that the
-    data size is exactly the product of the announced dimensions; raises InitlabError naming
-    the file and the problem otherwise.
-    """
-    return _parse_idx(_read_bytes(path), str(path))
-
-
-def _check_images(arr: np.ndarray, where: str, raw_magic: int) -> np.ndarray:
-    if raw_magic != _MAGIC_IMAGES:
-        raise InitlabError(f"{where}: bad magic number 0x{raw_magic:08X} for an image file "
-                           f"(expected 0x{_MAGIC_IMAGES:08X}: unsigned bytes, 3 dimensions)")
-    if arr.shape[0] == 0:
-        raise InitlabError(f"{where}: holds no images")
-    if arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise InitlabError(f"{where}: images of size {arr.shape[1]}x{arr.shape[2]}")
-    return arr
-
-
-def _check_labels(arr: np.ndarray, where: str, raw_magic: int, n_classes: int) -> np.ndarray:
-    if raw_magic != _MAGIC_LABELS:
-        raise InitlabError(f"{where}: bad magic number 0x{raw_magic:08X} for a label file "
-                           f"(expected 0x{_MAGIC_LABELS:08X}: unsigned bytes, 1 dimension)")
-    if arr.size and int(arr.max()) >= n_classes:
-        bad = int(np.flatnonzero(arr >= n_classes)[0])
-        raise InitlabError(f"{where}: label {int(arr[bad])} at index {bad} is out of range "
-                           f"(labels must be 0..{n_classes - 1})")
-    return arr
-
-
-def _magic(raw: bytes) -> int:
-    return struct.unpack(">I", raw[:4])[0] if len(raw) >= 4 else -1
-
-
-def read_idx_pair(images: Path | str, labels: Path | str, *, n_classes: int = N_CLASSES,
-                  image_size: tuple[int, int] | None = None, _names: tuple[str, str] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Read matching image and label IDX files: (uint8 array (N, rows, cols), int64 array (N,)).
-
-    Validates the magic numbers (0x00000803 for images, 0x00000801 for labels), the sizes, the
-    label range 0..n_classes-1, the image size when ``image_size`` is given, and that both
-    files hold the same number of examples.
-    """
-    wi, wl = _names or (str(images), str(labels))
-    raw_i = _read_bytes(images, wi)
-    x = _check_images(_parse_idx(raw_i, wi), wi, _magic(raw_i))
-    raw_l = _read_bytes(labels, wl)
-    y = _check_labels(_parse_idx(raw_l, wl), wl, _magic(raw_l), n_classes)
-    if image_size is not None and tuple(x.shape[1:]) != tuple(image_size):
-        raise InitlabError(f"{wi}: images are {x.shape[1]}x{x.shape[2]}, expected {image_size[0]}x{image_size[1]}")
-    if len(x) != len(y):
-        raise InitlabError(f"count mismatch: {wi} holds {len(x)} images but {wl} holds {len(y)} labels")
-    return x, y.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- full MNIST on disk
@@ -330,8 +195,6 @@ def download_mnist(root: Path | str, *, mirrors: Sequence[str] | None = None,
     into place (``os.replace``), so an interrupted or corrupt download never leaves a file under
     the final name. Raises InitlabError when a file cannot be fetched from any mirror.
     """
-    import urllib.request
-
     mirrors = MNIST_MIRRORS if mirrors is None else tuple(mirrors)
     files = MNIST_FILES if files is None else files
     folder = Path(root).expanduser() / "MNIST" / "raw"
@@ -369,6 +232,8 @@ def download_mnist(root: Path | str, *, mirrors: Sequence[str] | None = None,
     return folder
 
 
+
+
 def _load_mnist_idx(root: str, download: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
     if not root:
         raise InitlabError("data set 'mnist_idx' needs data.root: the folder holding the MNIST IDX files")
@@ -384,23 +249,6 @@ def _load_mnist_idx(root: str, download: bool) -> tuple[np.ndarray, np.ndarray, 
     x_tr, y_tr = read_idx_pair(files["train_images"], files["train_labels"], image_size=(28, 28))
     x_te, y_te = read_idx_pair(files["test_images"], files["test_labels"], image_size=(28, 28))
     return x_tr, y_tr, x_te, y_te, {"files": {k: str(v) for k, v in files.items()}}
-
-
-# ----------------------------------------------------------------------------- embedded sample
-
-
-@lru_cache(maxsize=1)
-def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
-    """The shipped 5,000-digit sample: (uint8 (5000, 28, 28), int64 (5000,)), sorted by class."""
-    from importlib.resources import as_file, files
-
-    base = files(__package__) / "_data"
-    names = (f"initlab/lab/_data/{_EMBEDDED_IMAGES}", f"initlab/lab/_data/{_EMBEDDED_LABELS}")
-    with as_file(base / _EMBEDDED_IMAGES) as pi, as_file(base / _EMBEDDED_LABELS) as pl:
-        x, y = read_idx_pair(pi, pl, image_size=(28, 28), _names=names)
-    x.setflags(write=False)
-    y.setflags(write=False)
-    return x, y
 
 
 # ----------------------------------------------------------------------------- synthetic and optional
@@ -450,32 +298,33 @@ def _stratified_subset(y: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
     return rng.permutation(np.concatenate(take))
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, test indices): ``round(test_fraction * n_c)`` of each class to test, shuffled.
-
-    Deterministic for a given ``seed`` (numpy PCG64). Every class with at least two examples
-    lands in both splits.
-    """
-    rng = np.random.Generator(np.random.PCG64(int(seed)))
-    train, test = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = int(round(test_fraction * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        test.append(idx[:k])
-        train.append(idx[k:])
-    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
-
-
 # ----------------------------------------------------------------------------- the loader
 
 _OVERRIDES = ("name", "root", "standardize", "test_fraction", "split_seed", "limit", "seed", "n", "download", "flat")
 
 
-def _spec_from(spec: DataSpec | str | None, overrides: dict[str, Any]) -> tuple[DataSpec, bool, bool]:
-    from .config import DataSpec
+class _Split(NamedTuple):
+    """Train and test examples before scaling: arrays of any numeric type, one example per row."""
 
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    divisor: float  # inputs are divided by this (255 for bytes)
+    meta: dict[str, Any]
+
+
+#: the in-memory data sets: name -> (examples and labels, divisor, source)
+_IN_MEMORY: dict[str, tuple[Callable[[DataSpec], tuple[np.ndarray, np.ndarray]], float, str]] = {
+    "mnist": (lambda spec: embedded_mnist(), 255.0,
+              "embedded MNIST sample (5,000 digits; MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0)"),
+    "gaussian": (lambda spec: _gaussian(spec.limit or GAUSSIAN_DEFAULT_N, spec.split_seed), 1.0,
+                 "synthetic: x ~ N(0, I_784), labels from a fixed random linear teacher"),
+    "digits": (lambda spec: _digits(), 1.0, "scikit-learn digits (8x8, grey levels 0..16 scaled to [0, 1])"),
+}
+
+
+def _spec_from(spec: DataSpec | str | None, overrides: dict[str, Any]) -> tuple[DataSpec, bool, bool]:
     for key in overrides:
         if key not in _OVERRIDES:
             raise unknown_choice("data option", key, _OVERRIDES)
@@ -498,73 +347,54 @@ def _spec_from(spec: DataSpec | str | None, overrides: dict[str, Any]) -> tuple[
     return spec, download, flat
 
 
-def load_dataset(spec: DataSpec | str | None = "mnist", **overrides: Any) -> Dataset:
-    """Load a data set by name or :class:`~initlab.lab.config.DataSpec`, split into train and test.
-
-    Overrides (keyword): ``root``, ``standardize``, ``test_fraction``, ``split_seed`` (alias
-    ``seed``), ``limit`` (alias ``n``; at most this many examples in all, a stratified subset;
-    0 = all), ``download`` (fetch full MNIST when missing; never needed for the embedded sample),
-    ``flat`` (True: inputs (N, C*H*W); False: (N, C, H, W) for CNNs).
-
-    The embedded ``mnist``, ``gaussian`` and ``digits`` are split by :func:`stratified_split`;
-    ``mnist_idx`` keeps MNIST's own train/test files (``limit`` then takes each split in
-    proportion to its size). Inputs are float32 in [0, 1] (``gaussian``: N(0, 1)); with
-    ``standardize`` they become ``(x - mean_train) / std_train``.
-    """
-    spec, download, flat = _spec_from(spec, dict(overrides))
-    name = spec.name
-    if name not in DATASETS:
-        raise unknown_choice("data set", name, DATASETS)
-    if name == "mnist" and spec.root:
-        name = "mnist_idx"
-    rng = np.random.Generator(np.random.PCG64(int(spec.split_seed)))
-    meta: dict[str, Any] = {}
-    if name == "mnist_idx":
-        x_tr, y_tr, x_te, y_te, meta = _load_mnist_idx(spec.root, download)
-        meta["source"] = f"MNIST IDX files in {spec.root}"
-        meta["split"] = "official MNIST train/test files"
-        if spec.limit:
-            n_tr = min(len(y_tr), int(round(spec.limit * len(y_tr) / (len(y_tr) + len(y_te)))))
-            i_tr = _stratified_subset(y_tr, n_tr, rng)
-            i_te = _stratified_subset(y_te, min(len(y_te), spec.limit - n_tr), rng)
-        else:
-            i_tr, i_te = rng.permutation(len(y_tr)), np.arange(len(y_te))
-        x_tr, y_tr, x_te, y_te = x_tr[i_tr], y_tr[i_tr], x_te[i_te], y_te[i_te]
-        divisor = 255.0
+def _split_mnist_idx(spec: DataSpec, download: bool, rng: np.random.Generator) -> _Split:
+    """Full MNIST: the official train/test files; ``limit`` takes each split in proportion to its size."""
+    x_tr, y_tr, x_te, y_te, meta = _load_mnist_idx(spec.root, download)
+    meta["source"] = f"MNIST IDX files in {spec.root}"
+    meta["split"] = "official MNIST train/test files"
+    if spec.limit:
+        n_tr = min(len(y_tr), int(round(spec.limit * len(y_tr) / (len(y_tr) + len(y_te)))))
+        i_tr = _stratified_subset(y_tr, n_tr, rng)
+        i_te = _stratified_subset(y_te, min(len(y_te), spec.limit - n_tr), rng)
     else:
-        if name == "mnist":
-            x, y = _embedded_mnist()
-            divisor = 255.0
-            meta["source"] = "embedded MNIST sample (5,000 digits; MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0)"
-        elif name == "gaussian":
-            x, y = _gaussian(spec.limit or GAUSSIAN_DEFAULT_N, spec.split_seed)
-            divisor = 1.0
-            meta["source"] = "synthetic: x ~ N(0, I_784), labels from a fixed random linear teacher"
-        else:
-            x, y = _digits()
-            divisor = 1.0
-            meta["source"] = "scikit-learn digits (8x8, grey levels 0..16 scaled to [0, 1])"
-        if spec.limit and spec.limit < len(y):
-            keep = np.sort(_stratified_subset(y, spec.limit, rng))
-            x, y = x[keep], y[keep]
-        i_tr, i_te = stratified_split(y, spec.test_fraction, spec.split_seed)
-        x_tr, y_tr, x_te, y_te = x[i_tr], y[i_tr], x[i_te], y[i_te]
-        meta["split"] = f"stratified, test_fraction={spec.test_fraction}, seed={spec.split_seed}"
+        i_tr, i_te = rng.permutation(len(y_tr)), np.arange(len(y_te))
+    return _Split(x_tr[i_tr], y_tr[i_tr], x_te[i_te], y_te[i_te], 255.0, meta)
+
+
+def _split_in_memory(name: str, spec: DataSpec, rng: np.random.Generator) -> _Split:
+    """A data set held in memory, cut to ``limit`` (stratified) and split by :func:`stratified_split`."""
+    load, divisor, source = _IN_MEMORY[name]
+    x, y = load(spec)
+    if spec.limit and spec.limit < len(y):
+        keep = np.sort(_stratified_subset(y, spec.limit, rng))
+        x, y = x[keep], y[keep]
+    i_tr, i_te = stratified_split(y, spec.test_fraction, spec.split_seed)
+    meta = {"source": source, "split": f"stratified, test_fraction={spec.test_fraction}, seed={spec.split_seed}"}
+    return _Split(x[i_tr], y[i_tr], x[i_te], y[i_te], divisor, meta)
+
+
+def _standardize(xt: Tensor, xe: Tensor, on: bool) -> tuple[Tensor, Tensor, float, float]:
+    """``(x - mean) / std`` with the training inputs' scalar mean and std (when ``on``)."""
+    if not on:
+        return xt, xe, 0.0, 1.0
+    xd = xt.double()
+    shift, div = float(xd.mean()), float(xd.std(unbiased=False))
+    if not div > 0:
+        raise InitlabError("data.standardize: the training inputs are constant; cannot standardize")
+    return (xt - shift) / div, (xe - shift) / div, shift, div
+
+
+def _to_dataset(name: str, spec: DataSpec, split: _Split, flat: bool) -> Dataset:
+    """Scale, standardise and describe a split: the :class:`Dataset` ``load_dataset`` returns."""
+    y_tr, y_te = split.y_train, split.y_test
     if len(y_tr) == 0 or len(y_te) == 0:
         raise InitlabError(f"data.limit: {spec.limit} examples leave an empty train or test split "
                            f"(train {len(y_tr)}, test {len(y_te)}); use a larger limit (0 = all)")
-
     shape = DATASET_SHAPES[name]
-    xt = torch.from_numpy(np.ascontiguousarray(x_tr, dtype=np.float32).reshape(len(x_tr), -1)) / divisor
-    xe = torch.from_numpy(np.ascontiguousarray(x_te, dtype=np.float32).reshape(len(x_te), -1)) / divisor
-    shift, div = 0.0, 1.0
-    if spec.standardize:
-        xd = xt.double()
-        shift, div = float(xd.mean()), float(xd.std(unbiased=False))
-        if not div > 0:
-            raise InitlabError("data.standardize: the training inputs are constant; cannot standardize")
-        xt, xe = (xt - shift) / div, (xe - shift) / div
+    xt, xe = unit_pixels(split.x_train, split.divisor), unit_pixels(split.x_test, split.divisor)
+    xt, xe, shift, div = _standardize(xt, xe, spec.standardize)
     xd = xt.double()
+    meta = dict(split.meta)
     meta.update(
         input_shape=shape,
         n_classes=N_CLASSES,
@@ -584,3 +414,27 @@ def load_dataset(spec: DataSpec | str | None = "mnist", **overrides: Any) -> Dat
         xt, xe = xt.reshape(len(xt), *shape), xe.reshape(len(xe), *shape)
     return Dataset(name=name, x_train=xt.contiguous(), y_train=torch.from_numpy(np.ascontiguousarray(y_tr, dtype=np.int64)),
                    x_test=xe.contiguous(), y_test=torch.from_numpy(np.ascontiguousarray(y_te, dtype=np.int64)), meta=meta)
+
+
+def load_dataset(spec: DataSpec | str | None = "mnist", **overrides: Any) -> Dataset:
+    """Load a data set by name or :class:`~initlab.lab.specs.DataSpec`, split into train and test.
+
+    Overrides (keyword): ``root``, ``standardize``, ``test_fraction``, ``split_seed`` (alias
+    ``seed``), ``limit`` (alias ``n``; at most this many examples in all, a stratified subset;
+    0 = all), ``download`` (fetch full MNIST when missing; never needed for the embedded sample),
+    ``flat`` (True: inputs (N, C*H*W); False: (N, C, H, W) for CNNs).
+
+    The embedded ``mnist``, ``gaussian`` and ``digits`` are split by :func:`stratified_split`;
+    ``mnist_idx`` keeps MNIST's own train/test files (``limit`` then takes each split in
+    proportion to its size). Inputs are float32 in [0, 1] (``gaussian``: N(0, 1)); with
+    ``standardize`` they become ``(x - mean_train) / std_train``.
+    """
+    spec, download, flat = _spec_from(spec, dict(overrides))
+    name = spec.name
+    if name not in DATASETS:
+        raise unknown_choice("data set", name, DATASETS)
+    if name == "mnist" and spec.root:
+        name = "mnist_idx"
+    rng = np.random.Generator(np.random.PCG64(int(spec.split_seed)))
+    split = _split_mnist_idx(spec, download, rng) if name == "mnist_idx" else _split_in_memory(name, spec, rng)
+    return _to_dataset(name, spec, split, flat)

@@ -9,44 +9,16 @@ recognises them; an arbitrary callable is wrapped in :class:`Elementwise`.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
 from .._activations import Activation, resolve_activation
 from .._errors import InitlabError, unknown_choice
-
-if TYPE_CHECKING:  # pragma: no cover - for type checkers only
-    from .config import ModelSpec
+from .specs import MODEL_KINDS, ModelSpec, image_shape
 
 __all__ = ["Elementwise", "activation_module", "mlp", "cnn", "build_model", "image_shape", "MODEL_KINDS"]
-
-MODEL_KINDS = ("mlp", "cnn")
-
-# activation table name -> nn.Module factory (param: the slope/alpha, already defaulted by the table)
-_FACTORIES: dict[str, Callable[[float | None], nn.Module]] = {
-    "identity": lambda p: nn.Identity(),
-    "sigmoid": lambda p: nn.Sigmoid(),
-    "tanh": lambda p: nn.Tanh(),
-    "relu": lambda p: nn.ReLU(),
-    "leaky_relu": lambda p: nn.LeakyReLU(negative_slope=float(p)),  # type: ignore[arg-type]
-    "prelu": lambda p: nn.PReLU(init=float(p)),  # type: ignore[arg-type]
-    "elu": lambda p: nn.ELU(alpha=float(p)),  # type: ignore[arg-type]
-    "selu": lambda p: nn.SELU(),
-    "celu": lambda p: nn.CELU(alpha=float(p)),  # type: ignore[arg-type]
-    "gelu": lambda p: nn.GELU(),
-    "gelu_tanh": lambda p: nn.GELU(approximate="tanh"),
-    "silu": lambda p: nn.SiLU(),
-    "mish": lambda p: nn.Mish(),
-    "softplus": lambda p: nn.Softplus(),
-    "softsign": lambda p: nn.Softsign(),
-    "hardtanh": lambda p: nn.Hardtanh(),
-    "relu6": lambda p: nn.ReLU6(),
-    "hardswish": lambda p: nn.Hardswish(),
-}
-
 
 class Elementwise(nn.Module):
     """An elementwise activation given as a function: ``forward(x) = fn(x)``."""
@@ -75,17 +47,17 @@ def activation_module(activation: Any, param: float | None = None) -> nn.Module:
         return copy.deepcopy(activation)
     if isinstance(activation, type) and issubclass(activation, nn.Module):
         act = resolve_activation(activation, param)  # validates the class and param
-        if act.custom or act.name not in _FACTORIES:
-            return activation()
-        return _FACTORIES[act.name](act.param)
+        module = _table_module(act)
+        return activation() if module is None else module
     act = resolve_activation(activation, param)
-    return _module_for(act)
+    module = _table_module(act)
+    return Elementwise(act.fn, act.name) if module is None else module
 
 
-def _module_for(act: Activation) -> nn.Module:
-    if not act.custom and act.name in _FACTORIES:
-        return _FACTORIES[act.name](act.param)
-    return Elementwise(act.fn, act.name)
+def _table_module(act: Activation) -> nn.Module | None:
+    """The ``torch.nn`` module the activation table builds for a row (its parameter bound), None for a
+    custom activation or a row without a module."""
+    return None if act.custom or act.row is None else act.row.build_module(act.param)
 
 
 def _check_sizes(values: Any, what: str, *, min_len: int) -> tuple[int, ...]:
@@ -115,15 +87,6 @@ def mlp(widths: Sequence[int], activation: Any = "relu", bias: bool = True, *, p
         if i < len(sizes) - 2:
             layers.append(activation_module(activation, param))
     return nn.Sequential(*layers)
-
-
-def image_shape(n_inputs: int) -> tuple[int, int, int]:
-    """(1, s, s) for ``n_inputs = s*s`` (784 -> (1, 28, 28), 64 -> (1, 8, 8))."""
-    s = math.isqrt(int(n_inputs))
-    if s * s != int(n_inputs) or s < 1:
-        raise InitlabError(f"model.widths[0]: a CNN needs square single-channel images, "
-                           f"{n_inputs} inputs is not a square number")
-    return (1, s, s)
 
 
 def _conv_out(size: int, kernel: int) -> int:
@@ -170,7 +133,7 @@ def cnn(channels: Sequence[int] = (16, 32), kernel: int = 3, activation: Any = "
 
 
 def build_model(spec: ModelSpec, activation: Any) -> nn.Module:
-    """The model a :class:`~initlab.lab.config.ModelSpec` describes, with ``activation``.
+    """The model a :class:`~initlab.lab.specs.ModelSpec` describes, with ``activation``.
 
     ``mlp``: :func:`mlp` over ``spec.widths``. ``cnn``: :func:`cnn` with ``spec.channels``,
     ``spec.kernel``, input ``image_shape(widths[0])``, dense hidden layers ``widths[1:-1]`` and

@@ -16,6 +16,8 @@ tag                    kind       value (step)
                                   since the previous log (steps log_every, 2 log_every, ...)
 ``test/loss``,         scalar     loss / accuracy on the whole held-out test split
 ``test/acc``                      (step 0 = before training, then every log_every steps)
+``<tag>``              scalar     any other metric of :mod:`initlab.lab.metrics` (its ``tag``;
+                                  ``test/<tag>`` for held-out rows, ``<tag>_<k>`` per component)
 =====================  =========  ======================================================
 
 As in the study, ``loss`` and ``acc`` are the training-batch values; the held-out values sit
@@ -34,19 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_dir
+from .._io import atomic_dir
+from ..metrics import tensorboard_tag
+from ..rundir import member_log_dir
 
-__all__ = ["write_member_events", "member_log_dir", "first_pass_tags", "TRAIN_TAGS", "TEST_TAGS"]
-
-#: scalar tag of each training metric (metrics.csv ``split == "train"``)
-TRAIN_TAGS = {"loss": "loss", "acc": "acc"}
-#: scalar tag of each held-out metric (metrics.csv ``split == "test"``)
-TEST_TAGS = {"loss": "test/loss", "acc": "test/acc"}
-
-
-def member_log_dir(tb_root: str | Path, scenario_dir: str, seed: int) -> Path:
-    """``tb_root/<scenario_dir>/seed<seed>``: the log directory of one member."""
-    return Path(tb_root) / scenario_dir / f"seed{int(seed)}"
+__all__ = ["write_member_events", "member_log_dir", "first_pass_tags"]
 
 
 def _layer_numbers(values: Mapping[str, np.ndarray]) -> list[int]:
@@ -107,8 +101,7 @@ def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
                 value = float(row["value"])
                 if not math.isfinite(value):
                     continue
-                tags = TRAIN_TAGS if row["split"] == "train" else TEST_TAGS
-                tag = tags.get(str(row["metric"]), f"{row['split']}/{row['metric']}")
+                tag = tensorboard_tag(str(row["metric"]), str(row["split"]))
                 writer.add_scalar(tag, value, global_step=int(row["step"]))
             writer.flush()
         finally:

@@ -10,9 +10,11 @@
   weight layer (mean over seeds, bars = min..max) beside the prediction of the variance
   recursion of :mod:`initlab.theory` (dashed), on a log scale. Colour = scheme, marker =
   activation where that identifies the scenarios.
-* ``accuracy.png`` and ``loss.png``: training curves, one panel per comparison group (same
-  activation and model shape; see :func:`comparison_groups`) and split (train minibatches,
-  held-out test); mean over seeds with a band of +-1 standard deviation (one seed: line only).
+* one figure per metric of :mod:`initlab.lab.metrics` that has a ``plot`` file (``accuracy.png``,
+  ``loss.png``, ...): training curves, one panel per comparison group (same activation and
+  model shape; see :func:`~initlab.lab.report.labels.comparison_groups`) and split (train,
+  held-out test) and component; mean over seeds with a band of +-1 standard deviation (one
+  seed: line only).
 
 matplotlib is imported inside the functions; figures go through ``Figure`` + the Agg canvas,
 so no global pyplot state is touched. Files are written atomically.
@@ -27,28 +29,55 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._io import atomic_write_bytes
+from ..._activations import ActivationRow, activation_row
+from ..._errors import InitlabError
+from .._io import atomic_write_bytes
+from ..metrics import Metric, component_label, component_names, display_order, owner
+from .labels import Info, comparison_groups, label, names, widths_label
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["layer1_histograms", "variance_per_layer", "training_curves", "make_figures", "FIGURES",
-           "scenario_colors", "scenario_markers", "comparison_groups", "widths_label"]
+__all__ = ["layer1_histograms", "variance_per_layer", "training_curves", "make_figures", "figures",
+           "scenario_colors", "scenario_markers", "comparison_groups", "widths_label", "output_bounds"]
 
-#: file name -> short caption, in the order the report shows them
-FIGURES: dict[str, str] = {
+#: the first-pass figures: file name -> short caption
+_FIRST_PASS_FIGURES: dict[str, str] = {
     "layer1_histograms.png": "Layer-1 pre-activation (W\u2081x, no bias) and output histograms on the first-pass batch, pooled over seeds",
     "variance_per_layer.png": "Pre-activation variance per layer on the first-pass batch: measured (markers, min..max over seeds) vs the variance recursion (dashed)",
-    "accuracy.png": "Accuracy during training: mean over seeds, band = \u00b11 standard deviation",
-    "loss.png": "Cross-entropy loss during training: mean over seeds, band = \u00b11 standard deviation",
 }
 
 _SPLIT_TITLE = {"train": "train (minibatch mean)", "test": "test (held out)"}
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
-_BOUNDED = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "hardtanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
 
-Info = Mapping[str, tuple[str, str]]
+
+def figures() -> dict[str, str]:
+    """File name -> short caption of every figure, in the order the report shows them: the first
+    pass, then one per plotted metric of :mod:`initlab.lab.metrics` (headline first)."""
+    out = dict(_FIRST_PASS_FIGURES)
+    out.update({m.plot: m.caption or f"{m.label} during training" for m in display_order() if m.plot})
+    return out
+
+
+def _table_row(activation: str) -> ActivationRow | None:
+    """The activation table's row of a scenario's activation name, None for an unknown or empty name."""
+    try:
+        return activation_row(activation) if activation else None
+    except InitlabError:
+        return None
+
+
+def output_bounds(activation: str) -> tuple[float, float] | None:
+    """(lo, hi) of a bounded activation's outputs (the table's ``bounds``), None when unbounded."""
+    row = _table_row(activation)
+    return None if row is None else row.bounds
+
+
+def zero_on_negative(activation: str) -> bool:
+    """Whether the activation outputs exactly 0 for every negative input (the table's ``zero_on_negative``)."""
+    row = _table_row(activation)
+    return row is not None and row.zero_on_negative
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -82,39 +111,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def widths_label(widths: Sequence[int]) -> str:
-    """``(784, 100, 100, 10)`` -> ``"784-100-100-10"``; three or more equal widths in a row -> ``"100x20"``."""
-    parts: list[str] = []
-    i = 0
-    w = list(widths)
-    while i < len(w):
-        j = i
-        while j < len(w) and w[j] == w[i]:
-            j += 1
-        n = j - i
-        parts.append(f"{w[i]}\u00d7{n}" if n >= 3 else "-".join([str(w[i])] * n))
-        i = j
-    return "-".join(parts)
-
-
-def comparison_groups(scenarios: Sequence[str], info: Info | None = None,
-                      models: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[str]]:
-    """Scenarios that are compared with each other: same activation and same model widths.
-
-    Keys are labels: the activation alone when every scenario has the same widths, else
-    ``"<activation>, <widths>"`` (see :func:`widths_label`). Order follows ``scenarios``.
-    """
-    info = info or {}
-    models = models or {}
-    shapes = {tuple(models.get(s, ())) for s in scenarios}
-    out: dict[str, list[str]] = {}
-    for s in scenarios:
-        act = info.get(s, ("all", ""))[0] or "all"
-        key = act if len(shapes) <= 1 else f"{act}, {widths_label(models.get(s, ()))}"
-        out.setdefault(key, []).append(s)
-    return out
 
 
 def scenario_colors(scenarios: Sequence[str], info: Info | None = None) -> dict[str, Any]:
@@ -151,14 +147,14 @@ def _pair_legend(scenarios: Sequence[str], info: Info) -> dict[str, str] | None:
     return out
 
 
-def _group_label(names: Sequence[str], info: Info) -> str:
+def _group_label(members: Sequence[str], info: Info) -> str:
     """A short title for scenarios that share a panel: their (activation + scheme) pairs and count."""
-    pairs = list(dict.fromkeys(info.get(n) for n in names))
-    if len(names) == 1:
-        return _label(names[0], info)
+    pairs = list(dict.fromkeys(info.get(n) for n in members))
+    if len(members) == 1:
+        return label(members[0], info)
     if all(p is not None for p in pairs) and len(pairs) <= 3:
-        return " = ".join(f"{p[0]} + {p[1]}" for p in pairs) + f" ({len(names)} scenarios)"  # type: ignore[index]
-    return _names(names, 3)
+        return " = ".join(f"{p[0]} + {p[1]}" for p in pairs) + f" ({len(members)} scenarios)"  # type: ignore[index]
+    return names(members, 3)
 
 
 def scenario_markers(scenarios: Sequence[str], info: Info | None = None) -> dict[str, str]:
@@ -166,19 +162,6 @@ def scenario_markers(scenarios: Sequence[str], info: Info | None = None) -> dict
     info = info or {}
     acts = list(dict.fromkeys(info.get(s, (s, ""))[0] for s in scenarios))
     return {s: _MARKERS[acts.index(info.get(s, (s, ""))[0]) % len(_MARKERS)] for s in scenarios}
-
-
-def _label(scenario: str, info: Info) -> str:
-    """The scenario's name, with activation and scheme when the name does not say them."""
-    if scenario in info:
-        act, scheme = info[scenario]
-        if act and scheme and not (act in scenario and scheme.split("_")[0] in scenario):
-            return f"{scenario} ({act} + {scheme})"
-    return scenario
-
-
-def _names(names: Sequence[str], limit: int = 4) -> str:
-    return ", ".join(names) if len(names) <= limit else ", ".join(names[:limit - 1]) + f" and {len(names) - limit + 1} more"
 
 
 def _pooled(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenario: str, key: str) -> np.ndarray:
@@ -193,6 +176,49 @@ def _pooled(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenario
 # ----------------------------------------------------------------------------- figures
 
 
+def _panels(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenarios: Sequence[str], info: Info,
+            layer: int) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
+    """(scenarios, pooled pre-activations, pooled outputs) per panel; scenarios whose layer values are
+    identical (same first layer, same seeds) share one."""
+    panels: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+    for sc in scenarios:
+        pre = _pooled(values, sc, f"mat_mul_{layer}")
+        post = _pooled(values, sc, f"fc_out_{layer}")
+        act = info.get(sc, ("", ""))[0]
+        for members, p, q in panels:
+            if info.get(members[0], ("", ""))[0] == act and p.shape == pre.shape and q.shape == post.shape \
+                    and np.array_equal(p, pre) and np.array_equal(q, post):
+                members.append(sc)
+                break
+        else:
+            panels.append(([sc], pre, post))
+    return panels
+
+
+def _output_panel(ax: Any, post: np.ndarray, act: str, bins: int, color: Any, layer: int) -> None:
+    """The output histogram; its title gives the mean and, for bounded outputs, the share within 5%
+    of the range's ends, for outputs that are 0 on negative inputs the share of zeros."""
+    if not post.size:
+        ax.set_title(f"no layer-{layer} output values", fontsize=9)
+        return
+    lo, hi = float(post.min()), float(post.max())
+    _hist(ax, post, bins, color)
+    desc = f"mean = {post.mean():.3g}"
+    bounds = output_bounds(act)
+    if bounds is not None:
+        bottom, top = bounds
+        span = top - bottom
+        near = np.mean((post < bottom + 0.05 * span) | (post > top - 0.05 * span))
+        ends = "0 or 1" if bottom == 0 else "\u00b11"
+        desc += f", {100 * near:.0f}% near {ends}"
+        ax.set_xlim(bottom - 0.02 * span, top + 0.02 * span)
+    elif zero_on_negative(act):
+        desc += f", {100 * np.mean(post <= 0):.0f}% zeros"
+    if hi == lo:
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+    ax.set_title(f"output after {act or 'the activation'}: {desc}", fontsize=9)
+
+
 def layer1_histograms(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenarios: Sequence[str],
                       path: str | Path, *, info: Info | None = None, layer: int = 1, bins: int = 60) -> Path:
     """Histograms of ``mat_mul_<layer>`` and ``fc_out_<layer>`` side by side, per scenario.
@@ -204,19 +230,7 @@ def layer1_histograms(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]]
     """
     info = info or {}
     colors = scenario_colors(scenarios, info)
-    # merge scenarios whose layer-1 values are identical (same first layer, same seeds)
-    panels: list[tuple[list[str], np.ndarray, np.ndarray]] = []
-    for sc in scenarios:
-        pre = _pooled(values, sc, f"mat_mul_{layer}")
-        post = _pooled(values, sc, f"fc_out_{layer}")
-        act = info.get(sc, ("", ""))[0]
-        for names, p, q in panels:
-            if info.get(names[0], ("", ""))[0] == act and p.shape == pre.shape and q.shape == post.shape \
-                    and np.array_equal(p, pre) and np.array_equal(q, post):
-                names.append(sc)
-                break
-        else:
-            panels.append(([sc], pre, post))
+    panels = _panels(values, scenarios, info, layer)
     n = max(len(panels), 1)
     per_row = 1 if n <= 6 else 2 if n <= 16 else 3
     rows = math.ceil(n / per_row)
@@ -228,35 +242,17 @@ def layer1_histograms(values: Mapping[tuple[str, int], Mapping[str, np.ndarray]]
             ax_pre.set_visible(False)
             ax_post.set_visible(False)
             continue
-        names, pre, post = panels[k]
-        sc = names[0]
-        act = info.get(sc, ("", ""))[0]
-        label = _group_label(names, info)
+        members, pre, post = panels[k]
+        sc = members[0]
+        title = _group_label(members, info)
         if pre.size:
             _hist(ax_pre, pre, bins, colors[sc])
-            ax_pre.set_title(f"{label}: pre-activation, Var = {pre.var():.3g}", fontsize=9)
+            ax_pre.set_title(f"{title}: pre-activation, Var = {pre.var():.3g}", fontsize=9)
         else:
-            ax_pre.set_title(f"{label}: no layer-{layer} values", fontsize=9)
+            ax_pre.set_title(f"{title}: no layer-{layer} values", fontsize=9)
         if k % per_row == 0:
             ax_pre.set_ylabel("count")
-        if post.size:
-            lo, hi = float(post.min()), float(post.max())
-            _hist(ax_post, post, bins, colors[sc])
-            desc = f"mean = {post.mean():.3g}"
-            if act in _BOUNDED:
-                bottom, top = _BOUNDED[act]
-                span = top - bottom
-                near = np.mean((post < bottom + 0.05 * span) | (post > top - 0.05 * span))
-                ends = "0 or 1" if bottom == 0 else "\u00b11"
-                desc += f", {100 * near:.0f}% near {ends}"
-                ax_post.set_xlim(bottom - 0.02 * span, top + 0.02 * span)
-            elif act in ("relu", "relu6"):
-                desc += f", {100 * np.mean(post <= 0):.0f}% zeros"
-            if hi == lo:
-                ax_post.set_xlim(lo - 0.5, hi + 0.5)
-            ax_post.set_title(f"output after {act or 'the activation'}: {desc}", fontsize=9)
-        else:
-            ax_post.set_title(f"no layer-{layer} output values", fontsize=9)
+        _output_panel(ax_post, post, info.get(sc, ("", ""))[0], bins, colors[sc], layer)
         if k // per_row == rows - 1 or k + per_row >= len(panels):
             ax_pre.set_xlabel("W\u2081x (pre-activation, no bias)" if layer == 1 else f"W{layer}x")
             ax_post.set_xlabel("activation output")
@@ -294,7 +290,7 @@ def variance_per_layer(first_pass: pandas.DataFrame, scenarios: Sequence[str], p
                 else np.full_like(mean, np.nan))
         x = idx + (k - (n - 1) / 2) * spread  # a small offset so overlapping markers stay visible
         ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt=markers[sc], color=colors[sc], capsize=3,
-                    markersize=5 if len(scenarios) > 8 else 6, label=legend[sc] if legend else _label(sc, info))
+                    markersize=5 if len(scenarios) > 8 else 6, label=legend[sc] if legend else label(sc, info))
         ok = np.isfinite(pred) & (pred > 0)
         if ok.any():
             ax.plot(idx[ok], pred[ok], "--", color=colors[sc], alpha=0.8)
@@ -317,60 +313,74 @@ def variance_per_layer(first_pass: pandas.DataFrame, scenarios: Sequence[str], p
     return _save(fig, path)
 
 
-def training_curves(metrics: pandas.DataFrame, scenarios: Sequence[str], metric: str, path: str | Path, *,
-                    info: Info | None = None, models: Mapping[str, Sequence[int]] | None = None) -> Path:
-    """Curves of ``metric`` ("acc" or "loss") over steps, one panel per comparison group and split.
+def _curve(ax: Any, e: pandas.DataFrame, color: Any, legend: str) -> None:
+    """Mean over seeds at each logged step; a band of +-1 standard deviation where two seeds are finite."""
+    g = e.groupby("step")["value"]
+    steps = np.asarray(sorted(g.groups), dtype=float)
+    mean = g.mean().reindex(steps).to_numpy(float)
+    std = g.std(ddof=1).reindex(steps).to_numpy(float)
+    cnt = g.count().reindex(steps).to_numpy(int)
+    ax.plot(steps, mean, color=color, marker=".", label=f"{legend} (n={int(e['seed'].nunique())})")
+    band = (cnt >= 2) & np.isfinite(std)
+    if band.any():
+        ax.fill_between(steps[band], (mean - std)[band], (mean + std)[band], color=color, alpha=0.2, linewidth=0)
 
-    Up to 3 groups: a column per group, a row per split; more: a row per group. Lines are
-    means over seeds at each logged step; the band is mean +- 1 standard deviation (ddof = 1)
-    where at least two seeds have a finite value. Diverged members (NaN) drop out.
+
+def _unregistered(view: Any) -> Any:  # pragma: no cover - a stand-in entry for a metric name not in the registry
+    raise NotImplementedError
+
+
+def _log_axis(metric: Metric, values: np.ndarray) -> bool:
+    """A log axis for a metric that asks for it when its positive values span more than 50x."""
+    pos = values[np.isfinite(values) & (values > 0)]
+    return metric.log_scale and pos.size > 0 and pos.max() / pos.min() > 50
+
+
+def training_curves(metrics: pandas.DataFrame, scenarios: Sequence[str], metric: str | Sequence[str], path: str | Path, *,
+                    info: Info | None = None, models: Mapping[str, Sequence[int]] | None = None) -> Path:
+    """Curves of a metric ("acc", "loss", or a list of one metric's components) over steps, one panel
+    per comparison group, split and component.
+
+    Up to 3 groups: a column per group, a row per split (and component); more: a row per group.
+    Lines are means over seeds at each logged step; the band is mean +- 1 standard deviation
+    (ddof = 1) where at least two seeds have a finite value. Diverged members (NaN) drop out.
     """
     info = info or {}
+    parts = [metric] if isinstance(metric, str) else list(metric)
+    known = owner(parts[0])
+    entry = known[0] if known is not None else Metric(parts[0], parts[0], compute=_unregistered)
     colors = scenario_colors(scenarios, info)
-    d = metrics[metrics["metric"] == metric]
-    splits = [s for s in ("train", "test") if (d["split"] == s).any()] or ["train"]
+    d = metrics[metrics["metric"].isin(parts)]
+    rows = [(name, split) for name in parts for split in ("train", "test")
+            if (d[d["metric"] == name]["split"] == split).any()] or [(parts[0], "train")]
     groups = comparison_groups(scenarios, info, models) or {"all": list(scenarios)}
     wide = len(groups) <= 3
-    n_rows, n_cols = (len(splits), len(groups)) if wide else (len(groups), len(splits))
+    n_rows, n_cols = (len(rows), len(groups)) if wide else (len(groups), len(rows))
     fig = _new_figure(5.0 * n_cols + 0.5, 3.4 * n_rows + 0.4)
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey="row" if wide else False)
-    name = {"acc": "accuracy", "loss": "loss"}.get(metric, metric)
-    ys = d["value"].to_numpy(float)
-    pos = ys[np.isfinite(ys) & (ys > 0)]
-    log_loss = metric == "loss" and pos.size > 0 and pos.max() / pos.min() > 50
+    log_axis = _log_axis(entry, d["value"].to_numpy(float))
     for gi, (glabel, members) in enumerate(groups.items()):
         schemes = [info.get(sc, ("", ""))[1] for sc in members]
         by_scheme = all(schemes) and len(set(schemes)) == len(schemes)
-        for si, split in enumerate(splits):
-            ax = axes[si][gi] if wide else axes[gi][si]
+        for ri, (name, split) in enumerate(rows):
+            ax = axes[ri][gi] if wide else axes[gi][ri]
+            e_all = d[(d["metric"] == name) & (d["split"] == split)]
             for sc in members:
-                e = d[(d["scenario"] == sc) & (d["split"] == split)]
-                if e.empty:
-                    continue
-                g = e.groupby("step")["value"]
-                steps = np.asarray(sorted(g.groups), dtype=float)
-                mean = g.mean().reindex(steps).to_numpy(float)
-                std = g.std(ddof=1).reindex(steps).to_numpy(float)
-                cnt = g.count().reindex(steps).to_numpy(int)
-                n_seeds = int(e["seed"].nunique())
-                name_sc = info[sc][1] if by_scheme else _label(sc, info)
-                ax.plot(steps, mean, color=colors[sc], marker=".", label=f"{name_sc} (n={n_seeds})")
-                band = (cnt >= 2) & np.isfinite(std)
-                if band.any():
-                    ax.fill_between(steps[band], (mean - std)[band], (mean + std)[band], color=colors[sc], alpha=0.2,
-                                    linewidth=0)
-            title = f"{glabel}: {name}, {_SPLIT_TITLE.get(split, split)}" if glabel != "all" else \
-                f"{name}, {_SPLIT_TITLE.get(split, split)}"
-            ax.set_title(title, fontsize=10)
+                e = e_all[e_all["scenario"] == sc]
+                if not e.empty:
+                    _curve(ax, e, colors[sc], info[sc][1] if by_scheme else label(sc, info))
+            what = component_label(entry, name)
+            title = f"{what}, {_SPLIT_TITLE.get(split, split)}"
+            ax.set_title(f"{glabel}: {title}" if glabel != "all" else title, fontsize=10)
             ax.grid(True, alpha=0.3)
-            if log_loss:
+            if log_axis:
                 ax.set_yscale("log")
-            if (wide and si == len(splits) - 1) or (not wide and gi == len(groups) - 1):
+            if (wide and ri == len(rows) - 1) or (not wide and gi == len(groups) - 1):
                 ax.set_xlabel("training step")
-            if (wide and gi == 0) or (not wide and si == 0):
-                ax.set_ylabel(name)
+            if (wide and gi == 0) or (not wide and ri == 0):
+                ax.set_ylabel(entry.label)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8, loc="lower right" if metric == "acc" else "upper right")
+                ax.legend(fontsize=8, loc="lower right" if entry.higher_is_better else "upper right")
     _margins(fig, top=0.4, hspace=0.35 if wide else 0.45, wspace=0.12 if wide else 0.18)
     return _save(fig, path)
 
@@ -379,7 +389,7 @@ def make_figures(metrics: pandas.DataFrame, first_pass: pandas.DataFrame,
                  values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenarios: Sequence[str],
                  fig_dir: str | Path, *, info: Info | None = None,
                  models: Mapping[str, Sequence[int]] | None = None) -> dict[str, Path]:
-    """Write every figure of :data:`FIGURES` that the data allows into ``fig_dir``; return name -> path."""
+    """Write every figure of :func:`figures` that the data allows into ``fig_dir``; return name -> path."""
     fig_dir = Path(fig_dir)
     out: dict[str, Path] = {}
     if values:
@@ -388,7 +398,9 @@ def make_figures(metrics: pandas.DataFrame, first_pass: pandas.DataFrame,
         out["variance_per_layer.png"] = variance_per_layer(first_pass, scenarios, fig_dir / "variance_per_layer.png",
                                                            info=info)
     if metrics is not None and not metrics.empty:
-        for metric, fname in (("acc", "accuracy.png"), ("loss", "loss.png")):
-            if (metrics["metric"] == metric).any():
-                out[fname] = training_curves(metrics, scenarios, metric, fig_dir / fname, info=info, models=models)
-    return {k: out[k] for k in FIGURES if k in out}
+        present = list(metrics["metric"].astype(str).unique())
+        for m in display_order():
+            parts = component_names(m, present)
+            if m.plot and parts:
+                out[m.plot] = training_curves(metrics, scenarios, parts, fig_dir / m.plot, info=info, models=models)
+    return {k: out[k] for k in figures() if k in out}

@@ -1,0 +1,240 @@
+"""The report page: one self-contained HTML file (CSS inline, figures embedded as base64 ``data:``
+URIs, no external resource) that opens offline in any browser, and :func:`write_report`, which
+rebuilds it (and the figures) from a run directory's files at any time.
+
+The page holds the findings (:mod:`.findings`), a summary table (final value of each metric,
+mean +- standard deviation over seeds), the first-pass table (per scenario and layer, measured
+pre-activation variance beside the prediction of :mod:`initlab.theory`) and the figures
+(:mod:`.plots`). A tiny inline script records, once the page has loaded, each image's
+``naturalWidth`` and any script error in the hidden element ``#render-status`` (the browser test
+reads it back).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_text
+from ..metrics import find, headline
+from .findings import Finding, findings
+from .load import RunData, load_run
+from .plots import figures as figure_captions
+from .plots import make_figures
+from .stats import Stat, mean_sd, num, pct
+from .tables import first_pass_rows, summary_columns, summary_rows
+
+__all__ = ["render_html", "write_report"]
+
+
+_CSS = """
+:root { --fg: #1d2433; --muted: #5b6475; --line: #d9dee7; --bg: #ffffff; --band: #f5f7fa; --accent: #2457c5; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+       font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1100px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 19px; margin: 34px 0 10px; padding-bottom: 4px; border-bottom: 2px solid var(--line); }
+p.lead { color: var(--muted); margin: 0 0 12px; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 10px 0; font-size: 14px; }
+dl.meta dt { color: var(--muted); }
+dl.meta dd { margin: 0; }
+code, pre { font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+pre { background: var(--band); padding: 10px 12px; border-radius: 6px; overflow-x: auto; }
+ul.findings { padding-left: 0; list-style: none; }
+ul.findings li { margin: 0 0 10px; padding: 8px 12px; background: var(--band); border-left: 4px solid var(--accent);
+                 border-radius: 4px; }
+ul.findings .topic { display: inline-block; min-width: 86px; font-size: 12px; text-transform: uppercase;
+                     letter-spacing: .04em; color: var(--muted); }
+table { border-collapse: collapse; width: 100%; margin: 8px 0 4px; font-size: 14px; }
+th, td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
+th { background: var(--band); font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr:hover td { background: #fafbfd; }
+p.note { color: var(--muted); font-size: 13px; margin: 4px 0 0; }
+figure { margin: 18px 0 26px; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
+details summary { cursor: pointer; color: var(--accent); }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+"""
+
+# Records image status and script errors in #render-status once the page has loaded.
+_STATUS_JS = """
+(function () {
+  var errors = [];
+  window.addEventListener('error', function (e) {
+    var t = e.target;
+    errors.push(t && t.tagName ? ('failed to load ' + t.tagName.toLowerCase() + ' ' + (t.alt || '')) : String(e.message));
+  }, true);
+  window.addEventListener('load', function () {
+    var images = [];
+    for (var i = 0; i < document.images.length; i++) {
+      var im = document.images[i];
+      images.push({alt: im.alt, complete: im.complete, naturalWidth: im.naturalWidth, naturalHeight: im.naturalHeight});
+    }
+    var el = document.getElementById('render-status');
+    el.textContent = JSON.stringify({loaded: true, images: images, errors: errors});
+    el.setAttribute('data-loaded', 'true');
+  });
+})();
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
+
+
+def _meta_items(data: RunData) -> list[tuple[str, str]]:
+    n_members = int(data.metrics.groupby(["scenario", "seed"]).ngroups) if not data.metrics.empty else 0
+    steps = int(data.metrics["step"].max()) if not data.metrics.empty else 0
+    tr = data.train
+    items = [
+        ("Scenarios", f"{len(data.scenarios)} ({', '.join(data.scenarios)})"),
+        ("Members", f"{n_members} (scenario \u00d7 seed)" + (f", seeds {', '.join(str(s) for s in tr.get('seeds', []))}" if tr.get("seeds") else "")),
+        ("Training", (f"{tr.get('optimizer', '?')} lr {tr.get('lr', '?')}, batch {tr.get('batch_size', '?')}, "
+                      f"{steps} steps, logged every {tr.get('log_every', '?')}") if tr else f"{steps} steps"),
+    ]
+    if data.meta.get("status", ""):
+        items.append(("Status", str(data.meta["status"])))
+    if data.meta.get("wall_s"):
+        items.append(("Training time", f"{float(data.meta['wall_s']):.1f} s"))
+    return items
+
+
+def _head(data: RunData) -> str:
+    status = data.meta.get("status", "")
+    out = ["<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+           "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+           f"<title>initlab report: {_e(data.name)}</title>\n<style>{_CSS}</style>\n"
+           f"<script>{_STATUS_JS}</script>\n</head>\n<body>\n<main>\n",
+           f"<h1>initlab report: {_e(data.name)}</h1>\n"]
+    if data.description:
+        out.append(f"<p class=\"lead\">{_e(data.description)}</p>\n")
+    if status and status != "complete":
+        out.append("<p class=\"note\"><strong>This run is not complete</strong>: the tables show the finished members only. "
+                   "Re-run the same command to finish it.</p>\n")
+    out.append("<dl class=\"meta\">" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in _meta_items(data)) + "</dl>\n")
+    return "".join(out)
+
+
+def _findings_section(found: Sequence[Finding]) -> str:
+    out = ["<h2>Findings</h2>\n<ul class=\"findings\">\n"]
+    for f in found:
+        out.append(f"<li><span class=\"topic\">{_e(f.code)}</span> {_e(f.message)}</li>\n")
+    if not found:
+        out.append("<li>No finding: the run has too little data.</li>\n")
+    out.append("</ul>\n")
+    return "".join(out)
+
+
+def _frac(s: Stat) -> str:
+    return f"{100 * s.mean:.0f}%" if s.n else "\u2013"
+
+
+def _metric_cell(key: str, s: Stat) -> str:
+    """A final value: a percentage for percent metrics (accuracy), else mean \u00b1 std."""
+    metric = find(key.split("_", 1)[1])
+    return _e(pct(s) if metric is not None and metric.percent else mean_sd(s))
+
+
+def _summary_section(data: RunData) -> str:
+    cols = summary_columns()
+    out = ["<h2>Summary</h2>\n<table>\n<thead><tr><th>Scenario</th><th>Activation</th><th>Scheme</th>"
+           "<th class=\"num\">Seeds</th>" + "".join(f"<th class=\"num\">{_e(title)}</th>" for _, title in cols)
+           + "<th class=\"num\">Layer-1 saturated</th><th class=\"num\">Layer-1 dead</th>"
+           "</tr></thead>\n<tbody>\n"]
+    lead = f"test_{headline().name}"
+    for r in summary_rows(data):
+        n_note = "" if r[lead].n == r[lead].n_total else f" ({r[lead].n_total - r[lead].n} diverged)"
+        out.append(f"<tr><td>{_e(r['scenario'])}</td><td>{_e(r['activation'])}</td><td>{_e(r['scheme'])}</td>"
+                   f"<td class=\"num\">{r['seeds']}{_e(n_note)}</td>"
+                   + "".join(f"<td class=\"num\">{_metric_cell(key, r[key])}</td>" for key, _ in cols)
+                   + f"<td class=\"num\">{_frac(r['saturated'])}</td><td class=\"num\">{_frac(r['dead'])}</td></tr>\n")
+    out.append("</tbody>\n</table>\n<p class=\"note\">Mean \u00b1 standard deviation over seeds. Train accuracy: mean over the "
+               "minibatches of the last logging interval; test accuracy: the whole held-out split after the last step. "
+               "Saturated: fraction of layer-1 unit outputs (first-pass batch) where the activation's slope is below 10% of "
+               "its peak; dead: fraction of layer-1 units that output zero for every sample.</p>\n")
+    return "".join(out)
+
+
+def _first_pass_section(data: RunData) -> str:
+    fp_rows = first_pass_rows(data)
+    if not fp_rows:
+        return ""
+    out = ["<h2>First pass: variance per layer</h2>\n<table>\n<thead><tr><th>Scenario</th><th>Layer (module)</th>"
+           "<th>Activation</th><th class=\"num\">fan_in</th><th class=\"num\">Var(w)</th>"
+           "<th class=\"num\">E[input\u00b2]</th><th class=\"num\">Var(Wx) measured</th>"
+           "<th class=\"num\">Var(Wx) predicted</th><th class=\"num\">measured / predicted</th>"
+           "<th class=\"num\">output mean</th></tr></thead>\n<tbody>\n"]
+    for r in fp_rows:
+        out.append(f"<tr><td>{_e(r['scenario'])}</td><td>{r['index']} ({_e(r['layer'])})</td><td>{_e(r['activation'])}</td>"
+                   f"<td class=\"num\">{r['fan_in'] if r['fan_in'] is not None else 'n/a'}</td>"
+                   f"<td class=\"num\">{_e(num(r['weight_var'].mean))}</td>"
+                   f"<td class=\"num\">{_e(num(r['input_sq_mean'].mean))}</td>"
+                   f"<td class=\"num\">{_e(mean_sd(r['pre_var']))}</td><td class=\"num\">{_e(mean_sd(r['predicted_pre_var']))}</td>"
+                   f"<td class=\"num\">{_e(num(r['ratio']))}</td><td class=\"num\">{_e(num(r['post_mean'].mean))}</td></tr>\n")
+    out.append("</tbody>\n</table>\n<p class=\"note\">Var(Wx) is the pre-activation variance without bias on each "
+               "member's first-pass batch (mean \u00b1 std over seeds). Predicted: the variance recursion of "
+               "initlab.theory, Var(W\u2081x) = fan_in\u00b7Var(w)\u00b7E[x\u00b2] and then "
+               "Var(W\u2097h) = fan_in\u00b7Var(w)\u00b7E[\u03c6(z)\u00b2] for Gaussian z of the previous layer's "
+               "variance. Full table with all columns: first_pass.csv.</p>\n")
+    return "".join(out)
+
+
+def _figures_section(figures: Mapping[str, Path]) -> str:
+    if not figures:
+        return ""
+    captions = figure_captions()
+    out = ["<h2>Figures</h2>\n"]
+    for name, path in figures.items():
+        caption = captions.get(name, name)
+        out.append(f"<figure>{_img_tag(Path(path), caption)}<figcaption>{_e(caption)} "
+                   f"(<code>figures/{_e(name)}</code>)</figcaption></figure>\n")
+    return "".join(out)
+
+
+def _files_section(data: RunData) -> str:
+    return ("<h2>Files and TensorBoard</h2>\n<p>This directory holds <code>config.toml</code> (the resolved "
+            "configuration), <code>metrics.csv</code> (scenario, seed, step, split, metric, value), "
+            "<code>first_pass.csv</code> (the probe table per scenario, seed and layer), <code>figures/</code> and "
+            "TensorBoard logs, one run per scenario and seed:</p>\n"
+            f"<pre>tensorboard --logdir {_e(os.path.join(str(data.run_dir), 'tb'))}</pre>\n"
+            "<p>Regenerate this page from the CSV files with:</p>\n"
+            f"<pre>initlab report {_e(str(data.run_dir))}</pre>\n"
+            "<details><summary>Resolved configuration (config.toml)</summary>\n"
+            f"<pre>{_e(data.config_text)}</pre></details>\n"
+            f"<footer>Generated by initlab on {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}."
+            " Schemes: Glorot &amp; Bengio (2010), He et al. (2015), LeCun et al. (1998).</footer>\n"
+            "<pre id=\"render-status\" hidden></pre>\n</main>\n</body>\n</html>\n")
+
+
+def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Finding]) -> str:
+    """The report page as a string (see the module docstring)."""
+    return (_head(data) + _findings_section(found) + _summary_section(data) + _first_pass_section(data)
+            + _figures_section(figures) + _files_section(data))
+
+
+def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Path:
+    """(Re)build ``figures/*.png`` and ``report.html`` of ``run_dir`` from its files; return the report's path.
+
+    With ``figures=False`` the existing PNGs are embedded as they are (none are redrawn).
+    """
+    data = load_run(run_dir)
+    fig_dir = data.run_dir / "figures"
+    if figures:
+        figs = make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,
+                            models=data.models)
+    else:
+        figs = {name: fig_dir / name for name in figure_captions() if (fig_dir / name).is_file()}
+    text = render_html(data, figs, findings(data))
+    return atomic_write_text(data.run_dir / "report.html", text)

@@ -1,0 +1,166 @@
+"""One unit of work: every member of a group trained at once (:func:`run_group`), and
+:func:`run_unit`, its picklable form for executors.
+
+:func:`run_group` is a pure function: no file I/O, no global state (it never changes torch's
+global RNG or thread settings, and restores the denormal mode), and its inputs and outputs
+pickle, so another executor (a Ray worker, a process pool) can run it.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..._errors import InitlabError
+from ..data import Dataset
+from ..metrics import sort_key
+from .engines import build_engine, plan_engine
+from .first_pass import first_pass
+from .loop import TrainLoop
+from .plan import GroupSpec, check_train, first_pass_indices, init_member, resolve_device
+
+__all__ = ["GroupResult", "run_group", "run_unit"]
+
+_SPLIT_RANK = {"train": 0, "test": 1}
+
+
+@dataclass
+class GroupResult:
+    """What :func:`run_group` returns (plain Python and numpy objects only, so it pickles).
+
+    - ``metrics``: dicts with keys scenario, seed, step, split ("train"/"test"), metric (a name of
+      :mod:`initlab.lab.metrics`: "loss", "acc", ...), value (float; NaN after divergence);
+    - ``first_pass``: the probe rows (``initlab.probe(...).rows``, one per weight layer) of each
+      member's initial model on its first-pass batch, plus scenario, seed and
+      ``batch_input_var`` (the batch's population variance over all entries; the probe's own
+      ``input_var`` column is each layer's input variance, so layer 1's equals it);
+    - ``first_pass_values``: ``{(scenario, seed): {"input", "mat_mul_<i>", "fc_out_<i>"}}`` raw
+      float32 arrays for histograms (i from 1: the pre-activation without bias of weight layer i,
+      and the output of the activation that consumes it, or the layer output for the readout);
+    - ``diverged``: dicts scenario, seed, step (first step whose minibatch loss was not finite);
+    - ``wall_s``: seconds for the whole call; ``timings``: its parts ("init_first_pass", "setup",
+      "train": the training steps, "eval": the test evaluations); ``engine``: "stacked", "vmap"
+      or "per-member" (see :mod:`initlab.lab.training.engines`); ``device``: where it trained.
+    """
+
+    metrics: list[dict[str, Any]]
+    first_pass: list[dict[str, Any]]
+    first_pass_values: dict[tuple[str, int], dict[str, np.ndarray]]
+    diverged: list[dict[str, Any]]
+    wall_s: float
+    engine: str = ""
+    device: str = "cpu"
+    timings: dict[str, float] | None = None
+
+
+def _dataset_tensors(data: Dataset, flatten: bool, device: torch.device, dtype: torch.dtype
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The data set's tensors on ``device`` (inputs in ``dtype``, flattened when asked; labels long)."""
+    xs = []
+    for x in (data.x_train, data.x_test):
+        if flatten and x.dim() > 2:
+            x = x.reshape(x.shape[0], -1)
+        xs.append(x.to(device=device, dtype=dtype).contiguous())
+    ys = [y.to(device=device, dtype=torch.long).contiguous() for y in (data.y_train, data.y_test)]
+    if xs[0].shape[0] != ys[0].shape[0] or xs[1].shape[0] != ys[1].shape[0]:
+        raise InitlabError(f"dataset sizes disagree: x_train {tuple(xs[0].shape)}, y_train {tuple(ys[0].shape)}, "
+                           f"x_test {tuple(xs[1].shape)}, y_test {tuple(ys[1].shape)}")
+    return xs[0], ys[0], xs[1], ys[1]
+
+
+def _check_inputs(spec: GroupSpec, data: Dataset) -> torch.device:
+    if not spec.members:
+        raise InitlabError("group has no members")
+    check_train(spec.train)
+    device = resolve_device(getattr(spec.train, "device", "cpu"))
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        if not isinstance(getattr(data, name, None), Tensor):
+            raise InitlabError(f"dataset.{name} must be a torch.Tensor, got {type(getattr(data, name, None)).__name__} "
+                               f"(load data with initlab.lab.data.load_dataset)")
+    if int(data.x_train.shape[0]) == 0:
+        raise InitlabError("dataset has no training examples")
+    return device
+
+
+def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list[dict[str, Any]], dict]:
+    """Build, initialise and probe every member on CPU (reproducible whatever the device)."""
+    n_train = int(data.x_train.shape[0])
+    models, rows_all, values_all = [], [], {}
+    for mem in spec.members:
+        fp_idx = first_pass_indices(mem.seed, n_train, int(spec.train.first_pass_batch))
+        xb = data.x_train.index_select(0, fp_idx).float()
+        yb = data.y_train.index_select(0, fp_idx).long()
+        model = init_member(mem.scenario, mem.seed, batch=xb)
+        rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation)
+        for r in rows:
+            # the probe's own "input_var" column is each layer's input variance (layer 1: the batch)
+            r.setdefault("input_var", input_var)
+            r.update(scenario=mem.scenario.name, seed=int(mem.seed), batch_input_var=input_var)
+        rows_all.extend(rows)
+        values_all[mem.key] = values
+        models.append(model)
+    return models, rows_all, values_all
+
+
+def _flush_denormal_on() -> bool:
+    """Whether this thread's CPU flushes denormal floats to zero (DAZ: a denormal input reads as 0)."""
+    return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
+
+
+def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] | None = None,
+              dtype: torch.dtype = torch.float32, flush_denormal: bool = True) -> GroupResult:
+    """Train every member of ``spec`` on ``data`` at once; return metrics and first-pass statistics.
+
+    Steps: build and initialise each member (:func:`~initlab.lab.training.plan.init_member`), run
+    the first pass (:mod:`~initlab.lab.training.first_pass`), then train all members together for
+    ``train.steps`` steps (:mod:`~initlab.lab.training.loop`: data order, metrics, divergence).
+    ``progress(n)`` is called with the number of steps done so far (0..steps) at each log step.
+    ``dtype`` is the training precision (float32; float64 for exactness checks).
+    ``flush_denormal``: for the duration of the call, the CPU flushes denormal numbers (below
+    1.2e-38 in float32) to zero (``torch.set_flush_denormal``; the previous mode is restored on
+    return). Saturated members (sigmoid with N(0, 1) weights) produce gradients and Adam second
+    moments that underflow into the denormal range, where x86 arithmetic is many times slower;
+    flushing changes values below float32's normal range only: Adam's step m/(sqrt(v) + 1e-8)
+    moves by less than 1e-30 of a weight.
+    Pure: no file I/O and no global state; the arguments and the result pickle.
+    """
+    previous = _flush_denormal_on()
+    if flush_denormal != previous:
+        torch.set_flush_denormal(flush_denormal)
+    try:
+        return _run_group(spec, data, progress, dtype)
+    finally:
+        if flush_denormal != previous:
+            torch.set_flush_denormal(previous)
+
+
+def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | None, dtype: torch.dtype) -> GroupResult:
+    t0 = time.perf_counter()
+    device = _check_inputs(spec, data)
+    models, first_pass_rows, fp_values = _init_members(spec, data)
+    t1 = time.perf_counter()
+    plan = plan_engine(models, [m.scenario.activation for m in spec.members])
+    x_train, y_train, x_test, y_test = _dataset_tensors(data, plan.flatten, device, dtype)
+    engine = build_engine(plan, models, x_train, y_train, device, dtype)
+    members = [spec.members[i] for i in plan.order]
+    t2 = time.perf_counter()
+    loop = TrainLoop(engine, members, x_test, y_test, int(data.x_train.shape[0]), spec.train, device, progress)
+    metrics, diverged, eval_s = loop.run()
+    t3 = time.perf_counter()
+    rank = {m.key: i for i, m in enumerate(spec.members)}
+    metrics.sort(key=lambda r: (rank[(r["scenario"], r["seed"])], r["step"], _SPLIT_RANK[r["split"]], sort_key(r["metric"])))
+    diverged.sort(key=lambda r: rank[(r["scenario"], r["seed"])])
+    return GroupResult(metrics=metrics, first_pass=first_pass_rows, first_pass_values=fp_values, diverged=diverged,
+                       wall_s=time.perf_counter() - t0, engine=engine.kind, device=str(device),
+                       timings={"init_first_pass": t1 - t0, "setup": t2 - t1, "train": t3 - t2 - eval_s, "eval": eval_s})
+
+
+def run_unit(item: tuple[GroupSpec, Dataset]) -> GroupResult:
+    """Module-level (picklable) unit of work for executors: ``run_group(spec, data)``."""
+    spec, data = item
+    return run_group(spec, data)

@@ -1,0 +1,231 @@
+"""The step loop shared by the engines: data order, logging, divergence, optimiser.
+
+Data order. Member ``(scenario, seed)`` reads the training set in the order drawn by
+``torch.Generator().manual_seed(data_seed(seed))``: one ``torch.randperm(n)`` per epoch, cut into
+consecutive minibatches of ``batch_size`` with a smaller last batch (``drop_last=False``, as a
+``DataLoader(shuffle=True)`` does); :func:`~initlab.lab.training.plan.minibatch_indices` yields
+that sequence. Members with the same seed see the same minibatches.
+
+Metrics, one row per (scenario, seed, step, split, metric): see :mod:`initlab.lab.metrics`.
+``split="test"`` rows come from the whole test set at step 0 (before training), every
+``log_every`` steps and after the last step; ``split="train"`` rows at each logged step s > 0:
+for ``loss`` and ``acc`` the mean over the steps since the previous log of the per-step
+minibatch value (measured before that step's update), for a computed metric its value after
+the step's update.
+
+Divergence. A member whose minibatch loss is NaN/inf is removed from the ensemble (parameters,
+gradients and optimiser state) while the others go on unchanged. On CPU this is checked at
+every step, before the update (the bad step's gradient is never applied); on an accelerator at
+each log step, to avoid a device sync per step (members are independent, so a NaN cannot leak).
+Its rows end with NaN values at the first log step at or after its first non-finite step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..._errors import unknown_choice
+from ..metrics import ENGINE_METRICS, LogView, registered, values_by_name
+from ..specs import OPTIMIZERS, TrainSpec
+from .engines import Engine
+from .plan import Member, data_seed
+
+__all__ = ["TrainLoop", "make_optimizer"]
+
+
+def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam (defaults betas=(0.9, 0.999), eps=1e-8, as ``torch.optim.Adam``) or plain SGD.
+
+    Uses the fused kernel when the device and dtype support it (one kernel for every tensor),
+    else the foreach implementation; both are elementwise, so per-member results are unchanged.
+    """
+    key = str(name).lower()
+    if key not in OPTIMIZERS:
+        raise unknown_choice("optimizer", name, OPTIMIZERS)
+    cls = torch.optim.Adam if key == "adam" else torch.optim.SGD
+    try:
+        return cls(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return cls(params, lr=lr, foreach=True)
+
+
+def _sync_each_step(device: torch.device) -> bool:
+    """Whether to read the losses back every step (free on CPU; a device sync on a GPU)."""
+    return device.type == "cpu"
+
+
+class TrainLoop:
+    """One group's training run: the live members and everything that follows them (data order
+    generators, the epoch's batches, the log window, the optimiser), and the rows recorded.
+
+    ``run()`` trains for ``train.steps`` steps and returns (metrics rows, diverged rows, seconds
+    spent evaluating).
+    """
+
+    def __init__(self, engine: Engine, members: Sequence[Member], x_test: Tensor, y_test: Tensor, n_train: int,
+                 train: TrainSpec, device: torch.device, progress: Callable[[int], Any] | None = None) -> None:
+        self.engine, self.x_test, self.y_test, self.n_train = engine, x_test, y_test, int(n_train)
+        self.steps, self.batch, self.log_every = int(train.steps), int(train.batch_size), int(train.log_every)
+        self.opt_name, self.lr = str(train.optimizer).lower(), float(train.lr)
+        self.device, self.progress = device, progress
+        self.check_every_step = _sync_each_step(device)
+        self.computed = [m for m in registered() if m.compute is not None]
+        self.alive = list(members)
+        self.gens = [torch.Generator().manual_seed(data_seed(m.seed)) for m in self.alive]
+        self.opt = make_optimizer(self.opt_name, engine.params, self.lr)
+        dtype = engine.params[0].dtype
+        # the log window: per step since the last log, each member's minibatch loss and accuracy
+        self.win_loss = torch.zeros(self.log_every, len(self.alive), device=device, dtype=dtype)
+        self.win_acc = torch.zeros(self.log_every, len(self.alive), device=device, dtype=dtype)
+        self.perm = self.full = self.tail = torch.empty(0, dtype=torch.long)
+        self.pos, self.w, self.last_log = self.n_train, 0, 0
+        self.metrics: list[dict[str, Any]] = []
+        self.diverged: list[dict[str, Any]] = []
+        self.pending_nan: dict[int, list[Member]] = {}  # log step -> members whose NaN rows are due there
+        self.train_names = list(ENGINE_METRICS)  # the train metrics recorded so far (NaN rows after divergence)
+        self.eval_s = 0.0
+
+    # --- the run
+    def run(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+        self._evaluate(0)
+        self._report(0)
+        for step in range(1, self.steps + 1):
+            if not self.alive:
+                break
+            self._step(step)
+            if step % self.log_every == 0 or step == self.steps:
+                self._log(step)
+        for s in sorted(self.pending_nan):
+            self._flush_nan(s)
+        if self.progress is not None and (not self.alive and self.last_log < self.steps):
+            self.progress(self.steps)
+        return self.metrics, self.diverged, self.eval_s
+
+    def _report(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress(step)
+
+    def _step(self, step: int) -> None:
+        """One training step of every live member (dropping those whose loss is not finite, on CPU)."""
+        if self.pos >= self.n_train:
+            self._new_epoch()
+        b = min(self.batch, self.n_train - self.pos)
+        k = self.pos // self.batch
+        self._forward(k, b)
+        if self.check_every_step and not math.isfinite(float(self.win_loss[self.w].sum())):
+            finite = torch.isfinite(self.win_loss[self.w])
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                self._drop(bad, [step] * len(bad))
+                if self.alive:  # redo this step's forward for the members that remain
+                    self._forward(k, b)
+        self.pos += b
+        if self.alive:
+            self.engine.backward()
+            self.opt.step()
+            self.w += 1
+
+    def _forward(self, k: int, b: int) -> None:
+        idx = self.full[k] if b == self.batch else self.tail
+        self.engine.train_forward(idx, self.win_loss[self.w], self.win_acc[self.w])
+
+    def _new_epoch(self) -> None:
+        self.perm = torch.stack([torch.randperm(self.n_train, generator=g) for g in self.gens]).to(self.device)
+        self.full, self.tail = self._epoch_batches(self.perm)
+        self.pos = 0
+
+    def _epoch_batches(self, perm: Tensor) -> tuple[Tensor, Tensor]:
+        """(full batches (k, M*B), last short batch (M*r,)) of an epoch, member-major rows."""
+        M, k, B = perm.shape[0], self.n_train // self.batch, self.batch
+        full = perm[:, :k * B].reshape(M, k, B).transpose(0, 1).reshape(k, M * B)
+        return full, perm[:, k * B:].reshape(-1)
+
+    def _log(self, step: int) -> None:
+        """A log step: divergence check (accelerators), train rows, evaluation, due NaN rows, progress."""
+        w = self.w
+        if self.alive and w and not self.check_every_step:
+            finite = torch.isfinite(self.win_loss[:w]).all(0)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten().tolist()
+                first = [self.last_log + 1 + int((~torch.isfinite(self.win_loss[:w, i])).nonzero()[0]) for i in bad]
+                self._drop(bad, first)
+        if self.alive and w:
+            self._record(step, "train", self.alive, {"loss": self.win_loss[:w].mean(0).tolist(),
+                                                      "acc": self.win_acc[:w].mean(0).tolist()})
+            self._record_computed(step)
+        self._evaluate(step)
+        self._flush_nan(step)
+        self.last_log, self.w = step, 0
+        self._report(step)
+
+    # --- rows
+    def _record(self, step: int, split: str, mems: Sequence[Member], values: dict[str, list[float]]) -> None:
+        for i, m in enumerate(mems):
+            base = dict(scenario=m.scenario.name, seed=int(m.seed), step=step, split=split)
+            for name, vals in values.items():
+                self.metrics.append({**base, "metric": name, "value": float(vals[i])})
+
+    def _record_computed(self, step: int) -> None:
+        """The registry's computed metrics, from the live members' weights and last gradients."""
+        if not self.computed:
+            return
+        view = LogView(step, tuple(m.key for m in self.alive), tuple(self.engine.layers()))
+        for metric in self.computed:
+            with torch.no_grad():
+                values = values_by_name(metric, metric.compute(view))  # type: ignore[misc]
+            for name in values:
+                if name not in self.train_names:
+                    self.train_names.append(name)
+            self._record(step, "train", self.alive, values)
+
+    def _evaluate(self, step: int) -> None:
+        n_test = int(self.x_test.shape[0])
+        if n_test == 0 or not self.alive:
+            return
+        t = time.perf_counter()
+        loss, correct = self.engine.evaluate(self.x_test, self.y_test)
+        self._record(step, "test", self.alive, {"loss": (loss / n_test).tolist(),
+                                                 "acc": (correct.double() / n_test).tolist()})
+        self.eval_s += time.perf_counter() - t
+
+    def _flush_nan(self, step: int) -> None:
+        nan = [math.nan]
+        for m in self.pending_nan.pop(step, []):
+            self._record(step, "train", [m], {name: nan for name in self.train_names})
+            self._record(step, "test", [m], {name: nan for name in ENGINE_METRICS})
+
+    # --- divergence
+    def _drop(self, bad: list[int], first_bad: list[int]) -> None:
+        """Remove the members at positions ``bad`` (first non-finite steps ``first_bad``) from everything."""
+        bad_set = set(bad)
+        keep = [i for i in range(len(self.alive)) if i not in bad_set]
+        for i, s in zip(bad, first_bad):
+            m = self.alive[i]
+            self.diverged.append(dict(scenario=m.scenario.name, seed=int(m.seed), step=int(s)))
+            log_at = min(self.steps, -(-s // self.log_every) * self.log_every)
+            self.pending_nan.setdefault(log_at, []).append(m)
+        old_opt = self.opt
+        triples = self.engine.keep(keep) if keep else []
+        self.alive = [self.alive[i] for i in keep]
+        self.gens = [self.gens[i] for i in keep]
+        if not keep:
+            return
+        ki = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.perm = self.perm.index_select(0, ki)
+        self.full, self.tail = self._epoch_batches(self.perm)
+        self.win_loss, self.win_acc = self.win_loss.index_select(1, ki), self.win_acc.index_select(1, ki)
+        self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr)
+        self._move_optimizer_state(old_opt, triples, ki)
+
+    def _move_optimizer_state(self, old_opt: torch.optim.Optimizer, triples: list[tuple[Tensor, Tensor, bool]],
+                              ki: Tensor) -> None:
+        for old_p, new_p, is_stacked in triples:
+            st = old_opt.state.get(old_p)
+            if st:
+                self.opt.state[new_p] = {k: (v.index_select(0, ki) if is_stacked and isinstance(v, Tensor) and v.dim() > 0
+                                             else (v.clone() if isinstance(v, Tensor) else v)) for k, v in st.items()}

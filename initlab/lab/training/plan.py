@@ -1,0 +1,175 @@
+"""What to train: members (scenario x seed), groups of members that share a model shape, each
+member's seeds, batches and initial model, and where the training runs.
+
+A member's seed fixes its initial weights (:func:`init_member`), its first-pass batch
+(:func:`first_pass_indices`) and its data order (:func:`minibatch_indices`).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._apply import init_model
+from ..._errors import InitlabError, unknown_choice
+from ..models import build_model
+from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
+
+__all__ = ["Member", "GroupSpec", "plan_groups", "data_seed", "minibatch_indices", "first_pass_indices",
+           "init_member", "resolve_device", "check_train"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model to train: a scenario (activation, scheme, resolved model) and a seed.
+
+    The seed fixes the initial weights (``init_member``), the first-pass batch and the data order.
+    """
+
+    scenario: Scenario
+    seed: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """``(scenario name, seed)``: the member's name in results."""
+        return (self.scenario.name, int(self.seed))
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A unit of work: members sharing one model shape, trained together with one ``TrainSpec``."""
+
+    model: ModelSpec
+    train: TrainSpec
+    members: tuple[Member, ...]
+
+    @property
+    def keys(self) -> list[tuple[str, int]]:
+        """The members' ``(scenario, seed)`` keys, in order."""
+        return [m.key for m in self.members]
+
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_groups(exp: Experiment, *, max_members: int | None = None) -> list[GroupSpec]:
+    """Split an experiment into groups of members that share a model shape.
+
+    Members are every (scenario, seed) pair of ``exp``, scenario-major in config order. Two
+    scenarios land in the same group when their resolved ``ModelSpec`` is equal (same kind,
+    widths, bias, channels, kernel), whatever their activation or scheme. ``max_members``
+    optionally caps a group's size (a larger group is cut into consecutive chunks), e.g. to
+    spread work over several workers.
+    """
+    if max_members is not None and (not isinstance(max_members, int) or max_members < 1):
+        raise InitlabError(f"max_members must be a positive integer or None, got {max_members!r}")
+    seeds = tuple(int(s) for s in exp.train.seeds)
+    if not seeds:
+        raise InitlabError("train.seeds is empty: give at least one seed")
+    by_model: dict[Any, list[Member]] = {}
+    for sc in exp.scenarios:
+        by_model.setdefault(sc.model, []).extend(Member(sc, s) for s in seeds)
+    groups = []
+    for model, members in by_model.items():
+        step = max_members or len(members)
+        for i in range(0, len(members), step):
+            groups.append(GroupSpec(model=model, train=exp.train, members=tuple(members[i:i + step])))
+    return groups
+
+
+# ----------------------------------------------------------------------------- seeds and batches
+
+
+def data_seed(seed: int) -> int:
+    """The seed of a member's data-order generator, derived from its ``seed``.
+
+    A fixed odd-multiplier bijection on 63-bit integers (so distinct seeds never collide), so
+    that the weights (drawn from ``Generator().manual_seed(seed)``) and the data order use
+    unrelated random streams.
+    """
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)
+
+
+def minibatch_indices(seed: int, n: int, batch_size: int) -> Iterator[Tensor]:
+    """Yield the training-set indices of a member's minibatches, forever, epoch after epoch.
+
+    Each epoch draws ``torch.randperm(n)`` from ``torch.Generator().manual_seed(data_seed(seed))``
+    and cuts it into ``ceil(n / batch_size)`` consecutive batches (the last one holds
+    ``n mod batch_size`` indices when that is not 0). This is the exact order :func:`run_group`
+    trains a member with.
+    """
+    g = torch.Generator().manual_seed(data_seed(seed))
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, batch_size):
+            yield perm[start:start + batch_size]
+
+
+def first_pass_indices(seed: int, n: int, size: int) -> Tensor:
+    """Indices of a member's first-pass batch: the first ``min(size, n)`` of its first epoch."""
+    g = torch.Generator().manual_seed(data_seed(seed))
+    return torch.randperm(n, generator=g)[: min(int(size), n)]
+
+
+# ----------------------------------------------------------------------------- members
+
+
+def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> nn.Module:
+    """Build a member's model on CPU and initialise it: the scenario's scheme, biases at zero.
+
+    ``models.build_model(scenario.model, scenario.activation)``, then
+    ``initlab.init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(seed),
+    bias="zeros", **params)``. ``batch`` is passed to data-dependent schemes (``lsuv``).
+    The same (scenario, seed) always gives the same weights.
+    """
+    model = build_model(scenario.model, scenario.activation)
+    params = dict(scenario.params)
+    if batch is not None and str(scenario.scheme).lower() == "lsuv":
+        params.setdefault("batch", batch)
+    init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(int(seed)),
+               bias="zeros", **params)
+    return model
+
+
+# ----------------------------------------------------------------------------- device and training settings
+
+
+def resolve_device(name: object) -> torch.device:
+    """Parse ``TrainSpec.device``; a clear error when the backend is not available here."""
+    try:
+        dev = torch.device(str(name) if name else "cpu")
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InitlabError(f"train.device: cannot parse {name!r} as a torch device (valid: 'cpu', 'cuda', 'cuda:<index>')") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InitlabError(
+                f"train.device: {str(name)!r} was requested but CUDA is not available "
+                f"(torch {torch.__version__}, {'built without CUDA' if torch.version.cuda is None else 'no visible GPU'}); use device = \"cpu\""
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InitlabError(f"train.device: {str(name)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    if dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InitlabError(f"train.device: {str(name)!r} was requested but MPS is not available; use device = \"cpu\"")
+        return dev
+    raise unknown_choice("device", str(name), ["cpu", "cuda", "mps"])
+
+
+def check_train(train: TrainSpec) -> None:
+    for key in ("batch_size", "steps", "log_every", "first_pass_batch"):
+        v = getattr(train, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InitlabError(f"train.{key}: expected a positive integer, got {v!r}")
+    lr = train.lr
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
+        raise InitlabError(f"train.lr: expected a positive finite number, got {lr!r}")
+    if str(train.optimizer).lower() not in OPTIMIZERS:
+        raise unknown_choice("optimizer", train.optimizer, OPTIMIZERS)
