@@ -55,6 +55,7 @@ from ._apply import init_model
 from ._errors import InitlabError, unknown_choice
 from ._forward import as_inputs, first_tensor
 from ._layers import guess_input_shape, mlp, output_width
+from ._mnist import embedded_split
 from ._probe import READOUT, ProbeResult, probe
 from ._text import fmt, format_table
 
@@ -400,8 +401,6 @@ def _gaussian(shape: tuple[int, ...], batch_size: int, gen: torch.Generator) -> 
 
 def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
     try:
-        from ._mnist import embedded_split
-
         ds = embedded_split()
     except (ImportError, InitlabError, OSError, ValueError) as e:
         print(f"initlab audit: MNIST is unavailable ({type(e).__name__}: {e}); using Gaussian data instead",
@@ -410,10 +409,6 @@ def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | Non
     x, y = ds.x_train, ds.y_train
     idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
     return x[idx].reshape(len(idx), -1).float(), y[idx]
-
-
-def _first_layer_shape(model: nn.Module) -> tuple[int, ...] | None:
-    return guess_input_shape(model)
 
 
 def _model_from_args(args: argparse.Namespace) -> tuple[nn.Module, str, tuple[int, ...] | None, Any, Any]:
@@ -454,7 +449,7 @@ def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[i
                 y = None
             return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
     if in_shape is None:
-        in_shape = _first_layer_shape(model)
+        in_shape = guess_input_shape(model)
         if in_shape is None:
             raise InitlabError("cannot guess the model's input shape; pass --input-shape (e.g. 3,32,32)")
         notes.append(f"input shape guessed from the first layer: {in_shape}; set it with --input-shape")
