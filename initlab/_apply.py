@@ -69,7 +69,6 @@ __all__ = ["InitReport", "init_model"]
 STD_SAMPLE = 1 << 20
 
 #: the parameters of ``auto`` (read by the lab's config check)
-_AUTO_PARAMS = scheme_parameters("auto")
 _COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "target_std",
             "realised_std")
 _TABLE = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",

@@ -285,7 +285,8 @@ def activation_module(activation: Any, param: float | None = None) -> nn.Module:
     return resolve_activation(activation, param).module()
 
 
-def _check_sizes(values: Any, what: str, *, min_len: int) -> tuple[int, ...]:
+def check_sizes(values: Any, what: str, *, min_len: int) -> tuple[int, ...]:
+    """``values`` as a tuple of positive integers (at least ``min_len``); errors name ``what``."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise InitlabError(f"{what}: expected a list of positive integers, got {values!r}")
     out = []
@@ -307,7 +308,7 @@ def mlp(widths: Sequence[int], activation: Any = "relu", bias: bool = True, *,
     parameters until an initialisation scheme is applied (``initlab.init_model``). Each
     activation is a fresh module (:func:`activation_module`).
     """
-    sizes = _check_sizes(widths, "widths", min_len=2)
+    sizes = check_sizes(widths, "widths", min_len=2)
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b, bias=bool(bias)))

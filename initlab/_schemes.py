@@ -382,12 +382,15 @@ def _entry(name: str) -> tuple[str, _Entry]:
     return key, entry
 
 
-def scheme_parameters(name: str) -> tuple[str, ...]:
-    """The names of a registered scheme's parameters (``("distribution", "mode")`` for ``auto``)."""
+def scheme_parameters(name: str) -> tuple[str, ...] | None:
+    """The names of a registered scheme's parameters (``("distribution", "mode")`` for ``auto``);
+    None when its factory takes any keyword (``**kwargs``) or has no readable signature."""
     try:
         sig = inspect.signature(_entry(name)[1].factory)
     except (TypeError, ValueError):
-        return ()
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
     return tuple(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 

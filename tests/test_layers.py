@@ -12,6 +12,7 @@ from torch import nn
 
 import initlab
 from initlab import _graph, _layers, _probe, _text
+from initlab._activations import resolve_activation
 from initlab._audit import build_mlp
 from initlab.cli import main
 
@@ -66,18 +67,18 @@ def test_kind_name_is_the_table_class():
 @pytest.mark.parametrize(("activation", "param"), [
     ("relu", None), ("leaky_relu", 0.2), ("prelu", 0.1), ("gelu_tanh", None), (None, None), (nn.Softplus(beta=2), None),
 ])
-def test_mlp_builds_the_labs_model(activation, param):
-    from initlab.lab.models import mlp as lab_mlp
+def test_mlp_is_linear_activation_linear(activation, param):
+    from initlab.lab import models
 
-    torch.manual_seed(0)
-    ours = _layers.mlp([6, 5, 4, 3], activation, bias=False, param=param)
-    torch.manual_seed(0)
-    theirs = lab_mlp([6, 5, 4, 3], activation, bias=False, param=param)
-    assert [type(m) for m in ours] == [type(m) for m in theirs]
-    assert [repr(m) for m in ours] == [repr(m) for m in theirs]
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
-    x = torch.randn(7, 6)
-    assert torch.equal(ours(x), theirs(x))
+    assert models.mlp is _layers.mlp and models.activation_module is _layers.activation_module  # one builder
+    m = _layers.mlp([6, 5, 4, 3], activation, bias=False, param=param)
+    assert [type(x) for x in m][0::2] == [nn.Linear] * 3
+    assert [(x.in_features, x.out_features, x.bias) for x in m[0::2]] == [(6, 5, None), (5, 4, None), (4, 3, None)]
+    act = resolve_activation(activation, param)
+    for x in m[1::2]:
+        assert resolve_activation(x).label == act.label
+    t = torch.randn(7, 6)
+    assert torch.equal(m(t), m[4](act.fn(m[2](act.fn(m[0](t))))))
 
 
 def test_mlp_gives_every_layer_its_own_activation_module():

@@ -5,23 +5,21 @@
 schemes come with a "did you mean". Used by the spec dataclasses (:mod:`initlab.lab.specs`),
 which validate themselves, and by the TOML reader (:mod:`initlab.lab.config`). No I/O.
 
-The scheme registry, LSUV and ``auto`` are looked up by module name at call time
-(:func:`optional_module`): the lab works, without those checks, in an installation that leaves
-them out, and a test may stand a fake registry in ``sys.modules``.
+Schemes are checked against the library's registry (:func:`initlab.get_scheme`), which holds the
+model-level schemes ``auto`` and ``lsuv`` too: their parameters are checked the same way.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._activations import resolve_activation
 from .._errors import InitlabError, closest, unknown_choice
+from .._schemes import get_scheme, scheme_parameters, schemes
 
 __all__ = ["fail", "as_int", "as_number", "as_bool", "as_str", "as_list", "as_ints", "as_table", "check_keys",
-           "as_params", "activation_name", "scheme_and_params", "optional_module"]
+           "as_params", "activation_name", "scheme_and_params"]
 
 Params = tuple[tuple[str, Any], ...]
 
@@ -133,29 +131,6 @@ def activation_name(v: Any, path: str) -> str:
         raise InitlabError(f"{path}: {e}") from None
 
 
-def optional_module(name: str) -> Any:
-    """The module, or None when it is not part of this installation (other import errors propagate)."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise
-
-
-def _lsuv_params() -> tuple[str, ...] | None:
-    mod = optional_module("initlab._lsuv")
-    if mod is None or not hasattr(mod, "lsuv_"):
-        return None
-    sig = inspect.signature(mod.lsuv_)
-    return tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.name != "generator")
-
-
-def _auto_params() -> tuple[str, ...] | None:
-    valid = getattr(optional_module("initlab._apply"), "_AUTO_PARAMS", None)
-    return None if valid is None else tuple(valid)
-
-
 def _check_params_against(valid: tuple[str, ...] | None, kw: Mapping[str, Any], scheme: str, path: str) -> None:
     if valid is None:
         return
@@ -169,41 +144,35 @@ def _check_params_against(valid: tuple[str, ...] | None, kw: Mapping[str, Any], 
 
 
 def scheme_and_params(v: Any, params: Params, path: str, activation: str | None = None) -> tuple[str, Params]:
-    """The scheme name and its parameters, checked against the registry (when installed).
+    """The scheme name and its parameters, checked against the library's scheme registry.
 
     A registry scheme with an ``activation`` parameter (``he_normal``, ``kumar``, ...) that the
     scenario leaves unset gets the scenario's activation, so that the gain always matches the
     network (the resolved value is written out in the canonical config).
     """
     name = as_str(v, path, nonempty=True).strip()
-    low = name.lower()
     kw = dict(params)
     ppath = path.rsplit(".", 1)[0] + ".params" if "." in path else "params"
-    if low in ("lsuv", "auto"):
-        _check_params_against(_lsuv_params() if low == "lsuv" else _auto_params(), kw, low, ppath)
-        return low, params
-    registry = optional_module("initlab._schemes")
-    if registry is None:  # the scheme registry is not part of this installation: no check
-        return name, params
-    valid = list(registry.schemes())
-    if name not in valid and low in valid:
-        name = low
+    valid = list(schemes())
+    if name not in valid and name.lower() in valid:
+        name = name.lower()
     if name not in valid:
-        raise InitlabError(f"{path}: {unknown_choice('scheme', name, valid + ['auto', 'lsuv'])}")
-    scheme = _get_scheme(registry, name, kw, ppath)
+        raise InitlabError(f"{path}: {unknown_choice('scheme', name, valid)}")
+    _check_params_against(scheme_parameters(name), kw, name, ppath)
+    scheme = _get_scheme(name, kw, ppath)
     defaults = getattr(scheme, "params", None)
     if activation is not None and isinstance(defaults, Mapping) and "activation" in defaults and "activation" not in kw:
         kw["activation"] = activation
         try:
-            registry.get_scheme(name, **kw)
+            get_scheme(name, **kw)
         except (InitlabError, TypeError) as e:
             raise InitlabError(f"{path}: scheme {name!r} does not fit activation {activation!r}: {e}") from None
     return name, tuple(sorted(kw.items()))
 
 
-def _get_scheme(registry: Any, name: str, kw: Mapping[str, Any], ppath: str) -> Any:
+def _get_scheme(name: str, kw: Mapping[str, Any], ppath: str) -> Any:
     try:
-        return registry.get_scheme(name, **kw)
+        return get_scheme(name, **kw)
     except InitlabError as e:
         raise InitlabError(f"{ppath}: {e}") from None
     except TypeError as e:

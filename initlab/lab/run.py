@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InitlabError
+from .._schemes import get_scheme
 from ._io import atomic_write_text, clean_tmp, read_csv
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
@@ -151,7 +152,7 @@ def _preflight(exp: Experiment) -> None:
     resolve_device(exp.train.device)
     seed = int(exp.train.seeds[0]) if exp.train.seeds else 0
     for sc in exp.scenarios:
-        if str(sc.scheme).strip().lower() == "lsuv":
+        if get_scheme(sc.scheme).needs_batch:
             continue  # data-dependent: needs the first-pass batch
         try:
             init_member(sc, seed)

@@ -52,7 +52,7 @@ class SegmentAct:
 
     @property
     def is_identity(self) -> bool:
-        return self.name == "identity"
+        return self.name == IDENTITY[0]
 
     def forward(self, z: Tensor, out: Tensor, track: bool) -> None:
         z, out = z[self.start:self.stop], out[self.start:self.stop]
@@ -117,4 +117,4 @@ def activation_key(module: nn.Module, scenario_activation: object, *, allow_para
         if cand is None or cand.custom or not _same_function(module, cand):
             return None
         act = cand
-    return (act.name, act.param, module)
+    return IDENTITY if act.is_identity else (act.name, act.param, module)

@@ -79,7 +79,7 @@ def parse_mlp(model: nn.Module, scenario_activation: object) -> tuple[bool, list
         key = activation_key(m, scenario_activation)
         if key is None:
             return None
-        layers[-1][1] = None if key[0] == "identity" else key
+        layers[-1][1] = None if key is IDENTITY else key
     if not layers:
         return None
     return flatten, [(lin, key) for lin, key in layers]

@@ -20,12 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from ..._errors import InitlabError
+from ..._layers import AFFINE_LAYERS
 from ..._probe import probe
-from .activations import activation_key
+from .activations import IDENTITY, activation_key
 
 __all__ = ["first_pass", "fallback_rows", "WEIGHT_TYPES"]
 
-WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: weight layers computing h = W x + b (the library's layer table: Linear, Conv, ConvTranspose)
+WEIGHT_TYPES = AFFINE_LAYERS
 
 
 def _activation_modules(model: nn.Module, activation: object) -> set[int]:
@@ -35,7 +37,7 @@ def _activation_modules(model: nn.Module, activation: object) -> set[int]:
     out = set()
     for m in leaves:
         key = activation_key(m, activation, allow_params=True)
-        if key is not None and key[0] != "identity":
+        if key is not None and key is not IDENTITY:
             out.add(id(m))
     return out
 

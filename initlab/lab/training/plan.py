@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..._apply import init_model
 from ..._errors import InitlabError, unknown_choice
+from ..._schemes import get_scheme
 from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
 
@@ -129,7 +130,7 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
     """
     model = build_model(scenario.model, scenario.activation)
     params = dict(scenario.params)
-    if batch is not None and str(scenario.scheme).lower() == "lsuv":
+    if batch is not None and get_scheme(scenario.scheme).needs_batch:
         params.setdefault("batch", batch)
     init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(int(seed)),
                bias="zeros", **params)
