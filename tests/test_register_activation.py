@@ -180,3 +180,34 @@ def test_negative_control_unregistered_is_unknown():
         assert {r["scheme"] for r in rep} == {"lecun_normal"}
     res = initlab.probe(_module_net(), torch.randn(16, 64))
     assert [r["activation"] for r in res.rows] == ["none", "none", "none"]
+
+
+def test_the_lab_trains_a_registered_activation(registered, tmp_path):
+    """The lab validates, builds (the row's module), initialises, trains and reports a registered
+    activation; ``auto`` gives layer 2 fan_in * Var[W] = 1 / E[phi^2], LeCun gives 1 (control)."""
+    import pandas as pd
+
+    from initlab.lab.config import experiment_from_dict
+    from initlab.lab.models import build_model
+    from initlab.lab.run import run_experiment
+
+    exp = experiment_from_dict({
+        "name": "squareplus", "data": {"name": "gaussian", "limit": 600},
+        "train": {"steps": 10, "log_every": 5, "seeds": [0, 1]},
+        "scenarios": [{"activation": "squareplus", "scheme": "auto"},
+                      {"activation": "squareplus", "scheme": "lecun_normal"}],
+    })
+    model = build_model(exp.scenarios[0].model, "squareplus")
+    assert sum(isinstance(m, MySquareplus) for m in model.modules()) == 2  # the row's module
+    summary = run_experiment(exp, tmp_path / "run")
+    assert summary.complete
+    m = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert set(m.scenario) == {"squareplus-auto", "squareplus-lecun_normal"} and m["value"].notna().all()
+    fp = pd.read_csv(tmp_path / "run" / "first_pass.csv")
+    layer2 = fp[fp["index"] == 2]
+    assert set(layer2.activation) == {"squareplus"}
+    prod = (layer2.fan_in * layer2.weight_var).groupby(layer2.scheme).mean()
+    se = math.sqrt(2.0 / (100 * 100 * 2))  # relative standard error of a variance from 2 x 10^4 normal draws
+    assert abs(prod["auto"] * E_SQ - 1.0) < 5 * se
+    assert abs(prod["lecun_normal"] - 1.0) < 5 * se and abs(prod["lecun_normal"] * E_SQ - 1.0) > 10 * se
+    assert (tmp_path / "run" / "report.html").is_file()
