@@ -40,6 +40,8 @@ __all__ = [
     "fsync_dir",
     "csv_text",
     "slug",
+    "current_umask",
+    "file_mode",
 ]
 
 #: name prefix of every temporary file or directory created here
@@ -60,16 +62,41 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so that no other thread sees it change)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the umask (``mkstemp`` alone gives 0o600)."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory + ``os.replace``).
 
     Parent directories are created. On any error the temporary file is removed and ``path`` is
-    left exactly as it was. Returns ``path`` as a ``Path``.
+    left exactly as it was. The file's mode follows the umask, as a plain ``open()`` would give it.
+    Returns ``path`` as a ``Path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
     try:
+        with contextlib.suppress(OSError):  # e.g. a file system without POSIX modes
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, file_mode())
+            else:  # pragma: no cover - Windows before Python 3.13
+                os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
