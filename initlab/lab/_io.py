@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import math
@@ -42,10 +43,45 @@ __all__ = [
     "slug",
     "current_umask",
     "file_mode",
+    "describe_os_error",
 ]
 
 #: name prefix of every temporary file or directory created here
 TMP_PREFIX = ".initlab-tmp-"
+
+
+#: what to do about an OS error, by errno
+_OS_HINTS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free some space, then re-run the same command (the finished work is kept)",
+    errno.EDQUOT: "the disk quota is used up: free some space, then re-run the same command (the finished work is kept)",
+    errno.EACCES: "permission denied: fix the permissions, or choose another --out directory",
+    errno.EPERM: "operation not permitted: fix the permissions, or choose another --out directory",
+    errno.EROFS: "read-only file system: choose another --out directory",
+    errno.ENOTDIR: "a file is where a folder should be: remove it, or choose another --out directory",
+    errno.EISDIR: "a folder is where a file should be: remove it, or choose another --out directory",
+    errno.EEXIST: "something is in the way: remove it, or choose another --out directory",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter --out directory",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n), then re-run the same command",
+    errno.EIO: "input/output error: check the disk or network file system, then re-run the same command",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error: the cause, the path and what to do (``"No space left on device:
+    'runs/x/metrics.csv'; the disk is full: free some space, ..."``)."""
+    cause = e.strerror or str(e) or type(e).__name__
+    path = f": {str(e.filename)!r}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        path += f" -> {str(e.filename2)!r}"
+    hint = _OS_HINTS.get(e.errno or -1, "fix the cause, then re-run the same command (the finished work is kept)")
+    return f"{cause}{path}; {hint}"
+
+
+def _name_the_target(e: BaseException, path: Path) -> None:
+    """Give an OS error raised while writing ``path`` (e.g. ENOSPC from ``write``, which names no file) its target."""
+    if isinstance(e, OSError) and (e.filename is None or TMP_PREFIX in str(e.filename)):
+        e.filename = str(path)
+        e.filename2 = None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -89,8 +125,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     Returns ``path`` as a ``Path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    except OSError as e:
+        _name_the_target(e, path)
+        raise
     try:
         with contextlib.suppress(OSError):  # e.g. a file system without POSIX modes
             if hasattr(os, "fchmod"):
@@ -102,9 +142,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _name_the_target(e, path)
         raise
     fsync_dir(path.parent)
     return path
@@ -166,9 +207,13 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
     :func:`clean_tmp` removes; ``path`` itself is then missing, i.e. "not done", never half done).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        _name_the_target(e, path)
+        raise
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -185,8 +230,9 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_target(e, path)
         raise
 
 
