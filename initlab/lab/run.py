@@ -52,7 +52,8 @@ from .rundir import (check_out_dir, check_out_path, clear_results, commit_member
                      drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_values,
                      read_run_meta, save_checkpoint, tb_dir, write_meta)
 from .specs import Experiment
-from .training import GroupResult, GroupSpec, init_member, plan_groups, resolve_device, run_group, run_unit
+from .training import (GroupResult, GroupSpec, group_memory, init_member, plan_groups, resolve_device, run_group,
+                       run_unit)
 
 __all__ = ["run_experiment", "RunSummary", "RunProgress", "TqdmProgress", "METRICS_COLUMNS", "member_dir",
            "read_run_meta", "config_differences", "Executor"]
@@ -148,10 +149,43 @@ class TqdmProgress:
 # ----------------------------------------------------------------------------- units
 
 
-def _preflight(exp: Experiment) -> None:
-    """Fail on an unavailable device or a scenario whose model cannot be built and initialised,
-    before anything is written: each scenario's model is built and initialised once on CPU."""
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation here (Linux: MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(exp: Experiment, groups: Sequence[GroupSpec]) -> None:
+    """Refuse a group that cannot fit in this machine's memory (CPU training), before anything is written."""
+    if resolve_device(exp.train.device).type != "cpu":
+        return
+    avail = _available_memory()
+    if not avail:
+        return
+    for g in groups:
+        need = group_memory(g)
+        if need > avail:
+            raise InitlabError(
+                f"model.widths: {len(g.members)} model(s) of widths {list(g.model.widths)} need about "
+                f"{need / 2 ** 30:.1f} GiB of memory to train together, but {avail / 2 ** 30:.1f} GiB are available; "
+                "use smaller widths, or fewer seeds or scenarios")
+
+
+def _preflight(exp: Experiment, groups: Sequence[GroupSpec] = ()) -> None:
+    """Fail on an unavailable device, a group too large for memory, or a scenario whose model cannot be
+    built and initialised, before anything is written: each scenario's model is built and initialised
+    once on CPU."""
     resolve_device(exp.train.device)
+    _check_memory(exp, groups)
     seed = int(exp.train.seeds[0]) if exp.train.seeds else 0
     for sc in exp.scenarios:
         if get_scheme(sc.scheme).needs_batch:
@@ -414,7 +448,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
 
     def get_data() -> Dataset | None:
         if loaded[0] is None:
-            _preflight(exp)
+            _preflight(exp, run.units)
             loaded[0] = load_dataset(exp.data, download=download)
         return loaded[0]
 
@@ -422,7 +456,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
         if data is None:
             get_data()
         else:
-            _preflight(exp)
+            _preflight(exp, run.units)
     run.callback = _callback(progress)
     run.execute(get_data, executor, report)
     return run.summary(t0)

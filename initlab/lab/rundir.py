@@ -351,6 +351,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
 
 def _corrupt(path: Path, part: Path, e: BaseException) -> InitlabError:
     why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    why = why if len(why) <= 100 else why[:97] + "..."
     return InitlabError(f"{path}: cannot be read ({why}); delete the folder {part} and re-run the same "
                         "command to train that member again")
 
