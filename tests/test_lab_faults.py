@@ -2,9 +2,15 @@
 directories, unsafe names and file modes. Nothing is lost, nothing leaks, no raw traceback."""
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import stat
+import sys
+import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +88,149 @@ def test_run_files_follow_the_umask(tmp_path, umask):
     assert dirs == {oct(0o777 & ~umask)}
     assert read_run_meta(tmp_path / "run")["status"] == "complete"
 
+
+
+# ----------------------------------------------------------------------------- resuming bit for bit
+
+
+def ensemble(steps: int = 30) -> object:
+    """One group of 6 members (3 scenarios x 2 seeds) whose numbers depend on their ensemble's size."""
+    return experiment_from_dict({
+        "name": "ensemble", "data": {"name": "mnist", "limit": 400}, "model": {"widths": [784, 24, 10]},
+        "train": {"steps": steps, "log_every": 10, "seeds": [0, 1], "first_pass_batch": 20},
+        "scenarios": [{"activation": "sigmoid", "scheme": "normal"}, {"activation": "tanh", "scheme": "xavier_normal"},
+                      {"activation": "relu", "scheme": "he_normal"}]})
+
+
+@pytest.fixture(scope="module")
+def ensemble_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ensemble") / "ref"
+    run_experiment(ensemble(), out, report=False)
+    return out
+
+
+def test_kill_between_member_commits_resumes_bit_identical(tmp_path, monkeypatch, ensemble_reference):
+    """Interrupted after 2 of the group's 6 members are recorded: the other 4 used to be trained again as an
+    ensemble of 4, whose last bits differ from the ensemble of 6."""
+    import initlab.lab.run as lab_run
+
+    real, done = lab_run.commit_member, []
+
+    def commit_then_die(*args, **kwargs):
+        result = real(*args, **kwargs)
+        done.append(1)
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        return result
+
+    monkeypatch.setattr(lab_run, "commit_member", commit_then_die)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(ensemble(), out, report=False)
+    monkeypatch.undo()
+    summary = run_experiment(ensemble(), out, report=False)
+    assert summary.members_run == 4 and summary.members_skipped == 2
+    for name in ("metrics.csv", "first_pass.csv"):
+        assert (out / name).read_bytes() == (ensemble_reference / name).read_bytes(), name
+
+
+def test_ctrl_c_inside_a_group_resumes_from_its_checkpoint(tmp_path, monkeypatch, ensemble_reference):
+    """Ctrl-C at step 25 of 30: the group continues from its checkpoint at step 20 (not from 0), and ends
+    bit-identical to the uninterrupted run."""
+    from initlab.lab.training.loop import TrainLoop
+
+    real = TrainLoop._step
+
+    def step(self, n):
+        if n == 25:
+            raise KeyboardInterrupt
+        return real(self, n)
+
+    monkeypatch.setattr(TrainLoop, "_step", step)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(ensemble(), out, report=False, checkpoint_every=0)
+    monkeypatch.undo()
+    assert read_run_meta(out)["status"] == "interrupted" and not (out / "run.lock").exists()
+    assert list((out / "checkpoints").glob("*.pt"))
+    steps = []
+    run_experiment(ensemble(), out, report=False, checkpoint_every=0,
+                   progress=lambda ev: steps.append(ev.step) if ev.event == "step" else None)
+    assert steps[0] == 20 and steps[-1] == 30
+    for name in ("metrics.csv", "first_pass.csv"):
+        assert (out / name).read_bytes() == (ensemble_reference / name).read_bytes(), name
+    assert not (out / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- the lock and signals
+
+
+def _contender(run_dir, barrier, inside, worst, outcomes) -> None:
+    from initlab._errors import InitlabError
+    from initlab.lab.rundir import lock
+
+    barrier.wait()
+    try:
+        with lock(run_dir):
+            with inside.get_lock():
+                inside.value += 1
+                worst.value = max(worst.value, inside.value)
+            time.sleep(0.03)
+            with inside.get_lock():
+                inside.value -= 1
+        outcomes.put("took")
+    except InitlabError as e:
+        outcomes.put("refused" if "another initlab process" in str(e) else f"error: {e}")
+
+
+def test_a_stale_lock_is_taken_by_one_run_at_a_time(tmp_path):
+    """A lock file left by a killed process, and two runs starting at the same instant, 40 times: never
+    both inside (the old pid-file lock let both in 2 times in 40)."""
+    import multiprocessing
+    import socket
+    import subprocess
+
+    ctx = multiprocessing.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    inside, worst, outcomes = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
+    seen = []
+    for trial in range(40):
+        d = tmp_path / f"t{trial}"
+        d.mkdir()
+        (d / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        barrier = ctx.Barrier(2)
+        procs = [ctx.Process(target=_contender, args=(d, barrier, inside, worst, outcomes)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        seen += sorted(outcomes.get(timeout=10) for _ in procs)
+    assert worst.value == 1, "two runs held the lock at once"
+    assert set(seen) <= {"took", "refused"} and seen.count("took") >= 40, Counter(seen)
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """SIGTERM used to end the process at once (exit -15, run.lock left, status "running"): now one line,
+    exit 143, the lock released, the run marked interrupted and resumable."""
+    import subprocess
+
+    from initlab.lab.config import experiment_to_toml
+
+    exp = ensemble(steps=3000)
+    cfg = tmp_path / "e.toml"
+    cfg.write_text(experiment_to_toml(exp))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "initlab", "run", str(cfg), "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "run.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into the training steps
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith("initlab: terminated") and "resume" in stderr, stderr
+    assert not (out / "run.lock").exists() and read_run_meta(out)["status"] == "interrupted"
+    assert not (out / "parts").exists() or not any((out / "parts").rglob("member.json"))

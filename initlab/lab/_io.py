@@ -225,7 +225,13 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
                 raise FileExistsError(f"{path} already exists")
             old = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if not path.exists():  # put the old directory back: nothing is lost by an interruption here
+                    with contextlib.suppress(OSError):
+                        os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

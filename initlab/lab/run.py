@@ -375,7 +375,8 @@ class _Run:
         for m in unit.members:
             if m.key in self.done:
                 continue
-            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result, i)
+            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
+                                         self.groups.index(unit))
             _write_tb(self.run_dir, m.scenario.name, m.seed, values, rows)
             self.done.add(m.key)
             self.n_done += 1

@@ -323,6 +323,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
                    unit_index: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Write one member's results as ``parts/<scenario>/seed<k>/`` (atomically, all files at once).
 
+    ``unit_index``: the member's group in the run's plan (as run.json lists the groups).
     Returns the member's first-pass arrays and metrics rows (for its TensorBoard log)."""
     key = (scenario.name, int(seed))
     metrics = [{c: r[c] for c in METRICS_COLUMNS} for r in result.metrics
