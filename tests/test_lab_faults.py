@@ -7,14 +7,17 @@ import math
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from initlab.lab import _io
 from initlab.lab.config import experiment_from_dict
 from initlab.lab.run import read_run_meta, run_experiment
 
@@ -234,3 +237,191 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     assert stderr.count("\n") == 1 and stderr.startswith("initlab: terminated") and "resume" in stderr, stderr
     assert not (out / "run.lock").exists() and read_run_meta(out)["status"] == "interrupted"
     assert not (out / "parts").exists() or not any((out / "parts").rglob("member.json"))
+
+
+# ----------------------------------------------------------------------------- OS errors, corrupt files, memory
+
+
+def cli_fails(argv: list[str], capsys, *needles: str) -> str:
+    """``initlab ARGV`` in this process: exit 2 and exactly one line ``initlab: error: ...`` naming ``needles``."""
+    from initlab.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("initlab: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def tiny_toml(tmp_path: Path, **top) -> Path:
+    from initlab.lab.config import experiment_to_dict
+
+    import tomli_w
+
+    d = experiment_to_dict(tiny())
+    d.update(top)
+    p = tmp_path / "tiny.toml"
+    p.write_text(tomli_w.dumps(d))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "ref"
+    run_experiment(tiny(), out)
+    return out
+
+
+@contextmanager
+def tmpfs(path: Path, size: str, *, read_only: bool = False):
+    """A small tmpfs at ``path`` (a real full or read-only disk); skips where mounting is not allowed."""
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_resumable(tmp_path, capsys, monkeypatch, tiny_reference):
+    """ENOSPC at the 4th fsync (simulated: any disk): one line naming the file and what to do; then the same
+    command completes the run, identical to an uninterrupted one."""
+    import errno
+
+    cfg = tiny_toml(tmp_path)
+    out = tmp_path / "run"
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    cli_fails(["run", str(cfg), "--out", str(out), "--no-progress"], capsys, "No space left on device",
+              str(out), "free some space", "re-run the same command")
+    monkeypatch.undo()
+    from initlab.cli import main
+
+    assert main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    for name in ("metrics.csv", "first_pass.csv"):
+        assert (out / name).read_bytes() == (tiny_reference / name).read_bytes()
+
+
+@pytest.mark.parametrize("size", ["64k", "400k"])
+def test_a_really_full_disk_is_one_line(tmp_path, capsys, size, tiny_reference):
+    """A real full file system (a tiny tmpfs): during the members' files (64k) or the report (400k)."""
+    import shutil
+
+    cfg = tiny_toml(tmp_path)
+    with tmpfs(tmp_path / "disk", size) as disk:
+        cli_fails(["run", str(cfg), "--out", str(disk / "run"), "--no-progress"], capsys, "No space left on device",
+                  "free some space")
+        assert not list((disk / "run").rglob(f"{_io.TMP_PREFIX}*"))
+        shutil.copytree(disk / "run", tmp_path / "moved")
+    summary = run_experiment(tiny(), tmp_path / "moved")
+    assert summary.complete
+    assert (tmp_path / "moved" / "metrics.csv").read_bytes() == (tiny_reference / "metrics.csv").read_bytes()
+
+
+def test_out_is_a_file_or_under_a_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("precious")
+    cfg = tiny_toml(tmp_path)
+    cli_fails(["run", str(cfg), "--out", str(f)], capsys, str(f), "not a directory", "another --out")
+    cli_fails(["run", str(cfg), "--out", str(f / "run")], capsys, str(f), "is a file, not a folder")
+    assert f.read_text() == "precious"
+
+
+def test_out_not_writable(tmp_path, capsys, monkeypatch):
+    """Permission denied, found before training (simulated for root, who may write anywhere); and met while
+    writing (a real one when not root)."""
+    cfg = tiny_toml(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.geteuid() == 0:
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+        cli_fails(["run", str(cfg), "--out", str(locked / "run")], capsys, str(locked), "not writable",
+                  "another --out")
+    finally:
+        locked.chmod(0o755)
+    monkeypatch.undo()
+    import errno
+    import tempfile
+
+    def denied(suffix=None, prefix=None, dir=None, text=False):  # as mkstemp names the file it tried
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, f"{prefix}x1y2z3{suffix}"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    cli_fails(["run", str(cfg), "--out", str(tmp_path / "run")], capsys, "Permission denied",
+              str(tmp_path / "run" / "config.toml"), "fix the permissions")
+
+
+def test_read_only_file_system(tmp_path, capsys):
+    cfg = tiny_toml(tmp_path)
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        cli_fails(["run", str(cfg), "--out", str(ro / "run")], capsys, str(ro), "read-only file system")
+
+
+def test_corrupt_files_in_the_run_directory(tmp_path, capsys, tiny_reference):
+    import shutil
+
+    from initlab.cli import main
+
+    cfg = tiny_toml(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_reference, run)
+    (run / "config.toml").write_bytes(b"\xff\xfe garbage")
+    cli_fails(["report", str(run)], capsys, str(run / "config.toml"), "not UTF-8", "initlab run")
+    (run / "config.toml").write_text("[[[")
+    cli_fails(["report", str(run)], capsys, str(run / "config.toml"), "TOML", "initlab run")
+    assert main(["run", str(cfg), "--out", str(run), "--no-progress"]) == 0  # the same experiment writes it again
+    capsys.readouterr()
+    assert (run / "config.toml").read_text() == (tiny_reference / "config.toml").read_text()
+    part = next((run / "parts").glob("*/seed0"))
+    (part / "values.npz").write_bytes(b"PK\x03\x04 not a zip")
+    cli_fails(["report", str(run)], capsys, str(part / "values.npz"), "delete the folder", str(part))
+    shutil.rmtree(run / "tb")
+    cli_fails(["run", str(cfg), "--out", str(run), "--no-progress"], capsys, str(part / "values.npz"))
+    shutil.rmtree(part)
+    assert main(["run", str(cfg), "--out", str(run), "--no-progress"]) == 0  # that member is trained again
+    assert (run / "metrics.csv").read_bytes() == (tiny_reference / "metrics.csv").read_bytes()
+    (run / "metrics.csv").write_bytes(b"\x00\x01garbage")
+    cli_fails(["report", str(run)], capsys, str(run / "metrics.csv"), "rebuild it")
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    cfg = tiny_toml(tmp_path, model={"kind": "mlp", "widths": [784, 10 ** 9, 10], "bias": True})
+    cli_fails(["run", str(cfg), "--out", str(tmp_path / "huge")], capsys, "model.widths", "GiB", "smaller widths")
+    assert not (tmp_path / "huge").exists()
+    import initlab.lab.run as lab_run
+
+    for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                                              "allocate memory: you tried to allocate 400000000000 bytes")):
+        def boom(*args, _e=error, **kwargs):
+            raise _e
+
+        monkeypatch.setattr(lab_run, "run_group", boom)
+        cli_fails(["run", str(tiny_toml(tmp_path)), "--out", str(tmp_path / "o"), "--no-progress"], capsys,
+                  "out of memory", "smaller models")
+        assert not (tmp_path / "o" / "run.lock").exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE", "a/b", "..", ".", " padded"])
+def test_run_name_cannot_leave_runs(tmp_path, capsys, monkeypatch, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    name = str(tmp_path / "absolute") if name == "ABSOLUTE" else name
+    cfg = tiny_toml(tmp_path, name=name)
+    cli_fails(["run", str(cfg)], capsys, f"name: {name!r}", "runs/<name>", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.toml", "work"] and not any(work.iterdir())
