@@ -46,8 +46,32 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make the subcommand's usage errors one line, ``initlab: error: run: argument --steps: ...``, like every
+    other error of the command line (argparse prints the usage first, and names the error by the parser)."""
+    command = parser.prog.split()[-1]
+
+    def error(message: str) -> None:
+        parser.exit(2, f"initlab: error: {command}: {message} (see: {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def register_cli(subparsers: Any) -> None:
     """Add the ``run``, ``presets`` and ``report`` subcommands to ``initlab``'s parser."""
+    _add_run(subparsers)
+    _one_line_errors(subparsers.add_parser(
+        "presets", help="list the built-in experiments",
+        description="List the built-in experiment presets that `initlab run NAME` accepts.")).set_defaults(func=cmd_presets)
+    p = _one_line_errors(subparsers.add_parser(
+        "report", help="rebuild a run directory's figures and report.html",
+        description="Rebuild figures/*.png and report.html of a run directory from its CSV files."))
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_run(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run", help="run an experiment (a preset or a TOML file) into a run directory",
         description="Train every scenario x seed of an experiment as one batched ensemble and write a run "
@@ -68,15 +92,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
     p.set_defaults(func=cmd_run)
-
-    p = subparsers.add_parser("presets", help="list the built-in experiments",
-                              description="List the built-in experiment presets that `initlab run NAME` accepts.")
-    p.set_defaults(func=cmd_presets)
-
-    p = subparsers.add_parser("report", help="rebuild a run directory's figures and report.html",
-                              description="Rebuild figures/*.png and report.html of a run directory from its CSV files.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
-    p.set_defaults(func=cmd_report)
+    _one_line_errors(p)
 
 
 def _experiment_from_args(args: argparse.Namespace) -> Any:
@@ -92,6 +108,9 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
         overrides["train.device"] = args.device
     if args.data_root is not None:
         root = Path(args.data_root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise InitlabError(f"--data-root: {args.data_root!r} is not a folder "
+                               "(give the folder holding the MNIST IDX files)")
         if not root.is_dir() and not args.download:
             raise InitlabError(f"--data-root: folder {args.data_root!r} does not exist "
                                "(give the folder holding the MNIST IDX files, or add --download to fetch them)")
@@ -172,8 +191,10 @@ def _default_out(name: str) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``initlab run``: run the experiment, then say where the report and the TensorBoard logs are."""
+    if args.out is not None and not args.out.strip():
+        raise InitlabError(f"--out: expected a folder path, got {args.out!r}")
     exp = _experiment_from_args(args)
-    out = Path(args.out) if args.out else _default_out(exp.name)
+    out = Path(args.out) if args.out is not None else _default_out(exp.name)
     try:
         with _os_errors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,

@@ -46,6 +46,8 @@ class RunData:
 
 def _read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(text, parsed) of ``config.toml``; errors when the directory is not a run directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InitlabError(f"{str(run_dir)!r} is not a directory: give the run directory written by `initlab run`")
     if not run_dir.is_dir():
         raise InitlabError(f"run directory {str(run_dir)!r} does not exist")
     cfg_path = run_dir / "config.toml"
@@ -84,7 +86,17 @@ def _read_metrics(run_dir: Path) -> pandas.DataFrame:
     if missing:
         raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRICS_COLUMNS)}; "
                            f"{_REBUILD}")
-    metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
+    for column, numbers in (("seed", "integers"), ("step", "integers"), ("value", "numbers")):
+        text = metrics[column].map(str).astype(object).str.strip()  # NaN -> "nan", whatever the dtype
+        parsed = pd.to_numeric(text, errors="coerce")
+        bad = parsed.isna() & ~text.str.lower().isin(["nan", "", "<na>", "none"] if column == "value" else [])
+        if numbers == "integers":
+            bad |= ~bad & parsed.notna() & (parsed != parsed.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InitlabError(f"{path}, row {i + 2}: column {column!r} holds {text.iloc[i]!r}, expected {numbers}; "
+                               f"{_REBUILD}")
+        metrics[column] = parsed.astype("int64") if numbers == "integers" else parsed.astype(float)
     metrics["scenario"] = metrics["scenario"].astype(str)
     return metrics
 
