@@ -8,18 +8,25 @@ members' parts and TensorBoard logs, and, once every member is done, figures/ an
 
 Units of work and resuming. The work is split by :func:`~initlab.lab.training.plan_groups`
 into groups of members that share a model shape (optionally at most ``max_members`` each);
-one group is one call of ``run_group`` and trains all its members at once. Completion is
-recorded per *member* (:func:`~initlab.lab.rundir.commit_member`). Re-running on the same
-directory skips every recorded member and plans groups over the remaining ones only (members
-train independently, so regrouping does not change their results). ``metrics.csv`` and
-``first_pass.csv`` are rebuilt from the parts after every group: rows are never duplicated,
-whatever was interrupted when.
+one group is one call of ``run_group`` and trains all its members at once. A member's last bits
+depend on which members share its ensemble (batched kernels round differently at different
+sizes), so the groups are fixed when a run starts (run.json records them) and a group always
+trains whole: re-running on the same directory skips every group whose members are all
+recorded and trains the others again in full, continuing from the group's last checkpoint
+(``checkpoints/``, saved at log steps: ``checkpoint_every``) when there is one. Completion is
+recorded per member (:func:`~initlab.lab.rundir.commit_member`; only the missing members of a
+group are recorded again). ``metrics.csv`` and ``first_pass.csv`` are rebuilt from the parts
+after every group and when a run finishes: rows are never duplicated, whatever was interrupted
+when. An interrupted run (an exception, Ctrl-C, SIGTERM from the command line, ``kill -9``, a
+full disk) therefore resumes to files identical to an uninterrupted run's
+(``tests/test_fault_injection.py``).
 
 Safety. A directory that holds another experiment (a different config fingerprint) is refused
 with an :class:`~initlab._errors.InitlabError` naming both experiments and fingerprints, and so is
-a non-empty directory that is not a run directory; a second process writing to the same
-directory is refused through ``run.lock``. Input errors (unknown data set, missing data files)
-are raised before anything is written.
+a non-empty directory that is not a run directory, or a path that cannot be written; one process
+writes to a directory at a time (``run.lock``, an OS file lock: see
+:func:`~initlab.lab.rundir.lock`). Input errors (unknown data set, missing data files, a model
+too large for memory) are raised before anything is written.
 
 Executors. ``executor=None`` runs the groups in this process (with step-level progress). Any
 :class:`~initlab.lab.executors.Executor` runs them elsewhere: ``fn`` is the module-level

@@ -4,7 +4,7 @@ Layout (``run_dir/``)::
 
     config.toml        the resolved experiment (experiment_to_toml); loading it gives the experiment back
     run.json           name, config fingerprint, status ("running", "interrupted", "complete"),
-                       members done, diverged members, training seconds
+                       members done, diverged members, training seconds, the groups members train in
     metrics.csv        scenario, seed, step, split, metric, value (see initlab.lab.metrics)
     first_pass.csv     the probe table (initlab.probe) per scenario x seed x weight layer:
                        scenario, seed, scheme, then the probe's columns
@@ -12,13 +12,17 @@ Layout (``run_dir/``)::
     figures/*.png, report.html   (initlab.lab.report)
     parts/<scenario>/seed<k>/   a finished member's own results (metrics.csv, first_pass.csv,
                        values.npz with the first-pass arrays, member.json)
+    checkpoints/group-<hash>.pt   the training state of a group that has not finished (removed
+                       when the run completes)
+    run.lock           held (an OS file lock) while a process writes here
 
 Completion is recorded per member: :func:`commit_member` writes ``parts/<scenario>/seed<k>/``
 under a temporary name and renames it into place, so a member is either completely recorded or
 not at all; :func:`merge` rebuilds metrics.csv and first_pass.csv from the parts, atomically,
 in experiment order. :func:`check_out_dir` refuses a directory that holds another experiment
-(or anything else); :func:`lock` lets one process write at a time. Every file is written
-atomically (:mod:`initlab.lab._io`).
+(or anything else) and :func:`check_out_path` one that cannot be written; :func:`lock` lets one
+process write at a time. Every file is written atomically (:mod:`initlab.lab._io`), with the
+mode the umask gives.
 """
 from __future__ import annotations
 
