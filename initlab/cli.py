@@ -12,7 +12,7 @@ import sys
 from . import __version__
 from ._errors import InitlabError
 
-_CLI_MODULES = ("initlab._gains", "initlab._schemes", "initlab._audit", "initlab.lab.cli")
+_CLI_MODULES = ("initlab._gains", "initlab._schemes", "initlab._audit", "initlab._survey", "initlab.lab.cli")
 # optional dependencies -> the extra that installs them
 _EXTRAS = {"pandas": "lab", "matplotlib": "lab", "tensorboard": "lab", "tomli_w": "lab", "tomli": "lab",
            "tqdm": "lab", "sklearn": "digits", "ray": "ray"}
