@@ -66,7 +66,7 @@ GAINS: tuple[tuple[str, float, str], ...] = (
     ("3/4", 0.75, "selu (torch)"),
 )
 #: stds that do not depend on fans (BERT/GPT-2/ViT 0.02, N(0, 1) embeddings...)
-FIXED_STDS = (1.0, 0.1, 0.05, 0.02, 0.01, 0.002, 0.001, 1e-6)
+FIXED_STDS = (1.0, 0.02, 0.01, 0.001, 1e-6)
 _MODES = ("fan_in", "fan_avg", "fan_out")
 _CHUNK = 1 << 22
 
