@@ -51,7 +51,7 @@ from ._compat import ensure_torchvision
 from ._errors import InitlabError
 from ._layers import guess_input_shape
 
-__all__ = ["build", "load", "Built", "LIBRARIES", "EXTRA", "parse_spec", "example_inputs"]
+__all__ = ["build", "build_model", "load", "Built", "LIBRARIES", "EXTRA", "parse_spec", "example_inputs"]
 
 #: the library prefixes of a spec -> the package that provides them
 LIBRARIES = {"torchvision": "torchvision", "timm": "timm", "hf": "transformers"}
@@ -352,7 +352,7 @@ def load(spec: str, *, device: str | torch.device | None = None, inputs: bool = 
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
         model, batch = _construct(lib, name, opts, spec)
-    label = name.rpartition(":")[2] if lib == "factory" else name
+    label = name.rpartition(":")[2] if lib == "factory" else f"{lib}:{name}"
     built = Built(spec=spec, library=lib, name=label, model=model)
     if inputs:
         try:
@@ -368,3 +368,7 @@ def build(spec: str, *, device: str | torch.device | None = None, **options: Any
     ``build("hf:gpt2", n_layer=2)``, ``build("mypkg.models:make")``, ``build("models.py:make")``;
     ``device="meta"`` for shapes only. See :func:`load`."""
     return load(spec, device=device, inputs=False, **options).model
+
+
+#: ``initlab.build_model``: the public name of :func:`build`
+build_model = build

@@ -225,7 +225,7 @@ def test_torchvision_resnet18():
     assert (fc["name"], fc["scheme"], fc["distribution"]) == ("fc.weight", "torch_default", "uniform")
     assert {r["activation"] for r in convs} == {"relu"}
     assert result.signal is not None and all(r["out_var"] is not None for r in result.rows)
-    assert result.summary == ("resnet18: 21 weight tensors; Conv2d x20: he_normal fan_out gain sqrt(2); "
+    assert result.summary == ("torchvision:resnet18: 21 weight tensors; Conv2d x20: he_normal fan_out gain sqrt(2); "
                               "Linear x1: torch_default")
 
 
