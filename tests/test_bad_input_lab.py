@@ -295,7 +295,6 @@ MODEL_CASES = [
     model("mlp None widths", lambda: mlp(None), "widths", "None"),
     model("mlp activation typo", lambda: mlp([784, 10, 10], "sigmod"), "'sigmod'", "did you mean 'sigmoid'"),
     model("mlp activation int", lambda: mlp([784, 10, 10], 3), "activation", "3"),
-    model("mlp bias str", lambda: mlp([784, 10, 10], "relu", bias="no"), "bias", "'no'"),
     model("mlp param on relu", lambda: mlp([784, 10, 10], "relu", param=0.1), "'relu'", "param"),
     model("mlp param str", lambda: mlp([784, 10, 10], "leaky_relu", param="x"), "parameter", "'x'"),
     model("mlp no activation", lambda: mlp([784, 10, 10], None), check=lambda m: _n_linear(m) == 2),

@@ -150,12 +150,10 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, h)
 
 
-def _os_errors(action: str) -> contextlib.AbstractContextManager[None]:
-    """OSError and out-of-memory errors as one clear InitlabError (the path, the cause, what to do)."""
-    return _Translate(action)
+class _ClearErrors(contextlib.AbstractContextManager):
+    """``with _ClearErrors("run 'runs/x'"):`` turns an OSError or an out-of-memory error raised in the block
+    into one clear InitlabError: what was being done, the cause, the path and what to do."""
 
-
-class _Translate(contextlib.AbstractContextManager):
     def __init__(self, action: str) -> None:
         self.action = action
 
@@ -196,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     exp = _experiment_from_args(args)
     out = Path(args.out) if args.out is not None else _default_out(exp.name)
     try:
-        with _os_errors(f"run {str(out)!r}"), _signals_interrupt():
+        with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
                                      download=bool(args.download))
     except Terminated:
@@ -245,7 +243,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``initlab report RUN_DIR``: rebuild the figures and report.html from the run directory's files."""
-    with _os_errors(f"report {args.run_dir!r}"), _signals_interrupt():
+    with _ClearErrors(f"report {args.run_dir!r}"), _signals_interrupt():
         path = write_report(args.run_dir)
     print(f"initlab: report written to {path}")
     print(f"  TensorBoard: tensorboard --logdir {os.path.join(args.run_dir, 'tb')}")

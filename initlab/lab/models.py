@@ -16,19 +16,11 @@ from torch import nn
 
 from .._activations import Elementwise
 from .._errors import InitlabError, unknown_choice
-from .._layers import activation_module, check_sizes
-from .._layers import mlp as _library_mlp
+from .._layers import activation_module, check_sizes, mlp
 from ._checks import as_bool, as_int, fail
 from .specs import MODEL_KINDS, ModelSpec, image_shape
 
 __all__ = ["Elementwise", "activation_module", "mlp", "cnn", "build_model", "image_shape", "MODEL_KINDS"]
-
-def mlp(widths: Sequence[int], activation: Any = "relu", bias: bool = True, *,
-        param: float | None = None) -> nn.Sequential:
-    """The library's MLP builder (:func:`initlab._layers.mlp`: ``Linear, act, ..., Linear`` over ``widths``),
-    with ``bias`` checked to be True or False."""
-    return _library_mlp(widths, activation, bias=as_bool(bias, "bias"), param=param)
-
 
 def _conv_out(size: int, kernel: int) -> int:
     return size + 2 * (kernel // 2) - kernel + 1

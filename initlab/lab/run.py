@@ -344,8 +344,8 @@ class _Run:
         with lock(self.run_dir):
             if self.plan() and self.existing and not self.resume:
                 clear_results(self.run_dir)
-            self._start()
             try:
+                self._start()
                 self.emit("plan", -1, 0)
                 self._train(data() if self.units else None, executor)
                 self._finish(report)
