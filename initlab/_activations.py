@@ -37,7 +37,7 @@ from ._errors import InitlabError, unknown_choice
 
 __all__ = ["Activation", "ActivationRow", "Kernels", "register_activation", "resolve_activation",
            "activation_names", "activation_row", "activation_functions", "row_of_function", "row_of_method", "activation_of_call",
-           "is_activation_module", "AUTO_RULES", "FAMILIES"]
+           "is_activation_module", "module_state", "plain_settings", "AUTO_RULES", "FAMILIES"]
 
 # descriptive families, shown by ``initlab gains`` (no code branches on them)
 FAMILIES = ("linear", "relu", "saturating", "selu", "smooth")
@@ -158,13 +158,17 @@ class Activation:
     def cache_key(self) -> Any:
         """What identifies phi for caches: ``(row, param)`` for a table activation (a row
         re-registered with ``overwrite=True`` is a new key), ``("custom", fn)`` for a custom
-        callable, None when the callable is not hashable (then nothing is cached)."""
+        callable, and for a custom ``nn.Module`` also its current settings and parameter
+        versions (:func:`module_state`: a changed slope is a new key); None when the callable
+        is not hashable (then nothing is cached)."""
         if self.row is not None:
             return (self.row, self.param)
         try:
             hash(self.fn)
         except TypeError:
             return None
+        if isinstance(self.fn, nn.Module):
+            return ("custom", self.fn, module_state(self.fn))
         return ("custom", self.fn)
 
     @property
@@ -178,6 +182,32 @@ class Activation:
             return self.fn
         built = None if self.row is None else self.row.build_module(self.param)
         return built if built is not None else Elementwise(self)
+
+
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def plain_settings(m: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """A module's own public attributes that are numbers, strings, None or tuples of those
+    (``negative_slope``, ``stride``, ``groups``...), ``training`` excluded."""
+    return tuple((k, v) for k, v in vars(m).items()
+                 if not k.startswith("_") and k != "training" and (
+                     isinstance(v, _SETTING_TYPES) or (isinstance(v, tuple) and all(isinstance(x, _SETTING_TYPES) for x in v))))
+
+
+def module_state(m: nn.Module) -> tuple[Any, ...]:
+    """What a module computes with, cheaply: its plain settings (``negative_slope``, ``alpha``,
+    ``approximate``... every public attribute that is a number, string, None or a tuple of those)
+    and the identity and version counter of each of its tensors (bumped by every in-place
+    change), for the whole submodule tree. Equal states mean the module computes the same
+    function, so caches keyed on a module stay right after the user changes it."""
+    out: list[Any] = []
+    for name, sub in m.named_modules():
+        settings = plain_settings(sub)
+        tensors = tuple((k, id(t), t._version if not t.is_inference() else 0)
+                        for k, t in (*sub._parameters.items(), *sub._buffers.items()) if t is not None)
+        out.append((name, type(sub), settings, tensors))
+    return tuple(out)
 
 
 class Elementwise(nn.Module):

@@ -368,44 +368,97 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_factory(spec: str) -> Any:
-    """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns."""
-    if ":" not in spec:
+    """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns.
+
+    Your code never shadows an installed module: a module name is imported with the current
+    folder searched *last*, and a file is loaded by its path under a private module name (the
+    folder holding it is searched last too, so it can import the modules beside it). A name that
+    an installed module takes (``secrets``, ``json``...) while a file of that name sits in the
+    current folder is refused with a hint, instead of silently importing the installed one.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
         raise InitlabError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_model or models.py:make), got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
         raise InitlabError(f"--model expects MODULE:FACTORY, got {spec!r}")
-    if mod_name.endswith(".py") or os.sep in mod_name:
-        if not os.path.isfile(mod_name):
-            raise InitlabError(f"--model: file {mod_name!r} not found")
-        sp = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
-        module = importlib.util.module_from_spec(sp)  # type: ignore[arg-type]
-        sys.modules.setdefault(sp.name, module)  # type: ignore[union-attr]
-        sp.loader.exec_module(module)  # type: ignore[union-attr]
+    if mod_name.endswith(".py") or os.sep in mod_name or (os.altsep and os.altsep in mod_name):
+        module = _load_file(mod_name)
     else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            raise InitlabError(f"--model: cannot import module {mod_name!r} ({e})") from e
+        module = _import_user_module(mod_name)
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
         raise unknown_choice(f"factory in {mod_name}", attr, names)
-    return factory()
+    try:
+        return factory()
+    except InitlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory, reported in one line (the chain keeps the traceback)
+        raise InitlabError(f"--model: {spec}() raised {type(e).__name__}: {e}") from e
+
+
+def _search_last(folder: str) -> None:
+    """Make ``folder`` importable without letting it shadow anything installed: append it to sys.path."""
+    folder = os.path.abspath(folder)
+    if folder not in (os.path.abspath(p or os.curdir) for p in sys.path):
+        sys.path.append(folder)
+
+
+def _import_user_module(mod_name: str) -> Any:
+    cwd = os.getcwd()
+    _search_last(cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise InitlabError(f"--model: cannot import module {mod_name!r} ({e}); run from the folder that holds "
+                               "it, or pass the file's path (path/to/models.py:make)") from e
+        raise InitlabError(f"--model: module {mod_name!r} needs a module that is not installed ({e})") from e
+    except Exception as e:  # noqa: BLE001 - an error in the user's module, in one line
+        raise InitlabError(f"--model: importing {mod_name!r} failed ({type(e).__name__}: {e})") from e
+    paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+    where = os.path.abspath(next((p for p in paths if p), "")) if any(paths) else ""
+    top = mod_name.split(".")[0]
+    local = [p for p in (os.path.join(cwd, top + ".py"), os.path.join(cwd, top)) if os.path.exists(p)]
+    if local and not where.startswith(os.path.join(cwd, "")):
+        raise InitlabError(f"--model: {top!r} is an installed module ({where or 'built in'}), so your {local[0]!r} is "
+                           f"not imported in its place; rename your file, or pass its path: --model ./{top}.py:...")
+    return module
+
+
+def _load_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise InitlabError(f"--model: file {path!r} not found")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"_initlab_model_{''.join(c if c.isalnum() else '_' for c in stem)}"  # never an installed module's name
+    sp = importlib.util.spec_from_file_location(name, path)
+    if sp is None or sp.loader is None:
+        raise InitlabError(f"--model: {path!r} is not a Python file that can be imported")
+    module = importlib.util.module_from_spec(sp)
+    _search_last(os.path.dirname(os.path.abspath(path)))  # its own imports of the modules beside it
+    sys.modules[name] = module
+    try:
+        sp.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - an error in the user's file, in one line
+        sys.modules.pop(name, None)
+        raise InitlabError(f"--model: loading {path!r} failed ({type(e).__name__}: {e})") from e
+    return module
 
 
 def _gaussian(shape: tuple[int, ...], batch_size: int, gen: torch.Generator) -> Tensor:
     return torch.randn((batch_size, *shape), generator=gen)
 
 
-def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
+def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A batch of the embedded MNIST sample; never another data source in its place."""
     try:
         ds = embedded_split()
-    except (ImportError, InitlabError, OSError, ValueError) as e:
-        print(f"initlab audit: MNIST is unavailable ({type(e).__name__}: {e}); using Gaussian data instead",
-              file=sys.stderr)
-        return None
+    except InitlabError as e:
+        raise InitlabError(f"--data mnist: the embedded MNIST sample cannot be read ({e}); reinstall initlab, "
+                           "or choose --data gaussian") from e
+    except Exception as e:  # noqa: BLE001 - a broken installation or environment, in one line
+        raise InitlabError(f"--data mnist: the embedded MNIST sample cannot be loaded ({type(e).__name__}: {e}); "
+                           "reinstall initlab, or choose --data gaussian") from e
     x, y = ds.x_train, ds.y_train
     idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
     return x[idx].reshape(len(idx), -1).float(), y[idx]
@@ -438,16 +491,14 @@ def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[i
     """(batch, target) of ``--data``: MNIST digits (labels used for a model with 10 outputs), or
     N(0, 1) values of ``in_shape`` (guessed from the first layer when not given)."""
     if args.data == "mnist":
-        got = _mnist(args.batch_size, gen)
-        if got is not None:
-            x, y = got
-            if in_shape is not None and math.prod(in_shape) != x.shape[1]:
-                raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
-                                   "(use --mlp 784,... or --input-shape 1,28,28)")
-            if output_width(model) != 10:
-                notes.append("labels not used (the model does not have 10 outputs): random output gradient")
-                y = None
-            return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
+        x, y = _mnist(args.batch_size, gen)
+        if in_shape is not None and math.prod(in_shape) != x.shape[1]:
+            raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
+                               "(use --mlp 784,... or --input-shape 1,28,28)")
+        if output_width(model) != 10:
+            notes.append("labels not used (the model does not have 10 outputs): random output gradient")
+            y = None
+        return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
     if in_shape is None:
         in_shape = guess_input_shape(model)
         if in_shape is None:

@@ -43,12 +43,12 @@ from torch import Tensor
 
 from ._activations import Activation
 from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
-                      check_mode, check_scale, target_std, variance_scaling_)
+                      check_mode, check_scale, check_std, planned_std, target_std, variance_scaling_)
 from ._errors import InitlabError, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 from ._gains import gain as _gain
-from ._lsuv import check_lsuv_args, lsuv_
+from ._lsuv import check_lsuv_args, run_lsuv
 from ._orthogonal import delta_orthogonal_, identity_, orthogonal_
 
 __all__ = [
@@ -90,6 +90,11 @@ class Scheme:
             a weight layer followed by activation ``act`` (None: a readout).
         fit: for a data-dependent scheme, ``fit(model, batch, generator)`` runs after the per-layer
             initialisation; it returns a result with ``row_updates()`` for ``init_model``'s report.
+        check: for a scheme that cannot fail once its checks pass (the variance-scaling engine),
+            ``check(tensor, fans, generator)`` raises what calling the scheme on that tensor would
+            raise, without writing. ``init_model`` runs every check before its first write and then
+            keeps no copy of the weights (it holds Ctrl-C back instead); the tensors of any other
+            scheme are copied first, so that a failure part-way can be undone.
     """
 
     name: str
@@ -104,6 +109,7 @@ class Scheme:
     needs_batch: bool = False
     for_layer: Callable[[Activation | None], LayerChoice] | None = field(default=None, repr=False)
     fit: Callable[..., Any] | None = field(default=None, repr=False)
+    check: Callable[[Tensor, "Fans | None", "torch.Generator | None"], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -162,6 +168,7 @@ def _vs(scale: float, mode: str, distribution: str) -> Scheme:
         init=lambda t, f, g: variance_scaling_(t, scale, mode, distribution, generator=g, fans=f),
         std=lambda fi, fo, shp: target_std(scale, mode, (fi, fo)),
         scale=scale, mode=mode, distribution=distribution,
+        check=lambda t, f, g: planned_std(t, scale, mode, distribution, generator=g, fans=f),
     )
 
 
@@ -186,6 +193,7 @@ def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
     std = check_scale(std, "std")
     _check_mean(mean)
     gen = _check_generator(generator, tensor)
+    check_std(std, tensor.dtype, "normal", mean=float(mean))
     _sample_(tensor, "normal", std, gen)
     if mean and not tensor.is_meta:
         with torch.no_grad():
@@ -309,8 +317,8 @@ def _lsuv(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center:
             "use initlab.init_model(model, 'lsuv', batch=x) or initlab.lsuv_(model, x)")
 
     def fit(model: Any, batch: Any, generator: torch.Generator | None) -> Any:
-        return lsuv_(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
-                     generator=generator)
+        return run_lsuv(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
+                        generator=generator, undo=False)  # init_model keeps the copies and rolls back
     # the layers LSUV does not cover (Embedding, Bilinear, MultiheadAttention in_proj) keep auto's choice
     return Scheme(name="lsuv", init=init, level="model", needs_batch=True,
                   for_layer=_auto_rule("normal", "fan_in"), fit=fit)
