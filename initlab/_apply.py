@@ -687,6 +687,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     targets = _targets(model, inc, exc)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
+    held = deferred_interrupt(release=False)
     with all_or_nothing(undo):
         walk = _Walk(generator, bias_mode, undo)
         walk.reset_others(targets)
@@ -697,11 +698,12 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         safe = walk.plan(targets, links, choices) and fit is None
         if not safe:
             undo.save_all(walk.written(targets))
-        with deferred_interrupt() if safe else nullcontext():
+        with held if safe else nullcontext():
             walk.write(targets)
             traced = all(link.traced for link in links.values())
             note = next((link.note for link in links.values() if not link.traced), "")
             report = InitReport(walk.finish(), traced, label, note)
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
+    held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop
     return report

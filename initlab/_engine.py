@@ -97,24 +97,27 @@ _REACH = {"normal": 10.0, "truncated_normal": 2.0 / 0.87962566103423978 + 1e-6, 
 
 
 def check_std(std: float, dtype: torch.dtype, distribution: str = "normal", *, mean: float = 0.0,
-              what: str = "std") -> float:
+              what: str = "std", how: str = "") -> float:
     """``std`` if weights of that std (and ``mean``) can be stored in ``dtype``: every value finite
     (no inf or NaN) and the std above the smallest normal number (else the values are zeros and
     denormals). Raises an :class:`InitlabError` naming the value and the range otherwise."""
     info = torch.finfo(dtype) if dtype.is_floating_point else torch.finfo(torch.float32)
     name = str(dtype).replace("torch.", "")
     reach = _REACH.get(distribution, 10.0)
+    how = f" ({how})" if how else ""
     if not (math.isfinite(std) and std > 0):
-        raise InitlabError(f"the weights' {what} is {std!r}; it must be a finite number > 0")
+        raise InitlabError(f"the weights' {what} is {std!r}{how}; it must be a finite number > 0")
+    if abs(mean) > info.max:
+        raise InitlabError(f"the weights' mean {mean:g} is too large for {name} (largest number {info.max:.4g})")
     if abs(mean) + reach * std > info.max:
         hi = (info.max - abs(mean)) / reach
         raise InitlabError(
-            f"the weights' {what} {std:.6g}{f' (mean {mean:g})' if mean else ''} is too large for {name}: "
+            f"the weights' {what} {std:.6g}{how}{f' with mean {mean:g}' if mean else ''} is too large for {name}: "
             f"{distribution} values would reach {abs(mean) + reach * std:.3g}, beyond its largest number "
-            f"{info.max:.4g} (inf/NaN weights). Use a smaller scale or gain ({what} <= {max(hi, 0.0):.3g} in {name})")
+            f"{info.max:.4g} (inf/NaN weights). Use a smaller scale or gain ({what} <= {hi:.3g} in {name})")
     if std < info.tiny:
         raise InitlabError(
-            f"the weights' {what} {std:.6g} is too small for {name}: below its smallest normal number "
+            f"the weights' {what} {std:.6g}{how} is too small for {name}: below its smallest normal number "
             f"{info.tiny:.4g}, the weights would be zeros and denormals. Use a larger scale or gain, or a wider dtype")
     return std
 
@@ -513,7 +516,7 @@ def planned_std(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in", distri
     if tensor.numel() == 0:
         return None, distribution, gen
     std = math.sqrt(scale / n)
-    return check_std(std, tensor.dtype, distribution, what=f"std (sqrt(scale / {mode}) = sqrt({scale:g} / {n:g}))"), \
+    return check_std(std, tensor.dtype, distribution, how=f"sqrt(scale / {mode}) = sqrt({scale:.4g} / {n:.4g})"), \
         distribution, gen
 
 

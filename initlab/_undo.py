@@ -152,12 +152,16 @@ def all_or_nothing(undo: Undo) -> Iterator[Undo]:
 class deferred_interrupt:
     """Context manager: hold back SIGINT (Ctrl-C) until the block is over, then raise
     ``KeyboardInterrupt`` (or call the handler that was installed). Only the main thread receives
-    signals, so elsewhere, and where SIGINT is ignored or left to the system, it does nothing."""
+    signals, so elsewhere, and where SIGINT is ignored or left to the system, it does nothing.
 
-    def __init__(self) -> None:
+    With ``release=False`` the held-back interrupt waits for :meth:`release` (so that it is raised
+    outside an enclosing :func:`all_or_nothing`, once the operation has finished)."""
+
+    def __init__(self, release: bool = True) -> None:
         self._old: Any = None
         self._pending: tuple[int, Any] | None = None
         self._active = False
+        self._release_on_exit = release
 
     def _hold(self, signum: int, frame: Any) -> None:
         self._pending = (signum, frame)
@@ -182,7 +186,14 @@ class deferred_interrupt:
             return
         signal.signal(signal.SIGINT, self._old)
         self._active = False
-        if self._pending is not None and exc_type is None:
+        if exc_type is not None:
+            self._pending = None  # the block failed anyway: its error goes up
+        elif self._release_on_exit:
+            self.release()
+
+    def release(self) -> None:
+        """Deliver the interrupt held back, if any (the default handler raises ``KeyboardInterrupt``)."""
+        if self._pending is not None:
             signum, frame = self._pending
             self._pending = None
-            self._old(signum, frame)  # the default handler raises KeyboardInterrupt
+            self._old(signum, frame)
