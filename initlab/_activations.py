@@ -25,6 +25,7 @@ A row's facts:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -224,6 +225,11 @@ class Elementwise(nn.Module):
         return self.act.label
 
 
+# classes that can never be activations (the layer table's weight and norm layers live above this
+# module; these are their torch bases)
+_LAYER_CLASSES: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+                                    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
 _TABLE: dict[str, ActivationRow] = {}
 _ALIASES: dict[str, str] = {}
 _BY_MODULE: dict[type, list[ActivationRow]] = {}
@@ -249,6 +255,9 @@ def _check_row(row: ActivationRow) -> None:
     for cls in row.modules:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise InitlabError(f"activation {row.name!r}: modules must be nn.Module classes, got {cls!r}")
+        if cls in _LAYER_CLASSES or issubclass(cls, _LAYER_CLASSES):
+            raise InitlabError(f"activation {row.name!r}: {cls.__name__} is a weight or normalisation layer, "
+                               "not an activation; modules must be the activation's own nn.Module classes")
     if row.param is not None and not math.isfinite(row.param):
         raise InitlabError(f"activation {row.name!r}: default param must be finite, got {row.param!r}")
 
@@ -312,18 +321,78 @@ def register_activation(name: str, fn: Callable[..., Tensor], *, param: float | 
     """
     if not isinstance(name, str) or not name.strip():
         raise InitlabError(f"activation name must be a non-empty string, got {name!r}")
+    where = f"register_activation({name!r})"
     if param is not None:
-        param = float(param)
-    sm = None if second_moment is None else _const(float(second_moment))
+        param = _number(param, f"{where}: param")
+    sm = None
+    if second_moment is not None:
+        m2 = _number(second_moment, f"{where}: second_moment")
+        if m2 <= 0:
+            raise InitlabError(f"{where}: second_moment is E[phi(z)^2], which is > 0; got {second_moment!r}")
+        sm = _const(m2)
+    for flag, value in (("differentiable_at_0", differentiable_at_0), ("homogeneous", homogeneous),
+                        ("zero_on_negative", zero_on_negative), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise InitlabError(f"{where}: {flag} must be True or False, got {value!r}")
     row = ActivationRow(
-        name=name, fn=fn, param=param, param_name=param_name, aliases=tuple(aliases), modules=tuple(modules),
-        module=module, functions=tuple(functions), methods=tuple(methods), differentiable_at_0=differentiable_at_0,
-        second_moment=sm, kinks=tuple(float(k) for k in kinks), homogeneous=homogeneous,
-        zero_on_negative=zero_on_negative, bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])),
-        auto=auto, suggest=suggest or _DEFAULT_SUGGESTION,
+        name=name, fn=fn, param=param, param_name=_optional_str(param_name, f"{where}: param_name"),
+        aliases=_names(aliases, f"{where}: aliases"), modules=_seq(modules, f"{where}: modules"),
+        module=module, functions=_callables(functions, f"{where}: functions"), methods=_names(methods, f"{where}: methods"),
+        differentiable_at_0=differentiable_at_0, second_moment=sm,
+        kinks=tuple(_number(k, f"{where}: kinks") for k in _seq(kinks, f"{where}: kinks")), homogeneous=homogeneous,
+        zero_on_negative=zero_on_negative, bounds=_bounds(bounds, where),
+        auto=auto, suggest=_optional_str(suggest, f"{where}: suggest") or _DEFAULT_SUGGESTION,
         family="saturating" if bounds is not None else "smooth",
     )
+    if module is not None and not callable(module):
+        raise InitlabError(f"{where}: module must be a function param -> nn.Module, got {type(module).__name__}")
     return _add(row, overwrite)
+
+
+def _number(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise InitlabError(f"{what} must be a finite number, got {type(v).__name__}: {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise InitlabError(f"{what} must be a finite number, got {v!r}")
+    return f
+
+
+def _seq(v: object, what: str) -> tuple[Any, ...]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, set, frozenset)):
+        raise InitlabError(f"{what} must be a tuple or list, got {type(v).__name__}: {v!r}")
+    return tuple(v)
+
+
+def _names(v: object, what: str) -> tuple[str, ...]:
+    items = (v,) if isinstance(v, str) else _seq(v, what)
+    for x in items:
+        if not isinstance(x, str) or not x.strip():
+            raise InitlabError(f"{what} must be non-empty strings, got {x!r}")
+    return items  # type: ignore[return-value]
+
+
+def _callables(v: object, what: str) -> tuple[Callable[..., Any], ...]:
+    items = _seq(v, what)
+    for f in items:
+        if not callable(f):
+            raise InitlabError(f"{what} must be functions, got {type(f).__name__}: {f!r}")
+    return items
+
+
+def _optional_str(v: object, what: str) -> str | None:
+    if v is not None and (not isinstance(v, str) or not v.strip()):
+        raise InitlabError(f"{what} must be a non-empty string or None, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _bounds(bounds: object, where: str) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    items = _seq(bounds, f"{where}: bounds")
+    if len(items) != 2:
+        raise InitlabError(f"{where}: bounds must be (low, high), got {bounds!r}")
+    return _number(items[0], f"{where}: bounds"), _number(items[1], f"{where}: bounds")
 
 
 def unregister_activation(name: str) -> None:

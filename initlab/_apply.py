@@ -562,8 +562,8 @@ class _Walk:
             self._add(_row(p.label, p.module, shape, p.fans[0], p.fans[1], p.act, f"tied to {p.tied_to}"), None)
             return
         try:
-            for part in p.parts:
-                p.choice.scheme(part, fans=p.fans, generator=self.generator)
+            returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]
+            self._filled_in_place(p, returned)
         except InitlabError as e:
             raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {shape}): {e}") from e
         except Exception as e:  # noqa: BLE001 - a user scheme: one line naming the layer (the model is rolled back)
@@ -578,6 +578,14 @@ class _Walk:
         bias = self.bias_mode if init_biases(m) else None
         self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, p.choice.label, p.target, p.choice.gain, bias),
                   _std_sample(p.tensor))
+
+    def _filled_in_place(self, p: _Planned, returned: list[Any]) -> None:
+        """A scheme that returned new tensors and left the weight as it was did nothing: say so."""
+        new = [r for r, part in zip(returned, p.parts) if isinstance(r, Tensor) and r.data_ptr() != part.data_ptr()]
+        saved = self.undo.saved(p.tensor)
+        if new and saved is not None and torch.equal(p.tensor, saved):
+            raise InitlabError(f"scheme {p.choice.label!r} returned a new tensor and left the weight unchanged; a scheme "
+                               "must fill the tensor it is given in place (e.g. torch.nn.init.normal_, not torch.randn_like)")
 
     def finish(self) -> list[dict[str, Any]]:
         """The rows, with their realised stds (one host transfer)."""

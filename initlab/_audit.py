@@ -47,12 +47,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._activations import resolve_activation
 from ._apply import init_model
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._forward import as_inputs, first_tensor
 from ._layers import guess_input_shape, mlp, output_width
 from ._mnist import embedded_split
@@ -324,6 +325,10 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     loss. The model and its ``.grad`` are left unchanged. Thresholds: see the module docstring.
     """
     inputs = as_inputs(batch)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= int(seed) < 2**64:
+        raise InitlabError(f"seed must be an int in [-2**63, 2**64) (torch's seed range), got {type(seed).__name__}: {seed!r}")
+    if not isinstance(backward, bool):
+        raise InitlabError(f"backward must be True or False, got {backward!r}")
     if loss is None and target is None and backward:
         gen = torch.Generator().manual_seed(int(seed))
 
@@ -344,10 +349,18 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 
 def build_mlp(widths: Sequence[int], activation: str) -> nn.Sequential:
     """``--mlp``: :func:`initlab._layers.mlp` (``Linear(w0, w1), act, ..., Linear(w_{n-2}, w_{n-1})``
-    with PyTorch's default init), with the CLI's words for bad widths."""
+    with PyTorch's default init), with the CLI's words for bad widths and for a model too big for memory."""
     if len(widths) < 2 or any(w < 1 for w in widths):
         raise InitlabError(f"--mlp needs at least two positive widths (e.g. 784,100,100,10), got {list(widths)}")
-    return mlp(widths, activation)
+    n = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    try:
+        return mlp(widths, activation)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            big = max(zip(widths[:-1], widths[1:]), key=lambda ab: ab[0] * ab[1])
+            raise memory_error(f"the --mlp model ({n:,} float32 parameters; its largest layer Linear({big[0]}, {big[1]}))",
+                               4 * n, e) from e
+        raise
 
 
 def _parse_widths(text: str) -> list[int]:
@@ -446,7 +459,13 @@ def _load_file(path: str) -> Any:
 
 
 def _gaussian(shape: tuple[int, ...], batch_size: int, gen: torch.Generator) -> Tensor:
-    return torch.randn((batch_size, *shape), generator=gen)
+    try:
+        return torch.randn((batch_size, *shape), generator=gen)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise memory_error(f"a batch of shape {(batch_size, *shape)} (--batch-size, --input-shape)",
+                               4 * batch_size * math.prod(shape), e) from e
+        raise
 
 
 def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -32,6 +32,7 @@ generator and torch's own ``normal_`` / ``uniform_``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Sequence
@@ -66,12 +67,20 @@ _SQRT3 = math.sqrt(3.0)
 # --------------------------------------------------------------------------------------------
 # validation
 
+def is_number(v: object) -> bool:
+    """A real number (Python or numpy, or a one-element real tensor), not a bool."""
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool and not v.is_meta
+    return isinstance(v, numbers.Real)
+
+
 def check_scale(scale: object, what: str = "scale") -> float:
     """``scale`` as a float; it must be a finite number > 0."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) and not (
-            isinstance(scale, Tensor) and scale.numel() == 1):
+    if not is_number(scale):
         raise InitlabError(f"{what} must be a positive number, got {type(scale).__name__}: {scale!r}")
-    v = float(scale)
+    v = float(scale)  # type: ignore[arg-type]
     if not (math.isfinite(v) and v > 0):
         raise InitlabError(f"{what} must be a finite number > 0, got {scale!r} "
                            "(the variance of the weights is scale / fan)")
@@ -81,9 +90,9 @@ def check_scale(scale: object, what: str = "scale") -> float:
 def check_gain(g: object) -> float:
     """``g`` as a float; it must be a finite number > 0 whose square (the variance factor) is a
     finite, non-zero float too (``gain=1e200`` would give weights of infinite variance)."""
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(float(g)) or float(g) <= 0:
+    if not is_number(g) or isinstance(g, Tensor) or not math.isfinite(float(g)) or float(g) <= 0:  # type: ignore[arg-type]
         raise InitlabError(f"gain must be a finite number > 0, got {g!r}")
-    v = float(g)
+    v = float(g)  # type: ignore[arg-type]
     if not (math.isfinite(v * v) and v * v > 0):
         raise InitlabError(f"gain {g!r} is out of range: gain^2 = {v * v!r} (the weights' variance is "
                            "gain^2 / fan); use a gain between 1e-150 and 1e150")
@@ -153,7 +162,7 @@ def fan_for(mode: str, fan_in: float, fan_out: float) -> float:
 
 def _check_fans(f: object) -> tuple[float, float]:
     if isinstance(f, (tuple, list)) and len(f) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in f):
+            is_number(v) and not isinstance(v, Tensor) and math.isfinite(v) and v >= 0 for v in f):
         return float(f[0]), float(f[1])
     raise InitlabError(f"fans must be a pair (fan_in, fan_out) of non-negative numbers, got {f!r}")
 
@@ -173,6 +182,9 @@ def _check_tensor(tensor: object, what: str) -> Tensor:
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise InitlabError(f"{what} cannot write into an inference tensor (made under torch.inference_mode()) "
+                           "outside inference mode; clone it first (tensor.clone()) or call it inside inference_mode")
     return tensor
 
 

@@ -53,6 +53,9 @@ def as_inputs(batch: object, what: str = "batch", *, check_finite: bool = True) 
             f"got {type(batch).__name__}{hint}"
         )
     for t in inputs:
+        if t.is_meta:
+            raise InitlabError(f"{what} is on the meta device (shape {tuple(t.shape)}): it has no values to run the "
+                               "model on; pass a batch of real data")
         if t.numel() == 0:
             raise InitlabError(f"{what} is empty (shape {tuple(t.shape)}); pass at least one sample")
         if check_finite and (t.is_floating_point() or t.is_complex()) and not t.is_meta:

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from ._activations import Activation
-from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
-                      check_mode, check_scale, check_std, planned_std, target_std, variance_scaling_)
+from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
+                      check_mode, check_scale, check_std, is_number, planned_std, target_std, variance_scaling_)
 from ._errors import InitlabError, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
@@ -119,6 +119,12 @@ class Scheme:
                  generator: torch.Generator | None = None) -> Tensor:
         """Initialise ``tensor`` in place and return it. ``fans`` overrides the shape-based
         ``(fan_in, fan_out)`` (pass ``initlab.fans(w, module=layer)`` for module-aware fans)."""
+        if not isinstance(tensor, Tensor):
+            raise InitlabError(f"scheme {self.name!r} initialises a torch.Tensor in place, got {type(tensor).__name__}: "
+                               f"{tensor!r:.80}")
+        _check_generator(generator, tensor)
+        if fans is not None:
+            _check_fans(fans)
         return self.init(tensor, fans, generator)
 
     def target_std(self, fans: Fans | None = None, *, tensor: Tensor | None = None,
@@ -180,7 +186,7 @@ def _plain(init: _Init, std: _Std | None) -> Scheme:
 # in-place functions
 
 def _check_mean(mean: object) -> None:
-    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+    if not is_number(mean) or isinstance(mean, Tensor) or not math.isfinite(mean):  # type: ignore[arg-type]
         raise InitlabError(f"mean must be a finite number, got {mean!r}")
 
 
@@ -353,12 +359,29 @@ def register_scheme(name: str, factory: Callable[..., Any], description: str = "
         raise InitlabError(f"a scheme name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise InitlabError(f"factory for scheme {name!r} must be callable, got {type(factory).__name__}")
+    if not isinstance(description, str):
+        raise InitlabError(f"description of scheme {name!r} must be a string, got {type(description).__name__}")
+    if not isinstance(overwrite, bool):
+        raise InitlabError(f"overwrite must be True or False, got {overwrite!r}")
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise InitlabError(f"aliases of scheme {name!r} must be a list of non-empty names, got {aliases!r}")
     key = _key(name)
-    if not overwrite and (key in _REGISTRY or key in _ALIASES):
-        raise InitlabError(f"scheme {key!r} is already registered; pass overwrite=True to replace it")
+    names = [key, *(_key(a) for a in aliases)]
+    if len(set(names)) != len(names):
+        raise InitlabError(f"scheme {key!r}: its name and aliases repeat a name: {names}")
+    for n in names:  # every check before the registry changes; another scheme's name or alias is never taken over
+        owner = n if n in _REGISTRY else _ALIASES.get(n)
+        if owner is not None and not (overwrite and owner == key):
+            if owner == n == key:
+                raise InitlabError(f"scheme {key!r} is already registered; pass overwrite=True to replace it")
+            raise InitlabError(f"scheme name {n!r} is already registered (by scheme {owner!r}); pick another name")
+    for a in [a for a, k in _ALIASES.items() if k == key]:
+        del _ALIASES[a]
     _REGISTRY[key] = _Entry(factory, description)
-    for a in aliases:
-        _ALIASES[_key(a)] = key
+    for a in names[1:]:
+        _ALIASES[a] = key
 
 
 def schemes() -> list[str]:
@@ -438,6 +461,9 @@ def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
         made = entry.factory(**params)
     except InitlabError as e:
         raise InitlabError(f"scheme {key!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a user factory's own error, in one line
+        raise InitlabError(f"scheme {key!r}: its factory raised {type(e).__name__}: {e} "
+                           f"(parameters {dict(params) or 'none'})") from e
     if isinstance(made, Scheme):
         return replace(made, name=key, params=bound, description=made.description or entry.description)
     if callable(made):

@@ -106,6 +106,10 @@ class Undo:
             raise
         self._tensors.append((t, copy))
 
+    def saved(self, t: Tensor) -> Tensor | None:
+        """The copy of ``t`` kept by :meth:`save`, or None."""
+        return next((copy for orig, copy in self._tensors if orig is t), None) if id(t) in self._seen else None
+
     def save_all(self, items: Iterable[tuple[str, Tensor]]) -> None:
         """Check that copies of every ``(label, tensor)`` fit in memory, then save them all."""
         items = [(label, t) for label, t in items if isinstance(t, Tensor) and id(t) not in self._seen]

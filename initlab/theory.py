@@ -414,9 +414,11 @@ def _expect_2d(phi: _Phi, q: float, c: np.ndarray, *, grad: bool = False) -> dic
 
 
 def _var(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise InitlabError(f"{name} must be a number >= 0, got {type(value).__name__}: {value!r}")
     try:
         v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise InitlabError(f"{name} must be a number >= 0, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
         raise InitlabError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -424,9 +426,11 @@ def _var(name: str, value: object) -> float:
 
 
 def _array(name: str, value: object, *, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, np.ndarray) and value.dtype == bool):
+        raise InitlabError(f"{name} must be a number or an array of numbers, got {type(value).__name__}: {value!r}")
     try:
         a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise InitlabError(f"{name} must be a number or an array of numbers, got {value!r}") from None
     if a.size == 0:
         raise InitlabError(f"{name} is empty")
@@ -469,7 +473,7 @@ class LayerSpec:
         for field_name in ("fan_in", "fan_out"):
             v = getattr(self, field_name)
             try:
-                ok = math.isfinite(float(v)) and float(v) > 0
+                ok = not isinstance(v, (bool, str)) and math.isfinite(float(v)) and float(v) > 0
             except (TypeError, ValueError):
                 ok = False
             if not ok:
@@ -1104,6 +1108,8 @@ def jacobian_spectrum(model: nn.Module, batch: Tensor, *, max_entries: int = 2 *
         raise InitlabError(f"jacobian_spectrum expects an nn.Module, got {type(model).__name__}")
     if not isinstance(batch, Tensor):
         raise InitlabError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise InitlabError(f"max_entries must be a positive int, got {max_entries!r}")
     if batch.ndim < 2 or batch.shape[0] < 1:
         raise InitlabError(f"batch must have a leading batch dimension and at least one example, got shape {tuple(batch.shape)}")
     if not batch.is_floating_point():
