@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ._activations import resolve_activation
 from ._apply import init_model
-from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
+from ._errors import InitlabError, is_out_of_memory, memory_error, one_line_usage_errors, unknown_choice
 from ._forward import as_inputs, first_tensor
 from ._layers import guess_input_shape, mlp, output_width
 from ._mnist import embedded_split
@@ -401,6 +401,9 @@ def load_factory(spec: str) -> Any:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        if factory is not None:
+            raise InitlabError(f"--model: {spec} is a {type(factory).__name__}, not a function that returns a model; "
+                               f"functions in {mod_name}: {', '.join(names[:20]) or 'none'}")
         raise unknown_choice(f"factory in {mod_name}", attr, names)
     try:
         return factory()
@@ -529,6 +532,8 @@ def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[i
 def _run_cli(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InitlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -2**63 <= args.seed < 2**64:
+        raise InitlabError(f"--seed must be an int in [-2**63, 2**64) (torch's seed range), got {args.seed}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     notes: list[str] = []
@@ -576,3 +581,4 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--forward-only", action="store_true", help="skip the backward pass")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     p.set_defaults(func=_run_cli)
+    one_line_usage_errors(p)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
+from typing import Any, NoReturn
 
 
 class InitlabError(ValueError):
@@ -57,3 +59,14 @@ def memory_error(what: str, nbytes: float, exc: BaseException | None = None) -> 
         detail = f" ({type(exc).__name__}: {first[:200]})"
     return InitlabError(f"not enough memory for {what} ({size_text(nbytes)}){detail}; free memory, "
                         "use a smaller model or batch, or run on a device with more memory")
+
+
+def one_line_usage_errors(parser: Any) -> Any:
+    """Make an argparse (sub)parser report a usage error the way every initlab error is reported:
+    its usage, then one ``initlab: error: <command>: <message>`` line; exit status 2."""
+    def error(message: str) -> NoReturn:
+        parser.print_usage(sys.stderr)
+        command = parser.prog.split()[-1] if parser.prog else "initlab"
+        parser.exit(2, f"initlab: error: {command}: {message}\n")
+    parser.error = error
+    return parser

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ._activations import Activation, activation_names, resolve_activation
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._text import text_table
 from .theory import gaussian_moments
 
@@ -239,4 +239,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--param", type=float, default=None,
                    help="slope of leaky_relu/prelu or alpha of elu/celu (default: torch's)")
     p.set_defaults(func=_cli_gains)
+    one_line_usage_errors(p)
 

@@ -44,7 +44,7 @@ from torch import Tensor
 from ._activations import Activation
 from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
                       check_mode, check_scale, check_std, is_number, planned_std, target_std, variance_scaling_)
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 from ._gains import gain as _gain
@@ -528,6 +528,9 @@ def _normal(std: float, mean: float) -> Scheme:
 def _zeros_(t: Tensor) -> Tensor:
     if not isinstance(t, Tensor):
         raise InitlabError(f"zeros expects a torch.Tensor, got {type(t).__name__}")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise InitlabError("zeros cannot write into an inference tensor (made under torch.inference_mode()) "
+                           "outside inference mode; clone it first (tensor.clone())")
     if not t.is_meta:
         with torch.no_grad():
             t.zero_()
@@ -580,3 +583,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                               description="List the registry of named initialisation schemes.")
     p.add_argument("-v", "--verbose", action="store_true", help="also show parameters and aliases")
     p.set_defaults(func=_cli_schemes)
+    one_line_usage_errors(p)

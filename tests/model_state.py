@@ -15,6 +15,8 @@ from torch.nn.utils import parametrize
 def _bits(t: Tensor | None) -> Any:
     if t is None:
         return None
+    if isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return ("uninitialized", type(t).__name__)
     if t.is_meta:
         return ("meta", tuple(t.shape), t.dtype)
     flat = t.detach().reshape(-1).contiguous()
