@@ -105,14 +105,16 @@ def kept_buffers(model: nn.Module, keep: bool = True):
     exit, also on errors and Ctrl-C: their values, and which tensor fills each slot; nothing when
     ``keep`` is False."""
     undo = Undo("restoring the model's buffers")
-    if keep:
+    owners = [(name, m) for name, m in model.named_modules() if m._buffers] if keep else []
+    if owners:
         undo.save_all([(f"buffer {name!r}", b) for name, b in model.named_buffers()])
-        for name, m in model.named_modules():
+        for name, m in owners:
             undo.save_module(m, name or "<model>", parameters=False)
     try:
         yield
     finally:
-        undo.rollback()
+        if owners:
+            undo.rollback()
 
 
 class Tracker:

@@ -60,6 +60,9 @@ def memory_available(device: torch.device) -> int | None:
     return None
 
 
+_SMALL = 1 << 24  # copies below 16 MiB are never checked (reading the free memory costs more than it tells)
+
+
 def check_memory(items: Iterable[tuple[str, Tensor]], purpose: str) -> None:
     """Raise a clear :class:`InitlabError` when copies of ``items`` ((label, tensor) pairs) would not fit in
     the memory available on their devices (90% of it at most), naming the largest one."""
@@ -70,6 +73,8 @@ def check_memory(items: Iterable[tuple[str, Tensor]], purpose: str) -> None:
             need.setdefault(t.device, []).append((n, label, t))
     for device, rows in need.items():
         total = sum(n for n, _, _ in rows)
+        if total < _SMALL:
+            continue
         free = memory_available(device)
         if free is not None and total > 0.9 * free:
             n, label, t = max(rows, key=lambda r: r[0])
