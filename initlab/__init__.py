@@ -51,6 +51,10 @@ _EXPORTS: dict[str, str] = {
     "AuditResult": "._audit",
     "lsuv_": "._lsuv",
     "LSUVReport": "._lsuv",
+    # real models: built by name, and which initialisation their libraries gave them
+    "build_model": "._zoo",
+    "survey": "._survey",
+    "ModelSurvey": "._survey",
 }
 _SUBMODULES = {"theory", "lab"}
 
@@ -106,3 +110,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (``X as 
     from ._schemes import schemes as schemes
     from ._schemes import xavier_normal_ as xavier_normal_
     from ._schemes import xavier_uniform_ as xavier_uniform_
+    from ._survey import ModelSurvey as ModelSurvey
+    from ._survey import survey as survey
+    from ._zoo import build_model as build_model

@@ -132,16 +132,20 @@ def is_transparent(m: nn.Module) -> bool:
     return any(cls.__module__ in _PASS_MODULE_FILES for cls in type(m).__mro__[:-2])
 
 
+def _fact(m: nn.Module, name: str) -> bool:
+    """A boolean fact of the module's layer-table row (False for modules the table does not know)."""
+    row = layer_row(m)
+    return row is not None and bool(getattr(row, name))
+
+
 def is_plain(m: nn.Module) -> bool:
     """A pass-through module that leaves the values unchanged (dropout, identity, flatten, unflatten)."""
-    row = layer_row(m)
-    return row is not None and row.plain
+    return _fact(m, "plain")
 
 
 def is_affine(m: nn.Module) -> bool:
     """A weight layer computing h = W x + b of one input (Linear, Conv, ConvTranspose; subclasses too)."""
-    row = layer_row(m)
-    return row is not None and row.affine
+    return _fact(m, "affine")
 
 
 def is_stock_affine(m: nn.Module) -> bool:
@@ -151,14 +155,12 @@ def is_stock_affine(m: nn.Module) -> bool:
 
 def is_modeled(m: nn.Module) -> bool:
     """A weight layer the variance recursion models (the affine ones, and Embedding)."""
-    row = layer_row(m)
-    return row is not None and row.modeled
+    return _fact(m, "modeled")
 
 
 def is_one_hot(m: nn.Module) -> bool:
     """A weight layer whose input is an index, i.e. a one-hot vector (Embedding)."""
-    row = layer_row(m)
-    return row is not None and row.one_hot
+    return _fact(m, "one_hot")
 
 
 def fan_rule(m: nn.Module) -> str:

@@ -12,7 +12,7 @@ import sys
 from . import __version__
 from ._errors import InitlabError
 
-_CLI_MODULES = ("initlab._gains", "initlab._schemes", "initlab._audit", "initlab.lab.cli")
+_CLI_MODULES = ("initlab._gains", "initlab._schemes", "initlab._audit", "initlab._survey", "initlab.lab.cli")
 # optional dependencies -> the extra that installs them
 _EXTRAS = {"pandas": "lab", "matplotlib": "lab", "tensorboard": "lab", "tomli_w": "lab", "tomli": "lab",
            "tqdm": "lab", "sklearn": "digits", "ray": "ray"}
@@ -40,16 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_extra(e: ModuleNotFoundError, what: str) -> int:
+    """Exit code 2 with the extra that installs a missing optional package; other missing modules raise."""
+    top = (e.name or "").split(".")[0]
+    if top not in _EXTRAS:
+        raise e
+    print(f"initlab: error: {what} needs the optional package {top!r}: pip install 'initlab[{_EXTRAS[top]}]'",
+          file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
     except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if top not in _EXTRAS:
-            raise
-        print(f"initlab: error: the command line needs the optional package {top!r}: "
-              f"pip install 'initlab[{_EXTRAS[top]}]'", file=sys.stderr)
-        return 2
+        return _missing_extra(e, "the command line")
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
@@ -60,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"initlab: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
-        top = (e.name or "").split(".")[0]
-        if top not in _EXTRAS:
-            raise
-        print(f"initlab: error: this command needs the optional package {top!r}: "
-              f"pip install 'initlab[{_EXTRAS[top]}]'", file=sys.stderr)
-        return 2
+        return _missing_extra(e, "this command")
     except KeyboardInterrupt:
         print("initlab: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -167,7 +167,8 @@ def _imports(tree: ast.Module) -> tuple[set[str], list[tuple[str, str]]]:
     return top, inner
 
 
-HEAVY_OPTIONAL = ("pandas", "matplotlib", "tensorboard", "tqdm", "sklearn", "ray")
+HEAVY_OPTIONAL = ("pandas", "matplotlib", "tensorboard", "tqdm", "sklearn", "ray",
+                  "torchvision", "timm", "transformers")  # the survey's model libraries (the models extra)
 
 
 def test_library_imports_are_module_level_and_acyclic():

@@ -16,7 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "initlab"
 # third-party packages that may be imported inside a function: heavy, or optional (the lab extra), so
 # that a core install keeps every command but the lab's working
-LAZY_OK = {"pandas", "matplotlib", "tensorboard", "tqdm", "sklearn", "ray", "scipy", "tomli_w", "tomli"}
+LAZY_OK = {"pandas", "matplotlib", "tensorboard", "tqdm", "sklearn", "ray", "scipy", "tomli_w", "tomli",
+           # the model libraries of the survey (the models extra): optional, and seconds to import
+           "torchvision", "timm", "transformers"}
 LAZY_OK_MODULES = {"torch.utils.tensorboard"}  # torch's wrapper imports tensorboard
 MAX_FUNCTION_LINES = 80
 
@@ -188,7 +190,8 @@ def test_long_function_detector_is_not_blind():
     assert len(long_functions(limit=5)) > 50
 
 
-@pytest.mark.parametrize("heavy", ["pandas", "matplotlib", "tensorboard", "scipy", "initlab.lab"])
+@pytest.mark.parametrize("heavy", ["pandas", "matplotlib", "tensorboard", "scipy", "initlab.lab", "torchvision", "timm",
+                                   "transformers"])
 def test_import_initlab_stays_light(heavy):
     code = f"import sys, initlab; print({heavy!r} in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
