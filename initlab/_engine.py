@@ -69,6 +69,8 @@ _SQRT3 = math.sqrt(3.0)
 
 def is_number(v: object) -> bool:
     """A real number (Python or numpy, or a one-element real tensor), not a bool."""
+    if type(v) in (float, int):
+        return True
     if isinstance(v, (bool, np.bool_)):
         return False
     if isinstance(v, Tensor):

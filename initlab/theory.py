@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from ._activations import Activation, resolve_activation
 from ._errors import InitlabError, unknown_choice
 from ._fans import module_fans
+from ._forward import kept_buffers
 from ._graph import find_activations
 from ._layers import is_affine
 
@@ -681,7 +682,7 @@ def _forward_order(model: nn.Module, batch: Tensor, layers: list[tuple[str, nn.M
                 if name not in order:
                     order.append(name)
             handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
+        with torch.no_grad(), kept_buffers(model):  # BatchNorm statistics are left as they were
             model(batch)
     except InitlabError:
         raise
@@ -1125,7 +1126,7 @@ def jacobian_spectrum(model: nn.Module, batch: Tensor, *, max_entries: int = 2 *
         return y.reshape(-1)
 
     rows = []
-    with torch.enable_grad():
+    with torch.enable_grad(), kept_buffers(model):  # BatchNorm statistics are left as they were
         for i in range(batch.shape[0]):
             x = batch[i].detach()
             try:

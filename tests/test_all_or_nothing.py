@@ -303,6 +303,20 @@ def test_probe_and_audit_keep_batchnorm_statistics(run):
     assert_unchanged(before, m)  # running_mean, running_var and num_batches_tracked included
 
 
+@pytest.mark.parametrize("run", [
+    lambda m, x: initlab.theory.layer_specs_from_model(m, batch=x),
+    lambda m, x: initlab.theory.jacobian_spectrum(m, x[:2]),
+], ids=["layer_specs_from_model", "jacobian_spectrum"])
+def test_theory_forward_passes_keep_batchnorm_statistics(run):
+    m = nn.Sequential(nn.BatchNorm1d(2), nn.Flatten(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).train()
+    before = snapshot(m)
+    try:
+        run(m, torch.randn(16, 2, 4))
+    except InitlabError as e:  # torch.func cannot differentiate a training-mode BatchNorm: said clearly
+        assert "mutate" in str(e)
+    assert_unchanged(before, m)
+
+
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_probe_failing_after_the_batchnorm_changes_nothing(exc):
     m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), FailsOnCall(1, exc), nn.Linear(8, 2)).train()
