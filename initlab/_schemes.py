@@ -142,7 +142,8 @@ class Scheme:
                 fans = _fans(shp)
             except InitlabError:
                 fans = (0.0, 0.0)
-        return self.std(float(fans[0]), float(fans[1]), shp)
+        fi, fo = _check_fans(fans)
+        return self.std(fi, fo, shp)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
