@@ -79,6 +79,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["probe", "ProbeResult", "Histogram", "COLUMNS", "SATURATION_LEVEL", "format_table"]
 
+#: the most histogram bins a probe keeps per tensor
+MAX_BINS = 1_000_000
+
 #: a bounded unit counts as saturated where its derivative is below this fraction of its maximum
 SATURATION_LEVEL = 0.1
 
@@ -804,8 +807,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     the next layer, skip connections, pooling: the next layer's input is not the activation just
     measured) the recursion restarts from the measured input of that layer.
     """
-    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
-        raise InitlabError(f"bins must be a positive integer or None, got {bins!r}")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
+        raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
     xf, sample_size, batch_sums = _batch_sums(x0)

@@ -505,6 +505,7 @@ def _probe_cases() -> list[Case]:
         err("probe-bins-float", lambda m: pr(m, x6(), bins=1.5), "bins", "1.5", model=mlp),
         err("probe-bins-bool", lambda m: pr(m, x6(), bins=True), "bins", "True", model=mlp),
         err("probe-bins-text", lambda m: pr(m, x6(), bins="10"), "bins", "'10'", model=mlp),
+        err("probe-bins-huge", lambda m: pr(m, x6(), bins=10 ** 12), "bins", str(10 ** 12), "1,000,000", model=mlp),
         err("probe-no-grad-weights", lambda m: pr(m, x6(), target=ce_target), "requires grad",
             model=lambda: mlp().requires_grad_(False)),
         ok("probe-eval", lambda m: pr(m.eval(), x6()), lambda r: len(r) == 2, model=mlp),
