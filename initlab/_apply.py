@@ -404,6 +404,7 @@ class _Planned:
     parts: tuple[Tensor, ...]
     fans: tuple[float, float]
     label: str
+    blocks: int = 1
     target: float | None = None
     safe: bool = False  # written by a scheme that cannot fail once its check passed
     tied_to: str | None = None
@@ -429,8 +430,8 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
         if check is not None:
             for part in p.parts:
                 check(part, p.fans, generator)
-        p.target = _scheme_target(p.choice.scheme, p.fans[0], p.fans[1], (p.tensor.shape[0] // len(p.parts or (0,)),
-                                                                          *p.tensor.shape[1:]))
+        block_shape = (p.tensor.shape[0] // p.blocks, *p.tensor.shape[1:])
+        p.target = _scheme_target(p.choice.scheme, p.fans[0], p.fans[1], block_shape)
     except InitlabError as e:
         raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {tuple(p.tensor.shape)}): {e}") from e
     p.safe = check is not None and not any(needs_scratch(part) for part in p.parts)
@@ -502,7 +503,7 @@ class _Walk:
         except InitlabError as e:
             raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
         parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
-        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label)
+        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks)
         if id(tensor) in seen:
             p.tied_to = seen[id(tensor)]
             return p
