@@ -25,6 +25,7 @@ A row's facts:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +38,7 @@ from ._errors import InitlabError, unknown_choice
 
 __all__ = ["Activation", "ActivationRow", "Kernels", "register_activation", "resolve_activation",
            "activation_names", "activation_row", "activation_functions", "row_of_function", "row_of_method", "activation_of_call",
-           "is_activation_module", "AUTO_RULES", "FAMILIES"]
+           "is_activation_module", "module_state", "plain_settings", "AUTO_RULES", "FAMILIES"]
 
 # descriptive families, shown by ``initlab gains`` (no code branches on them)
 FAMILIES = ("linear", "relu", "saturating", "selu", "smooth")
@@ -158,13 +159,17 @@ class Activation:
     def cache_key(self) -> Any:
         """What identifies phi for caches: ``(row, param)`` for a table activation (a row
         re-registered with ``overwrite=True`` is a new key), ``("custom", fn)`` for a custom
-        callable, None when the callable is not hashable (then nothing is cached)."""
+        callable, and for a custom ``nn.Module`` also its current settings and parameter
+        versions (:func:`module_state`: a changed slope is a new key); None when the callable
+        is not hashable (then nothing is cached)."""
         if self.row is not None:
             return (self.row, self.param)
         try:
             hash(self.fn)
         except TypeError:
             return None
+        if isinstance(self.fn, nn.Module):
+            return ("custom", self.fn, module_state(self.fn))
         return ("custom", self.fn)
 
     @property
@@ -180,6 +185,32 @@ class Activation:
         return built if built is not None else Elementwise(self)
 
 
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def plain_settings(m: nn.Module) -> tuple[tuple[str, Any], ...]:
+    """A module's own public attributes that are numbers, strings, None or tuples of those
+    (``negative_slope``, ``stride``, ``groups``...), ``training`` excluded."""
+    return tuple((k, v) for k, v in vars(m).items()
+                 if not k.startswith("_") and k != "training" and (
+                     isinstance(v, _SETTING_TYPES) or (isinstance(v, tuple) and all(isinstance(x, _SETTING_TYPES) for x in v))))
+
+
+def module_state(m: nn.Module) -> tuple[Any, ...]:
+    """What a module computes with, cheaply: its plain settings (``negative_slope``, ``alpha``,
+    ``approximate``... every public attribute that is a number, string, None or a tuple of those)
+    and the identity and version counter of each of its tensors (bumped by every in-place
+    change), for the whole submodule tree. Equal states mean the module computes the same
+    function, so caches keyed on a module stay right after the user changes it."""
+    out: list[Any] = []
+    for name, sub in m.named_modules():
+        settings = plain_settings(sub)
+        tensors = tuple((k, id(t), t._version if not t.is_inference() else 0)
+                        for k, t in (*sub._parameters.items(), *sub._buffers.items()) if t is not None)
+        out.append((name, type(sub), settings, tensors))
+    return tuple(out)
+
+
 class Elementwise(nn.Module):
     """An ``nn.Module`` around an elementwise activation that has no module of its own."""
 
@@ -193,6 +224,11 @@ class Elementwise(nn.Module):
     def extra_repr(self) -> str:
         return self.act.label
 
+
+# classes that can never be activations (the layer table's weight and norm layers live above this
+# module; these are their torch bases)
+_LAYER_CLASSES: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+                                    nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 _TABLE: dict[str, ActivationRow] = {}
 _ALIASES: dict[str, str] = {}
@@ -219,6 +255,9 @@ def _check_row(row: ActivationRow) -> None:
     for cls in row.modules:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise InitlabError(f"activation {row.name!r}: modules must be nn.Module classes, got {cls!r}")
+        if cls in _LAYER_CLASSES or issubclass(cls, _LAYER_CLASSES):
+            raise InitlabError(f"activation {row.name!r}: {cls.__name__} is a weight or normalisation layer, "
+                               "not an activation; modules must be the activation's own nn.Module classes")
     if row.param is not None and not math.isfinite(row.param):
         raise InitlabError(f"activation {row.name!r}: default param must be finite, got {row.param!r}")
 
@@ -282,18 +321,78 @@ def register_activation(name: str, fn: Callable[..., Tensor], *, param: float | 
     """
     if not isinstance(name, str) or not name.strip():
         raise InitlabError(f"activation name must be a non-empty string, got {name!r}")
+    where = f"register_activation({name!r})"
     if param is not None:
-        param = float(param)
-    sm = None if second_moment is None else _const(float(second_moment))
+        param = _number(param, f"{where}: param")
+    sm = None
+    if second_moment is not None:
+        m2 = _number(second_moment, f"{where}: second_moment")
+        if m2 <= 0:
+            raise InitlabError(f"{where}: second_moment is E[phi(z)^2], which is > 0; got {second_moment!r}")
+        sm = _const(m2)
+    for flag, value in (("differentiable_at_0", differentiable_at_0), ("homogeneous", homogeneous),
+                        ("zero_on_negative", zero_on_negative), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise InitlabError(f"{where}: {flag} must be True or False, got {value!r}")
     row = ActivationRow(
-        name=name, fn=fn, param=param, param_name=param_name, aliases=tuple(aliases), modules=tuple(modules),
-        module=module, functions=tuple(functions), methods=tuple(methods), differentiable_at_0=differentiable_at_0,
-        second_moment=sm, kinks=tuple(float(k) for k in kinks), homogeneous=homogeneous,
-        zero_on_negative=zero_on_negative, bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])),
-        auto=auto, suggest=suggest or _DEFAULT_SUGGESTION,
+        name=name, fn=fn, param=param, param_name=_optional_str(param_name, f"{where}: param_name"),
+        aliases=_names(aliases, f"{where}: aliases"), modules=_seq(modules, f"{where}: modules"),
+        module=module, functions=_callables(functions, f"{where}: functions"), methods=_names(methods, f"{where}: methods"),
+        differentiable_at_0=differentiable_at_0, second_moment=sm,
+        kinks=tuple(_number(k, f"{where}: kinks") for k in _seq(kinks, f"{where}: kinks")), homogeneous=homogeneous,
+        zero_on_negative=zero_on_negative, bounds=_bounds(bounds, where),
+        auto=auto, suggest=_optional_str(suggest, f"{where}: suggest") or _DEFAULT_SUGGESTION,
         family="saturating" if bounds is not None else "smooth",
     )
+    if module is not None and not callable(module):
+        raise InitlabError(f"{where}: module must be a function param -> nn.Module, got {type(module).__name__}")
     return _add(row, overwrite)
+
+
+def _number(v: object, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise InitlabError(f"{what} must be a finite number, got {type(v).__name__}: {v!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise InitlabError(f"{what} must be a finite number, got {v!r}")
+    return f
+
+
+def _seq(v: object, what: str) -> tuple[Any, ...]:
+    if isinstance(v, (str, bytes)) or not isinstance(v, (tuple, list, set, frozenset)):
+        raise InitlabError(f"{what} must be a tuple or list, got {type(v).__name__}: {v!r}")
+    return tuple(v)
+
+
+def _names(v: object, what: str) -> tuple[str, ...]:
+    items = (v,) if isinstance(v, str) else _seq(v, what)
+    for x in items:
+        if not isinstance(x, str) or not x.strip():
+            raise InitlabError(f"{what} must be non-empty strings, got {x!r}")
+    return items  # type: ignore[return-value]
+
+
+def _callables(v: object, what: str) -> tuple[Callable[..., Any], ...]:
+    items = _seq(v, what)
+    for f in items:
+        if not callable(f):
+            raise InitlabError(f"{what} must be functions, got {type(f).__name__}: {f!r}")
+    return items
+
+
+def _optional_str(v: object, what: str) -> str | None:
+    if v is not None and (not isinstance(v, str) or not v.strip()):
+        raise InitlabError(f"{what} must be a non-empty string or None, got {v!r}")
+    return v  # type: ignore[return-value]
+
+
+def _bounds(bounds: object, where: str) -> tuple[float, float] | None:
+    if bounds is None:
+        return None
+    items = _seq(bounds, f"{where}: bounds")
+    if len(items) != 2:
+        raise InitlabError(f"{where}: bounds must be (low, high), got {bounds!r}")
+    return _number(items[0], f"{where}: bounds"), _number(items[1], f"{where}: bounds")
 
 
 def unregister_activation(name: str) -> None:

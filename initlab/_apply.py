@@ -43,24 +43,27 @@ rule above), and a data-dependent one (``needs_batch``, ``lsuv``) then fits the 
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 import fnmatch
+import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._activations import Activation
-from ._errors import InitlabError
+from ._engine import needs_scratch
+from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
-from ._layers import init_biases, init_weights, is_norm, is_weight_layer, kind_name
-from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters
+from ._layers import WEIGHT_LAYERS, init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters, schemes
 from ._text import text_table
+from ._undo import Undo, all_or_nothing, check_memory, deferred_interrupt, tensor_bytes
 
 __all__ = ["InitReport", "init_model"]
 
@@ -168,20 +171,27 @@ def _selectors(arg: object, what: str) -> list[Selector] | None:
         return None
     if isinstance(arg, str) or callable(arg):
         items: Sequence[object] = [arg]
-    elif isinstance(arg, Iterable):
+    elif isinstance(arg, Iterable) and not isinstance(arg, (bytes, bytearray, Tensor)):
         items = list(arg)
     else:
         items = [arg]
+    if not items:
+        raise InitlabError(f"{what} is empty; give module-name glob patterns (e.g. {what}=['head*']) or "
+                           f"predicates f(name, module) -> bool, or leave {what} out")
     for s in items:
-        if not (isinstance(s, str) or callable(s)):
-            raise InitlabError(f"{what} must be module-name glob patterns or predicates "
-                               f"f(name, module) -> bool, got {s!r}")
+        if not (isinstance(s, str) and s) and not callable(s):
+            raise InitlabError(f"{what} must be module-name glob patterns or predicates (non-empty strings, "
+                               f"or f(name, module) -> bool), got {type(s).__name__}: {s!r}")
     return list(items)  # type: ignore[arg-type]
 
 
-def _matches(sel: Selector, name: str, module: nn.Module) -> bool:
+def _matches(sel: Selector, name: str, module: nn.Module, what: str = "include") -> bool:
     if callable(sel):
-        return bool(sel(name, module))
+        try:
+            return bool(sel(name, module))
+        except Exception as e:  # noqa: BLE001 - the user's predicate, reported in one line
+            raise InitlabError(f"{what} predicate {getattr(sel, '__name__', sel)!r} failed on module {name!r} "
+                               f"({type(e).__name__}: {e}); a predicate is called as f(name, module) -> bool") from e
     # a pattern matches a module or any of its ancestors ("head" selects "head.0" too)
     parts = name.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), sel) for i in range(1, len(parts) + 1))
@@ -228,9 +238,39 @@ def _resolve_scheme(scheme: Any, params: dict[str, Any]) -> tuple[Any, str]:
         if params:
             raise InitlabError("scheme parameters are only accepted with a scheme name; "
                                f"got a {type(scheme).__name__} and {sorted(params)}")
-        return scheme, _scheme_label(scheme, getattr(scheme, "__name__", type(scheme).__name__))
-    raise InitlabError(f"scheme must be a name (see initlab.schemes()), 'auto', 'lsuv' or a Scheme, "
-                       f"got {type(scheme).__name__}: {scheme!r}")
+        if isinstance(scheme, Scheme):
+            return scheme, scheme.name
+        label = _scheme_label(scheme, getattr(scheme, "__name__", type(scheme).__name__))
+        return Scheme(name=label, init=_adapt_callable(scheme, label)), label
+    raise InitlabError(f"scheme must be a name (see initlab.schemes()), 'auto', 'lsuv', a Scheme or a function "
+                       f"f(tensor) that fills a tensor in place, got {type(scheme).__name__}: {scheme!r}. "
+                       f"Valid names: {', '.join(schemes())}")
+
+
+def _adapt_callable(fn: Callable[..., Any], label: str) -> Callable[[Tensor, Any, Any], Any]:
+    """``init(tensor, fans, generator)`` calling a user function with what it takes: ``fans=`` and
+    ``generator=`` when its signature names them (``torch.nn.init.xavier_normal_`` takes a
+    generator but no fans), else the tensor alone."""
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    takes: set[str] = set()
+    if sig is not None:
+        params = sig.parameters.values()
+        any_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+        takes = {k for k in ("fans", "generator") if any_kw or k in sig.parameters}
+        try:
+            sig.bind(None, **dict.fromkeys(takes))
+        except TypeError:
+            raise InitlabError(f"scheme {label!r} must be a function f(tensor) (optionally with fans= and "
+                               f"generator= keywords) that fills the tensor in place; its signature is "
+                               f"{label}{sig}") from None
+
+    def init(t: Tensor, fans: Any, generator: Any) -> Any:
+        kw = {"fans": fans, "generator": generator}
+        return fn(t, **{k: v for k, v in kw.items() if k in takes})
+    return init
 
 
 def _check_needs(scheme: Any, label: str, batch: Tensor | None, inc: object, exc: object) -> None:
@@ -273,6 +313,9 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
                 choice = for_layer(act)
             except InitlabError as e:
                 raise InitlabError(f"layer {name!r} ({kind_name(module)}): {e}") from e
+            except Exception as e:  # noqa: BLE001 - a user scheme's rule, reported in one line
+                raise InitlabError(f"layer {name!r} ({kind_name(module)}): scheme {label!r} failed to choose "
+                                   f"for activation {getattr(act, 'label', None)!r} ({type(e).__name__}: {e})") from e
             if key is not None:
                 by_act[key] = choice
         out[name] = choice
@@ -280,12 +323,18 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
 
 
 # --------------------------------------------------------------------------------------------
-# the walk
+# the walk: reset the other modules, plan every write (all checks), then write
 
 def _std_sample(t: Tensor) -> Tensor | None:
+    """The sample std of the first ``STD_SAMPLE`` entries (row-major): a view of a contiguous
+    tensor; of a non-contiguous one, only its leading rows are copied."""
     if t.is_meta or t.numel() < 2:
         return None
-    flat = t.detach().reshape(-1)[:STD_SAMPLE]
+    d = t.detach()
+    if not d.is_contiguous() and d.dim() > 1:
+        per_row = max(1, d.numel() // d.shape[0])
+        d = d[: -(-STD_SAMPLE // per_row)]
+    flat = d.reshape(-1)[:STD_SAMPLE]
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     return torch.std(flat)
@@ -333,16 +382,81 @@ def _init_norm(module: nn.Module) -> None:
         module.reset_running_stats()
 
 
-class _Walk:
-    """One ``init_model`` walk: the generator and bias rule, the report rows written so far with
-    their std samples, and the tensors initialised already (tied weights are initialised once)."""
+def _norm_tensors(module: nn.Module) -> list[Tensor]:
+    """What :func:`_init_norm` writes: the norm's weight and bias, its running statistics."""
+    out = [t for t in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(t, Tensor)]
+    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+        out += [t for t in module.buffers(recurse=False)]
+    return out
 
-    def __init__(self, generator: torch.Generator | None, bias_mode: str | float) -> None:
-        self.generator, self.bias_mode = generator, bias_mode
+
+@dataclass
+class _Planned:
+    """One weight tensor to write, checked: the layer, the scheme's choice, the parts it is
+    sampled as (MultiheadAttention's in_proj: three blocks), its fans and the report's facts."""
+
+    name: str
+    module: nn.Module
+    act: Activation | None
+    choice: LayerChoice
+    pname: str
+    tensor: Tensor
+    parts: tuple[Tensor, ...]
+    fans: tuple[float, float]
+    label: str
+    blocks: int = 1
+    target: float | None = None
+    safe: bool = False  # written by a scheme that cannot fail once its check passed
+    tied_to: str | None = None
+
+
+def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
+    """The tensor must be a parameter init_model can fill in place (not lazy, not computed)."""
+    if isinstance(tensor, nn.parameter.UninitializedParameter):
+        raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
+                           "run one forward pass before init_model")
+    if parametrize.is_parametrized(module, pname) or module._parameters.get(pname) is not tensor:
+        raise InitlabError(
+            f"layer {name!r} ({kind_name(module)}): its {pname} is computed from other tensors (a "
+            "parametrization or torch.nn.utils.weight_norm/spectral_norm), so init_model cannot set it in place; "
+            f"initialise the underlying parameters yourself, or leave the layer out (exclude=[{name!r}])")
+
+
+def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
+    """Run the scheme's checks on every part without writing (``Scheme.check``); a part that needs a
+    scratch copy of its size could still run out of memory, so it is not safe."""
+    check = getattr(p.choice.scheme, "check", None)
+    try:
+        if check is not None:
+            for part in p.parts:
+                check(part, p.fans, generator)
+        block_shape = (p.tensor.shape[0] // p.blocks, *p.tensor.shape[1:])
+        p.target = _scheme_target(p.choice.scheme, p.fans[0], p.fans[1], block_shape)
+    except InitlabError as e:
+        raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {tuple(p.tensor.shape)}): {e}") from e
+    p.safe = check is not None and not any(needs_scratch(part) for part in p.parts)
+
+
+def _check_bias_fits(name: str, module: nn.Module, bias_mode: str | float) -> None:
+    if not isinstance(bias_mode, float):
+        return
+    for b in init_biases(module):
+        info = torch.finfo(b.dtype) if b.is_floating_point() else None
+        if info is not None and abs(bias_mode) > info.max:
+            raise InitlabError(f"bias={bias_mode:g} does not fit layer {name!r}'s {str(b.dtype).replace('torch.', '')} "
+                               f"bias (largest number {info.max:.4g}): it would be inf")
+
+
+class _Walk:
+    """One ``init_model`` walk: the generator and bias rule, the undo log, the planned writes and
+    the report rows written so far with their std samples (tied weights are initialised once)."""
+
+    def __init__(self, generator: torch.Generator | None, bias_mode: str | float, undo: Undo) -> None:
+        self.generator, self.bias_mode, self.undo = generator, bias_mode, undo
         self.rows: list[dict[str, Any]] = []
         self.stds: list[Tensor | None] = []
-        self.done: dict[int, str] = {}  # id(parameter) -> first module that initialised it
         self.reset: dict[str, bool] = {}  # other modules: whether reset_parameters() ran
+        self.planned: dict[str, list[_Planned]] = {}
 
     def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
         self.rows.append(row)
@@ -351,11 +465,76 @@ class _Walk:
     def reset_others(self, targets: list[tuple[str, nn.Module, str]]) -> None:
         """``reset_parameters()`` of the other parameter-holding modules, first: an activation
         parameter (PReLU's slope) must be initialised before ``auto`` reads it (after
-        ``to_empty()`` it is uninitialised memory)."""
+        ``to_empty()`` it is uninitialised memory). Their own code runs: their state is saved."""
+        others = [(name, m) for name, m, what in targets if what == "other" and callable(getattr(m, "reset_parameters", None))]
+        check_memory([(f"module {name!r}", t) for name, m in others
+                      for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))], self.undo.purpose)
         with torch.no_grad():
             for name, module, what in targets:
-                if what == "other":
+                if what != "other":
+                    continue
+                self.undo.save_module(module, f"module {name!r}")
+                try:
                     self.reset[name] = _reset_other(module, self.generator)
+                except Exception as e:  # noqa: BLE001 - the module's own code, reported in one line
+                    raise InitlabError(f"module {name!r} ({type(module).__name__}): reset_parameters() failed "
+                                       f"({type(e).__name__}: {e}); leave it out with exclude=[{name!r}]") from e
+
+    def plan(self, targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLink],
+             choices: dict[str, LayerChoice]) -> bool:
+        """Check every weight write before any is made; True when all of them are safe."""
+        seen: dict[int, str] = {}
+        for name, module, what in targets:
+            if what != "weight":
+                continue
+            link = links.get(name)
+            act = link.activation if link is not None else None
+            self.planned[name] = [self._plan_one(name, module, act, choices[name], pname, tensor, blocks, seen)
+                                  for pname, tensor, blocks in init_weights(module)]
+            _check_bias_fits(name, module, self.bias_mode)
+        return all(p.safe or p.tied_to is not None for ps in self.planned.values() for p in ps)
+
+    def _plan_one(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice, pname: str,
+                  tensor: Tensor, blocks: int, seen: dict[int, str]) -> _Planned:
+        _weight_slot(name, module, pname, tensor)
+        label = name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
+        try:
+            fans = module_fans(module, pname)
+        except InitlabError as e:
+            raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
+        parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
+        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks)
+        if id(tensor) in seen:
+            p.tied_to = seen[id(tensor)]
+            return p
+        seen[id(tensor)] = label
+        _check_write(p, self.generator)
+        return p
+
+    def written(self, targets: list[tuple[str, nn.Module, str]]) -> list[tuple[str, Tensor]]:
+        """Every tensor the walk will write, labelled, for the undo log."""
+        out: list[tuple[str, Tensor]] = []
+        for name, module, what in targets:
+            if what == "norm":
+                out += [(f"norm {name!r}", t) for t in _norm_tensors(module)]
+            elif what == "weight":
+                out += [(f"layer {p.label!r}", p.tensor) for p in self.planned[name] if p.tied_to is None]
+                if self.bias_mode != "keep":
+                    out += [(f"layer {name!r}'s bias", b) for b in init_biases(module)]
+        return out
+
+    def write(self, targets: list[tuple[str, nn.Module, str]]) -> None:
+        with torch.no_grad():
+            biases: set[int] = set()
+            for name, module, what in targets:
+                if what == "norm":
+                    self.norm(name, module)
+                elif what == "other":
+                    self.other(name, module)
+                else:
+                    for p in self.planned[name]:
+                        self._weight(p)
+                    self._biases(name, module, biases)
 
     def norm(self, name: str, module: nn.Module) -> None:
         _init_norm(module)
@@ -365,47 +544,49 @@ class _Walk:
                        target=0.0 if has_w else None), _std_sample(w) if has_w else None)
 
     def other(self, name: str, module: nn.Module) -> None:
-        did = self.reset[name]
+        did = self.reset.get(name, False)
         p = next(module.parameters(recurse=False))
         self._add(_row(name, module, tuple(p.shape), scheme="reset_parameters" if did else "untouched"),
                   _std_sample(p) if did else None)
 
-    def weight_layer(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice) -> None:
-        for pname, tensor, blocks in init_weights(module):
-            self._weight(name, module, act, choice, pname, tensor, blocks)
-        if self.bias_mode != "keep":
-            for b in init_biases(module):
-                if id(b) not in self.done:
-                    b.fill_(self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
-                    self.done[id(b)] = name
-
-    def _weight(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice, pname: str,
-                tensor: Tensor, blocks: int) -> None:
-        if isinstance(tensor, nn.parameter.UninitializedParameter):
-            raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
-                               "run one forward pass before init_model")
-        fan_in, fan_out = module_fans(module, pname)
-        label = name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
-        shape = tuple(tensor.shape)
-        if id(tensor) in self.done:
-            self._add(_row(label, module, shape, fan_in, fan_out, act, f"tied to {self.done[id(tensor)]}"), None)
+    def _biases(self, name: str, module: nn.Module, done: set[int]) -> None:
+        if self.bias_mode == "keep":
             return
-        self.done[id(tensor)] = label
-        # on the meta device there is nothing to sample: only the targets are reported
-        parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
-        block_shape = (shape[0] // blocks, *shape[1:])
+        for b in init_biases(module):
+            if id(b) not in done:
+                b.fill_(self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
+                done.add(id(b))
+
+    def _weight(self, p: _Planned) -> None:
+        shape = tuple(p.tensor.shape)
+        if p.tied_to is not None:
+            self._add(_row(p.label, p.module, shape, p.fans[0], p.fans[1], p.act, f"tied to {p.tied_to}"), None)
+            return
         try:
-            for part in parts:
-                choice.scheme(part, fans=(fan_in, fan_out), generator=self.generator)
-            target = _scheme_target(choice.scheme, fan_in, fan_out, block_shape)
+            returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]
+            self._filled_in_place(p, returned)
         except InitlabError as e:
-            raise InitlabError(f"layer {label!r} ({kind_name(module)} {shape}): {e}") from e
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None and pname == "weight" \
-                and not tensor.is_meta:
-            tensor[module.padding_idx].zero_()  # as PyTorch does
-        bias = self.bias_mode if init_biases(module) else None
-        self._add(_row(label, module, shape, fan_in, fan_out, act, choice.label, target, choice.gain, bias),
-                  _std_sample(tensor))
+            raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {shape}): {e}") from e
+        except Exception as e:  # noqa: BLE001 - a user scheme: one line naming the layer (the model is rolled back)
+            if is_out_of_memory(e):
+                raise memory_error(f"initialising layer {p.label!r} ({kind_name(p.module)} {shape})",
+                                   tensor_bytes(p.tensor), e) from e
+            raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {shape}): scheme {p.choice.label!r} "
+                               f"failed ({type(e).__name__}: {e})") from e
+        m = p.module
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None and p.pname == "weight" and not p.tensor.is_meta:
+            p.tensor[m.padding_idx].zero_()  # as PyTorch does
+        bias = self.bias_mode if init_biases(m) else None
+        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, p.choice.label, p.target, p.choice.gain, bias),
+                  _std_sample(p.tensor))
+
+    def _filled_in_place(self, p: _Planned, returned: list[Any]) -> None:
+        """A scheme that returned new tensors and left the weight as it was did nothing: say so."""
+        new = [r for r, part in zip(returned, p.parts) if isinstance(r, Tensor) and r.data_ptr() != part.data_ptr()]
+        saved = self.undo.saved(p.tensor)
+        if new and saved is not None and torch.equal(p.tensor, saved):
+            raise InitlabError(f"scheme {p.choice.label!r} returned a new tensor and left the weight unchanged; a scheme "
+                               "must fill the tensor it is given in place (e.g. torch.nn.init.normal_, not torch.randn_like)")
 
     def finish(self) -> list[dict[str, Any]]:
         """The rows, with their realised stds (one host transfer)."""
@@ -426,12 +607,16 @@ def _targets(model: nn.Module, inc: list[Selector] | None,
                 found.append((name, m, "norm"))
         elif any(True for _ in m.parameters(recurse=False)):
             found.append((name, m, "other"))
+    if not found:
+        kinds = ", ".join(sorted({c.__name__ for c in WEIGHT_LAYERS}))
+        raise InitlabError(f"model {type(model).__name__} has nothing to initialise: no weight layer ({kinds}), "
+                           "no normalisation layer and no module with parameters of its own")
     out = []
     inc_used: set[int] = set()
     exc_used: set[int] = set()
     for name, m, what in found:
-        inc_hits = {i for i, s in enumerate(inc or ()) if _matches(s, name, m)}
-        exc_hits = {i for i, s in enumerate(exc or ()) if _matches(s, name, m)}
+        inc_hits = {i for i, s in enumerate(inc or ()) if _matches(s, name, m, "include")}
+        exc_hits = {i for i, s in enumerate(exc or ()) if _matches(s, name, m, "exclude")}
         inc_used |= inc_hits
         exc_used |= exc_hits
         if (inc is None or inc_hits) and not exc_hits:
@@ -461,6 +646,15 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     report.extra[scheme.name] = result
 
 
+def _check_args(model: object, bias: object, generator: object) -> str | float:
+    if not isinstance(model, nn.Module):
+        raise InitlabError(f"init_model expects an nn.Module, got {type(model).__name__}")
+    bias_mode = _check_bias(bias)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InitlabError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return bias_mode
+
+
 def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Generator | None = None,
                bias: str | float = "zeros", include: Any = None, exclude: Any = None,
                batch: Tensor | None = None, **scheme_params: Any) -> InitReport:
@@ -472,7 +666,9 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
             lists the target stds).
         scheme: ``"auto"`` (per-layer choice from the activation that follows, see the module
             docstring), any registry name (``initlab.schemes()``), a ``Scheme`` from
-            ``initlab.get_scheme``, or ``"lsuv"`` (needs ``batch``).
+            ``initlab.get_scheme``, ``"lsuv"`` (needs ``batch``), or a function ``f(tensor)``
+            filling a tensor in place (given ``fans=`` and ``generator=`` if it takes them, e.g.
+            ``torch.nn.init.xavier_normal_``).
         generator: a ``torch.Generator`` for reproducible sampling: the same seed gives identical
             weights whatever ``torch.get_num_threads()``.
         bias: ``"zeros"`` (default), a float constant, or ``"keep"`` for weight-layer biases
@@ -484,36 +680,39 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         batch: input batch for data-dependent schemes (``"lsuv"``).
         **scheme_params: parameters of the scheme (``auto`` takes ``distribution`` and ``mode``).
 
+    All or nothing: every check runs before the first write, and on any failure (or Ctrl-C) the
+    model and ``generator`` are left exactly as they were. Writes by initlab's own
+    variance-scaling sampler cannot fail once checked, so they are not copied; Ctrl-C during them
+    is held back until the model is done (then ``KeyboardInterrupt`` is raised). Other writers
+    (orthogonal, LSUV, your own schemes, ``reset_parameters()``) get a copy of what they write.
+
     Returns:
         An :class:`InitReport`; each row gives the target std sqrt(scale/fan) and the realised one.
     """
-    if not isinstance(model, nn.Module):
-        raise InitlabError(f"init_model expects an nn.Module, got {type(model).__name__}")
-    bias_mode = _check_bias(bias)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise InitlabError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    bias_mode = _check_args(model, bias, generator)
     inc, exc = _selectors(include, "include"), _selectors(exclude, "exclude")
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
-
     targets = _targets(model, inc, exc)
-    walk = _Walk(generator, bias_mode)
-    walk.reset_others(targets)
-    links = find_activations(model)
-    traced = all(link.traced for link in links.values())
-    note = next((link.note for link in links.values() if not link.traced), "")
-    # choices first, outside no_grad (a gain may be computed with autograd)
-    choices = _choices(targets, links, scheme_obj, label)
-    with torch.no_grad():
-        for name, module, what in targets:
-            if what == "norm":
-                walk.norm(name, module)
-            elif what == "other":
-                walk.other(name, module)
-            else:
-                link = links.get(name)
-                walk.weight_layer(name, module, link.activation if link is not None else None, choices[name])
-    report = InitReport(walk.finish(), traced, label, note)
-    if getattr(scheme_obj, "fit", None) is not None:
-        _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
+    undo = Undo("undoing init_model on failure")
+    undo.save_generator(generator)
+    held = deferred_interrupt(release=False)
+    with all_or_nothing(undo):
+        walk = _Walk(generator, bias_mode, undo)
+        walk.reset_others(targets)
+        links = find_activations(model)
+        # choices first, outside no_grad (a gain may be computed with autograd)
+        choices = _choices(targets, links, scheme_obj, label)
+        fit = getattr(scheme_obj, "fit", None)
+        safe = walk.plan(targets, links, choices) and fit is None
+        if not safe:
+            undo.save_all(walk.written(targets))
+        with held if safe else nullcontext():
+            walk.write(targets)
+            traced = all(link.traced for link in links.values())
+            note = next((link.note for link in links.values() if not link.traced), "")
+            report = InitReport(walk.finish(), traced, label, note)
+        if fit is not None:
+            _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
+    held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop
     return report

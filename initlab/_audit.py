@@ -47,12 +47,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._activations import resolve_activation
 from ._apply import init_model
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, is_out_of_memory, memory_error, one_line_usage_errors, unknown_choice
 from ._forward import as_inputs, first_tensor
 from ._layers import guess_input_shape, mlp, output_width
 from ._mnist import embedded_split
@@ -324,6 +325,10 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     loss. The model and its ``.grad`` are left unchanged. Thresholds: see the module docstring.
     """
     inputs = as_inputs(batch)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= int(seed) < 2**64:
+        raise InitlabError(f"seed must be an int in [-2**63, 2**64) (torch's seed range), got {type(seed).__name__}: {seed!r}")
+    if not isinstance(backward, bool):
+        raise InitlabError(f"backward must be True or False, got {backward!r}")
     if loss is None and target is None and backward:
         gen = torch.Generator().manual_seed(int(seed))
 
@@ -344,10 +349,18 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 
 def build_mlp(widths: Sequence[int], activation: str) -> nn.Sequential:
     """``--mlp``: :func:`initlab._layers.mlp` (``Linear(w0, w1), act, ..., Linear(w_{n-2}, w_{n-1})``
-    with PyTorch's default init), with the CLI's words for bad widths."""
+    with PyTorch's default init), with the CLI's words for bad widths and for a model too big for memory."""
     if len(widths) < 2 or any(w < 1 for w in widths):
         raise InitlabError(f"--mlp needs at least two positive widths (e.g. 784,100,100,10), got {list(widths)}")
-    return mlp(widths, activation)
+    n = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    try:
+        return mlp(widths, activation)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            big = max(zip(widths[:-1], widths[1:]), key=lambda ab: ab[0] * ab[1])
+            raise memory_error(f"the --mlp model ({n:,} float32 parameters; its largest layer Linear({big[0]}, {big[1]}))",
+                               4 * n, e) from e
+        raise
 
 
 def _parse_widths(text: str) -> list[int]:
@@ -368,44 +381,106 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_factory(spec: str) -> Any:
-    """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns."""
-    if ":" not in spec:
+    """Call ``module:factory`` (or ``path/to/file.py:factory``) and return what it returns.
+
+    Your code never shadows an installed module: a module name is imported with the current
+    folder searched *last*, and a file is loaded by its path under a private module name (the
+    folder holding it is searched last too, so it can import the modules beside it). A name that
+    an installed module takes (``secrets``, ``json``...) while a file of that name sits in the
+    current folder is refused with a hint, instead of silently importing the installed one.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
         raise InitlabError(f"--model expects MODULE:FACTORY (e.g. mypkg.models:make_model or models.py:make), got {spec!r}")
     mod_name, _, attr = spec.rpartition(":")
     if not mod_name or not attr:
         raise InitlabError(f"--model expects MODULE:FACTORY, got {spec!r}")
-    if mod_name.endswith(".py") or os.sep in mod_name:
-        if not os.path.isfile(mod_name):
-            raise InitlabError(f"--model: file {mod_name!r} not found")
-        sp = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(mod_name))[0], mod_name)
-        module = importlib.util.module_from_spec(sp)  # type: ignore[arg-type]
-        sys.modules.setdefault(sp.name, module)  # type: ignore[union-attr]
-        sp.loader.exec_module(module)  # type: ignore[union-attr]
+    if mod_name.endswith(".py") or os.sep in mod_name or (os.altsep and os.altsep in mod_name):
+        module = _load_file(mod_name)
     else:
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            raise InitlabError(f"--model: cannot import module {mod_name!r} ({e})") from e
+        module = _import_user_module(mod_name)
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        if factory is not None:
+            raise InitlabError(f"--model: {spec} is a {type(factory).__name__}, not a function that returns a model; "
+                               f"functions in {mod_name}: {', '.join(names[:20]) or 'none'}")
         raise unknown_choice(f"factory in {mod_name}", attr, names)
-    return factory()
+    try:
+        return factory()
+    except InitlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory, reported in one line (the chain keeps the traceback)
+        raise InitlabError(f"--model: {spec}() raised {type(e).__name__}: {e}") from e
+
+
+def _search_last(folder: str) -> None:
+    """Make ``folder`` importable without letting it shadow anything installed: append it to sys.path."""
+    folder = os.path.abspath(folder)
+    if folder not in (os.path.abspath(p or os.curdir) for p in sys.path):
+        sys.path.append(folder)
+
+
+def _import_user_module(mod_name: str) -> Any:
+    cwd = os.getcwd()
+    _search_last(cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and mod_name.startswith(e.name):
+            raise InitlabError(f"--model: cannot import module {mod_name!r} ({e}); run from the folder that holds "
+                               "it, or pass the file's path (path/to/models.py:make)") from e
+        raise InitlabError(f"--model: module {mod_name!r} needs a module that is not installed ({e})") from e
+    except Exception as e:  # noqa: BLE001 - an error in the user's module, in one line
+        raise InitlabError(f"--model: importing {mod_name!r} failed ({type(e).__name__}: {e})") from e
+    paths = [getattr(module, "__file__", None), *list(getattr(module, "__path__", None) or [])]
+    where = os.path.abspath(next((p for p in paths if p), "")) if any(paths) else ""
+    top = mod_name.split(".")[0]
+    local = [p for p in (os.path.join(cwd, top + ".py"), os.path.join(cwd, top)) if os.path.exists(p)]
+    if local and not where.startswith(os.path.join(cwd, "")):
+        raise InitlabError(f"--model: {top!r} is an installed module ({where or 'built in'}), so your {local[0]!r} is "
+                           f"not imported in its place; rename your file, or pass its path: --model ./{top}.py:...")
+    return module
+
+
+def _load_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise InitlabError(f"--model: file {path!r} not found")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = f"_initlab_model_{''.join(c if c.isalnum() else '_' for c in stem)}"  # never an installed module's name
+    sp = importlib.util.spec_from_file_location(name, path)
+    if sp is None or sp.loader is None:
+        raise InitlabError(f"--model: {path!r} is not a Python file that can be imported")
+    module = importlib.util.module_from_spec(sp)
+    _search_last(os.path.dirname(os.path.abspath(path)))  # its own imports of the modules beside it
+    sys.modules[name] = module
+    try:
+        sp.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - an error in the user's file, in one line
+        sys.modules.pop(name, None)
+        raise InitlabError(f"--model: loading {path!r} failed ({type(e).__name__}: {e})") from e
+    return module
 
 
 def _gaussian(shape: tuple[int, ...], batch_size: int, gen: torch.Generator) -> Tensor:
-    return torch.randn((batch_size, *shape), generator=gen)
+    try:
+        return torch.randn((batch_size, *shape), generator=gen)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            raise memory_error(f"a batch of shape {(batch_size, *shape)} (--batch-size, --input-shape)",
+                               4 * batch_size * math.prod(shape), e) from e
+        raise
 
 
-def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor] | None:
+def _mnist(batch_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A batch of the embedded MNIST sample; never another data source in its place."""
     try:
         ds = embedded_split()
-    except (ImportError, InitlabError, OSError, ValueError) as e:
-        print(f"initlab audit: MNIST is unavailable ({type(e).__name__}: {e}); using Gaussian data instead",
-              file=sys.stderr)
-        return None
+    except InitlabError as e:
+        raise InitlabError(f"--data mnist: the embedded MNIST sample cannot be read ({e}); reinstall initlab, "
+                           "or choose --data gaussian") from e
+    except Exception as e:  # noqa: BLE001 - a broken installation or environment, in one line
+        raise InitlabError(f"--data mnist: the embedded MNIST sample cannot be loaded ({type(e).__name__}: {e}); "
+                           "reinstall initlab, or choose --data gaussian") from e
     x, y = ds.x_train, ds.y_train
     idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
     return x[idx].reshape(len(idx), -1).float(), y[idx]
@@ -438,16 +513,14 @@ def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[i
     """(batch, target) of ``--data``: MNIST digits (labels used for a model with 10 outputs), or
     N(0, 1) values of ``in_shape`` (guessed from the first layer when not given)."""
     if args.data == "mnist":
-        got = _mnist(args.batch_size, gen)
-        if got is not None:
-            x, y = got
-            if in_shape is not None and math.prod(in_shape) != x.shape[1]:
-                raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
-                                   "(use --mlp 784,... or --input-shape 1,28,28)")
-            if output_width(model) != 10:
-                notes.append("labels not used (the model does not have 10 outputs): random output gradient")
-                y = None
-            return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
+        x, y = _mnist(args.batch_size, gen)
+        if in_shape is not None and math.prod(in_shape) != x.shape[1]:
+            raise InitlabError(f"MNIST images have 784 pixels; the model input {in_shape} does not fit "
+                               "(use --mlp 784,... or --input-shape 1,28,28)")
+        if output_width(model) != 10:
+            notes.append("labels not used (the model does not have 10 outputs): random output gradient")
+            y = None
+        return (x.reshape(x.shape[0], *in_shape) if in_shape is not None else x), y
     if in_shape is None:
         in_shape = guess_input_shape(model)
         if in_shape is None:
@@ -459,6 +532,8 @@ def _default_batch(args: argparse.Namespace, model: nn.Module, in_shape: tuple[i
 def _run_cli(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InitlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -2**63 <= args.seed < 2**64:
+        raise InitlabError(f"--seed must be an int in [-2**63, 2**64) (torch's seed range), got {args.seed}")
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     notes: list[str] = []
@@ -506,3 +581,4 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--forward-only", action="store_true", help="skip the backward pass")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     p.set_defaults(func=_run_cli)
+    one_line_usage_errors(p)

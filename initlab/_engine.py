@@ -32,21 +32,22 @@ generator and torch's own ``normal_`` / ``uniform_``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 
 __all__ = ["variance_scaling_", "variance_scaling", "truncated_normal_", "MODES", "DISTRIBUTIONS",
-           "TRUNC_STD", "TRUNC_VAR", "check_scale", "check_gain", "check_mode", "check_distribution", "fan_for",
+           "TRUNC_STD", "TRUNC_VAR", "check_scale", "check_gain", "check_std", "planned_std", "needs_scratch", "check_mode", "check_distribution", "fan_for",
            "target_std"]
 
 MODES = ("fan_in", "fan_out", "fan_avg", "fan_geo_avg")
@@ -66,12 +67,22 @@ _SQRT3 = math.sqrt(3.0)
 # --------------------------------------------------------------------------------------------
 # validation
 
+def is_number(v: object) -> bool:
+    """A real number (Python or numpy, or a one-element real tensor), not a bool."""
+    if type(v) in (float, int):
+        return True
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool and not v.is_meta
+    return isinstance(v, numbers.Real)
+
+
 def check_scale(scale: object, what: str = "scale") -> float:
     """``scale`` as a float; it must be a finite number > 0."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) and not (
-            isinstance(scale, Tensor) and scale.numel() == 1):
+    if not is_number(scale):
         raise InitlabError(f"{what} must be a positive number, got {type(scale).__name__}: {scale!r}")
-    v = float(scale)
+    v = float(scale)  # type: ignore[arg-type]
     if not (math.isfinite(v) and v > 0):
         raise InitlabError(f"{what} must be a finite number > 0, got {scale!r} "
                            "(the variance of the weights is scale / fan)")
@@ -79,10 +90,47 @@ def check_scale(scale: object, what: str = "scale") -> float:
 
 
 def check_gain(g: object) -> float:
-    """``g`` as a float; it must be a finite number > 0."""
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(float(g)) or float(g) <= 0:
+    """``g`` as a float; it must be a finite number > 0 whose square (the variance factor) is a
+    finite, non-zero float too (``gain=1e200`` would give weights of infinite variance)."""
+    if not is_number(g) or isinstance(g, Tensor) or not math.isfinite(float(g)) or float(g) <= 0:  # type: ignore[arg-type]
         raise InitlabError(f"gain must be a finite number > 0, got {g!r}")
-    return float(g)
+    v = float(g)  # type: ignore[arg-type]
+    if not (math.isfinite(v * v) and v * v > 0):
+        raise InitlabError(f"gain {g!r} is out of range: gain^2 = {v * v!r} (the weights' variance is "
+                           "gain^2 / fan); use a gain between 1e-150 and 1e150")
+    return v
+
+
+# the largest |value| a sampler writes, in units of its std: Box-Muller on 24- or 53-bit uniforms
+# reaches 5.65 or 8.57 std (torch's normal_ on other devices: about as far); the truncated
+# normal 2 / 0.8796; the uniform sqrt(3)
+_REACH = {"normal": 10.0, "truncated_normal": 2.0 / 0.87962566103423978 + 1e-6, "uniform": math.sqrt(3.0) + 1e-6}
+
+
+def check_std(std: float, dtype: torch.dtype, distribution: str = "normal", *, mean: float = 0.0,
+              what: str = "std", how: str = "") -> float:
+    """``std`` if weights of that std (and ``mean``) can be stored in ``dtype``: every value finite
+    (no inf or NaN) and the std above the smallest normal number (else the values are zeros and
+    denormals). Raises an :class:`InitlabError` naming the value and the range otherwise."""
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.finfo(torch.float32)
+    name = str(dtype).replace("torch.", "")
+    reach = _REACH.get(distribution, 10.0)
+    how = f" ({how})" if how else ""
+    if not (math.isfinite(std) and std > 0):
+        raise InitlabError(f"the weights' {what} is {std!r}{how}; it must be a finite number > 0")
+    if abs(mean) > info.max:
+        raise InitlabError(f"the weights' mean {mean:g} is too large for {name} (largest number {info.max:.4g})")
+    if abs(mean) + reach * std > info.max:
+        hi = (info.max - abs(mean)) / reach
+        raise InitlabError(
+            f"the weights' {what} {std:.6g}{how}{f' with mean {mean:g}' if mean else ''} is too large for {name}: "
+            f"{distribution} values would reach {abs(mean) + reach * std:.3g}, beyond its largest number "
+            f"{info.max:.4g} (inf/NaN weights). Use a smaller scale or gain ({what} <= {hi:.3g} in {name})")
+    if std < info.tiny:
+        raise InitlabError(
+            f"the weights' {what} {std:.6g}{how} is too small for {name}: below its smallest normal number "
+            f"{info.tiny:.4g}, the weights would be zeros and denormals. Use a larger scale or gain, or a wider dtype")
+    return std
 
 
 def check_mode(mode: object) -> str:
@@ -116,7 +164,7 @@ def fan_for(mode: str, fan_in: float, fan_out: float) -> float:
 
 def _check_fans(f: object) -> tuple[float, float]:
     if isinstance(f, (tuple, list)) and len(f) == 2 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in f):
+            is_number(v) and not isinstance(v, Tensor) and math.isfinite(v) and v >= 0 for v in f):
         return float(f[0]), float(f[1])
     raise InitlabError(f"fans must be a pair (fan_in, fan_out) of non-negative numbers, got {f!r}")
 
@@ -136,6 +184,9 @@ def _check_tensor(tensor: object, what: str) -> Tensor:
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise InitlabError(f"{what} cannot write into an inference tensor (made under torch.inference_mode()) "
+                           "outside inference mode; clone it first (tensor.clone()) or call it inside inference_mode")
     return tensor
 
 
@@ -239,7 +290,11 @@ def _box_muller(out: Tensor, bg: np.random.SFC64, sigma: float, extra: int = 0) 
     np.subtract(f.dtype.type(2.0), f[:h], out=f[:h])  # 2 - [1, 2) = (0, 1]
     u = torch.from_numpy(f)
     r, theta = u[:h], u[h:]
-    r.log_().mul_(-2.0 * sigma * sigma).sqrt_()
+    info = torch.finfo(out.dtype)
+    if info.tiny * 1e6 < 2.0 * sigma * sigma < info.max / 64:
+        r.log_().mul_(-2.0 * sigma * sigma).sqrt_()
+    else:  # sigma^2 would overflow or underflow in the buffer's dtype: scale after the root
+        r.log_().mul_(-2.0).sqrt_().mul_(sigma)
     theta.mul_(_TWO_PI)  # 2 pi [1, 2): cos and sin are 2 pi-periodic
     pool = torch.empty(extra, dtype=out.dtype) if extra else None
     for dst, lo, hh, m in ((out, 0, h1, n), (pool, h1, h2, extra)):
@@ -260,7 +315,10 @@ def _fill_cpu(buf: Tensor, kind: str, a: float, bg: np.random.SFC64) -> None:
         f = torch.from_numpy(_unit(bg, buf.numel(), buf.dtype))
         half_step = 2.0 ** (-53 if buf.dtype == torch.float64 else -24)
         torch.sub(f, 1.5, out=buf)
-        buf.add_(half_step).mul_(2.0 * a)
+        if 2.0 * a < torch.finfo(buf.dtype).max:
+            buf.add_(half_step).mul_(2.0 * a)
+        else:  # 2a overflows the buffer's dtype; a is representable (checked by check_std)
+            buf.add_(half_step).mul_(a).mul_(2.0)
         return
     if kind == "normal":
         _box_muller(buf, bg, a)
@@ -341,8 +399,14 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, base: int, work: torch.dtype
     bounds = [nchunks * w // workers for w in range(workers + 1)]
     pool = _executor(threads)
     futures = [pool.submit(worker, bounds[w], bounds[w + 1]) for w in range(workers)]
-    for f in futures:
-        f.result()
+    try:
+        for f in futures:
+            f.result()
+    finally:
+        # never return (even on Ctrl-C) while a worker still writes into the tensor
+        for f in futures:
+            f.cancel()
+        wait(futures)
 
 
 @torch.no_grad()
@@ -356,19 +420,41 @@ def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | N
         if t.dtype == work and t.is_contiguous():
             _fill_torch(t, kind, a, generator)
         else:
-            buf = torch.empty(t.shape, dtype=work, device=t.device)
+            buf = _scratch(t, work)
             _fill_torch(buf, kind, a, generator)
             t.copy_(buf)
         return tensor
+    buf = None if t.is_contiguous() else _scratch(t, work)  # allocated before anything is drawn or written
     hi, lo = torch.randint(0, 1 << 32, (2,), generator=generator).tolist()
     base = (hi << 32) | lo
-    if t.is_contiguous():
+    if buf is None:
         _fill_chunks(t.view(-1), kind, a, base, work)
     else:
-        buf = torch.empty(t.shape, dtype=work)
         _fill_chunks(buf.view(-1), kind, a, base, work)
         t.copy_(buf)
     return tensor
+
+
+def needs_scratch(t: Tensor) -> bool:
+    """Whether sampling ``t`` allocates a scratch tensor of its size (non-contiguous, or off the CPU
+    in a dtype other than fp32/fp64): then the sampler can run out of memory part-way."""
+    if t.is_meta or t.numel() == 0:
+        return False
+    if t.device.type != "cpu":
+        return not (t.dtype in (torch.float32, torch.float64) and t.is_contiguous())
+    return not t.is_contiguous()
+
+
+def _scratch(t: Tensor, work: torch.dtype) -> Tensor:
+    """A contiguous ``work``-dtype tensor of ``t``'s shape; a clear error when memory runs out."""
+    try:
+        return torch.empty(t.shape, dtype=work, device=t.device)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            n = t.numel() * torch.empty((), dtype=work, device="meta").element_size()
+            raise memory_error(f"the {str(work).replace('torch.', '')} scratch copy of a "
+                               f"{'x'.join(map(str, t.shape))} tensor on {t.device}", n, e) from e
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +470,7 @@ def truncated_normal_(tensor: Tensor, std: float = 1.0, *, generator: torch.Gene
     _check_tensor(tensor, "truncated_normal_")
     std = check_scale(std, "std")
     gen = _check_generator(generator, tensor)
+    check_std(std, tensor.dtype, "truncated_normal")
     return _sample_(tensor, "truncated", std / TRUNC_STD, gen)
 
 
@@ -417,19 +504,34 @@ def variance_scaling_(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in",
     Returns:
         ``tensor``.
     """
-    _check_tensor(tensor, "variance_scaling_")
+    std, distribution, gen = planned_std(tensor, scale, mode, distribution, generator=generator, fans=fans)
+    if std is None:
+        return tensor
+    return _sample_scaled_(tensor, std, distribution, gen)
+
+
+def planned_std(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in", distribution: str = "truncated_normal",
+                *, generator: torch.Generator | None = None, fans: tuple[float, float] | None = None,
+                what: str = "variance_scaling_") -> tuple[float | None, str, torch.Generator | None]:
+    """Every check of :func:`variance_scaling_`, without writing: ``(std, distribution, generator)``
+    it would sample with (std None: nothing to write, an empty tensor). Raises what it would raise."""
+    _check_tensor(tensor, what)
     scale = check_scale(scale)
     mode = check_mode(mode)
     distribution = check_distribution(distribution)
     gen = _check_generator(generator, tensor)
     f = _check_fans(fans) if fans is not None else _fans(tensor)
     n = fan_for(mode, f[0], f[1])
-    if n <= 0:
+    if n <= 0 or not math.isfinite(n):
         if tensor.numel() == 0:
-            return tensor
-        raise InitlabError(f"{mode} is 0 for fans {tuple(f)!r} (shape {tuple(tensor.shape)}); "
-                           "cannot scale the variance by 1/0")
-    return _sample_scaled_(tensor, math.sqrt(scale / n), distribution, gen)
+            return None, distribution, gen
+        raise InitlabError(f"{mode} is {n:g} for fans {tuple(f)!r} (shape {tuple(tensor.shape)}); "
+                           f"cannot scale the variance by 1/{n:g}")
+    if tensor.numel() == 0:
+        return None, distribution, gen
+    std = math.sqrt(scale / n)
+    return check_std(std, tensor.dtype, distribution, how=f"sqrt(scale / {mode}) = sqrt({scale:.4g} / {n:.4g})"), \
+        distribution, gen
 
 
 def variance_scaling(shape_or_tensor: Tensor | Sequence[int], scale: float = 1.0, mode: str = "fan_in",
@@ -439,8 +541,28 @@ def variance_scaling(shape_or_tensor: Tensor | Sequence[int], scale: float = 1.0
     """Functional :func:`variance_scaling_`: a new tensor of the given shape (or like the given
     tensor; ``dtype``/``device`` override) with variance ``scale / n``."""
     if isinstance(shape_or_tensor, Tensor):
-        out = torch.empty(shape_or_tensor.shape, dtype=dtype or shape_or_tensor.dtype,
-                          device=device if device is not None else shape_or_tensor.device)
+        shape = tuple(shape_or_tensor.shape)
+        dtype = dtype or shape_or_tensor.dtype
+        device = device if device is not None else shape_or_tensor.device
     else:
-        out = torch.empty(shape_of(shape_or_tensor), dtype=dtype or torch.get_default_dtype(), device=device)
+        shape = shape_of(shape_or_tensor)
+        dtype = dtype or torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype):
+        raise InitlabError(f"dtype must be a torch.dtype (e.g. torch.float32), got {dtype!r}")
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InitlabError(f"device must be a torch.device or a device string like 'cpu' or 'cuda:0', got {device!r}") from e
+    # every check first (on a meta tensor of the shape), then the allocation
+    planned_std(torch.empty(shape, dtype=dtype, device="meta"), scale, mode, distribution, fans=fans,
+                what="variance_scaling")
+    try:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            n = math.prod(shape) * torch.empty((), dtype=dtype, device="meta").element_size()
+            raise memory_error(f"a {'x'.join(map(str, shape))} {str(dtype).replace('torch.', '')} tensor on {device}",
+                               n, e) from e
+        raise InitlabError(f"cannot allocate a tensor of shape {shape} on {device} ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
     return variance_scaling_(out, scale, mode, distribution, generator=generator, fans=fans)

@@ -57,7 +57,7 @@ def shape_of(tensor_or_shape: object) -> tuple[int, ...]:
                            "run one forward pass before computing its fans")
     if isinstance(tensor_or_shape, Tensor):
         return tuple(tensor_or_shape.shape)
-    if isinstance(tensor_or_shape, int) and not isinstance(tensor_or_shape, bool):
+    if isinstance(tensor_or_shape, int) and not isinstance(tensor_or_shape, bool) and tensor_or_shape >= 0:
         return (tensor_or_shape,)
     if isinstance(tensor_or_shape, (tuple, list, torch.Size)):
         shape = tuple(tensor_or_shape)
@@ -78,7 +78,12 @@ def _no_fans(shape: tuple[int, ...]) -> InitlabError:
 
 
 def _norm_axes(axes: Axes, ndim: int, what: str) -> tuple[int, ...]:
-    items = (axes,) if isinstance(axes, int) and not isinstance(axes, bool) else tuple(axes)
+    if isinstance(axes, int) and not isinstance(axes, bool):
+        items: tuple[object, ...] = (axes,)
+    elif isinstance(axes, (tuple, list)):
+        items = tuple(axes)
+    else:
+        raise InitlabError(f"{what} must be an int or a tuple of ints, got {type(axes).__name__}: {axes!r}")
     out = []
     for a in items:
         if not isinstance(a, int) or isinstance(a, bool) or not -ndim <= a < ndim:

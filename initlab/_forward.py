@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._errors import InitlabError
+from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._layers import describe_input
+from ._undo import Undo
 
 __all__ = ["as_inputs", "first_tensor", "no_mha_fastpath", "Tracker", "forward_error", "hooks", "kept_buffers",
            "locate_failure"]
@@ -52,6 +53,9 @@ def as_inputs(batch: object, what: str = "batch", *, check_finite: bool = True) 
             f"got {type(batch).__name__}{hint}"
         )
     for t in inputs:
+        if t.is_meta:
+            raise InitlabError(f"{what} is on the meta device (shape {tuple(t.shape)}): it has no values to run the "
+                               "model on; pass a batch of real data")
         if t.numel() == 0:
             raise InitlabError(f"{what} is empty (shape {tuple(t.shape)}); pass at least one sample")
         if check_finite and (t.is_floating_point() or t.is_complex()) and not t.is_meta:
@@ -97,16 +101,20 @@ def hooks():
 
 @contextmanager
 def kept_buffers(model: nn.Module, keep: bool = True):
-    """Restore the model's buffers (BatchNorm running statistics...) on exit; nothing when ``keep`` is False."""
-    saved = {k: v.clone() for k, v in model.named_buffers()} if keep else {}
+    """Restore the model's buffers (BatchNorm running statistics and ``num_batches_tracked``...) on
+    exit, also on errors and Ctrl-C: their values, and which tensor fills each slot; nothing when
+    ``keep`` is False."""
+    undo = Undo("restoring the model's buffers")
+    owners = [(name, m) for name, m in model.named_modules() if m._buffers] if keep else []
+    if owners:
+        undo.save_all([(f"buffer {name!r}", b) for name, b in model.named_buffers()])
+        for name, m in owners:
+            undo.save_module(m, name or "<model>", parameters=False)
     try:
         yield
     finally:
-        if saved:
-            with torch.no_grad():
-                for k, v in model.named_buffers():
-                    if k in saved and v.shape == saved[k].shape:
-                        v.copy_(saved[k])
+        if owners:
+            undo.rollback()
 
 
 class Tracker:
@@ -130,11 +138,50 @@ class Tracker:
         self.current = None
 
 
+_DTYPE_WORDS = ("dtype", "scalar type", "type (", "expected m1 and m2", "same type", "not implemented for")
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _dtype_error(exc: BaseException, inputs: Sequence[Tensor], mod: nn.Module | None, where: str) -> InitlabError | None:
+    """A clear error when the batch's dtype does not suit the model's parameters, else None."""
+    msg = str(exc).lower()
+    if not any(w in msg for w in _DTYPE_WORDS):
+        return None
+    params = [p for p in (mod.parameters() if mod is not None else ()) if p.is_floating_point()]
+    want = params[0].dtype if params else None
+    got = [t.dtype for t in inputs]
+    if want is None or all(d == want for d in got):
+        return None
+    shown = ", ".join(_dtype_name(d) for d in got)
+    if all(d.is_floating_point for d in got):
+        return InitlabError(f"the batch's dtype ({shown}) does not match the model's parameters ({_dtype_name(want)})"
+                            f"{where}; convert the batch with batch.to({want}), or the model with model.to({got[0]})")
+    return InitlabError(f"the batch is a {shown} tensor but the model computes in {_dtype_name(want)}{where}; "
+                        f"convert it with batch.to({want}) (integer batches are for models that start with an "
+                        "Embedding)")
+
+
 def forward_error(exc: BaseException, inputs: Sequence[Tensor], tracker: Tracker | None,
                   layers: Sequence[tuple[str, nn.Module]]) -> InitlabError:
-    """An :class:`InitlabError` explaining why ``model(*inputs)`` raised ``exc``."""
+    """An :class:`InitlabError` explaining why ``model(*inputs)`` raised ``exc``: out of memory, a
+    batch of the wrong dtype, a batch of the wrong shape for the layer that failed, or else the
+    model's own error in one line."""
     shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
     torch_msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if is_out_of_memory(exc):
+        nbytes = sum(t.numel() * t.element_size() for t in inputs)
+        return memory_error(f"the forward pass on a batch of shape {shapes} (the batch alone)", nbytes, exc)
+    current = tracker.current if tracker is not None else None
+    mod = current[1] if current is not None else (layers[0][1] if layers else None)
+    where = f" at layer {current[0]!r} ({type(current[1]).__name__})" if current is not None else ""
+    wrong_dtype = _dtype_error(exc, inputs, mod, where)
+    if wrong_dtype is not None:
+        return wrong_dtype
+    if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
+        torch_msg = f"{type(exc).__name__}: {torch_msg}"
     if tracker is not None and tracker.current is not None:
         name, mod, got = tracker.current
         expected = describe_input(mod)

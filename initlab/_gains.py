@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ._activations import Activation, activation_names, resolve_activation
-from ._errors import InitlabError, unknown_choice
+from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._text import text_table
 from .theory import gaussian_moments
 
@@ -167,13 +167,19 @@ def gain(activation: object, param: float | None = None, *, method: str = "secon
             with _lock:
                 _cache[key] = hit
         return hit
+    key = act.cache_key
+    if key is None:
+        return _compute(act, method)
     try:
         per_fn = _custom_cache.setdefault(act.fn, {})
     except TypeError:  # not weak-referenceable: no cache
         return _compute(act, method)
-    if method not in per_fn:
-        per_fn[method] = _compute(act, method)
-    return per_fn[method]
+    # a module's settings and parameters are part of the key: a changed module is recomputed
+    state = key[2] if len(key) > 2 else None
+    hit = per_fn.get(method)
+    if hit is None or hit[0] != state:
+        hit = per_fn[method] = (state, _compute(act, method))
+    return hit[1]
 
 
 def gain_table(method: str = "second_moment") -> list[tuple[str, float | None]]:
@@ -233,4 +239,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--param", type=float, default=None,
                    help="slope of leaky_relu/prelu or alpha of elu/celu (default: torch's)")
     p.set_defaults(func=_cli_gains)
+    one_line_usage_errors(p)
 

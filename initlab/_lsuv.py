@@ -41,11 +41,12 @@ from ._layers import AFFINE_LAYERS, calls_children_functionally, channel_dim, is
 from ._orthogonal import orthogonal_
 from ._stats import as_float, channel_sums, moments
 from ._text import format_table
+from ._undo import Undo, all_or_nothing
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
-__all__ = ["lsuv_", "LSUVReport"]
+__all__ = ["lsuv_", "run_lsuv", "LSUVReport"]
 
 
 class _StopForward(Exception):
@@ -157,7 +158,7 @@ class _Fit:
     def run(self, model: nn.Module) -> None:
         """One forward pass with the fitting hooks; buffers (BatchNorm statistics) are restored in
         training mode, and no hook is left behind."""
-        with kept_buffers(model, model.training), hooks() as handles:
+        with kept_buffers(model), hooks() as handles:
             for name, m in self.covered:
                 handles.append(m.register_forward_pre_hook(partial(self.pre_hook, name), with_kwargs=True))
                 handles.append(m.register_forward_hook(self.tracker.post))
@@ -168,7 +169,7 @@ class _Fit:
                     pass
                 except InitlabError:
                     raise
-                except (RuntimeError, ValueError, IndexError, TypeError) as e:
+                except Exception as e:  # noqa: BLE001 - the model's own failure, explained in one line
                     raise forward_error(e, self.inputs, self.tracker, self.covered) from e
 
     def pre_hook(self, name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -179,7 +180,9 @@ class _Fit:
         with torch.no_grad():
             try:
                 self.results[name] = self.fit(name, mod, args, kwargs)
-            except RuntimeError as e:
+            except InitlabError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the layer's own failure, explained in one line
                 raise forward_error(e, self.inputs, self.tracker, self.covered) from e
         if len(self.results) == len(self.covered):
             raise _StopForward
@@ -255,11 +258,22 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
     ``generator``: the random generator of the orthogonal pre-initialisation.
     Returns an :class:`LSUVReport` with the iterations and the final variance of every layer.
     """
+    return run_lsuv(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
+                    generator=generator, undo=True)
+
+
+def run_lsuv(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 0.1, max_iter: int = 10,
+             target_var: float = 1.0, center: bool = False, generator: torch.Generator | None = None,
+             undo: bool = True) -> LSUVReport:
+    """:func:`lsuv_`; with ``undo=False`` no copy of the weights is kept (for a caller, such as
+    ``init_model``, that keeps its own and rolls the whole operation back)."""
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_lsuv_args(tol, max_iter, target_var)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InitlabError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(center, bool):
+        raise InitlabError(f"center must be True or False, got {center!r}")
     inputs = as_inputs(batch)
     covered, skipped = _covered_layers(model)
     if not covered:
@@ -268,13 +282,19 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
         raise InitlabError(f"model {type(model).__name__} has no layer LSUV can fit; supported: {names}{extra}")
 
     target = float(target_var)
-    with torch.no_grad():
-        for _, m in covered:  # orthogonal pre-init (Saxe et al. 2014), zero biases
-            orthogonal_(m.weight, generator=generator)
-            if m.bias is not None:
-                m.bias.zero_()
-    fit = _Fit(covered, inputs, tol=tol, max_iter=max_iter, target=target, center=center)
-    fit.run(model)
+    log = Undo("undoing lsuv_ on failure")
+    if undo:
+        log.save_generator(generator)
+        log.save_all([(f"layer {name!r}'s {k}", t) for name, m in covered
+                      for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None])
+    with all_or_nothing(log):
+        with torch.no_grad():
+            for _, m in covered:  # orthogonal pre-init (Saxe et al. 2014), zero biases
+                orthogonal_(m.weight, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
+        fit = _Fit(covered, inputs, tol=tol, max_iter=max_iter, target=target, center=center)
+        fit.run(model)
     report = LSUVReport(rows=fit.rows(), target_var=target, tol=float(tol), max_iter=max_iter, skipped=skipped)
     stuck = [r for r in report.rows if r["iterations"] is not None and not r["converged"]]
     if stuck:
@@ -282,6 +302,6 @@ def lsuv_(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float = 
         warnings.warn(
             f"LSUV: {len(stuck)} layer(s) did not reach variance {target:g} +- {tol * target:g} within "
             f"max_iter={max_iter} rescaling steps: {detail}",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning, stacklevel=3,
         )
     return report

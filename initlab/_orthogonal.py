@@ -10,9 +10,31 @@ import torch
 from torch import Tensor
 
 from ._engine import _check_generator, _check_tensor, _sample_, check_gain
-from ._errors import InitlabError
+from ._errors import InitlabError, is_out_of_memory, memory_error
 
 __all__ = ["orthogonal_", "delta_orthogonal_", "identity_"]
+
+
+def _check_gain_fits(tensor: Tensor, gain: float, what: str) -> None:
+    """The matrix entries are at most ``gain`` in size: ``gain`` must be finite in the tensor's dtype."""
+    info = torch.finfo(tensor.dtype)
+    if gain >= info.max:
+        raise InitlabError(f"{what}: gain {gain:g} is too large for {str(tensor.dtype).replace('torch.', '')} "
+                           f"(largest number {info.max:.4g}): the weights would be inf")
+
+
+def _haar_checked(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+                  generator: torch.Generator | None, what: str) -> Tensor:
+    """:func:`_haar`, with a clear error when the Gaussian matrix or its QR does not fit in memory."""
+    try:
+        return _haar(rows, cols, dtype, device, generator)
+    except (RuntimeError, MemoryError) as e:
+        if is_out_of_memory(e):
+            n, m = max(rows, cols), min(rows, cols)
+            nbytes = 3 * n * m * torch.empty((), dtype=dtype, device="meta").element_size()
+            raise memory_error(f"{what}'s QR decomposition of a {n}x{m} {str(dtype).replace('torch.', '')} matrix",
+                               nbytes, e) from e
+        raise
 
 
 def _matrix_shape(tensor: Tensor, what: str) -> tuple[int, int]:
@@ -57,10 +79,11 @@ def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator
     g = check_gain(gain)
     gen = _check_generator(generator, tensor)
     rows, cols = _matrix_shape(tensor, "orthogonal_")
+    _check_gain_fits(tensor, g, "orthogonal_")
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    q = _haar(rows, cols, work, tensor.device, gen)
+    q = _haar_checked(rows, cols, work, tensor.device, gen, "orthogonal_")
     tensor.copy_((q * g).reshape(tensor.shape))
     return tensor
 
@@ -76,12 +99,13 @@ def delta_orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Gen
     g = check_gain(gain)
     gen = _check_generator(generator, tensor)
     _matrix_shape(tensor, "delta_orthogonal_")
+    _check_gain_fits(tensor, g, "delta_orthogonal_")
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
     if tensor.dim() == 2:
         return orthogonal_(tensor, gain, generator=generator)
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    q = _haar(tensor.shape[0], tensor.shape[1], work, tensor.device, gen)
+    q = _haar_checked(tensor.shape[0], tensor.shape[1], work, tensor.device, gen, "delta_orthogonal_")
     tensor.zero_()
     centre = tuple(k // 2 for k in tensor.shape[2:])
     tensor[(slice(None), slice(None), *centre)] = (q * g).to(tensor.dtype)
@@ -98,6 +122,7 @@ def identity_(tensor: Tensor, gain: float = 1.0, *, groups: int = 1) -> Tensor:
         raise InitlabError(f"identity_ needs a tensor with at least 2 dimensions, got shape {tuple(tensor.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or tensor.shape[0] % groups:
         raise InitlabError(f"groups must be a positive int dividing out_channels={tensor.shape[0]}, got {groups!r}")
+    _check_gain_fits(tensor, g, "identity_")
     if tensor.is_meta:
         return tensor
     tensor.zero_()

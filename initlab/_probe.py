@@ -65,10 +65,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import theory
-from ._activations import Activation
-from ._errors import InitlabError, unknown_choice
+from ._activations import Activation, plain_settings, resolve_activation
+from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import module_fans
-from ._forward import as_inputs, first_tensor, forward_error, hooks, locate_failure, no_mha_fastpath
+from ._forward import as_inputs, first_tensor, forward_error, hooks, kept_buffers, locate_failure, no_mha_fastpath
 from ._graph import WEIGHT_LAYERS, find_activations
 from ._layers import channel_dim, is_modeled, is_one_hot, is_plain, output_bias, output_layer, output_weight
 from ._stats import Histogram, as_float, channel_sums, flat, histogram, host_moments, moments
@@ -78,6 +78,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = ["probe", "ProbeResult", "Histogram", "COLUMNS", "SATURATION_LEVEL", "format_table"]
+
+#: the most histogram bins a probe keeps per tensor
+MAX_BINS = 1_000_000
 
 #: a bounded unit counts as saturated where its derivative is below this fraction of its maximum
 SATURATION_LEVEL = 0.1
@@ -186,10 +189,12 @@ def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[
     submodule traces again)."""
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    signature = (tuple(map(id, named.values())), tuple(map(type, named.values())))
+    # the submodules, and their settings (a slope baked into the traced graph as a constant)
+    signature = (tuple(map(id, named.values())), tuple(map(type, named.values())),
+                 tuple(map(plain_settings, named.values())))
     cached = _LINKS.get(model)
     if cached is not None and cached[0] == signature and tuple(named) == cached[1]:
-        return [(name, named[name], link) for name, link in cached[2]]
+        return [(name, named[name], _fresh(link, named)) for name, link in cached[2]]
     links = dict(find_activations(model))
     for name, link in list(links.items()):
         if isinstance(link.module, nn.MultiheadAttention):
@@ -210,22 +215,33 @@ def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[
     return [(name, link.module, link) for name, link in links.items()]
 
 
-_FANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], tuple[int, int]]]" = weakref.WeakKeyDictionary()
+def _fresh(link: Any, named: dict[str, nn.Module]) -> Any:
+    """A cached link with its activation module read again (a PReLU's slope is its weight's
+    current value; a LeakyReLU's slope its current attribute)."""
+    node = link.activation_node
+    if node is not None and node in named:
+        return replace(link, activation=resolve_activation(named[node]))
+    return link
+
+
+_FANS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[int, int]]]" = weakref.WeakKeyDictionary()
 
 
 def _layer_fans(module: nn.Module) -> tuple[int, int]:
-    """``initlab.fans`` of the layer's output weight (cached per module and weight shape)."""
+    """``initlab.fans`` of the layer's output weight (cached per module, weight shape and settings:
+    a ConvTranspose's fan_in depends on its stride)."""
     w = output_weight(module)
     if w is None:
         return (0, 0)
+    key = (tuple(w.shape), plain_settings(output_layer(module)))
     hit = _FANS.get(module)
-    if hit is not None and hit[0] == tuple(w.shape):
+    if hit is not None and hit[0] == key:
         return hit[1]
     try:
         result = module_fans(output_layer(module))
     except InitlabError:
         result = (0, 0)
-    _FANS[module] = (tuple(w.shape), result)
+    _FANS[module] = (key, result)
     return result
 
 
@@ -415,22 +431,23 @@ class _Probe:
     def run(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None) -> None:
         """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
         hooks are removed afterwards, also when the forward or the loss fails."""
-        with hooks() as handles:
+        with kept_buffers(model), hooks() as handles:
             self._install(handles)
             grad_params = self._grad_params()
             with torch.set_grad_enabled(self.backward), no_mha_fastpath():
                 try:
                     out = model(*inputs)
-                except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                    if isinstance(e, InitlabError):
-                        raise
+                except InitlabError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the model's own failure, explained in one line
                     for h in handles:  # the failure is located by a second pass, without these hooks
                         h.remove()
                     handles.clear()
                     layers = [(n, layer.module) for n, layer in self.layers.items()]
-                    raise forward_error(e, inputs, locate_failure(model, inputs, layers), layers) from e
+                    tracker = None if is_out_of_memory(e) else locate_failure(model, inputs, layers)
+                    raise forward_error(e, inputs, tracker, layers) from e
                 if loss_fn is not None:
-                    self._run_backward(loss_fn(out), grad_params)
+                    self._run_backward(loss_fn(out), grad_params)  # a user's loss raises its own error
 
     def _install(self, handles: list[Any]) -> None:
         sources: set[str] = set()
@@ -457,7 +474,13 @@ class _Probe:
                                + (f" of shape {tuple(loss_t.shape)}" if isinstance(loss_t, Tensor) else ""))
         if not loss_t.requires_grad:
             raise InitlabError("the loss does not depend on any weight (no grad_fn); check the model and loss")
-        gs = torch.autograd.grad(loss_t.reshape(()), grad_params, allow_unused=True)
+        try:
+            gs = torch.autograd.grad(loss_t.reshape(()), grad_params, allow_unused=True)
+        except RuntimeError as e:
+            if is_out_of_memory(e):
+                raise memory_error("the backward pass", sum(p.numel() * p.element_size() for p in grad_params), e) from e
+            raise InitlabError(f"the backward pass failed ({str(e).strip().splitlines()[0] if str(e).strip() else e!r}); "
+                               "probe needs a loss that autograd can differentiate w.r.t. the weights") from e
         self.grads = {id(p): g for p, g in zip(grad_params, gs) if g is not None}
         self.loss_value = loss_t.detach()
 
@@ -784,8 +807,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     the next layer, skip connections, pooling: the next layer's input is not the activation just
     measured) the recursion restarts from the measured input of that layer.
     """
-    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 1):
-        raise InitlabError(f"bins must be a positive integer or None, got {bins!r}")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
+        raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
     xf, sample_size, batch_sums = _batch_sums(x0)

@@ -42,13 +42,13 @@ import torch
 from torch import Tensor
 
 from ._activations import Activation
-from ._engine import (TRUNC_VAR, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
-                      check_mode, check_scale, target_std, variance_scaling_)
-from ._errors import InitlabError, unknown_choice
+from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
+                      check_mode, check_scale, check_std, is_number, planned_std, target_std, variance_scaling_)
+from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 from ._gains import gain as _gain
-from ._lsuv import check_lsuv_args, lsuv_
+from ._lsuv import check_lsuv_args, run_lsuv
 from ._orthogonal import delta_orthogonal_, identity_, orthogonal_
 
 __all__ = [
@@ -90,6 +90,11 @@ class Scheme:
             a weight layer followed by activation ``act`` (None: a readout).
         fit: for a data-dependent scheme, ``fit(model, batch, generator)`` runs after the per-layer
             initialisation; it returns a result with ``row_updates()`` for ``init_model``'s report.
+        check: for a scheme that cannot fail once its checks pass (the variance-scaling engine),
+            ``check(tensor, fans, generator)`` raises what calling the scheme on that tensor would
+            raise, without writing. ``init_model`` runs every check before its first write and then
+            keeps no copy of the weights (it holds Ctrl-C back instead); the tensors of any other
+            scheme are copied first, so that a failure part-way can be undone.
     """
 
     name: str
@@ -104,6 +109,7 @@ class Scheme:
     needs_batch: bool = False
     for_layer: Callable[[Activation | None], LayerChoice] | None = field(default=None, repr=False)
     fit: Callable[..., Any] | None = field(default=None, repr=False)
+    check: Callable[[Tensor, "Fans | None", "torch.Generator | None"], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -113,6 +119,12 @@ class Scheme:
                  generator: torch.Generator | None = None) -> Tensor:
         """Initialise ``tensor`` in place and return it. ``fans`` overrides the shape-based
         ``(fan_in, fan_out)`` (pass ``initlab.fans(w, module=layer)`` for module-aware fans)."""
+        if not isinstance(tensor, Tensor):
+            raise InitlabError(f"scheme {self.name!r} initialises a torch.Tensor in place, got {type(tensor).__name__}: "
+                               f"{tensor!r:.80}")
+        _check_generator(generator, tensor)
+        if fans is not None:
+            _check_fans(fans)
         return self.init(tensor, fans, generator)
 
     def target_std(self, fans: Fans | None = None, *, tensor: Tensor | None = None,
@@ -130,7 +142,8 @@ class Scheme:
                 fans = _fans(shp)
             except InitlabError:
                 fans = (0.0, 0.0)
-        return self.std(float(fans[0]), float(fans[1]), shp)
+        fi, fo = _check_fans(fans)
+        return self.std(fi, fo, shp)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -162,6 +175,7 @@ def _vs(scale: float, mode: str, distribution: str) -> Scheme:
         init=lambda t, f, g: variance_scaling_(t, scale, mode, distribution, generator=g, fans=f),
         std=lambda fi, fo, shp: target_std(scale, mode, (fi, fo)),
         scale=scale, mode=mode, distribution=distribution,
+        check=lambda t, f, g: planned_std(t, scale, mode, distribution, generator=g, fans=f),
     )
 
 
@@ -173,7 +187,7 @@ def _plain(init: _Init, std: _Std | None) -> Scheme:
 # in-place functions
 
 def _check_mean(mean: object) -> None:
-    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
+    if not is_number(mean) or isinstance(mean, Tensor) or not math.isfinite(mean):  # type: ignore[arg-type]
         raise InitlabError(f"mean must be a finite number, got {mean!r}")
 
 
@@ -186,6 +200,7 @@ def normal_(tensor: Tensor, std: float = 1.0, *, mean: float = 0.0,
     std = check_scale(std, "std")
     _check_mean(mean)
     gen = _check_generator(generator, tensor)
+    check_std(std, tensor.dtype, "normal", mean=float(mean))
     _sample_(tensor, "normal", std, gen)
     if mean and not tensor.is_meta:
         with torch.no_grad():
@@ -309,8 +324,8 @@ def _lsuv(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center:
             "use initlab.init_model(model, 'lsuv', batch=x) or initlab.lsuv_(model, x)")
 
     def fit(model: Any, batch: Any, generator: torch.Generator | None) -> Any:
-        return lsuv_(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
-                     generator=generator)
+        return run_lsuv(model, batch, tol=tol, max_iter=max_iter, target_var=target_var, center=center,
+                        generator=generator, undo=False)  # init_model keeps the copies and rolls back
     # the layers LSUV does not cover (Embedding, Bilinear, MultiheadAttention in_proj) keep auto's choice
     return Scheme(name="lsuv", init=init, level="model", needs_batch=True,
                   for_layer=_auto_rule("normal", "fan_in"), fit=fit)
@@ -345,12 +360,29 @@ def register_scheme(name: str, factory: Callable[..., Any], description: str = "
         raise InitlabError(f"a scheme name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise InitlabError(f"factory for scheme {name!r} must be callable, got {type(factory).__name__}")
+    if not isinstance(description, str):
+        raise InitlabError(f"description of scheme {name!r} must be a string, got {type(description).__name__}")
+    if not isinstance(overwrite, bool):
+        raise InitlabError(f"overwrite must be True or False, got {overwrite!r}")
+    if isinstance(aliases, str):
+        aliases = (aliases,)
+    if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise InitlabError(f"aliases of scheme {name!r} must be a list of non-empty names, got {aliases!r}")
     key = _key(name)
-    if not overwrite and (key in _REGISTRY or key in _ALIASES):
-        raise InitlabError(f"scheme {key!r} is already registered; pass overwrite=True to replace it")
+    names = [key, *(_key(a) for a in aliases)]
+    if len(set(names)) != len(names):
+        raise InitlabError(f"scheme {key!r}: its name and aliases repeat a name: {names}")
+    for n in names:  # every check before the registry changes; another scheme's name or alias is never taken over
+        owner = n if n in _REGISTRY else _ALIASES.get(n)
+        if owner is not None and not (overwrite and owner == key):
+            if owner == n == key:
+                raise InitlabError(f"scheme {key!r} is already registered; pass overwrite=True to replace it")
+            raise InitlabError(f"scheme name {n!r} is already registered (by scheme {owner!r}); pick another name")
+    for a in [a for a, k in _ALIASES.items() if k == key]:
+        del _ALIASES[a]
     _REGISTRY[key] = _Entry(factory, description)
-    for a in aliases:
-        _ALIASES[_key(a)] = key
+    for a in names[1:]:
+        _ALIASES[a] = key
 
 
 def schemes() -> list[str]:
@@ -430,6 +462,9 @@ def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
         made = entry.factory(**params)
     except InitlabError as e:
         raise InitlabError(f"scheme {key!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a user factory's own error, in one line
+        raise InitlabError(f"scheme {key!r}: its factory raised {type(e).__name__}: {e} "
+                           f"(parameters {dict(params) or 'none'})") from e
     if isinstance(made, Scheme):
         return replace(made, name=key, params=bound, description=made.description or entry.description)
     if callable(made):
@@ -494,6 +529,9 @@ def _normal(std: float, mean: float) -> Scheme:
 def _zeros_(t: Tensor) -> Tensor:
     if not isinstance(t, Tensor):
         raise InitlabError(f"zeros expects a torch.Tensor, got {type(t).__name__}")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise InitlabError("zeros cannot write into an inference tensor (made under torch.inference_mode()) "
+                           "outside inference mode; clone it first (tensor.clone())")
     if not t.is_meta:
         with torch.no_grad():
             t.zero_()
@@ -546,3 +584,4 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                               description="List the registry of named initialisation schemes.")
     p.add_argument("-v", "--verbose", action="store_true", help="also show parameters and aliases")
     p.set_defaults(func=_cli_schemes)
+    one_line_usage_errors(p)

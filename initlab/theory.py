@@ -72,6 +72,7 @@ from torch import Tensor, nn
 from ._activations import Activation, resolve_activation
 from ._errors import InitlabError, unknown_choice
 from ._fans import module_fans
+from ._forward import kept_buffers
 from ._graph import find_activations
 from ._layers import is_affine
 
@@ -414,9 +415,11 @@ def _expect_2d(phi: _Phi, q: float, c: np.ndarray, *, grad: bool = False) -> dic
 
 
 def _var(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise InitlabError(f"{name} must be a number >= 0, got {type(value).__name__}: {value!r}")
     try:
         v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise InitlabError(f"{name} must be a number >= 0, got {value!r}") from None
     if not math.isfinite(v) or v < 0:
         raise InitlabError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -424,9 +427,11 @@ def _var(name: str, value: object) -> float:
 
 
 def _array(name: str, value: object, *, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, np.ndarray) and value.dtype == bool):
+        raise InitlabError(f"{name} must be a number or an array of numbers, got {type(value).__name__}: {value!r}")
     try:
         a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise InitlabError(f"{name} must be a number or an array of numbers, got {value!r}") from None
     if a.size == 0:
         raise InitlabError(f"{name} is empty")
@@ -469,7 +474,7 @@ class LayerSpec:
         for field_name in ("fan_in", "fan_out"):
             v = getattr(self, field_name)
             try:
-                ok = math.isfinite(float(v)) and float(v) > 0
+                ok = not isinstance(v, (bool, str)) and math.isfinite(float(v)) and float(v) > 0
             except (TypeError, ValueError):
                 ok = False
             if not ok:
@@ -677,7 +682,7 @@ def _forward_order(model: nn.Module, batch: Tensor, layers: list[tuple[str, nn.M
                 if name not in order:
                     order.append(name)
             handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
+        with torch.no_grad(), kept_buffers(model):  # BatchNorm statistics are left as they were
             model(batch)
     except InitlabError:
         raise
@@ -1104,6 +1109,8 @@ def jacobian_spectrum(model: nn.Module, batch: Tensor, *, max_entries: int = 2 *
         raise InitlabError(f"jacobian_spectrum expects an nn.Module, got {type(model).__name__}")
     if not isinstance(batch, Tensor):
         raise InitlabError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
+    if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+        raise InitlabError(f"max_entries must be a positive int, got {max_entries!r}")
     if batch.ndim < 2 or batch.shape[0] < 1:
         raise InitlabError(f"batch must have a leading batch dimension and at least one example, got shape {tuple(batch.shape)}")
     if not batch.is_floating_point():
@@ -1119,7 +1126,7 @@ def jacobian_spectrum(model: nn.Module, batch: Tensor, *, max_entries: int = 2 *
         return y.reshape(-1)
 
     rows = []
-    with torch.enable_grad():
+    with torch.enable_grad(), kept_buffers(model):  # BatchNorm statistics are left as they were
         for i in range(batch.shape[0]):
             x = batch[i].detach()
             try:
