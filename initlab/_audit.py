@@ -177,6 +177,19 @@ def _canonical(name: str) -> str:
         return name.strip().lower()
 
 
+def _auto_twin(act_name: str, used: str) -> set[str]:
+    """What ``auto`` and a named scheme share for this activation: auto's own choice for it
+    (kumar for sigmoid, he_normal for relu) is the same draw as auto, and vice versa."""
+    try:
+        label = get_scheme("auto").for_layer(resolve_activation(act_name)).label  # type: ignore[misc]
+    except (InitlabError, TypeError):
+        return set()
+    choice = _canonical(label)
+    if act_name != READOUT and choice == "he_normal" and resolve_activation(act_name).family != "relu":
+        return set()  # auto's second-moment gain is not he_normal's gain outside the relu family
+    return {choice} if used == "auto" else {"auto"} if used == choice else set()
+
+
 def suggest(act_name: str, in_use: str | None = None) -> str:
     """The scheme(s) to try for layers followed by ``act_name`` (the activation table's advice),
     never the scheme already in use (``in_use``, or the one the running audit was told about):
@@ -190,11 +203,12 @@ def suggest(act_name: str, in_use: str | None = None) -> str:
         return advice
     used = _canonical(in_use)
     names = [n.strip() for n in advice.split(" or ")] + [_AUTO_CALL]  # auto: the fallback of every advice
-    if used not in {_canonical(n) for n in names}:
+    same = {used} | _auto_twin(act_name, used)
+    if not same & {_canonical(n) for n in names}:
         return advice
     left: list[str] = []
     for n in names:
-        if _canonical(n) != used and _canonical(n) not in {_canonical(m) for m in left}:
+        if _canonical(n) not in same and _canonical(n) not in {_canonical(m) for m in left}:
             left.append(n)
     return f"{' or '.join(left + [_LAST_RESORT])} ({in_use} is in use)"
 
@@ -412,8 +426,48 @@ def findings_from(result: ProbeResult, in_use: str | None = None) -> list[Findin
         _IN_USE.reset(token)
 
 
+#: schemes ``audit`` recognises in the weights when it is not told which one is in use
+DETECTABLE = ("auto", "he_normal", "xavier_normal", "lecun_normal", "kumar", "torch_default")
+
+
+def _expected_var(name: str, row: dict[str, Any]) -> float | None:
+    """Var(w) that scheme ``name`` (as ``init_model`` applies it) gives this layer."""
+    fans = (float(row["fan_in"]), float(row["fan_out"]))
+    try:
+        sch = get_scheme(name)
+        if sch.for_layer is not None:
+            act = None if row["activation"] == READOUT else resolve_activation(row["activation"])
+            sch = sch.for_layer(act).scheme
+        std = sch.target_std(fans)
+    except (InitlabError, KeyError, TypeError, ValueError):
+        return None
+    return None if std is None else std * std
+
+
+def detect_scheme(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The first of :data:`DETECTABLE` whose variance every weight layer has (within 5% plus four
+    standard errors of a sample variance, sqrt(2 / numel)), or None."""
+    usable = [r for r in rows if isinstance(r["fan_in"], (int, float)) and r["fan_in"] and r["fan_out"]
+              and math.isfinite(r["weight_var"]) and r["weight_var"] > 0]
+    if not usable:
+        return None
+    for name in DETECTABLE:
+        ok = True
+        for r in usable:
+            want = _expected_var(name, r)
+            tol = 0.05 + 4.0 * math.sqrt(2.0 / max(float(r["fan_in"]) * float(r["units"] or 1), 1.0))
+            if want is None or want <= 0 or abs(r["weight_var"] / want - 1.0) > tol:
+                ok = False
+                break
+        if ok:
+            return name
+    return None
+
+
 def _findings(result: ProbeResult) -> list[Finding]:
     rows = result.rows
+    if _IN_USE.get() is None:
+        _IN_USE.set(detect_scheme(rows))
     main_act = _main_activation(rows)
     out = [f for r in rows for f in _layer_findings(r, result.backward, result.batch_size)]
     out.append(_signal_finding(rows, main_act, _weight_story(rows)))
@@ -490,8 +544,11 @@ def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
             g = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
             return (y * g).sum()
     result = probe(model, inputs if len(inputs) > 1 else inputs[0], target=target, loss=loss)
+    detected = None if scheme is not None else detect_scheme(result.rows)
     out = AuditResult(findings=findings_from(result, scheme), probe=result, model=type(model).__name__,
-                      batch_shape=tuple(inputs[0].shape), in_use=scheme)
+                      batch_shape=tuple(inputs[0].shape), in_use=scheme or detected)
+    if detected is not None:
+        out.notes.append(f"the weights have {detected}'s variance in every layer: treated as the scheme in use")
     if 0 < result.batch_size <= 4 and any(math.isfinite(r["dead_frac"]) for r in result.rows):
         out.notes.append(f"a batch of {result.batch_size}: a live ReLU unit is 0 on every sample with probability "
                          f"{0.5 ** result.batch_size:.3g}, so dead units are counted beyond that chance only; "

@@ -32,9 +32,10 @@ def test_suggest_never_the_scheme_in_use():
     assert suggest("sigmoid") == "xavier_normal or kumar"
     s = suggest("sigmoid", "glorot_normal")  # an alias of the suggestion counts as in use
     assert s.startswith("kumar") and "glorot_normal is in use" in s and "xavier_normal" not in s
-    s = suggest("relu", "auto")
-    assert s.startswith("he_normal") and "'auto')" not in s and "auto is in use" in s
-    assert "lsuv" in suggest("relu", "he_normal")
+    s = suggest("relu", "auto")  # auto's choice for relu is he_normal: the same draw, not suggested either
+    assert s.startswith("lsuv") and "he_normal or" not in s and "auto is in use" in s
+    assert suggest("relu", "he_normal").startswith("lsuv")
+    assert suggest("sigmoid", "auto").startswith("xavier_normal or lsuv")  # auto is kumar for sigmoid
     assert suggest("relu", "normal") == "he_normal"  # not in use: the plain advice
 
 
@@ -45,6 +46,20 @@ def test_cli_init_in_use_is_not_recommended(capsys):
     assert data["in_use"] == "xavier_normal"
     for f in data["findings"]:
         assert not f["fix"].startswith("try xavier_normal"), f
+
+
+def test_scheme_in_use_detected_from_the_weights():
+    m = _mlp([784, 100, 100, 10], "sigmoid")
+    x = torch.rand(256, 784, generator=torch.Generator().manual_seed(0))
+    for name in ("xavier_normal", "auto", "kumar"):
+        initlab.init_model(m, name, generator=torch.Generator().manual_seed(1))
+        res = audit(m, x)
+        assert res.in_use == name, name
+        assert all(not f.fix.startswith(f"try {name}") for f in res.findings)
+    with torch.no_grad():  # negative control: weights 3x too large match no scheme
+        for lin in m[::2]:
+            lin.weight.mul_(3.0)
+    assert audit(m, x).in_use is None
 
 
 def _bn_cnn():
