@@ -29,9 +29,20 @@ a severity, the layer, a message and a suggested fix. The rules and their thresh
   recursion's prediction by more than ``THEORY_RATIO`` (2x) (correlated inputs, a non-Gaussian
   regime, or a structure the recursion does not model).
 
+* **dead units at small batches**: a live unit is 0 on all B samples with probability 2^-B, so
+  only the share beyond p0 + 3 sqrt(p0 (1 - p0) / units), p0 = 2^-B, counts (:func:`dead_excess`).
+
 Fixes name the scheme the activation table suggests for the activation: He (relu family; He et
 al. 2015), Xavier or Kumar for sigmoid (Glorot & Bengio 2010; Kumar 2017), Xavier/LeCun for tanh,
-LeCun for SELU (Klambauer et al. 2017), or ``initlab.init_model(model, "auto")``.
+LeCun for SELU (Klambauer et al. 2017), or ``initlab.init_model(model, "auto")`` -- never the
+scheme in use (declared with ``scheme=`` / ``--init``, else :func:`detect_scheme` from the weights'
+variance), nor ``auto``'s identical choice: that one is called "in use" and the next follows
+(then LSUV, Mishkin & Matas 2016, or normalisation layers).
+
+The table leaves a prediction empty where it tests no theory (:func:`theory_rows`): after a norm,
+a residual merge or attention the recursion restarts from the measured input, and the backward
+recursion is anchored at the last layer of each chain. ``--fail-on warning|error``: exit status 1
+when a finding is at least that severe (0 otherwise; 2 for usage errors).
 """
 from __future__ import annotations
 
