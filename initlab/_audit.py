@@ -359,7 +359,7 @@ def _signal_finding(rows: Sequence[dict[str, Any]], main_act: str, story: str) -
     cause = f": {story} with {main_act}" if story else ""
     return Finding(sev, None,
                    f"signal variance {verb} x{per:.2g} per layer (pre-activation variance "
-                   f"{fmt(rows[0]['pre_var'])} at layer 1, {fmt(rows[-1]['pre_var'])} at layer "
+                   f"{fmt(rows[0]['pre_var'])} at layer {rows[0]['index']}, {fmt(rows[-1]['pre_var'])} at layer "
                    f"{rows[-1]['index']}){cause}",
                    f"try {suggest(main_act)}", "signal_shrinks" if per < 1 else "signal_grows")
 
@@ -481,9 +481,12 @@ def _findings(result: ProbeResult) -> list[Finding]:
         _IN_USE.set(detect_scheme(rows))
     main_act = _main_activation(rows)
     out = [f for r in rows for f in _layer_findings(r, result.backward, result.batch_size)]
-    out.append(_signal_finding(rows, main_act, _weight_story(rows)))
+    # an index lookup (Embedding) carries no propagated signal: its output variance is its weight
+    # variance, so it does not start the depth trend of the signal or the gradient
+    deep = [r for r in rows if r["kind"] not in ("Embedding", "EmbeddingBag")]
+    out.append(_signal_finding(deep, main_act, _weight_story(deep)))
     if result.backward:
-        out.append(_gradient_finding(rows, main_act))
+        out.append(_gradient_finding(deep, main_act))
     out.append(_output_finding(rows, main_act))
     out += _theory_findings(theory_rows(result))
     rank = {s: i for i, s in enumerate(SEVERITIES)}

@@ -161,3 +161,28 @@ def test_dead_units_judged_against_chance():
         for lin in (m[0], m[2], m[4]):
             lin.bias.fill_(-100.0)
     assert "dead_relu" in audit(m, x).codes()
+
+
+def test_an_embedding_does_not_start_the_depth_trend():
+    """GPT-2 style: token embeddings of std 0.02, a LayerNorm, then variance-preserving layers. The
+    embedding's output variance is its weight variance, not a propagated signal: no signal finding."""
+    torch.manual_seed(0)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.norm = nn.Embedding(100, 64), nn.LayerNorm(64)
+            self.fc, self.head = nn.Linear(64, 64), nn.Linear(64, 100)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.fc(self.norm(self.emb(ids)))))
+
+    m = LM()
+    initlab.init_model(m, "auto", generator=torch.Generator().manual_seed(0))
+    nn.init.normal_(m.emb.weight, std=0.02)
+    res = audit(m, torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(1)))
+    assert res.probe.rows[0]["pre_var"] < 1e-3 < res.probe.rows[1]["pre_var"]  # the jump a norm makes
+    assert not res.codes() & {"signal_grows", "signal_shrinks", "gradient_explodes", "gradient_vanishes"}, str(res)
+    # negative control: the same rule with the embedding row kept (the old behaviour) flags it
+    from initlab._audit import _severity, _trend
+    assert _severity(*_trend([r["pre_var"] for r in res.probe.rows])) is not None
