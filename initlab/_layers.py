@@ -311,9 +311,11 @@ def mlp(widths: Sequence[int], activation: Any = "relu", bias: bool = True, *,
     activation is a fresh module (:func:`activation_module`).
     """
     sizes = check_sizes(widths, "widths", min_len=2)
+    if not isinstance(bias, bool):
+        raise InitlabError(f"bias must be True or False, got {bias!r}")
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b, bias=bool(bias)))
+        layers.append(nn.Linear(a, b, bias=bias))
         if i < len(sizes) - 2:
             layers.append(activation_module(activation, param))
     return nn.Sequential(*layers)

@@ -200,3 +200,10 @@ def test_import_check_sees_a_function_level_import():
     # negative control for the check above
     _, inner = _imports(ast.parse("def f():\n    from ._probe import probe\n"))
     assert inner == [("f", "from ._probe import probe")]
+
+
+@pytest.mark.parametrize("bias", ["no", 0, 1, None, "False"])
+def test_mlp_bias_must_be_a_bool(bias):
+    # a string such as "no" used to build a model with biases (bool("no") is True)
+    with pytest.raises(initlab.InitlabError, match="bias must be True or False"):
+        _layers.mlp([4, 3, 2], bias=bias)
