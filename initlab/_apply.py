@@ -57,7 +57,7 @@ from torch.nn.utils import parametrize
 
 from ._activations import Activation
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
-                           param_convention)
+                           param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
@@ -493,12 +493,13 @@ def _weight_label(name: str, pname: str) -> str:
     return name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
 
 
-def _tie_owners(targets: list[tuple[str, nn.Module, str]]) -> dict[int, str]:
+def _tie_owners(targets: list[tuple[str, nn.Module, str]], embedding_role: bool = False) -> dict[int, str]:
     """id(weight) -> the label of the layer that writes it. A weight shared by an Embedding and a
     Linear readout (tied input/output embeddings, Press & Wolf 2017) is written in the readout's
     role: ``auto`` then gives LeCun normal, std 1/sqrt(d), so the logits h.W of a unit-variance
     hidden state h are O(1); the embedding's N(0, 1) role would give logits of std sqrt(d).
-    Other weights: the first layer holding them."""
+    Other weights, and all with ``embedding_role`` (T5: :func:`scaled_tied_readout`): the first
+    layer holding them."""
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module, what in targets:
         if what == "weight":
@@ -507,7 +508,8 @@ def _tie_owners(targets: list[tuple[str, nn.Module, str]]) -> dict[int, str]:
     out: dict[int, str] = {}
     for key, hs in holders.items():
         readout = [lab for lab, m in hs if isinstance(m, nn.Linear)]
-        tied_embedding = len(hs) > 1 and readout and any(isinstance(m, nn.Embedding) for _, m in hs)
+        tied_embedding = len(hs) > 1 and readout and any(isinstance(m, nn.Embedding) for _, m in hs) \
+            and not embedding_role
         out[key] = readout[0] if tied_embedding else hs[0][0]
     return out
 
@@ -523,6 +525,7 @@ class _Walk:
         self.reset: dict[str, bool] = {}  # other modules: whether reset_parameters() ran
         self.planned: dict[str, list[_Planned]] = {}
         self.scheme: Any = None  # the resolved scheme (recurrent layers' input weights use it)
+        self.embedding_role = False  # a tied embedding/readout keeps the embedding's role (T5)
         self.zero_norms: set[str] = set()  # norms kept at zero (zero-init residual branches)
         self.conventions: dict[tuple[str, str], Convention | None] = {}
         self.fate: dict[int, str] = {}  # id(parameter) -> what init_model does to it
@@ -553,7 +556,7 @@ class _Walk:
     def plan(self, targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLink],
              choices: dict[str, LayerChoice]) -> bool:
         """Check every weight write before any is made; True when all of them are safe."""
-        seen = _tie_owners(targets)
+        seen = _tie_owners(targets, self.embedding_role)
         for name, module, what in targets:
             if what != "weight":
                 continue
@@ -746,7 +749,7 @@ class _Walk:
                     fate.setdefault(id(t), label)
             else:
                 for pname, t in own.items():
-                    c = self.conventions[(name, pname)] = param_convention(pname, t)
+                    c = self.conventions[(name, pname)] = param_convention(pname, t, module)
                     if c is not None:
                         fate[id(t)] = c.label
         table = self._param_table(model, left_out, {name: what for name, _, what in targets})
@@ -903,7 +906,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     held = deferred_interrupt(release=False)
     with all_or_nothing(undo):
         walk = _Walk(generator, bias_mode, undo)
-        walk.scheme = scheme_obj
+        walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)
         links = find_activations(model)
         # choices first, outside no_grad (a gain may be computed with autograd)

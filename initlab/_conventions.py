@@ -15,12 +15,20 @@ report names the rule in the parameter's row):
   patch or word embeddings, so a small std keeps them from dominating.
 * **relative position bias tables** (``relative_position_bias_table``): truncated normal with
   std 0.02 (Swin, Liu et al. 2021).
+* **custom normalisation layers** (a module whose class name contains ``Norm``, e.g. T5's
+  ``T5LayerNorm``, or timm's ResMLP ``Affine``): ``weight``/``alpha``/``scale`` 1 and
+  ``bias``/``beta``/``shift`` 0, as for the ``nn`` normalisation layers.
 * **layer scale** (parameters named ``gamma``, ``gamma_1``, ``gamma_2``, ``layer_scale*``,
-  ``ls_gamma``; CaiT, Touvron et al. 2021; ConvNeXt, Liu et al. 2022): the model's configured value
+  ``ls_gamma``, ``ls``, ``ls1``, ``ls2``; CaiT, Touvron et al. 2021; ConvNeXt, Liu et al. 2022): the model's configured value
   is kept when the tensor is finite and constant (every entry equal); otherwise (a meta build
   moved with ``to_empty()``: the configured value is lost) it is set to :data:`LAYER_SCALE_INIT`
   = 1e-6, the default of ConvNeXt and of timm's ``ls_init_value``. A module owning such a
   parameter that has its own ``reset_parameters()`` runs that instead (the configured value).
+* **tied embedding / readout** (one weight shared by an ``nn.Embedding`` and an ``nn.Linear``
+  readout; Press & Wolf 2017): written once, in the readout's role (``auto``: LeCun normal, std
+  1/sqrt(d), so the logits of a unit-variance hidden state are O(1), where the embedding's N(0, 1)
+  would give logits of std sqrt(d)); the other row says ``tied with``. The T5 family multiplies the
+  hidden state by d^-1/2 before its tied readout, so there the embedding role (N(0, 1)) is kept.
 * **recurrent layers** (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``), per gate block: input weights
   ``weight_ih`` by the scheme with the block's fans (fan_in = input size; ``auto``: LeCun normal,
   Var = 1/fan_in, the gates being sigmoid/tanh), recurrent weights ``weight_hh`` orthogonal per
@@ -40,7 +48,7 @@ from torch import Tensor, nn
 from ._engine import truncated_normal_
 from ._orthogonal import orthogonal_
 
-__all__ = ["Convention", "is_conv1d", "conv1d_fans", "param_convention", "is_position_embedding",
+__all__ = ["Convention", "is_conv1d", "scaled_tied_readout", "conv1d_fans", "param_convention", "is_position_embedding",
            "TOKEN_STD", "LAYER_SCALE_INIT", "init_recurrent", "recurrent_tensors"]
 
 #: std of tokens, position embeddings and relative position bias tables (ViT, BERT, Swin)
@@ -50,7 +58,9 @@ LAYER_SCALE_INIT = 1e-6
 
 _TOKENS = ("*_token", "*_tokens", "pos_embed*", "*pos_embedding*", "*position_embedding*", "query_tokens")
 _REL_BIAS = ("relative_position_bias_table*",)
-_LAYER_SCALE = ("gamma", "gamma_1", "gamma_2", "layer_scale*", "ls_gamma", "*_layer_scale")
+_LAYER_SCALE = ("gamma", "gamma_1", "gamma_2", "layer_scale*", "ls_gamma", "*_layer_scale", "ls", "ls[0-9]")
+_NORM_ONES = ("weight", "alpha", "scale")
+_NORM_ZEROS = ("bias", "beta", "shift")
 _POS_MODULES = ("wpe", "position_embeddings", "embed_positions", "pos_embed*", "position_embedding")
 
 
@@ -74,6 +84,17 @@ def conv1d_fans(m: nn.Module) -> tuple[float, float]:
     return float(m.weight.shape[0]), float(m.weight.shape[1])
 
 
+#: transformers model types whose tied readout is applied to h * d^-1/2 (T5: the embedding keeps N(0, 1))
+_SCALED_READOUT = ("t5", "mt5", "umt5", "longt5", "switch_transformers")
+
+
+def scaled_tied_readout(model: nn.Module) -> bool:
+    """A transformers model that rescales the hidden state by d^-1/2 before its tied readout (the
+    T5 family, ``tie_word_embeddings``): its shared weight keeps the embedding's N(0, 1) role."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in _SCALED_READOUT and bool(getattr(config, "tie_word_embeddings", False))
+
+
 def is_position_embedding(name: str, m: nn.Module) -> bool:
     """An ``nn.Embedding`` of positions (GPT-2's ``wpe``, BERT's ``position_embeddings``)."""
     last = name.rsplit(".", 1)[-1]
@@ -91,10 +112,19 @@ def _constant(t: Tensor) -> bool:
     return bool(torch.isfinite(flat).all() and (flat == flat[0]).all())
 
 
-def param_convention(pname: str, tensor: Tensor) -> Convention | None:
+def _is_norm_like(m: nn.Module | None) -> bool:
+    name = type(m).__name__
+    return m is not None and ("Norm" in name or name == "Affine")
+
+
+def param_convention(pname: str, tensor: Tensor, module: nn.Module | None = None) -> Convention | None:
     """The convention of a parameter held by a module initlab has no layer rule for, or None."""
     if not tensor.is_floating_point():
         return None
+    if _is_norm_like(module) and pname in _NORM_ONES + _NORM_ZEROS:
+        one = pname in _NORM_ONES
+        return Convention(f"{'ones' if one else 'zeros'} (normalisation)",
+                          lambda t, g: t.fill_(1.0 if one else 0.0))  # type: ignore[misc]
     if any(fnmatch.fnmatchcase(pname, p) for p in _REL_BIAS):
         return Convention("trunc_normal(0.02) (relative position bias)", _trunc)
     if any(fnmatch.fnmatchcase(pname, p) for p in _TOKENS):
