@@ -171,3 +171,109 @@ def test_meta_build_then_auto(name):
     # a recurrent layer's hidden state is gated and bounded (|h| < 1): std ~0.1 under the standard rules
     low = 0.03 if name in ("lstm", "gru") else 0.3
     assert low <= float(y.std()) <= 3.0, float(y.std())
+
+
+# --------------------------------------------------------------------------------------------
+# each convention, on its own
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_hf_conv1d_fans_are_swapped():
+    model = meta_build(MODELS["hf:gpt2"][0])
+    rep = init_model(model, "auto", generator=_gen())
+    row = rep["transformer.h.0.mlp.c_fc"]  # Conv1D weight (64, 256): in 64, out 256
+    assert (row["fan_in"], row["fan_out"]) == (64, 256)
+    assert row["target_std"] == pytest.approx(64 ** -0.5)
+    w = model.transformer.h[0].mlp.c_fc.weight
+    assert float(w.std()) == pytest.approx(64 ** -0.5, rel=0.05)
+    # the tied readout: LeCun in the readout's role, logits O(1)
+    assert rep["transformer.wte"]["scheme"] == "tied with lm_head"
+    assert float(model.lm_head.weight.std()) == pytest.approx(64 ** -0.5, rel=0.05)
+    # position embeddings: trunc normal 0.02
+    assert float(model.transformer.wpe.weight.std()) == pytest.approx(0.02, rel=0.1)
+
+
+def test_tokens_position_embeddings_and_relative_bias_tables():
+    vit = meta_build(MODELS["timm:deit_tiny_distilled"][0])
+    rep = init_model(vit, "auto", generator=_gen())
+    for name in ("cls_token", "dist_token", "pos_embed"):
+        assert rep.param(name)["action"].startswith("trunc_normal(0.02)")
+    assert float(vit.pos_embed.std()) == pytest.approx(0.02, rel=0.15)
+    swin = meta_build(MODELS["torchvision:swin"][0])
+    rep = init_model(swin, "auto", generator=_gen())
+    tables = [p for p in rep.params if p["name"].endswith("relative_position_bias_table")]
+    assert tables and all(p["action"].startswith("trunc_normal(0.02)") for p in tables)
+
+
+def test_layer_scale_keeps_the_configured_value_and_falls_back_to_1e_6():
+    model = MODELS["torchvision:convnext"][0]()  # a real build: layer_scale = 1e-6 everywhere
+    with torch.no_grad():
+        model.features[1][0].layer_scale.fill_(0.1)
+    rep = init_model(model, "auto", generator=_gen())
+    assert torch.all(model.features[1][0].layer_scale == 0.1)
+    assert rep.param("features.1.0.layer_scale")["action"] == "kept (layer scale, configured value)"
+    meta = meta_build(MODELS["torchvision:convnext"][0])
+    rep = init_model(meta, "auto", generator=_gen())
+    assert torch.all(meta.features[1][0].layer_scale == 1e-6)
+    assert rep.param("features.1.0.layer_scale")["action"] == "layer scale 1e-06"
+
+
+def test_lstm_per_gate_orthogonal_recurrent_and_forget_bias():
+    m = Recurrent(nn.LSTM)
+    rep = init_model(m, "auto", generator=_gen())
+    h = 32
+    b_ih, b_hh = m.rnn.bias_ih_l0, m.rnn.bias_hh_l0
+    assert torch.all(b_ih[h:2 * h] == 1) and torch.all(b_ih[:h] == 0) and torch.all(b_hh == 0)
+    for block in m.rnn.weight_hh_l0.detach().chunk(4, 0):
+        assert torch.allclose(block @ block.T, torch.eye(h), atol=1e-5)
+    assert float(m.rnn.weight_ih_l0.std()) == pytest.approx(16 ** -0.5, rel=0.1)  # LeCun per gate, fan_in 16
+    assert rep["rnn.weight_hh_l0"]["scheme"] == "orthogonal per gate (4 blocks)"
+    g = Recurrent(nn.GRU)
+    init_model(g, "auto", generator=_gen())
+    assert torch.all(g.rnn.bias_ih_l0 == 0)
+
+
+def test_zero_init_residual_norms_are_kept():
+    model = build("torchvision:resnet18[num_classes=10,zero_init_residual=True]")
+    rep = init_model(model, "auto", generator=_gen())
+    assert torch.all(model.layer1[0].bn2.weight == 0) and torch.all(model.bn1.weight == 1)
+    assert rep["layer1.0.bn2"]["scheme"] == "kept zeros (zero-init residual)"
+    # every norm zero is uninitialised memory, not a choice: they get ones
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with torch.no_grad():
+        m[1].weight.zero_()
+    init_model(m, generator=_gen())
+    assert torch.all(m[1].weight == 1)
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.temperature = nn.Parameter(torch.full((1,), math.nan))
+
+    def forward(self, x):
+        return self.lin(x) * self.temperature
+
+
+def test_strict_names_every_parameter_left_as_it_was():
+    from initlab import InitlabError
+
+    with pytest.raises(InitlabError, match="temperature"):  # NaN: detectably uninitialised, strict by default
+        init_model(_Custom(), generator=_gen())
+    m = _Custom()
+    with torch.no_grad():
+        m.temperature.fill_(1.0)
+    rep = init_model(m, generator=_gen())  # finite: kept, and the report says why
+    assert rep.untouched == ["temperature"] and "no rule" in rep.param("temperature")["why"]
+    assert "untouched: temperature" in str(rep)
+    with pytest.raises(InitlabError, match="strict=True"):
+        init_model(m, generator=_gen(), strict=True)
+    rep = init_model(_Custom(), generator=_gen(), strict=False)
+    assert rep.untouched == ["temperature"]
+    rep = init_model(_Custom(), generator=_gen(), exclude=lambda n, mod: n == "")
+    assert rep.param("temperature")["why"] == "left out by include/exclude"
+    assert [p["name"] for p in rep.params] == ["temperature", "lin.weight", "lin.bias"]
