@@ -63,6 +63,7 @@ from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
 from ._layers import WEIGHT_LAYERS, init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._reparam import commit, computed_kind, scratch_for
 from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters, schemes
 from ._text import text_table
 from ._undo import Undo, all_or_nothing, check_memory, deferred_interrupt, tensor_bytes
@@ -427,6 +428,8 @@ class _Planned:
     target: float | None = None
     safe: bool = False  # written by a scheme that cannot fail once its check passed
     tied_to: str | None = None
+    computed: str | None = None  # a weight computed from others (initlab._reparam): sampled into a scratch tensor
+    underlying: list[Tensor] = field(default_factory=list)
 
 
 def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
@@ -434,7 +437,7 @@ def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> No
     if isinstance(tensor, nn.parameter.UninitializedParameter):
         raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
                            "run one forward pass before init_model")
-    if parametrize.is_parametrized(module, pname) or module._parameters.get(pname) is not tensor:
+    if computed_kind(module, pname) == "unknown":
         raise InitlabError(
             f"layer {name!r} ({kind_name(module)}): its {pname} is computed from other tensors (a "
             "parametrization or torch.nn.utils.weight_norm/spectral_norm), so init_model cannot set it in place; "
@@ -572,17 +575,22 @@ class _Walk:
                   tensor: Tensor, blocks: int, seen: dict[int, str]) -> _Planned:
         _weight_slot(name, module, pname, tensor)
         label = _weight_label(name, pname)
+        computed, underlying = computed_kind(module, pname), []
+        if computed is not None:  # weight norm, spectral norm, pruning: the effective weight is sampled
+            tensor, underlying = scratch_for(module, pname, computed)
         try:
             fans = conv1d_fans(module) if is_conv1d(module) else module_fans(module, pname)
         except InitlabError as e:
             raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
         parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
-        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks)
+        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks,
+                     computed=computed, underlying=underlying)
         if seen.get(id(tensor), label) != label:  # written in another role (the readout of a tied pair)
             p.tied_to = seen[id(tensor)]
             return p
         seen[id(tensor)] = label
         _check_write(p, self.generator)
+        p.safe = p.safe and computed is None
         return p
 
     def written(self, targets: list[tuple[str, nn.Module, str]]) -> list[tuple[str, Tensor]]:
@@ -592,7 +600,8 @@ class _Walk:
             if what == "norm":
                 out += [(f"norm {name!r}", t) for t in _norm_tensors(module)]
             elif what == "weight":
-                out += [(f"layer {p.label!r}", p.tensor) for p in self.planned[name] if p.tied_to is None]
+                out += [(f"layer {p.label!r}", t) for p in self.planned[name] if p.tied_to is None
+                        for t in (p.underlying or [p.tensor])]
                 if self.bias_mode != "keep":
                     out += [(f"layer {name!r}'s bias", b) for b in init_biases(module)]
         return out
@@ -705,8 +714,12 @@ class _Walk:
         if isinstance(m, nn.Embedding) and m.padding_idx is not None and p.pname == "weight" and not p.tensor.is_meta:
             p.tensor[m.padding_idx].zero_()  # as PyTorch does
         bias = self.bias_mode if init_biases(m) else None
-        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, p.choice.label, p.target, p.choice.gain, bias),
-                  _std_sample(p.tensor))
+        label, effective = p.choice.label, p.tensor
+        if p.computed is not None:
+            effective = commit(m, p.pname, p.computed, p.tensor)
+            label += " (effective weight)"
+        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, label, p.target, p.choice.gain, bias),
+                  _std_sample(effective))
 
     def _filled_in_place(self, p: _Planned, returned: list[Any]) -> None:
         """A scheme that returned new tensors and left the weight as it was did nothing: say so."""
@@ -735,7 +748,8 @@ class _Walk:
             own = dict(module.named_parameters(recurse=False))
             if what == "weight":
                 for p in self.planned[name]:
-                    fate[id(p.tensor)] = f"tied with {p.tied_to}" if p.tied_to else p.choice.label
+                    for t in p.underlying or [p.tensor]:
+                        fate[id(t)] = f"tied with {p.tied_to}" if p.tied_to else p.choice.label
                 bias = "kept (bias='keep')" if self.bias_mode == "keep" else f"bias {self.bias_mode}"
                 for b in init_biases(module):
                     fate.setdefault(id(b), bias)
@@ -790,6 +804,8 @@ def _kind(name: str, m: nn.Module) -> str | None:
     "norm", "rnn" (per gate), "other" (its reset_parameters), "conv" (a convention per parameter)."""
     if is_weight_layer(m) or is_conv1d(m):
         return "pos" if is_position_embedding(name, m) else "weight"
+    if isinstance(m, parametrize.ParametrizationList):  # the originals of a parametrized weight: its layer's
+        return None
     if is_norm(m):
         has = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
         return "norm" if has else None

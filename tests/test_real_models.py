@@ -277,3 +277,32 @@ def test_strict_names_every_parameter_left_as_it_was():
     rep = init_model(_Custom(), generator=_gen(), exclude=lambda n, mod: n == "")
     assert rep.param("temperature")["why"] == "left out by include/exclude"
     assert [p["name"] for p in rep.params] == ["temperature", "lin.weight", "lin.bias"]
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "old_weight_norm", "spectral_norm", "prune"])
+def test_the_effective_weight_of_a_parametrized_layer_is_initialised(kind):
+    from torch.nn.utils import parametrizations, prune
+
+    m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2))
+    with torch.no_grad():
+        m[0].weight.mul_(0.3)  # PyTorch's default, scaled: not what init_model writes
+    if kind == "weight_norm":
+        parametrizations.weight_norm(m[0])
+    elif kind == "old_weight_norm":
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(m[0])
+    elif kind == "spectral_norm":
+        parametrizations.spectral_norm(m[0])
+    else:
+        prune.random_unstructured(m[0], "weight", 0.5)
+    rep = init_model(m, generator=_gen())
+    row = rep["0"]
+    assert row["scheme"] == "he_normal (effective weight)" and not rep.untouched
+    std = float(m[0].weight.detach().std())
+    if kind == "spectral_norm":  # W / sigma_max(W) (each read runs a power iteration): the layer's constraint
+        assert float(torch.linalg.matrix_norm(m[0].weight.detach(), 2)) == pytest.approx(1.0, rel=0.05)
+    else:  # weight norm is exact; the pruned weight has the target variance over all its entries
+        assert row["realised_std"] == pytest.approx(std, rel=0.02)
+        assert std == pytest.approx(row["target_std"], rel=0.03)
+    y = m(torch.randn(8, 256))
+    assert torch.isfinite(y).all()
