@@ -63,6 +63,7 @@ from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
 from ._layers import WEIGHT_LAYERS, init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._residual import apply_policy, check_policy, find_branches
 from ._reparam import commit, computed_kind, scratch_for
 from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters, schemes
 from ._text import text_table
@@ -792,6 +793,17 @@ class _Walk:
                 self._tensors.append(t)
         return table
 
+    def residual(self, done: dict[str, str], modules: dict[str, nn.Module], params: list[dict[str, Any]]) -> None:
+        """The report after a residual policy: the rows and parameters it changed say so."""
+        for i, row in enumerate(self.rows):
+            if row["name"] in done:
+                row["scheme"] = f"{row['scheme']} + {done[row['name']]}"
+                self.stds[i] = _std_sample(modules[row["name"]].weight)
+        for prow in params:
+            mname, _, pname = prow["name"].rpartition(".")
+            if pname == "weight" and mname in done and prow["action"] is not None:
+                prow["action"] = f"{prow['action']} + {done[mname]}"
+
     def finish(self) -> list[dict[str, Any]]:
         """The rows, with their realised stds (one host transfer)."""
         for row, s in zip(self.rows, _to_floats(self.stds)):
@@ -874,7 +886,8 @@ def _check_args(model: object, bias: object, generator: object) -> str | float:
 
 def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Generator | None = None,
                bias: str | float = "zeros", include: Any = None, exclude: Any = None,
-               batch: Tensor | None = None, strict: bool | None = None, **scheme_params: Any) -> InitReport:
+               batch: Tensor | None = None, strict: bool | None = None, residual: str | None = None,
+               **scheme_params: Any) -> InitReport:
     """Initialise every weight layer of ``model`` in place and report what was done.
 
     Args:
@@ -901,6 +914,11 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
             (a meta build moved with ``to_empty()`` and filled with NaN; plain ``to_empty()``
             memory may look finite, so pass ``strict=True`` for meta builds); ``False``: never.
             ``report.params`` says what was done to every parameter, and why any was left.
+        residual: a residual-branch policy applied after the per-layer initialisation:
+            ``"skipinit"`` (De & Smith 2020: each branch's last norm, else its last projection, is
+            zeroed), ``"fixup"`` (Zhang et al. 2019: last layer 0, the others x L^(-1/(2m-2))),
+            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); the
+            branches are found by module structure (:mod:`initlab._residual`).
         **scheme_params: parameters of the scheme (``auto`` takes ``distribution`` and ``mode``).
 
     All or nothing: every check runs before the first write, and on any failure (or Ctrl-C) the
@@ -917,6 +935,11 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
     targets, left_out = _targets(model, inc, exc)
+    policy = check_policy(residual)
+    branches = find_branches(model) if policy else []
+    if policy and not branches:
+        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
+                           "initlab._residual for the module structures recognised)")
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
@@ -934,6 +957,8 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
             undo.save_all(walk.written(targets))
         with held if safe else nullcontext():
             walk.write(targets)
+            if policy:
+                walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
             traced = all(link.traced for link in links.values())
             note = next((link.note for link in links.values() if not link.traced), "")
             report = InitReport(walk.finish(), traced, label, note, params=params)

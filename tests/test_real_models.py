@@ -306,3 +306,31 @@ def test_the_effective_weight_of_a_parametrized_layer_is_initialised(kind):
         assert std == pytest.approx(row["target_std"], rel=0.03)
     y = m(torch.randn(8, 256))
     assert torch.isfinite(y).all()
+
+
+def test_residual_policies():
+    from initlab import InitlabError
+
+    gpt = meta_build(MODELS["hf:gpt2"][0])
+    rep = init_model(gpt, "auto", generator=_gen(), residual="gpt2")
+    w = gpt.transformer.h[0].attn.c_proj.weight  # Conv1D (64, 64): LeCun 1/8, x 1/sqrt(2 n_layer) = 1/2
+    assert float(w.std()) == pytest.approx(64 ** -0.5 / 2, rel=0.05)
+    assert rep["transformer.h.0.attn.c_proj"]["scheme"].endswith("gpt2: x0.5 (1/sqrt(4))")
+    assert rep.param("transformer.h.0.mlp.c_proj.weight")["action"].endswith("(1/sqrt(4))")
+    assert rep["transformer.h.0.attn.c_proj"]["realised_std"] == pytest.approx(float(w.std()), rel=1e-3)
+
+    net = build("torchvision:resnet18[num_classes=10]")
+    rep = init_model(net, "auto", generator=_gen(), residual="skipinit")
+    assert torch.all(net.layer1[0].bn2.weight == 0) and torch.all(net.bn1.weight == 1)
+    assert rep["layer1.0.bn2"]["scheme"].startswith("ones/zeros + skipinit")
+    init_model(net, "auto", generator=_gen(), residual="fixup")  # 8 branches of 2 convs: x 8^(-1/2), last 0
+    assert torch.all(net.layer1[0].conv2.weight == 0)
+    assert float(net.layer1[0].conv1.weight.std()) == pytest.approx((2 / (64 * 9)) ** 0.5 / 8 ** 0.5, rel=0.05)
+
+    vit = meta_build(MODELS["timm:vit_tiny"][0])
+    init_model(vit, "auto", generator=_gen(), residual="skipinit")
+    assert torch.all(vit.blocks[0].attn.proj.weight == 0) and torch.all(vit.blocks[0].mlp.fc2.weight == 0)
+    with pytest.raises(InitlabError, match="no residual branch"):
+        init_model(nn.Sequential(nn.Linear(3, 3)), residual="fixup")
+    with pytest.raises(InitlabError, match="residual must be"):
+        init_model(nn.Sequential(nn.Linear(3, 3)), residual="rezero")
