@@ -9,9 +9,19 @@
   zeroed afterwards, as PyTorch does;
 * every normalisation layer (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm): weight 1,
   bias 0, running statistics reset;
-* any other module holding parameters of its own (PReLU, LSTM, ...): its ``reset_parameters()``
-  (PyTorch's default), seeded from ``generator`` when one is given; without one the row says
-  ``untouched``.
+* transformers' ``Conv1D`` (GPT-2) as a Linear with swapped fans, recurrent layers per gate,
+  position embeddings, tokens, relative position bias tables, layer scale, custom norms and tied
+  embedding/readout weights by the conventions of :mod:`initlab._conventions`; weight-normed,
+  spectral-normed, parametrized and pruned layers through their effective weight
+  (:mod:`initlab._reparam`); zero-initialised residual norms keep their zeros;
+* any other module holding parameters of its own (PReLU, ...): its ``reset_parameters()``
+  (PyTorch's default), seeded from ``generator`` when one is given; a parameter no rule covers
+  is left as it is, and ``report.params`` says why (``strict`` makes that an error);
+* optionally a residual-branch policy (``residual=``, :mod:`initlab._residual`).
+
+Every parameter is accounted for: ``report.params`` has one row per fully qualified parameter
+name with its ``action`` (the scheme, ``tied with X``, a convention, ``reset_parameters``,
+``kept ...``) or, when left as it was, ``why``.
 
 ``scheme="auto"`` chooses per layer from the activation that consumes the layer's output
 (:func:`initlab._graph.find_activations`); with ``phi`` that activation, ``n`` the fan and
@@ -90,12 +100,14 @@ Selector = str | Callable[[str, nn.Module], bool]
 
 @dataclass
 class InitReport:
-    """What ``init_model`` did, one row per initialised module.
+    """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
+    recurrent layers and modules handled by a convention), and ``params``, one per parameter.
 
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
     ``realised_std`` the sample std measured after sampling (on at most the first ``STD_SAMPLE``
-    entries; None on the meta device). ``traced`` is False when the model could not be traced
+    entries; None on the meta device). ``params``: dicts with keys name (fully qualified), module,
+    kind, shape, action (None when left as it was) and why. ``traced`` is False when the model could not be traced
     with torch.fx and activations were found in module registration order (``note`` says why).
     """
 

@@ -152,7 +152,11 @@ def _logits(out) -> torch.Tensor:
     return out[0]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+#: the slower builds (several seconds each on a loaded 2-core machine), run by CI
+SLOW = {"torchvision:resnet18-zero-init", "torchvision:efficientnet_b0"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
 def test_meta_build_then_auto(name):
     make, inputs = MODELS[name]
     torch.manual_seed(0)
