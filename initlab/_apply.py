@@ -887,6 +887,16 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     report.extra[scheme.name] = result
 
 
+def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]]:
+    """The residual policy and the branches it applies to (an error when none is found)."""
+    policy = check_policy(residual)
+    branches = find_branches(model) if policy else []
+    if policy and not branches:
+        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
+                           "initlab._residual for the module structures recognised)")
+    return policy, branches
+
+
 def _check_args(model: object, bias: object, generator: object) -> str | float:
     if not isinstance(model, nn.Module):
         raise InitlabError(f"init_model expects an nn.Module, got {type(model).__name__}")
@@ -947,11 +957,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
     targets, left_out = _targets(model, inc, exc)
-    policy = check_policy(residual)
-    branches = find_branches(model) if policy else []
-    if policy and not branches:
-        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
-                           "initlab._residual for the module structures recognised)")
+    policy, branches = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
