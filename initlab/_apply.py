@@ -9,9 +9,19 @@
   zeroed afterwards, as PyTorch does;
 * every normalisation layer (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm): weight 1,
   bias 0, running statistics reset;
-* any other module holding parameters of its own (PReLU, LSTM, ...): its ``reset_parameters()``
-  (PyTorch's default), seeded from ``generator`` when one is given; without one the row says
-  ``untouched``.
+* transformers' ``Conv1D`` (GPT-2) as a Linear with swapped fans, recurrent layers per gate,
+  position embeddings, tokens, relative position bias tables, layer scale, custom norms and tied
+  embedding/readout weights by the conventions of :mod:`initlab._conventions`; weight-normed,
+  spectral-normed, parametrized and pruned layers through their effective weight
+  (:mod:`initlab._reparam`); zero-initialised residual norms keep their zeros;
+* any other module holding parameters of its own (PReLU, ...): its ``reset_parameters()``
+  (PyTorch's default), seeded from ``generator`` when one is given; a parameter no rule covers
+  is left as it is, and ``report.params`` says why (``strict`` makes that an error);
+* optionally a residual-branch policy (``residual=``, :mod:`initlab._residual`).
+
+Every parameter is accounted for: ``report.params`` has one row per fully qualified parameter
+name with its ``action`` (the scheme, ``tied with X``, a convention, ``reset_parameters``,
+``kept ...``) or, when left as it was, ``why``.
 
 ``scheme="auto"`` chooses per layer from the activation that consumes the layer's output
 (:func:`initlab._graph.find_activations`); with ``phi`` that activation, ``n`` the fan and
@@ -56,11 +66,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._activations import Activation
-from ._engine import needs_scratch
+from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
+                           param_convention, scaled_tied_readout)
+from ._engine import needs_scratch, truncated_normal_
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
 from ._layers import WEIGHT_LAYERS, init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._residual import apply_policy, check_policy, find_branches
+from ._reparam import commit, computed_kind, scratch_for
 from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters, schemes
 from ._text import text_table
 from ._undo import Undo, all_or_nothing, check_memory, deferred_interrupt, tensor_bytes
@@ -86,12 +100,14 @@ Selector = str | Callable[[str, nn.Module], bool]
 
 @dataclass
 class InitReport:
-    """What ``init_model`` did, one row per initialised module.
+    """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
+    recurrent layers and modules handled by a convention), and ``params``, one per parameter.
 
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
     ``realised_std`` the sample std measured after sampling (on at most the first ``STD_SAMPLE``
-    entries; None on the meta device). ``traced`` is False when the model could not be traced
+    entries; None on the meta device). ``params``: dicts with keys name (fully qualified), module,
+    kind, shape, action (None when left as it was) and why. ``traced`` is False when the model could not be traced
     with torch.fx and activations were found in module registration order (``note`` says why).
     """
 
@@ -100,6 +116,19 @@ class InitReport:
     scheme: str = "auto"
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    params: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def untouched(self) -> list[str]:
+        """The names of the parameters left as they were (``params`` rows without an action)."""
+        return [p["name"] for p in self.params if p["action"] is None]
+
+    def param(self, name: str) -> dict[str, Any]:
+        """The ``params`` row of a fully qualified parameter name (``"blocks.0.attn.qkv.weight"``)."""
+        for p in self.params:
+            if p["name"] == name:
+                return p
+        raise KeyError(name)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -134,6 +163,10 @@ class InitReport:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
         lines.append(text_table(_TABLE, cells, right=_NUMERIC))
+        left = [p for p in self.params if p["action"] is None]
+        if self.params:
+            lines[0] += f", {len(self.params)} parameters ({len(left)} untouched)"
+        lines += [f"untouched: {p['name']} ({p['why']})" for p in left]
         return "\n".join(lines)
 
 
@@ -147,10 +180,10 @@ def _fmt(v: Any) -> str:
 
 def _row(name: str, module: nn.Module, shape: tuple[int, ...], fan_in: float | None = None,
          fan_out: float | None = None, act: Activation | None = None, scheme: str = "", target: float | None = None,
-         gain: float | None = None, bias: str | float | None = None) -> dict[str, Any]:
+         gain: float | None = None, bias: str | float | None = None, why: str | None = None) -> dict[str, Any]:
     return {"name": name, "kind": kind_name(module), "shape": shape, "fan_in": fan_in, "fan_out": fan_out,
             "activation": None if act is None else act.label, "scheme": scheme, "target_std": target,
-            "realised_std": None, "gain": gain, "bias": bias}
+            "realised_std": None, "gain": gain, "bias": bias, "why": why}
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,9 +405,9 @@ def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
     return True
 
 
-def _init_norm(module: nn.Module) -> None:
+def _init_norm(module: nn.Module, keep_weight: bool = False) -> None:
     w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(w, Tensor):
+    if isinstance(w, Tensor) and not keep_weight:
         w.fill_(1.0)
     if isinstance(b, Tensor):
         b.zero_()
@@ -408,6 +441,8 @@ class _Planned:
     target: float | None = None
     safe: bool = False  # written by a scheme that cannot fail once its check passed
     tied_to: str | None = None
+    computed: str | None = None  # a weight computed from others (initlab._reparam): sampled into a scratch tensor
+    underlying: list[Tensor] = field(default_factory=list)
 
 
 def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
@@ -415,7 +450,7 @@ def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> No
     if isinstance(tensor, nn.parameter.UninitializedParameter):
         raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
                            "run one forward pass before init_model")
-    if parametrize.is_parametrized(module, pname) or module._parameters.get(pname) is not tensor:
+    if computed_kind(module, pname) == "unknown":
         raise InitlabError(
             f"layer {name!r} ({kind_name(module)}): its {pname} is computed from other tensors (a "
             "parametrization or torch.nn.utils.weight_norm/spectral_norm), so init_model cannot set it in place; "
@@ -437,6 +472,29 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
     p.safe = check is not None and not any(needs_scratch(part) for part in p.parts)
 
 
+def _uninitialised(t: Tensor) -> bool:
+    """On the meta device, or holding NaN/inf (memory from ``to_empty()``, or a NaN fill)."""
+    return t.is_meta or (t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t.detach()).all()))
+
+
+def _check_strict(table: list[dict[str, Any]], tensors: list[Tensor], strict: bool | None) -> None:
+    """``strict=True``: no parameter may be left as it is (unless include/exclude left its module
+    out); ``strict=None`` (default): none of those may be detectably uninitialised (meta, NaN, inf)."""
+    if strict is False:
+        return
+    bad = [row for row in table if row["action"] is None and not row["why"].startswith("left out")]
+    if strict is None:
+        by_name = {row["name"]: t for row, t in zip(table, tensors)}
+        bad = [row for row in bad if _uninitialised(by_name[row["name"]])]
+        what = "uninitialised (on the meta device or not finite) and has no rule"
+    else:
+        what = "would be left as it is (strict=True)"
+    if bad:
+        shown = "; ".join(f"{r['name']} ({r['why']})" for r in bad[:8]) + ("; ..." if len(bad) > 8 else "")
+        raise InitlabError(f"{len(bad)} parameter(s) {what}: {shown}. Initialise them yourself, leave their "
+                           "modules out (exclude=[...]), or pass strict=False")
+
+
 def _check_bias_fits(name: str, module: nn.Module, bias_mode: str | float) -> None:
     if not isinstance(bias_mode, float):
         return
@@ -445,6 +503,31 @@ def _check_bias_fits(name: str, module: nn.Module, bias_mode: str | float) -> No
         if info is not None and abs(bias_mode) > info.max:
             raise InitlabError(f"bias={bias_mode:g} does not fit layer {name!r}'s {str(b.dtype).replace('torch.', '')} "
                                f"bias (largest number {info.max:.4g}): it would be inf")
+
+
+def _weight_label(name: str, pname: str) -> str:
+    return name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
+
+
+def _tie_owners(targets: list[tuple[str, nn.Module, str]], embedding_role: bool = False) -> dict[int, str]:
+    """id(weight) -> the label of the layer that writes it. A weight shared by an Embedding and a
+    Linear readout (tied input/output embeddings, Press & Wolf 2017) is written in the readout's
+    role: ``auto`` then gives LeCun normal, std 1/sqrt(d), so the logits h.W of a unit-variance
+    hidden state h are O(1); the embedding's N(0, 1) role would give logits of std sqrt(d).
+    Other weights, and all with ``embedding_role`` (T5: :func:`scaled_tied_readout`): the first
+    layer holding them."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module, what in targets:
+        if what == "weight":
+            for pname, t, _ in init_weights(module):
+                holders.setdefault(id(t), []).append((_weight_label(name, pname), module))
+    out: dict[int, str] = {}
+    for key, hs in holders.items():
+        readout = [lab for lab, m in hs if isinstance(m, nn.Linear)]
+        tied_embedding = len(hs) > 1 and readout and any(isinstance(m, nn.Embedding) for _, m in hs) \
+            and not embedding_role
+        out[key] = readout[0] if tied_embedding else hs[0][0]
+    return out
 
 
 class _Walk:
@@ -457,6 +540,12 @@ class _Walk:
         self.stds: list[Tensor | None] = []
         self.reset: dict[str, bool] = {}  # other modules: whether reset_parameters() ran
         self.planned: dict[str, list[_Planned]] = {}
+        self.scheme: Any = None  # the resolved scheme (recurrent layers' input weights use it)
+        self.embedding_role = False  # a tied embedding/readout keeps the embedding's role (T5)
+        self.zero_norms: set[str] = set()  # norms kept at zero (zero-init residual branches)
+        self.conventions: dict[tuple[str, str], Convention | None] = {}
+        self.fate: dict[int, str] = {}  # id(parameter) -> what init_model does to it
+        self.pads: list[nn.Embedding] = []  # tied Embeddings whose padding row is zeroed last
 
     def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
         self.rows.append(row)
@@ -483,7 +572,7 @@ class _Walk:
     def plan(self, targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLink],
              choices: dict[str, LayerChoice]) -> bool:
         """Check every weight write before any is made; True when all of them are safe."""
-        seen: dict[int, str] = {}
+        seen = _tie_owners(targets, self.embedding_role)
         for name, module, what in targets:
             if what != "weight":
                 continue
@@ -492,26 +581,32 @@ class _Walk:
             self.planned[name] = [self._plan_one(name, module, act, choices[name], pname, tensor, blocks, seen)
                                   for pname, tensor, blocks in init_weights(module)]
             _check_bias_fits(name, module, self.bias_mode)
+        self._plan_norms(targets)
         return all(p.safe or p.tied_to is not None for ps in self.planned.values() for p in ps)
 
     def _plan_one(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice, pname: str,
                   tensor: Tensor, blocks: int, seen: dict[int, str]) -> _Planned:
         _weight_slot(name, module, pname, tensor)
-        label = name if pname in ("weight", "in_proj_weight") else f"{name}.{pname}"
+        label = _weight_label(name, pname)
+        computed, underlying = computed_kind(module, pname), []
+        if computed is not None:  # weight norm, spectral norm, pruning: the effective weight is sampled
+            tensor, underlying = scratch_for(module, pname, computed)
         try:
-            fans = module_fans(module, pname)
+            fans = conv1d_fans(module) if is_conv1d(module) else module_fans(module, pname)
         except InitlabError as e:
             raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
         parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
         per_module = getattr(choice.scheme, "for_module", None)  # torch_default: torch's rule for this module type
         own = per_module(module, pname) if per_module is not None else None
         choice = choice if own is None else LayerChoice(own, choice.label, choice.gain)
-        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks)
-        if id(tensor) in seen:
+        p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks,
+                     computed=computed, underlying=underlying)
+        if seen.get(id(tensor), label) != label:  # written in another role (the readout of a tied pair)
             p.tied_to = seen[id(tensor)]
             return p
         seen[id(tensor)] = label
         _check_write(p, self.generator)
+        p.safe = p.safe and computed is None
         return p
 
     def written(self, targets: list[tuple[str, nn.Module, str]]) -> list[tuple[str, Tensor]]:
@@ -521,7 +616,8 @@ class _Walk:
             if what == "norm":
                 out += [(f"norm {name!r}", t) for t in _norm_tensors(module)]
             elif what == "weight":
-                out += [(f"layer {p.label!r}", p.tensor) for p in self.planned[name] if p.tied_to is None]
+                out += [(f"layer {p.label!r}", t) for p in self.planned[name] if p.tied_to is None
+                        for t in (p.underlying or [p.tensor])]
                 if self.bias_mode != "keep":
                     out += [(f"layer {name!r}'s bias", b) for b in init_biases(module)]
         return out
@@ -534,17 +630,69 @@ class _Walk:
                     self.norm(name, module)
                 elif what == "other":
                     self.other(name, module)
+                elif what == "pos":
+                    self.position(name, module)
+                elif what == "rnn":
+                    self.recurrent(name, module)
+                elif what == "conv":
+                    self.convention(name, module)
                 else:
                     for p in self.planned[name]:
                         self._weight(p)
                     self._biases(name, module, biases)
+            for m in self.pads:  # a tied Embedding's padding row, after its readout role wrote the weight
+                if not m.weight.is_meta:
+                    m.weight[m.padding_idx].zero_()
 
     def norm(self, name: str, module: nn.Module) -> None:
-        _init_norm(module)
+        zero = name in self.zero_norms
+        _init_norm(module, keep_weight=zero)
         w = getattr(module, "weight", None)
         has_w = isinstance(w, Tensor)
-        self._add(_row(name, module, tuple(w.shape) if has_w else (), scheme="ones/zeros",
+        label = "kept zeros (zero-init residual)" if zero else "ones/zeros"
+        self._add(_row(name, module, tuple(w.shape) if has_w else (), scheme=label,
                        target=0.0 if has_w else None), _std_sample(w) if has_w else None)
+
+    def position(self, name: str, module: nn.Module) -> None:
+        """A position Embedding: truncated normal, std 0.02 (see initlab._conventions)."""
+        w = module.weight
+        if not w.is_meta:
+            truncated_normal_(w, TOKEN_STD, generator=self.generator)
+            if getattr(module, "padding_idx", None) is not None:
+                w[module.padding_idx].zero_()
+        self._add(_row(name, module, tuple(w.shape), scheme=self.fate[id(w)], target=TOKEN_STD), _std_sample(w))
+
+    def recurrent(self, name: str, module: nn.Module) -> None:
+        """An LSTM/GRU/RNN per gate block (see initlab._conventions); one row per parameter."""
+        level = getattr(self.scheme, "level", "tensor")
+        sch = get_scheme("lecun_normal") if level == "model" else self.scheme
+        bias = None if self.bias_mode == "keep" else float(self.bias_mode) if isinstance(self.bias_mode, float) else 0.0
+        params = dict(module.named_parameters(recurse=False))
+        if any(t.is_meta for t in params.values()):
+            labels = {k: "per gate (meta: not sampled)" for k in params}
+        else:
+            labels = init_recurrent(module, lambda t, fans: sch(t, fans=fans, generator=self.generator), bias,
+                                    self.generator)
+        for pname, t in params.items():
+            self._add(_row(f"{name}.{pname}", module, tuple(t.shape), scheme=labels[pname]), _std_sample(t))
+
+    def convention(self, name: str, module: nn.Module) -> None:
+        """A module without a layer rule or reset_parameters(): each parameter's convention, or untouched."""
+        for pname, t in module.named_parameters(recurse=False):
+            qual = f"{name}.{pname}" if name else pname
+            c = self.conventions.get((name, pname))
+            if c is None:
+                self._add(_row(qual, module, tuple(t.shape), scheme="untouched", why=self.why(module, pname)), None)
+                continue
+            if c.apply is not None and not t.is_meta:
+                c.apply(t, self.generator)
+            target = TOKEN_STD if c.label.startswith("trunc_normal") else None
+            self._add(_row(qual, module, tuple(t.shape), scheme=c.label, target=target), _std_sample(t))
+
+    @staticmethod
+    def why(module: nn.Module, pname: str) -> str:
+        return (f"no rule: {type(module).__name__} is not a known layer, has no reset_parameters() and no "
+                f"convention matches {pname!r}")
 
     def other(self, name: str, module: nn.Module) -> None:
         did = self.reset.get(name, False)
@@ -563,7 +711,9 @@ class _Walk:
     def _weight(self, p: _Planned) -> None:
         shape = tuple(p.tensor.shape)
         if p.tied_to is not None:
-            self._add(_row(p.label, p.module, shape, p.fans[0], p.fans[1], p.act, f"tied to {p.tied_to}"), None)
+            if isinstance(p.module, nn.Embedding) and p.module.padding_idx is not None:
+                self.pads.append(p.module)
+            self._add(_row(p.label, p.module, shape, p.fans[0], p.fans[1], p.act, f"tied with {p.tied_to}"), None)
             return
         try:
             returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]
@@ -580,8 +730,12 @@ class _Walk:
         if isinstance(m, nn.Embedding) and m.padding_idx is not None and p.pname == "weight" and not p.tensor.is_meta:
             p.tensor[m.padding_idx].zero_()  # as PyTorch does
         bias = self.bias_mode if init_biases(m) else None
-        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, p.choice.label, p.target, p.choice.gain, bias),
-                  _std_sample(p.tensor))
+        label, effective = p.choice.label, p.tensor
+        if p.computed is not None:
+            effective = commit(m, p.pname, p.computed, p.tensor)
+            label += " (effective weight)"
+        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, label, p.target, p.choice.gain, bias),
+                  _std_sample(effective))
 
     def _filled_in_place(self, p: _Planned, returned: list[Any]) -> None:
         """A scheme that returned new tensors and left the weight as it was did nothing: say so."""
@@ -591,6 +745,80 @@ class _Walk:
             raise InitlabError(f"scheme {p.choice.label!r} returned a new tensor and left the weight unchanged; a scheme "
                                "must fill the tensor it is given in place (e.g. torch.nn.init.normal_, not torch.randn_like)")
 
+    def _plan_norms(self, targets: list[tuple[str, nn.Module, str]]) -> None:
+        """Zero-initialised residual norms (torchvision's ``zero_init_residual=True``, timm's
+        ``zero_init_last``; Goyal et al. 2017): a norm whose weight and bias are all zeros keeps its
+        zeros, unless every norm of the model is zero (uninitialised memory, not a choice)."""
+        ws = [(name, m.weight, getattr(m, "bias", None)) for name, m, what in targets
+              if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta]
+        zero = {name for name, w, b in ws if not bool(torch.any(w)) and (not isinstance(b, Tensor) or not bool(torch.any(b)))}
+        self.zero_norms = zero if len(zero) < len(ws) else set()
+
+    def account(self, model: nn.Module, targets: list[tuple[str, nn.Module, str]], left_out: set[str],
+                strict: bool | None) -> list[dict[str, Any]]:
+        """Before any write: what happens to every parameter (one row per parameter name). Raises
+        when ``strict`` and a parameter would be left as it is (``strict=None``: only when such a
+        parameter is still on the meta device or holds NaN/inf, i.e. is detectably uninitialised)."""
+        fate = self.fate
+        for name, module, what in targets:
+            own = dict(module.named_parameters(recurse=False))
+            if what == "weight":
+                for p in self.planned[name]:
+                    for t in p.underlying or [p.tensor]:
+                        fate[id(t)] = f"tied with {p.tied_to}" if p.tied_to else p.choice.label
+                bias = "kept (bias='keep')" if self.bias_mode == "keep" else f"bias {self.bias_mode}"
+                for b in init_biases(module):
+                    fate.setdefault(id(b), bias)
+            elif what == "norm":
+                for t in own.values():
+                    fate[id(t)] = "kept zeros (zero-init residual)" if name in self.zero_norms else "ones/zeros"
+            elif what in ("other", "rnn", "pos"):
+                label = {"other": "reset_parameters", "rnn": f"per gate ({type(module).__name__})",
+                         "pos": "trunc_normal(0.02) (position embedding)"}[what]
+                for t in own.values():
+                    fate.setdefault(id(t), label)
+            else:
+                for pname, t in own.items():
+                    c = self.conventions[(name, pname)] = param_convention(pname, t, module)
+                    if c is not None:
+                        fate[id(t)] = c.label
+        table = self._param_table(model, left_out, {name: what for name, _, what in targets})
+        _check_strict(table, self._tensors, strict)
+        self.undo.save_all([(f"parameter {row['name']!r}", t) for row, t in zip(table, self._tensors)
+                            if row["module_kind"] in ("rnn", "pos", "conv") and row["action"] is not None])
+        return table
+
+    def _param_table(self, model: nn.Module, left_out: set[str], kinds: dict[str, str]) -> list[dict[str, Any]]:
+        table: list[dict[str, Any]] = []
+        self._tensors: list[Tensor] = []
+        first: dict[int, str] = {}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            for pname, t in m._parameters.items():
+                if t is None:
+                    continue
+                qual = f"{mname}.{pname}" if mname else pname
+                action = self.fate.get(id(t))
+                if action is not None and first.setdefault(id(t), qual) != qual:
+                    action = f"{action} (tied with {first[id(t)]})"
+                why = None
+                if action is None:
+                    why = "left out by include/exclude" if mname in left_out else self.why(m, pname)
+                table.append({"name": qual, "module": mname, "kind": type(m).__name__, "shape": tuple(t.shape),
+                              "action": action, "why": why, "module_kind": kinds.get(mname)})
+                self._tensors.append(t)
+        return table
+
+    def residual(self, done: dict[str, str], modules: dict[str, nn.Module], params: list[dict[str, Any]]) -> None:
+        """The report after a residual policy: the rows and parameters it changed say so."""
+        for i, row in enumerate(self.rows):
+            if row["name"] in done:
+                row["scheme"] = f"{row['scheme']} + {done[row['name']]}"
+                self.stds[i] = _std_sample(modules[row["name"]].weight)
+        for prow in params:
+            mname, _, pname = prow["name"].rpartition(".")
+            if pname == "weight" and mname in done and prow["action"] is not None:
+                prow["action"] = f"{prow['action']} + {done[mname]}"
+
     def finish(self) -> list[dict[str, Any]]:
         """The rows, with their realised stds (one host transfer)."""
         for row, s in zip(self.rows, _to_floats(self.stds)):
@@ -598,23 +826,34 @@ class _Walk:
         return self.rows
 
 
+def _kind(name: str, m: nn.Module) -> str | None:
+    """What the walk does with a module: "weight" (fan-based), "pos" (a position Embedding),
+    "norm", "rnn" (per gate), "other" (its reset_parameters), "conv" (a convention per parameter)."""
+    if is_weight_layer(m) or is_conv1d(m):
+        return "pos" if is_position_embedding(name, m) else "weight"
+    if isinstance(m, parametrize.ParametrizationList):  # the originals of a parametrized weight: its layer's
+        return None
+    if is_norm(m):
+        has = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
+        return "norm" if has else None
+    if not any(True for _ in m.parameters(recurse=False)):
+        return None
+    if isinstance(m, nn.RNNBase):
+        return "rnn"
+    return "other" if callable(getattr(m, "reset_parameters", None)) else "conv"
+
+
 def _targets(model: nn.Module, inc: list[Selector] | None,
-             exc: list[Selector] | None) -> list[tuple[str, nn.Module, str]]:
-    """(name, module, "weight"|"norm"|"other") in registration order, after include/exclude."""
-    found: list[tuple[str, nn.Module, str]] = []
-    for name, m in model.named_modules():
-        if is_weight_layer(m):
-            found.append((name, m, "weight"))
-        elif is_norm(m):
-            if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
-                found.append((name, m, "norm"))
-        elif any(True for _ in m.parameters(recurse=False)):
-            found.append((name, m, "other"))
+             exc: list[Selector] | None) -> tuple[list[tuple[str, nn.Module, str]], set[str]]:
+    """(name, module, kind) in registration order, after include/exclude (see :func:`_kind`), and
+    the names of the modules include/exclude left out."""
+    found = [(name, m, what) for name, m in model.named_modules() if (what := _kind(name, m)) is not None]
     if not found:
         kinds = ", ".join(sorted({c.__name__ for c in WEIGHT_LAYERS}))
         raise InitlabError(f"model {type(model).__name__} has nothing to initialise: no weight layer ({kinds}), "
                            "no normalisation layer and no module with parameters of its own")
     out = []
+    left_out: set[str] = set()
     inc_used: set[int] = set()
     exc_used: set[int] = set()
     for name, m, what in found:
@@ -624,13 +863,15 @@ def _targets(model: nn.Module, inc: list[Selector] | None,
         exc_used |= exc_hits
         if (inc is None or inc_hits) and not exc_hits:
             out.append((name, m, what))
+        else:
+            left_out.add(name)
     names = [n or "<model>" for n, _, _ in found]
     for sels, used_idx, what in ((inc, inc_used, "include"), (exc, exc_used, "exclude")):
         for i, s in enumerate(sels or ()):
             if isinstance(s, str) and i not in used_idx:
                 shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
                 raise InitlabError(f"{what} pattern {s!r} matches no initialisable module; modules: {shown}")
-    return out
+    return out, left_out
 
 
 def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, scheme: Scheme,
@@ -649,6 +890,16 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     report.extra[scheme.name] = result
 
 
+def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]]:
+    """The residual policy and the branches it applies to (an error when none is found)."""
+    policy = check_policy(residual)
+    branches = find_branches(model) if policy else []
+    if policy and not branches:
+        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
+                           "initlab._residual for the module structures recognised)")
+    return policy, branches
+
+
 def _check_args(model: object, bias: object, generator: object) -> str | float:
     if not isinstance(model, nn.Module):
         raise InitlabError(f"init_model expects an nn.Module, got {type(model).__name__}")
@@ -660,7 +911,8 @@ def _check_args(model: object, bias: object, generator: object) -> str | float:
 
 def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Generator | None = None,
                bias: str | float = "zeros", include: Any = None, exclude: Any = None,
-               batch: Tensor | None = None, **scheme_params: Any) -> InitReport:
+               batch: Tensor | None = None, strict: bool | None = None, residual: str | None = None,
+               **scheme_params: Any) -> InitReport:
     """Initialise every weight layer of ``model`` in place and report what was done.
 
     Args:
@@ -681,6 +933,17 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
             ``"head"`` selects ``"head.0"``) or predicates ``f(name, module) -> bool``, or lists of
             them. Each pattern must match at least one module.
         batch: input batch for data-dependent schemes (``"lsuv"``).
+        strict: ``True``: raise (nothing written) when any parameter would be left as it is
+            (one that include/exclude left out excepted); ``None`` (default): raise only when such
+            a parameter is detectably uninitialised: still on the meta device, or holding NaN/inf
+            (a meta build moved with ``to_empty()`` and filled with NaN; plain ``to_empty()``
+            memory may look finite, so pass ``strict=True`` for meta builds); ``False``: never.
+            ``report.params`` says what was done to every parameter, and why any was left.
+        residual: a residual-branch policy applied after the per-layer initialisation:
+            ``"skipinit"`` (De & Smith 2020: each branch's last norm, else its last projection, is
+            zeroed), ``"fixup"`` (Zhang et al. 2019: last layer 0, the others x L^(-1/(2m-2))),
+            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); the
+            branches are found by module structure (:mod:`initlab._residual`).
         **scheme_params: parameters of the scheme (``auto`` takes ``distribution`` and ``mode``).
 
     All or nothing: every check runs before the first write, and on any failure (or Ctrl-C) the
@@ -696,25 +959,30 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     inc, exc = _selectors(include, "include"), _selectors(exclude, "exclude")
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
-    targets = _targets(model, inc, exc)
+    targets, left_out = _targets(model, inc, exc)
+    policy, branches = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
     with all_or_nothing(undo):
         walk = _Walk(generator, bias_mode, undo)
+        walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)
         links = find_activations(model)
         # choices first, outside no_grad (a gain may be computed with autograd)
         choices = _choices(targets, links, scheme_obj, label)
         fit = getattr(scheme_obj, "fit", None)
         safe = walk.plan(targets, links, choices) and fit is None
+        params = walk.account(model, targets, left_out, strict)
         if not safe:
             undo.save_all(walk.written(targets))
         with held if safe else nullcontext():
             walk.write(targets)
+            if policy:
+                walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
             traced = all(link.traced for link in links.values())
             note = next((link.note for link in links.values() if not link.traced), "")
-            report = InitReport(walk.finish(), traced, label, note)
+            report = InitReport(walk.finish(), traced, label, note, params=params)
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop

@@ -204,9 +204,12 @@ def test_init_model_half_precision_std_too_small_is_caught_before_any_write():
     assert_unchanged(before, m)  # layer '0' (float32) was fine, but nothing is written before every check passed
 
 
-def test_init_model_parametrized_weight_is_refused_not_silently_skipped():
+def test_init_model_weight_computed_by_unknown_means_is_refused_not_silently_skipped():
+    # weight norm, spectral norm, pruning and parametrizations are initialised through their
+    # effective weight (tests/test_real_models.py); a weight that is a plain tensor attribute is refused
     m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    torch.nn.utils.parametrizations.orthogonal(m[2])
+    del m[2].weight
+    m[2].weight = torch.randn(2, 4)
     before = snapshot(m)
     with pytest.raises(InitlabError, match=r"layer '2' \(Linear\): its weight is computed .*exclude=\['2'\]"):
         initlab.init_model(m)

@@ -262,10 +262,15 @@ def test_embedding_padding_and_tied_weights():
 
     m = LM()
     rep = init_model(m, generator=gen())
-    assert rep["emb"]["fan_in"] == 1 and rep["emb"]["target_std"] == pytest.approx(1.0)
-    assert torch.all(m.emb.weight[0] == 0)
-    assert check_std(m.emb.weight[1:], 1.0)
-    assert rep["head"]["scheme"].startswith("tied to emb")
+    # a tied embedding/readout is written once, in the readout's role: LeCun, std 1/sqrt(64) (logits O(1))
+    assert rep["head"]["target_std"] == pytest.approx(1 / 8) and rep["head"]["scheme"] == "lecun_normal"
+    assert torch.all(m.emb.weight[0] == 0)  # the padding row, as PyTorch does
+    assert check_std(m.emb.weight[1:], 1 / 8)
+    assert rep["emb"]["scheme"] == "tied with head"
+    assert rep.param("head.weight")["action"] == "lecun_normal (tied with emb.weight)"
+    # an untied embedding keeps N(0, 1)
+    e = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 3))
+    assert init_model(e, generator=gen())["0"]["target_std"] == pytest.approx(1.0)
 
 
 def test_bias_policies():

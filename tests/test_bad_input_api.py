@@ -454,8 +454,9 @@ def _init_model_cases() -> list[Case]:
             "ZeroDivisionError", model=mlp),
         err("init_model-lazy", lambda m: im(m), "lazy", "forward pass",
             model=lambda: nn.Sequential(nn.LazyLinear(3), nn.ReLU())),
-        err("init_model-weight-norm", lambda m: im(m), "computed", "exclude=['0']",
-            model=lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))),
+        ok("init_model-weight-norm", lambda m: im(m), lambda r: r["0"]["scheme"].endswith("(effective weight)"),
+           model=lambda: nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))),
+        err("init_model-plain-tensor-weight", lambda m: im(m), "computed", "exclude=['0']", model=_plain_weight),
         err("init_model-gain-huge", lambda m: im(m, "xavier_normal", gain=1e200), "1e+200", model=mlp),
         err("init_model-fp16-too-small", lambda m: im(m, "normal", std=1e-6), "float16", "too small",
             model=lambda: mlp().half()),
@@ -464,6 +465,14 @@ def _init_model_cases() -> list[Case]:
         ok("init_model-torch-function", lambda m: im(m, torch.nn.init.orthogonal_), lambda r: len(r) == 3, model=mlp),
         ok("init_model-batch-unused", lambda m: im(m, "auto", batch="ignored"), lambda r: len(r) == 3, model=mlp),
     ]
+
+
+def _plain_weight() -> nn.Module:
+    """A Linear whose weight is a plain tensor attribute, not a parameter: init_model cannot set it."""
+    lin = nn.Linear(3, 3)
+    del lin.weight
+    lin.weight = torch.randn(3, 3)
+    return nn.Sequential(lin)
 
 
 def _probe_cases() -> list[Case]:
