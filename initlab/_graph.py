@@ -44,6 +44,7 @@ from . import _layers
 from ._activations import (Activation, activation_functions, activation_of_call, is_activation_module,
                            resolve_activation, row_of_method)
 from ._errors import InitlabError
+from ._fingerprint import fingerprint
 
 __all__ = ["WEIGHT_LAYERS", "LayerLink", "find_activations"]
 
@@ -126,6 +127,22 @@ def _is_activation_module(m: nn.Module) -> bool:
 def _activation_module(m: nn.Module) -> Activation | None:
     """The activation a module computes, or None when it is not an activation module."""
     return resolve_activation(m) if _is_activation_module(m) else None
+
+
+def _fingerprinted_module(m: nn.Module) -> Activation | None:
+    """For the registration-order fallback: the activation a module the table does not know
+    computes (HF's ``NewGELUActivation``, a user ``Swish``), by fingerprint; only modules with
+    no children and no parameters that no table calls transparent are probed."""
+    if (next(m.children(), None) is not None or next(m.parameters(), None) is not None
+            or _layers.is_transparent(m) or _layers.is_weight_layer(m) or isinstance(m, _KNOWN_BLOCKS)):
+        return None
+    return fingerprint(m, type(m).__name__)
+
+
+def _order_activation(m: nn.Module) -> Activation | None:
+    """An activation module of the table, or one recognised by fingerprint."""
+    act = _activation_module(m)
+    return act if act is not None else _fingerprinted_module(m)
 
 
 def _has_weight_layers(m: nn.Module) -> bool:
@@ -259,14 +276,25 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
                  after: _Outcome = _READOUT, note: str = "") -> None:
     """Link each weight layer to the next activation module registered after it."""
     items: list[tuple[str, nn.Module]] = []
+    acts: dict[str, Activation | None] = {}
+    barriers: set[str] = set()
 
     def walk(m: nn.Module, name: str) -> None:
         if _layers.is_weight_layer(m) or (isinstance(m, _KNOWN_BLOCKS) and name != prefix):
             items.append((name, m))
             return  # its insides are handled by _leaf_links
-        if name != prefix and (_is_activation_module(m) or _layers.is_transparent(m)):
+        if name != prefix and (_layers.is_transparent(m) or _is_activation_module(m)):
             items.append((name, m))
             return
+        if name != prefix and next(m.children(), None) is None and next(m.parameters(), None) is not None:
+            items.append((name, m))  # a layer with weights the table does not know (HF's Conv1D): a barrier
+            barriers.add(name)
+            return
+        if name != prefix:
+            acts[name] = _fingerprinted_module(m)
+            if acts[name] is not None:
+                items.append((name, m))
+                return
         for child_name, child in m.named_children():
             walk(child, _join(name, child_name))
 
@@ -280,11 +308,11 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
         through: list[str] = []
         outcome = after
         for nxt_name, nxt in items[i + 1:]:
-            act = _activation_module(nxt)
+            act = acts[nxt_name] if nxt_name in acts else _activation_module(nxt)
             if act is not None:
                 outcome = _Outcome("act", act, nxt_name)
                 break
-            if isinstance(nxt, _OPAQUE):
+            if isinstance(nxt, _OPAQUE) or nxt_name in barriers:
                 outcome = _READOUT
                 break
             through.append(nxt_name)
@@ -380,12 +408,126 @@ def _via_method(user: torch.fx.Node, memo: dict[torch.fx.Node, _Outcome]) -> _Ou
     return _Outcome("stop", note=f"stopped at .{target}(), not an activation")
 
 
+# --------------------------------------------------------------------------------------------
+# inline expressions: a chain of elementwise ops recognised by what it computes
+
+_ELEMENTWISE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.clamp, torch.clip,
+    torch.clamp_min, torch.clamp_max, torch.exp, torch.log1p, torch.abs, torch.erf, torch.sqrt,
+    torch.maximum, torch.minimum, torch.where, torch.sign, torch.square, torch.expm1,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "clamp", "clip", "clamp_min", "clamp_max", "exp",
+    "log1p", "abs", "erf", "sqrt", "square", "expm1", "sign", "float", "double", "to", "contiguous",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
+}
+# ops that change no value (casts): a table activation reached through them keeps the plain reading
+_PLAIN_FUNCTIONS: set[Any] = set()
+_PLAIN_METHODS = {"float", "double", "to", "contiguous"}
+
+
+def _node_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def _elementwise_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """"act" (a table activation), "plain" (transparent arithmetic), "op" (another elementwise op or
+    an unknown callable of one tensor, checked later by the fingerprint), or None (not elementwise)."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if m is None or _layers.is_weight_layer(m) or _layers.is_transparent(m) or _has_weight_layers(m):
+            return None
+        return "act" if _is_activation_module(m) else "op"
+    if node.op == "call_function":
+        if activation_of_call(node.target, (), {}) is not None:
+            return "act"
+        if node.target in _ELEMENTWISE_FUNCTIONS:
+            return "plain" if node.target in _PLAIN_FUNCTIONS else "op"
+        if node.target in _TRANSPARENT_FUNCTIONS or node.target in _DEAD_FUNCTIONS:
+            return None
+        return "op" if len(_node_inputs(node)) == 1 else None
+    if node.op == "call_method":
+        if row_of_method(node.target) is not None:
+            return "act"
+        if node.target in _ELEMENTWISE_METHODS:
+            return "plain" if node.target in _PLAIN_METHODS else "op"
+    return None
+
+
+def _region(start: torch.fx.Node, modules: dict[str, nn.Module], order: dict[torch.fx.Node, int]
+            ) -> tuple[list[torch.fx.Node], dict[torch.fx.Node, str]]:
+    """The elementwise expression growing from ``start``: every op whose tensor inputs all come
+    from ``start`` or from the region, in graph order."""
+    region = {start}
+    kinds: dict[torch.fx.Node, str] = {}
+    pending = sorted(start.users, key=order.__getitem__)
+    seen: set[torch.fx.Node] = set(pending)
+    while pending:
+        node = pending.pop(0)
+        kind = _elementwise_kind(node, modules)
+        if kind is None or not all(n in region for n in _node_inputs(node)):
+            continue
+        region.add(node)
+        kinds[node] = kind
+        for u in node.users:
+            if u not in seen:
+                seen.add(u)
+                pending.append(u)
+        pending.sort(key=order.__getitem__)
+    return sorted(region, key=order.__getitem__), kinds
+
+
+def _expression_outcome(start: torch.fx.Node, modules: dict[str, nn.Module], model: nn.Module,
+                        order: dict[torch.fx.Node, int]) -> _Outcome | None:
+    """The activation an inline expression after ``start`` computes (``x * torch.sigmoid(x)``,
+    ``x.clamp(min=0)``...), by fingerprint; None when the plain reading applies (a single table
+    activation, reached through transparent arithmetic) or the expression is not elementwise."""
+    nodes, kinds = _region(start, modules, order)
+    inside = set(nodes)
+    sinks = [n for n in nodes if n.op != "output" and any(u not in inside for u in n.users)]
+    if len(sinks) != 1 or sinks[0] is start or any(u not in inside for u in start.users):
+        return None
+    acts = sum(k == "act" for k in kinds.values())
+    reused = any(sum(a in inside for a in _node_inputs(n)) > 1 for n in kinds)
+    if not reused and acts <= 1 and all(k != "op" for k in kinds.values()):
+        return None
+    sink = sinks[0]
+    keep = [n for n in nodes if n is start or order[n] <= order[sink]]
+    act = fingerprint(_subgraph(model, keep, start, sink), _describe(keep[1:]))
+    if act is None:
+        return None
+    node = str(sink.target) if sink.op == "call_module" else None
+    what = ("a custom activation, not in the table (gains by quadrature)" if act.custom else act.label)
+    return _Outcome("act", act, node, note=f"recognised by what it computes: {_describe(keep[1:])} is {what}")
+
+
+def _subgraph(model: nn.Module, nodes: list[torch.fx.Node], start: torch.fx.Node,
+              sink: torch.fx.Node) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {start: g.placeholder("x")}
+    for n in nodes:
+        if n is not start:
+            env[n] = g.node_copy(n, env.__getitem__)
+    g.output(env[sink])
+    return torch.fx.GraphModule(model, g)
+
+
+def _describe(nodes: list[torch.fx.Node]) -> str:
+    names = [str(getattr(n.target, "__name__", n.target)) for n in nodes]
+    return "expression " + " -> ".join(names)
+
+
 def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLink]:
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     memo: dict[torch.fx.Node, _Outcome] = {}
+    order = {n: i for i, n in enumerate(nodes)}
     for node in reversed(nodes):  # users come after their inputs: one backward pass
-        memo[node] = _combine(_via(u, node, modules, memo) for u in node.users)
+        expr = _expression_outcome(node, modules, model, order) if node.op != "output" else None
+        memo[node] = expr if expr is not None else _combine(_via(u, node, modules, memo) for u in node.users)
     # one outcome per called module (a module called several times: first call wins)
     called: dict[str, list[_Outcome]] = {}
     for node in nodes:
