@@ -63,6 +63,10 @@ class LayerLink:
     qualified names of the modules passed on the way (dropout, norm, flatten, pooling...);
     functional transparent operations are not listed. ``traced`` is False when the model could not
     be traced and registration order was used instead. ``note`` explains anything unusual.
+    ``fed``/``fed_by`` say what the layer's *input* is (``auto``'s variance recursion reads it):
+    the model's input, the output of activation ``fed_by`` (reached backwards through dropout,
+    reshapes and pooling), or anything else (a norm, a residual sum, an embedding: unit second
+    moment assumed). Without a trace, the previous weight layer's activation in registration order.
     """
 
     name: str
@@ -72,6 +76,8 @@ class LayerLink:
     through: tuple[str, ...] = ()
     traced: bool = True
     note: str = ""
+    fed: str = "other"  # what feeds the layer: "input" (the model's input), "activation" (fed_by), "other"
+    fed_by: Activation | None = None  # the activation whose output the layer reads (fed == "activation")
 
     @property
     def readout(self) -> bool:
@@ -255,7 +261,8 @@ def _transformer_layer_links(layer: nn.Module, name: str, after: _Outcome, trace
         "activation read from the transformer layer's `activation` attribute")
     drop, norm = ("dropout3", "norm3") if decoder else ("dropout2", "norm2")
     nxt = _prefix(_join(name, drop), _prefix(_join(name, norm), after) if post_norm else after)
-    out[_join(name, "linear2")] = _link(_join(name, "linear2"), layer.linear2, nxt, traced)
+    out[_join(name, "linear2")] = replace(_link(_join(name, "linear2"), layer.linear2, nxt, traced),
+                                          fed="activation" if act is not None else "other", fed_by=act)
 
 
 def _link(name: str, module: nn.Module, outcome: _Outcome, traced: bool, note: str = "") -> LayerLink:
@@ -481,7 +488,8 @@ def _region(start: torch.fx.Node, modules: dict[str, nn.Module], order: dict[tor
 
 
 def _expression_outcome(start: torch.fx.Node, modules: dict[str, nn.Module], model: nn.Module,
-                        order: dict[torch.fx.Node, int]) -> _Outcome | None:
+                        order: dict[torch.fx.Node, int], sinks_found: dict[torch.fx.Node, Activation]
+                        ) -> _Outcome | None:
     """The activation an inline expression after ``start`` computes (``x * torch.sigmoid(x)``,
     ``x.clamp(min=0)``...), by fingerprint; None when the plain reading applies (a single table
     activation, reached through transparent arithmetic) or the expression is not elementwise."""
@@ -499,6 +507,7 @@ def _expression_outcome(start: torch.fx.Node, modules: dict[str, nn.Module], mod
     act = fingerprint(_subgraph(model, keep, start, sink), _describe(keep[1:]))
     if act is None:
         return None
+    sinks_found[sink] = act
     node = str(sink.target) if sink.op == "call_module" else None
     what = ("a custom activation, not in the table (gains by quadrature)" if act.custom else act.label)
     return _Outcome("act", act, node, note=f"recognised by what it computes: {_describe(keep[1:])} is {what}")
@@ -525,8 +534,9 @@ def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLin
     nodes = list(graph.nodes)
     memo: dict[torch.fx.Node, _Outcome] = {}
     order = {n: i for i, n in enumerate(nodes)}
+    sinks: dict[torch.fx.Node, Activation] = {}
     for node in reversed(nodes):  # users come after their inputs: one backward pass
-        expr = _expression_outcome(node, modules, model, order) if node.op != "output" else None
+        expr = _expression_outcome(node, modules, model, order, sinks) if node.op != "output" else None
         memo[node] = expr if expr is not None else _combine(_via(u, node, modules, memo) for u in node.users)
     # one outcome per called module (a module called several times: first call wins)
     called: dict[str, list[_Outcome]] = {}
@@ -538,7 +548,60 @@ def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLin
     out: dict[str, LayerLink] = {}
     for name, outcomes in called.items():
         _leaf_links(modules[name], name, _combine(outcomes), True, out)
+    for node in nodes:
+        name = str(node.target)
+        if node.op == "call_module" and name in out and out[name].fed == "other" and node.args:
+            fed, act = _source(node.args[0], modules, sinks)
+            out[name] = replace(out[name], fed=fed, fed_by=act)
     return out
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_PASS_BACK_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+                      "swapaxes", "movedim", "t", "contiguous", "squeeze", "unsqueeze", "to", "type_as", "float",
+                      "double", "half", "bfloat16", "__getitem__", "expand", "expand_as"}
+
+
+def _source(node: Any, modules: dict[str, nn.Module], sinks: dict[torch.fx.Node, Activation]
+            ) -> tuple[str, Activation | None]:
+    """What a layer's input is, walking backwards through dropout, reshapes and pooling:
+    ("input", None), ("activation", phi) or ("other", None)."""
+    while isinstance(node, torch.fx.Node):
+        if node in sinks:
+            return "activation", sinks[node]
+        if node.op == "placeholder":
+            return "input", None
+        nxt: Any = None
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            act = _activation_module(m)
+            if act is not None:
+                return ("other", None) if act.is_identity else ("activation", act)
+            if _layers.is_transparent(m) and not isinstance(m, _NORMS) and node.args:
+                nxt = node.args[0]
+        elif node.op == "call_function":
+            call = activation_of_call(node.target, tuple(node.args[1:]), node.kwargs)
+            if call is not None:
+                return "activation", call[0]
+            if node.target in _TRANSPARENT_FUNCTIONS and node.target not in _ARITHMETIC and node.args:
+                nxt = node.args[0]
+        elif node.op == "call_method":
+            row = row_of_method(node.target)
+            if row is not None:
+                return "activation", resolve_activation(row.name)
+            if node.target in _PASS_BACK_METHODS and node.args:
+                nxt = node.args[0]
+        if nxt is None:
+            return "other", None
+        node = nxt
+    return "other", None
+
+
+_ARITHMETIC = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+               operator.truediv, operator.itruediv, operator.neg, operator.pos, torch.add, torch.sub, torch.mul,
+               torch.div, torch.cat, torch.concat, torch.stack, torch.mean, F.layer_norm, F.batch_norm,
+               F.group_norm, F.instance_norm, F.local_response_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 
 
 def find_activations(model: nn.Module) -> dict[str, LayerLink]:
@@ -564,7 +627,27 @@ def find_activations(model: nn.Module) -> dict[str, LayerLink]:
                          note=f"module order used: symbolic tracing failed ({type(e).__name__}: {reason[:120]})")
         else:
             out = _traced_links(model, graph)
-    # every weight layer gets a link, in registration order
+    return _fill_fed(_ordered_links(model, out))
+
+
+def _fill_fed(links: dict[str, LayerLink]) -> dict[str, LayerLink]:
+    """Without a trace: each layer is fed by the activation of the previous weight layer in
+    registration order ("input" for the first)."""
+    out: dict[str, LayerLink] = {}
+    prev: LayerLink | None = None
+    for name, link in links.items():
+        if link.fed == "other" and not link.traced:
+            if prev is None:
+                link = replace(link, fed="input")
+            elif prev.activation is not None and not prev.activation.is_identity:
+                link = replace(link, fed="activation", fed_by=prev.activation)
+        out[name] = link
+        prev = link
+    return out
+
+
+def _ordered_links(model: nn.Module, out: dict[str, LayerLink]) -> dict[str, LayerLink]:
+    """Every weight layer gets a link, in registration order."""
     ordered: dict[str, LayerLink] = {}
     for name, m in model.named_modules():
         if not _layers.is_weight_layer(m):
