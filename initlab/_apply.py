@@ -506,6 +506,9 @@ class _Walk:
         except InitlabError as e:
             raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
         parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
+        per_module = getattr(choice.scheme, "for_module", None)  # torch_default: torch's rule for this module type
+        own = per_module(module, pname) if per_module is not None else None
+        choice = choice if own is None else LayerChoice(own, choice.label, choice.gain)
         p = _Planned(name, module, act, choice, pname, tensor, parts, (fans[0], fans[1]), label, blocks)
         if id(tensor) in seen:
             p.tied_to = seen[id(tensor)]

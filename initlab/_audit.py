@@ -29,9 +29,20 @@ a severity, the layer, a message and a suggested fix. The rules and their thresh
   recursion's prediction by more than ``THEORY_RATIO`` (2x) (correlated inputs, a non-Gaussian
   regime, or a structure the recursion does not model).
 
+* **dead units at small batches**: a live unit is 0 on all B samples with probability 2^-B, so
+  only the share beyond p0 + 3 sqrt(p0 (1 - p0) / units), p0 = 2^-B, counts (:func:`dead_excess`).
+
 Fixes name the scheme the activation table suggests for the activation: He (relu family; He et
 al. 2015), Xavier or Kumar for sigmoid (Glorot & Bengio 2010; Kumar 2017), Xavier/LeCun for tanh,
-LeCun for SELU (Klambauer et al. 2017), or ``initlab.init_model(model, "auto")``.
+LeCun for SELU (Klambauer et al. 2017), or ``initlab.init_model(model, "auto")`` -- never the
+scheme in use (declared with ``scheme=`` / ``--init``, else :func:`detect_scheme` from the weights'
+variance), nor ``auto``'s identical choice: that one is called "in use" and the next follows
+(then LSUV, Mishkin & Matas 2016, or normalisation layers).
+
+The table leaves a prediction empty where it tests no theory (:func:`theory_rows`): after a norm,
+a residual merge or attention the recursion restarts from the measured input, and the backward
+recursion is anchored at the last layer of each chain. ``--fail-on warning|error``: exit status 1
+when a finding is at least that severe (0 otherwise; 2 for usage errors).
 """
 from __future__ import annotations
 
@@ -43,6 +54,8 @@ import math
 import os
 import sys
 from collections import Counter
+from collections.abc import Mapping
+from contextvars import ContextVar
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,7 +70,8 @@ from ._errors import InitlabError, is_out_of_memory, memory_error, one_line_usag
 from ._forward import as_inputs, first_tensor
 from ._layers import guess_input_shape, mlp, output_width
 from ._mnist import embedded_split
-from ._probe import READOUT, ProbeResult, probe
+from ._probe import READOUT, ProbeResult, _named_loss, probe
+from ._schemes import get_scheme
 from ._text import fmt, format_table
 
 __all__ = ["audit", "AuditResult", "Finding", "register_cli"]
@@ -73,6 +87,7 @@ OUTPUT_VAR_WARN = 100.0
 THEORY_RATIO = 2.0
 
 SEVERITIES = ("error", "warning", "info")
+FAIL_ON = ("never", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class AuditResult:
     model: str = ""
     batch_shape: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
+    in_use: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -112,9 +128,18 @@ class AuditResult:
         return {f.code for f in self.findings if f.severity != "info"}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; ``theory`` lists, per row, why it has no prediction ("" where it has one)."""
         return {"model": self.model, "batch_shape": list(self.batch_shape), "ok": self.ok,
-                "findings": [asdict(f) for f in self.findings], "probe": self.probe.to_dict(),
-                "notes": list(self.notes)}
+                "in_use": self.in_use, "findings": [asdict(f) for f in self.findings], "probe": self.probe.to_dict(),
+                "theory": [r["theory"] for r in theory_rows(self.probe)], "notes": list(self.notes)}
+
+    def exit_code(self, fail_on: str = "never") -> int:
+        """The CLI's exit status for ``--fail-on``: 1 when a finding is at least that severe
+        ("warning": a warning or an error; "error": an error), else 0 ("never": always 0)."""
+        if fail_on not in FAIL_ON:
+            raise unknown_choice("fail_on", fail_on, FAIL_ON)
+        worst = {"error": ("error",), "warning": ("error", "warning"), "never": ()}[fail_on]
+        return 1 if any(f.severity in worst for f in self.findings) else 0
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -125,7 +150,9 @@ class AuditResult:
                 ("saturated", "saturated_frac"), ("dead", "dead_frac")]
         if self.probe.backward:
             cols += [("grad_var", "grad_pre_var"), ("predicted", "predicted_grad_pre_var")]
-        rows = [dict(r, index=str(r["index"])) for r in self.probe.rows]
+        rows = [dict(r, index=str(r["index"]), theory=_short(r["theory"])) for r in theory_rows(self.probe)]
+        if any(r["theory"] for r in rows):
+            cols.append(("no prediction because", "theory"))
         return format_table(rows, cols)
 
     def __str__(self) -> str:
@@ -146,12 +173,72 @@ class AuditResult:
 # --------------------------------------------------------------------------- rules
 
 
-def suggest(act_name: str) -> str:
-    """The scheme(s) to try for layers followed by ``act_name`` (the activation table's advice)."""
+_IN_USE: ContextVar[str | None] = ContextVar("initlab_audit_in_use", default=None)
+_AUTO_CALL = "initlab.init_model(model, 'auto')"
+_LAST_RESORT = "lsuv (init_model(model, 'lsuv', batch=x): fitted on data) or normalisation layers"
+
+
+def _canonical(name: str) -> str:
+    """A scheme's registry name (aliases resolved); the name itself when it is not registered."""
+    if name.strip() == _AUTO_CALL:
+        return "auto"
     try:
-        return resolve_activation(act_name).suggest
+        return get_scheme(name.strip()).name
+    except InitlabError:
+        return name.strip().lower()
+
+
+def _auto_twin(act_name: str, used: str) -> set[str]:
+    """What ``auto`` and a named scheme share for this activation: auto's own choice for it
+    (kumar for sigmoid, he_normal for relu) is the same draw as auto, and vice versa."""
+    try:
+        label = get_scheme("auto").for_layer(resolve_activation(act_name)).label  # type: ignore[misc]
+    except (InitlabError, TypeError):
+        return set()
+    choice = _canonical(label)
+    if act_name != READOUT and choice == "he_normal" and resolve_activation(act_name).family != "relu":
+        return set()  # auto's second-moment gain is not he_normal's gain outside the relu family
+    return {choice} if used == "auto" else {"auto"} if used == choice else set()
+
+
+def suggest(act_name: str, in_use: str | None = None) -> str:
+    """The scheme(s) to try for layers followed by ``act_name`` (the activation table's advice),
+    never the scheme already in use (``in_use``, or the one the running audit was told about):
+    that one is named "in use" and the next candidates follow (then ``auto``, then LSUV)."""
+    try:
+        advice = resolve_activation(act_name).suggest
     except InitlabError:  # a custom callable's label
-        return resolve_activation(lambda x: x).suggest
+        advice = resolve_activation(lambda x: x).suggest
+    in_use = in_use if in_use is not None else _IN_USE.get()
+    if not in_use:
+        return advice
+    used = _canonical(in_use)
+    names = [n.strip() for n in advice.split(" or ")] + [_AUTO_CALL]  # auto: the fallback of every advice
+    same = {used} | _auto_twin(act_name, used)
+    if not same & {_canonical(n) for n in names}:
+        return advice
+    left: list[str] = []
+    for n in names:
+        if _canonical(n) not in same and _canonical(n) not in {_canonical(m) for m in left}:
+            left.append(n)
+    return f"{' or '.join(left + [_LAST_RESORT])} ({in_use} is in use)"
+
+
+def _short(why: str) -> str:
+    """The table's words for a row's ``theory`` note."""
+    parts = []
+    for w in filter(None, why.split("; ")):
+        if w.startswith("grad:"):
+            parts.append("grad measured")
+        elif "normalisation" in w:
+            parts.append("after norm")
+        elif "not modeled" in w:
+            parts.append("not modeled")
+        elif "one-hot" in w:
+            parts.append("index input")
+        else:
+            parts.append("not a chain (residual/attention/pool)")
+    return ", ".join(parts)
 
 
 def _weight_story(rows: Sequence[dict[str, Any]]) -> str:
@@ -199,7 +286,7 @@ def _dead_finding(r: dict[str, Any], dead: float) -> Finding:
     some units stay negative for the whole batch; that is a property of the architecture more
     than of the init, so it is reported one level lower)."""
     severity = "error" if dead >= DEAD_ERROR else "warning"
-    head = f"{100 * dead:.0f}% dead ReLUs in {_label(r)}: these units are 0 for every sample of the batch"
+    head = f"{100 * dead:.0f}% dead ReLUs in {_label(r)}: these units are 0 for every sample of the batch (beyond chance)"
     sd = math.sqrt(r["pre_var"]) if r["pre_var"] > 0 else 0.0
     shift = r["pre_bias_mean"] - r["pre_mean"]  # the mean bias
     m, sq = r["input_mean"], r["input_sq_mean"]
@@ -216,7 +303,7 @@ def _dead_finding(r: dict[str, Any], dead: float) -> Finding:
                    f"zero the biases and use {suggest(r['activation'])}, or try leaky_relu", "dead_relu")
 
 
-def _layer_findings(r: dict[str, Any], backward: bool) -> list[Finding]:
+def _layer_findings(r: dict[str, Any], backward: bool, batch_size: int = 0) -> list[Finding]:
     """Non-finite values, saturation and dead units of one layer."""
     measured = [r["pre_var"], r["pre_bias_var"], r["post_var"]]
     if backward:
@@ -238,9 +325,27 @@ def _layer_findings(r: dict[str, Any], backward: bool) -> list[Finding]:
                            f"{_label(r)}: {100 * sat:.0f}% of {act} units saturated; {why}",
                            f"try {suggest(act)}", "saturation"))
     dead = r["dead_frac"]
-    if isinstance(dead, float) and math.isfinite(dead) and dead >= DEAD_WARN:
-        out.append(_dead_finding(r, dead))
+    if isinstance(dead, float) and math.isfinite(dead):
+        excess = dead_excess(dead, r["units"], batch_size)
+        if excess >= DEAD_WARN:
+            out.append(_dead_finding(r, excess))
     return out
+
+
+def dead_excess(dead: float, units: float, batch_size: int) -> float:
+    """The share of dead units beyond sampling noise: 0 when ``dead`` is within chance.
+
+    A live unit whose pre-activation is positive for half the samples is 0 on all ``B``
+    independent samples with probability p0 = 2^-B (25% at B = 2), so over ``units`` units the
+    dead share by chance is p0 with standard error sqrt(p0 (1 - p0) / units). Only the share above
+    p0 + 3 standard errors is counted, minus p0 itself; ``batch_size`` 0 (unknown) counts all.
+    """
+    if batch_size <= 0 or not units or not math.isfinite(units):
+        return dead
+    p0 = 0.5 ** batch_size
+    if dead <= p0 + 3.0 * math.sqrt(p0 * (1.0 - p0) / units):
+        return 0.0
+    return dead - p0
 
 
 def _signal_finding(rows: Sequence[dict[str, Any]], main_act: str, story: str) -> Finding | None:
@@ -254,7 +359,7 @@ def _signal_finding(rows: Sequence[dict[str, Any]], main_act: str, story: str) -
     cause = f": {story} with {main_act}" if story else ""
     return Finding(sev, None,
                    f"signal variance {verb} x{per:.2g} per layer (pre-activation variance "
-                   f"{fmt(rows[0]['pre_var'])} at layer 1, {fmt(rows[-1]['pre_var'])} at layer "
+                   f"{fmt(rows[0]['pre_var'])} at layer {rows[0]['index']}, {fmt(rows[-1]['pre_var'])} at layer "
                    f"{rows[-1]['index']}){cause}",
                    f"try {suggest(main_act)}", "signal_shrinks" if per < 1 else "signal_grows")
 
@@ -301,47 +406,168 @@ def _theory_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     return out
 
 
-def findings_from(result: ProbeResult) -> list[Finding]:
-    """Apply the rules of the module docstring to a probe result (most severe first)."""
+def theory_rows(result: ProbeResult) -> list[dict[str, Any]]:
+    """The probe's rows with the predictions that test no theory left empty (NaN), and a ``theory``
+    column that says why: where the variance recursion restarts from a measurement (after a
+    norm, a residual merge, attention...: ``ProbeResult.theory``) its forward "prediction" is
+    computed from the layer's measured input, and the backward recursion is anchored at the last
+    layer of each chain, whose "prediction" is the measured gradient itself."""
+    why = list(result.theory) or [""] * len(result.rows)
+    out = []
+    for i, r in enumerate(result.rows):
+        row, notes = dict(r), []
+        if i > 0 and why[i]:
+            row["predicted_pre_var"] = row["predicted_post_sq_mean"] = float("nan")
+            notes.append(why[i])
+        if result.backward and (i == len(result.rows) - 1 or why[i + 1]):
+            row["predicted_grad_pre_var"] = float("nan")
+            notes.append("grad: measured here (the backward recursion starts at this layer)")
+        row["theory"] = "; ".join(notes)
+        out.append(row)
+    return out
+
+
+def findings_from(result: ProbeResult, in_use: str | None = None) -> list[Finding]:
+    """Apply the rules of the module docstring to a probe result (most severe first); ``in_use``:
+    the scheme the model was initialised with, which the fixes then never suggest."""
+    token = _IN_USE.set(in_use)
+    try:
+        return _findings(result)
+    finally:
+        _IN_USE.reset(token)
+
+
+#: schemes ``audit`` recognises in the weights when it is not told which one is in use
+DETECTABLE = ("auto", "he_normal", "xavier_normal", "lecun_normal", "kumar", "torch_default")
+
+
+def _expected_var(name: str, row: dict[str, Any]) -> float | None:
+    """Var(w) that scheme ``name`` (as ``init_model`` applies it) gives this layer."""
+    fans = (float(row["fan_in"]), float(row["fan_out"]))
+    try:
+        sch = get_scheme(name)
+        if sch.for_layer is not None:
+            act = None if row["activation"] == READOUT else resolve_activation(row["activation"])
+            sch = sch.for_layer(act).scheme
+        std = sch.target_std(fans)
+    except (InitlabError, KeyError, TypeError, ValueError):
+        return None
+    return None if std is None else std * std
+
+
+def detect_scheme(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The first of :data:`DETECTABLE` whose variance every weight layer has (within 5% plus four
+    standard errors of a sample variance, sqrt(2 / numel)), or None."""
+    usable = [r for r in rows if isinstance(r["fan_in"], (int, float)) and r["fan_in"] and r["fan_out"]
+              and math.isfinite(r["weight_var"]) and r["weight_var"] > 0]
+    if not usable:
+        return None
+    for name in DETECTABLE:
+        ok = True
+        for r in usable:
+            want = _expected_var(name, r)
+            tol = 0.05 + 4.0 * math.sqrt(2.0 / max(float(r["fan_in"]) * float(r["units"] or 1), 1.0))
+            if want is None or want <= 0 or abs(r["weight_var"] / want - 1.0) > tol:
+                ok = False
+                break
+        if ok:
+            return name
+    return None
+
+
+def _findings(result: ProbeResult) -> list[Finding]:
     rows = result.rows
+    if _IN_USE.get() is None:
+        _IN_USE.set(detect_scheme(rows))
     main_act = _main_activation(rows)
-    out = [f for r in rows for f in _layer_findings(r, result.backward)]
-    out.append(_signal_finding(rows, main_act, _weight_story(rows)))
+    out = [f for r in rows for f in _layer_findings(r, result.backward, result.batch_size)]
+    # an index lookup (Embedding) carries no propagated signal: its output variance is its weight
+    # variance, so it does not start the depth trend of the signal or the gradient
+    deep = [r for r in rows if r["kind"] not in ("Embedding", "EmbeddingBag")]
+    out.append(_signal_finding(deep, main_act, _weight_story(deep)))
     if result.backward:
-        out.append(_gradient_finding(rows, main_act))
+        out.append(_gradient_finding(deep, main_act))
     out.append(_output_finding(rows, main_act))
-    out += _theory_findings(rows)
+    out += _theory_findings(theory_rows(result))
     rank = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted((f for f in out if f is not None), key=lambda f: rank[f.severity])
 
 
+def output_tensor(out: Any) -> Tensor | None:
+    """The tensor an audit measures in a model's output: the tensor itself; of a Hugging Face
+    output object or a dict, ``logits`` (else ``last_hidden_state``, else its first tensor); of a
+    tuple or list, its first element."""
+    if isinstance(out, Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(v, Tensor):
+            return v
+    if isinstance(out, Mapping):
+        return next((v for v in out.values() if isinstance(v, Tensor)), None)
+    return first_tensor(out)
+
+
+def _target_loss(loss: str | None, target: Tensor) -> Callable[[Any], Tensor]:
+    """A named loss on :func:`output_tensor`; token labels (N, T) against logits (N, T, V) are flattened."""
+    def f(out: Any) -> Tensor:
+        y = output_tensor(out)
+        if y is None:
+            raise InitlabError(f"the model's output is a {type(out).__name__} without a tensor; pass loss=callable")
+        name = loss or ("mse" if target.is_floating_point() or target.is_complex() else "cross_entropy")
+        if name == "cross_entropy" and y.dim() == target.dim() + 1 and y.dim() > 2 and y.shape[:-1] == target.shape:
+            return _named_loss(name, target.reshape(-1), y.reshape(-1, y.shape[-1]))
+        return _named_loss(name, target, y)
+    return f
+
+
 def audit(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
-          loss: Callable[..., Tensor] | str | None = None, backward: bool = True, seed: int = 0) -> AuditResult:
+          loss: Callable[..., Tensor] | str | None = None, backward: bool = True, seed: int = 0,
+          scheme: str | None = None) -> AuditResult:
     """Probe ``model`` on ``batch`` and return its :class:`AuditResult` (findings + table).
 
-    With ``target``/``loss`` the backward pass uses that loss (see :func:`initlab.probe`);
-    otherwise, when ``backward`` is True, the output receives a fixed N(0, 1) gradient drawn
-    with ``seed`` (loss = sum(output * g)), so the gradient findings describe the network, not the
-    loss. The model and its ``.grad`` are left unchanged. Thresholds: see the module docstring.
+    With ``target``/``loss`` the backward pass uses that loss (see :func:`initlab.probe`; a named
+    loss or a target alone applies to the output's tensor: Hugging Face ``logits`` or
+    ``last_hidden_state``, token labels flattened); otherwise, when ``backward`` is True, the
+    output receives a fixed N(0, 1) gradient drawn with ``seed`` (loss = sum(output * g)), so
+    the gradient findings describe the network, not the loss. ``backward=False`` skips the
+    backward pass even with a target. ``scheme``: the scheme the model was initialised with (its
+    name), never suggested as the fix. The model and its ``.grad`` are left unchanged.
+    Thresholds: see the module docstring.
     """
     inputs = as_inputs(batch)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= int(seed) < 2**64:
         raise InitlabError(f"seed must be an int in [-2**63, 2**64) (torch's seed range), got {type(seed).__name__}: {seed!r}")
     if not isinstance(backward, bool):
         raise InitlabError(f"backward must be True or False, got {backward!r}")
+    if scheme is not None and not isinstance(scheme, str):
+        raise InitlabError(f"scheme must be a scheme name or None, got {type(scheme).__name__}")
+    if not backward:
+        target = loss = None
+    elif target is not None and isinstance(target, Tensor) and (loss is None or isinstance(loss, str)):
+        loss = _target_loss(loss, target)
+        target = None
     if loss is None and target is None and backward:
         gen = torch.Generator().manual_seed(int(seed))
 
         def loss(out: Any) -> Tensor:
-            y = first_tensor(out)
+            y = output_tensor(out)
             if y is None or not y.is_floating_point():
                 raise InitlabError("audit's default backward needs a floating-point tensor output; "
                                    "pass target=... and loss=..., or backward=False")
             g = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(device=y.device, dtype=y.dtype)
             return (y * g).sum()
     result = probe(model, inputs if len(inputs) > 1 else inputs[0], target=target, loss=loss)
-    return AuditResult(findings=findings_from(result), probe=result, model=type(model).__name__,
-                       batch_shape=tuple(inputs[0].shape))
+    detected = None if scheme is not None else detect_scheme(result.rows)
+    out = AuditResult(findings=findings_from(result, scheme), probe=result, model=type(model).__name__,
+                      batch_shape=tuple(inputs[0].shape), in_use=scheme or detected)
+    if detected is not None:
+        out.notes.append(f"the weights have {detected}'s variance in every layer: treated as the scheme in use")
+    if 0 < result.batch_size <= 4 and any(math.isfinite(r["dead_frac"]) for r in result.rows):
+        out.notes.append(f"a batch of {result.batch_size}: a live ReLU unit is 0 on every sample with probability "
+                         f"{0.5 ** result.batch_size:.3g}, so dead units are counted beyond that chance only; "
+                         "use 32 samples or more")
+    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -542,16 +768,21 @@ def _run_cli(args: argparse.Namespace) -> int:
         in_shape = _parse_shape(args.input_shape)
     if batch is None:
         batch, target = _default_batch(args, model, in_shape, gen, notes)
+    in_use = None
     if args.init is not None:
         init_model(model, args.init, generator=gen, batch=batch)  # the batch is used by data-dependent schemes
         name += f", init {args.init}"
+        in_use = args.init
     elif args.mlp is not None:
         name += ", PyTorch default init"
-    result = audit(model, batch, target=target, backward=not args.forward_only, seed=args.seed)
+        in_use = "torch_default"
+    if args.forward_only and target is not None:
+        notes.append("labels not used: --forward-only")
+    result = audit(model, batch, target=target, backward=not args.forward_only, seed=args.seed, scheme=in_use)
     result.model = name
     result.notes.extend(notes)
     print(result.to_json() if args.json else result)
-    return 0
+    return result.exit_code(args.fail_on)
 
 
 def register_cli(subparsers: Any) -> None:
@@ -564,7 +795,9 @@ def register_cli(subparsers: Any) -> None:
             "--mlp (a Linear/activation stack with PyTorch's default init unless --init is given) or "
             "from --model MODULE:FACTORY: a function of your code, called without arguments, that "
             "returns a model, a (model, batch) pair or a (model, batch, target) triple "
-            "(MODULE may also be a path to a .py file). Exit status 0 when the audit ran, whatever it found."),
+            "(MODULE may also be a path to a .py file). Exit status: 0 when the audit ran (whatever it found, "
+            "unless --fail-on), 1 with --fail-on warning|error when a finding is that severe or worse, "
+            "2 for a usage error or a model/batch that cannot be run."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -580,5 +813,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the batch, the init and the output gradient")
     p.add_argument("--forward-only", action="store_true", help="skip the backward pass")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
+    p.add_argument("--fail-on", choices=FAIL_ON, default="never",
+                   help="exit 1 when a finding is this severe or worse (for CI): warning, error, or never")
     p.set_defaults(func=_run_cli)
     one_line_usage_errors(p)

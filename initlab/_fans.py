@@ -9,7 +9,7 @@ Bengio 2010). The shape of a tensor gives these counts only for the standard PyT
 layer                     weight shape                fan_in                             fan_out
 ========================  ==========================  =================================  ============================
 Linear                    (out, in)                   in                                 out
-Conv, groups g            (out, in/g, *k)             in/g * prod(k)                     out/g * prod(k)
+Conv, groups g            (out, in/g, *k)             in/g * prod(k)                     out/g * prod(k) / prod(stride)
 ConvTranspose, groups g   (in, out/g, *k)             in/g * prod(k) / prod(stride)      out/g * prod(k)
 Embedding                 (num, dim)                  1 (a one-hot input)                dim
 Bilinear                  (out, in1, in2)             in1 * in2                          out
@@ -22,6 +22,16 @@ roles of ``in`` and ``out`` for ConvTranspose weights; :func:`fans` with ``modul
 For a transposed convolution with stride ``s`` each output position receives on average
 ``prod(k)/prod(s)`` kernel taps per input channel, so its fan_in is not an integer in general:
 then a float is returned.
+
+The same count, read backwards, gives a strided convolution's fan_out: a convolution with stride
+``s`` is the adjoint of the transposed convolution with stride ``s`` (Dumoulin & Visin 2016, "A
+guide to convolution arithmetic", section 4), so one input position feeds on average
+``out/g * prod(k) / prod(s)`` (output unit, weight) pairs, and the backward variance of Glorot &
+Bengio (2010), ``Var[dL/dx] = fan_out Var[W] Var[dL/dy]``, sums over exactly those. Hence
+``fan_out = out/g * prod(k) / prod(stride)`` (ViT-B/16's patch embedding, 768 x 3 x 16 x 16 with
+stride 16: fan_out 768, not 196,608), the exact counterpart of the transposed rule; dilation and
+padding do not enter (borders aside). ``torch.nn.init`` ignores the stride in both directions;
+``initlab.fans(w)`` without ``module=`` does too (a shape has no stride).
 
 Arbitrary tensors (JAX-style layouts, stacked experts, ...) take explicit ``in_axis`` /
 ``out_axis`` (and ``batch_axis``): ``fan_in = prod(shape[in_axis]) * receptive``, ``fan_out =
@@ -127,7 +137,7 @@ def _conv_fans(module: nn.Module, shape: tuple[int, ...]) -> tuple[Fan, Fan]:
     if module.transposed:  # (in, out/groups, *k)
         stride = math.prod(module.stride)
         return _exact(shape[0] / g * k / stride), shape[1] * k
-    return shape[1] * k, _exact(shape[0] / g * k)  # (out, in/groups, *k)
+    return shape[1] * k, _exact(shape[0] / g * k / math.prod(module.stride))  # (out, in/groups, *k)
 
 
 def _attention_fans(module: nn.Module, shape: tuple[int, ...], pname: str | None) -> tuple[Fan, Fan] | None:
@@ -173,13 +183,14 @@ def fans(tensor_or_shape: Tensor | Sequence[int], *, module: nn.Module | None = 
 
     Without ``module`` and axes, the PyTorch layout ``(out, in, *kernel)`` is assumed:
     ``fan_in = in * prod(kernel)``, ``fan_out = out * prod(kernel)`` (as ``torch.nn.init``).
-    With ``module`` (the layer that owns the tensor) the count is exact for grouped and
-    depthwise convolutions, ConvTranspose (with stride), Embedding, Bilinear and
+    With ``module`` (the layer that owns the tensor) the count is exact for grouped, depthwise
+    and strided convolutions (fan_out divided by the stride), ConvTranspose (fan_in divided by it), Embedding, Bilinear and
     MultiheadAttention's fused ``in_proj_weight``; see the module docstring for the table.
     With ``in_axis`` / ``out_axis`` (ints or tuples of ints) any layout works, JAX-style;
     ``batch_axis`` axes (e.g. stacked ensemble members) count in neither fan.
 
-    Returns ints, except a ConvTranspose whose average fan_in is fractional (a float).
+    Returns ints, except a strided convolution whose average fan_out (or a ConvTranspose whose
+    average fan_in) is fractional (a float).
 
     Raises:
         InitlabError: for 0-d and 1-d tensors (fan-based schemes do not apply: initialise

@@ -70,7 +70,7 @@ from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choic
 from ._fans import module_fans
 from ._forward import as_inputs, first_tensor, forward_error, hooks, kept_buffers, locate_failure, no_mha_fastpath
 from ._graph import WEIGHT_LAYERS, find_activations
-from ._layers import channel_dim, is_modeled, is_one_hot, is_plain, output_bias, output_layer, output_weight
+from ._layers import channel_dim, is_modeled, is_norm, is_one_hot, is_plain, output_bias, output_layer, output_weight
 from ._stats import Histogram, as_float, channel_sums, flat, histogram, host_moments, moments
 from ._text import format_table
 
@@ -122,6 +122,12 @@ class ProbeResult:
     traced: bool = False
     backward: bool = False
     notes: list[str] = field(default_factory=list)
+    #: per row, why the variance recursion does not predict it from the layers before ("" where it
+    #: does): the recursion restarts there from a measurement (after a norm, a residual merge,
+    #: attention...), so a prediction there is the measurement's echo, not a test of the theory
+    theory: list[str] = field(default_factory=list)
+    #: samples in the batch (its first dimension)
+    batch_size: int = 0
 
     def frame(self) -> "pandas.DataFrame":
         """The rows as a tidy pandas DataFrame (pandas is imported here, not at import time)."""
@@ -836,7 +842,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     result = ProbeResult(rows=rows, histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var,
                          input_sq_mean=in_sq, loss=loss_f, traced=any(bool(getattr(link, "traced", False))
                                                                        for _, _, link in found),
-                         backward=state.backward, notes=notes)
+                         backward=state.backward, notes=notes, batch_size=int(x0.shape[0]) if x0.dim() else 1)
     _fill_predictions(result, state.order, modules, sample_sq if x0.dim() > 1 else None)
     return result
 
@@ -866,6 +872,22 @@ def _is_plain_link(prev: _Layer, cur: _Layer, prev_row: dict[str, Any], cur_row:
     return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-30)
 
 
+def _restart_reason(prev: _Layer, cur: _Layer, modules: dict[str, nn.Module]) -> str:
+    """Why the recursion restarts at ``cur`` (its input is not plainly ``phi(prev's output)``)."""
+    if is_one_hot(cur.module):
+        return "restarts: an index input (one-hot)"
+    kinds = [type(modules[t]).__name__ for t in getattr(prev.link, "through", ()) if t in modules
+             and not is_plain(modules[t])]
+    if any(is_norm(modules[t]) for t in getattr(prev.link, "through", ()) if t in modules):
+        return f"restarts after a normalisation ({', '.join(kinds)}): predicted from the measured input"
+    if not is_modeled(prev.module):
+        return f"restarts after {type(prev.module).__name__} (not modeled): predicted from the measured input"
+    if kinds:
+        return f"restarts after {', '.join(kinds)}: predicted from the measured input"
+    return ("restarts: its input is not the previous layer's activation (residual merge, attention, pooling "
+            "or another branch): predicted from the measured input")
+
+
 def _length_summary(sample_sq: np.ndarray, groups: int) -> np.ndarray:
     """Per-example squared lengths summarised by ``groups`` quantile-group means, whose plain
     average equals ``sample_sq.mean()`` exactly."""
@@ -889,10 +911,15 @@ def _fill_predictions(result: ProbeResult, order: list[_Layer], modules: dict[st
     rows = result.rows
     modeled = [is_modeled(layer.module) for layer in order]
     starts = [0]
+    result.theory = ["" for _ in rows]
     for i in range(1, len(rows)):
         if not (modeled[i] and modeled[i - 1]) or is_one_hot(order[i].module) or \
                 not _is_plain_link(order[i - 1], order[i], rows[i - 1], rows[i], modules):
             starts.append(i)
+            result.theory[i] = _restart_reason(order[i - 1], order[i], modules)
+    for i, ok in enumerate(modeled):
+        if not ok:
+            result.theory[i] = f"{type(order[i].module).__name__} is not modeled by the recursion"
     for s, e in zip(starts, starts[1:] + [len(rows)]):
         if not modeled[s]:
             continue

@@ -2,7 +2,9 @@
 
 Every fan-based scheme is a specialisation of :func:`initlab.variance_scaling_` (JAX style):
 ``Var[W] = scale / n`` with ``n`` picked by ``mode``, drawn from ``distribution``; the
-realised variance is ``scale / n`` for every distribution (see ``initlab._engine``).
+realised variance is ``scale / n`` for every distribution (see ``initlab._engine``). The
+xavier/he/lecun presets take ``distribution=`` (normal, truncated_normal, uniform) with the same
+variance; docs/names.md compares every name with torch, Keras, JAX and timm.
 
 ==================== ======================================== =========================================
 name                 Var[W] (default parameters)              reference
@@ -16,7 +18,8 @@ he_uniform           g^2 / fan_in, uniform                    He et al. (2015)
 lecun_normal         1 / fan_in, normal                       LeCun et al. (1998); Klambauer et al. (2017)
 lecun_uniform        1 / fan_in, uniform                      LeCun et al. (1998)
 kumar                g^2 / fan_in, g = Kumar's gain           Kumar (2017)
-torch_default        1 / (3 fan_in), uniform                  PyTorch's nn.Linear / nn.Conv default
+kaiming_normal       calculate_gain(nl, a)^2 / fan, normal    ``torch.nn.init.kaiming_normal_`` (uniform: kaiming_uniform)
+torch_default        1 / (3 fan_in), uniform; per module type PyTorch's own default (Embedding N(0,1), ...)
 tf1_variance_scaling 1.3 * 0.77374 * factor / n, trunc normal TensorFlow 1 contrib initializer
 orthogonal           gain^2 / max(rows, cols)                 Saxe et al. (2014); Mezzadri (2007)
 delta_orthogonal     gain^2 / max(fan_in, fan_out)            Xiao et al. (2018)
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._activations import Activation
 from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
@@ -48,6 +51,7 @@ from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
 from ._gains import gain as _gain
+from ._layers import fan_rule
 from ._lsuv import check_lsuv_args, run_lsuv
 from ._orthogonal import delta_orthogonal_, identity_, orthogonal_
 
@@ -90,6 +94,9 @@ class Scheme:
             a weight layer followed by activation ``act`` (None: a readout).
         fit: for a data-dependent scheme, ``fit(model, batch, generator)`` runs after the per-layer
             initialisation; it returns a result with ``row_updates()`` for ``init_model``'s report.
+        for_module: ``for_module(module, param_name)`` gives the scheme to use for that parameter of
+            that module (None: this scheme itself); ``init_model`` asks it for every weight.
+            ``torch_default`` uses it to follow PyTorch's own per-module-type default.
         check: for a scheme that cannot fail once its checks pass (the variance-scaling engine),
             ``check(tensor, fans, generator)`` raises what calling the scheme on that tensor would
             raise, without writing. ``init_model`` runs every check before its first write and then
@@ -110,6 +117,7 @@ class Scheme:
     for_layer: Callable[[Activation | None], LayerChoice] | None = field(default=None, repr=False)
     fit: Callable[..., Any] | None = field(default=None, repr=False)
     check: Callable[[Tensor, "Fans | None", "torch.Generator | None"], Any] | None = field(default=None, repr=False)
+    for_module: Callable[[nn.Module, str], "Scheme | None"] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -521,28 +529,41 @@ def get_scheme(name: str | Scheme, **params: Any) -> Scheme:
 # one line each over the engine
 register_scheme("normal", lambda std=1.0, mean=0.0: _normal(std, mean),
                 "N(mean, std^2) with no fan scaling (default N(0, 1): the naive baseline)")
-register_scheme("xavier_normal", lambda gain=1.0: _vs(check_gain(gain) ** 2, "fan_avg", "normal"),
-                "Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out))", aliases=("glorot_normal",))
-register_scheme("xavier_uniform", lambda gain=1.0: _vs(check_gain(gain) ** 2, "fan_avg", "uniform"),
+register_scheme("xavier_normal", lambda gain=1.0, distribution="normal":
+                _vs(check_gain(gain) ** 2, "fan_avg", distribution),
+                "Glorot & Bengio (2010): N(0, 2 gain^2 / (fan_in + fan_out)) (plain normal; Keras/JAX/timm: "
+                "truncated, same variance: distribution='truncated_normal')", aliases=("glorot_normal",))
+register_scheme("xavier_uniform", lambda gain=1.0, distribution="uniform":
+                _vs(check_gain(gain) ** 2, "fan_avg", distribution),
                 "Glorot & Bengio (2010): uniform, Var = 2 gain^2 / (fan_in + fan_out)", aliases=("glorot_uniform",))
 register_scheme("xavier_caffe", lambda gain=1.0, distribution="uniform": _vs(check_gain(gain) ** 2, "fan_in", distribution),
                 "Caffe's 'xavier' filler: uniform, Var = gain^2 / fan_in")
 register_scheme("he_normal", lambda activation="relu", param=None, mode="fan_in", distribution="normal":
                 _vs(_gain(activation, param) ** 2, mode, distribution),
-                "He et al. (2015): N(0, g^2 / fan_in), g = gain(activation) (2/fan_in for ReLU)",
-                aliases=("kaiming_normal",))
-register_scheme("he_uniform", lambda activation="relu", param=None, mode="fan_in":
-                _vs(_gain(activation, param) ** 2, mode, "uniform"),
-                "He et al. (2015): uniform, Var = g^2 / fan_in", aliases=("kaiming_uniform",))
+                "He et al. (2015): N(0, g^2 / fan_in), g = gain(activation) (2/fan_in for ReLU; plain normal, "
+                "Keras/JAX: truncated, same variance: distribution='truncated_normal')")
+register_scheme("he_uniform", lambda activation="relu", param=None, mode="fan_in", distribution="uniform":
+                _vs(_gain(activation, param) ** 2, mode, distribution),
+                "He et al. (2015): uniform, Var = g^2 / fan_in")
+register_scheme("kaiming_normal", lambda a=0.0, mode="fan_in", nonlinearity="leaky_relu":
+                _vs(_torch_gain(nonlinearity, a) ** 2, mode, "normal"),
+                "torch.nn.init.kaiming_normal_(a, mode, nonlinearity): N(0, g^2 / fan), g = torch's calculate_gain "
+                "(tanh 5/3, selu 3/4, sigmoid 1: not he_normal's second-moment gain)")
+register_scheme("kaiming_uniform", lambda a=0.0, mode="fan_in", nonlinearity="leaky_relu":
+                _vs(_torch_gain(nonlinearity, a) ** 2, mode, "uniform"),
+                "torch.nn.init.kaiming_uniform_(a, mode, nonlinearity): U(-g sqrt(3/fan), g sqrt(3/fan)), "
+                "g = torch's calculate_gain")
 register_scheme("lecun_normal", lambda distribution="normal": _vs(1.0, "fan_in", distribution),
-                "LeCun et al. (1998): N(0, 1 / fan_in) (SELU: Klambauer et al. 2017)")
-register_scheme("lecun_uniform", lambda: _vs(1.0, "fan_in", "uniform"),
+                "LeCun et al. (1998): N(0, 1 / fan_in) (SELU: Klambauer et al. 2017; plain normal, Keras/JAX: "
+                "truncated, same variance: distribution='truncated_normal')")
+register_scheme("lecun_uniform", lambda distribution="uniform": _vs(1.0, "fan_in", distribution),
                 "LeCun et al. (1998): uniform, Var = 1 / fan_in")
 register_scheme("kumar", lambda activation="sigmoid", param=None, mode="fan_in", distribution="normal":
                 _vs(_gain(activation, param, method="kumar") ** 2, mode, distribution),
                 "Kumar (2017): Var = 1 / (fan_in phi'(0)^2 (1 + phi(0)^2)); sigmoid 12.8 / fan_in")
-register_scheme("torch_default", lambda: _vs(1.0 / 3.0, "fan_in", "uniform"),
-                "PyTorch's nn.Linear/nn.Conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), Var = 1 / (3 fan_in)",
+register_scheme("torch_default", lambda: _torch_default(),
+                "PyTorch's own default per module type: Linear/Conv/ConvTranspose U(+-1/sqrt(torch fan_in)), "
+                "Embedding N(0, 1), MultiheadAttention in_proj xavier_uniform, Bilinear U(+-1/sqrt(in1))",
                 aliases=("pytorch_default", "torch"))
 register_scheme("tf1_variance_scaling", lambda factor=2.0, mode="fan_in", uniform=False: _tf1(factor, mode, uniform),
                 "TF1 contrib variance_scaling_initializer: truncated normal, sigma = sqrt(1.3 factor / n)")
@@ -562,6 +583,58 @@ register_scheme("auto", _auto,
 register_scheme("lsuv", _lsuv,
                 "Mishkin & Matas (2016): orthogonal, then each layer rescaled to unit output variance on a batch: "
                 "init_model(..., batch=x) only")
+
+
+def _torch_gain(nonlinearity: object, a: object) -> float:
+    """``torch.nn.init.calculate_gain(nonlinearity, a)`` (``a``: leaky_relu's slope), errors in one line."""
+    if not isinstance(nonlinearity, str):
+        raise InitlabError(f"nonlinearity must be a string as torch.nn.init.calculate_gain takes, got {nonlinearity!r}")
+    if not is_number(a) or isinstance(a, Tensor) or not math.isfinite(a):  # type: ignore[arg-type]
+        raise InitlabError(f"a (the leaky_relu slope) must be a finite number, got {a!r}")
+    try:
+        return float(torch.nn.init.calculate_gain(nonlinearity, float(a) if nonlinearity == "leaky_relu" else None))
+    except ValueError as e:
+        raise InitlabError(f"{e}; kaiming_* follow torch (linear, conv*, sigmoid, tanh, relu, leaky_relu, selu). "
+                           "For initlab's gain of any activation use he_normal(activation=...)") from None
+
+
+def _fixed_var(var: float, distribution: str) -> Scheme:
+    """A scheme with ``Var[W] = var`` whatever the fans (``variance_scaling_`` with n = 1)."""
+    one = (1.0, 1.0)
+    return Scheme(name="torch_default", init=lambda t, f, g: variance_scaling_(t, var, "fan_in", distribution,
+                                                                                  generator=g, fans=one),
+                  std=lambda fi, fo, shp: math.sqrt(var), scale=var, mode="fan_in", distribution=distribution,
+                  check=lambda t, f, g: planned_std(t, var, "fan_in", distribution, generator=g, fans=one))
+
+
+def _torch_default_for(module: nn.Module, pname: str) -> Scheme | None:
+    """PyTorch's ``reset_parameters`` for ``module.<pname>`` as a scheme (torch 2.x source):
+
+    * Linear, Conv*, ConvTranspose*: ``kaiming_uniform_(w, a=sqrt(5))``, i.e. U(-b, b) with
+      b = 1/sqrt(fan_in) and torch's shape fan_in ``w.shape[1] * prod(kernel)`` (for ConvTranspose
+      that is out/groups * prod(kernel): torch swaps the roles), Var = 1 / (3 fan_in);
+    * Embedding: ``normal_(w)``, N(0, 1);
+    * MultiheadAttention: ``xavier_uniform_`` on the fused (3E, E) in_proj (Var = 2 / (4E)) or
+      on each separate q/k/v weight (Var = 2 / (rows + cols)); out_proj is a Linear;
+    * Bilinear: U(-b, b), b = 1/sqrt(in1 = w.shape[1]), Var = 1 / (3 in1).
+    """
+    w = getattr(module, pname, None)
+    if not isinstance(w, Tensor) or w.dim() < 2:
+        return None
+    shape, rule = tuple(w.shape), fan_rule(module)
+    if rule == "embedding":
+        return _fixed_var(1.0, "normal")
+    if rule == "attention":
+        return _fixed_var(2.0 / (shape[0] + math.prod(shape[1:])), "uniform")
+    if rule == "bilinear":
+        return _fixed_var(1.0 / (3.0 * shape[1]), "uniform")
+    return _fixed_var(1.0 / (3.0 * math.prod(shape[1:])), "uniform")
+
+
+def _torch_default() -> Scheme:
+    """On a bare tensor: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (Linear's default); in ``init_model``
+    each module gets PyTorch's own default for its type (:func:`_torch_default_for`)."""
+    return replace(_vs(1.0 / 3.0, "fan_in", "uniform"), for_module=_torch_default_for)
 
 
 def _normal(std: float, mean: float) -> Scheme:

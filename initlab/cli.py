@@ -66,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ModuleNotFoundError as e:
         return _missing_extra(e, "this command")
+    except OSError as e:
+        where = f": {str(e.filename)!r}" if e.filename is not None else ""
+        print(f"initlab: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("initlab: error: out of memory; use a smaller model or batch, or a machine with more memory",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("initlab: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

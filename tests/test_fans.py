@@ -156,3 +156,12 @@ def _bad_mha() -> nn.MultiheadAttention:
     mha = nn.MultiheadAttention(4, 1)
     mha.in_proj_weight = nn.Parameter(torch.empty(5, 4))
     return mha
+
+
+def test_strided_conv_fan_out_divides_by_the_stride():
+    """The counterpart of the transposed rule: ViT-B/16's patch conv has fan_out 768, not 768 * 256."""
+    patch = nn.Conv2d(3, 768, 16, stride=16)
+    assert fans(patch.weight, module=patch) == (3 * 256, 768)
+    down = nn.Conv2d(8, 6, 3, stride=2, groups=2)  # 6/2 * 9 / 4 = 6.75 pairs per input position on average
+    assert fans(down.weight, module=down) == (4 * 9, 6.75)
+    assert fans(patch.weight) == (3 * 256, 768 * 256)  # a bare shape has no stride: torch's count

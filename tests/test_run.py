@@ -303,22 +303,26 @@ def test_bad_data_root_writes_nothing(tmp_path, smoke):
 
 
 def test_a_live_lock_is_respected_and_a_stale_one_taken_over(tmp_path, smoke):
-    import socket
+    import os
     import subprocess
     import sys
 
     exp = with_overrides(smoke, {"train.steps": 10, "train.log_every": 10, "train.seeds": [0]})
     out = tmp_path / "run"
     out.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = ("import sys, time; from pathlib import Path; from initlab.lab.rundir import lock\n"
+              "with lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        (out / "run.lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        assert child.stdout.readline().strip() == "locked"
         with pytest.raises(InitlabError, match=f"pid {child.pid}"):
             run_experiment(exp, out, report=False)
     finally:
-        child.kill()
+        child.kill()  # kill -9: the lock file stays behind, the OS lock goes with the process
         child.wait()
-    summary = run_experiment(exp, out, report=False)  # the holder is gone: stale lock
+    assert (out / "run.lock").exists()
+    summary = run_experiment(exp, out, report=False)
     assert summary.complete and not (out / "run.lock").exists()
 
 

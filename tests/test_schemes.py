@@ -218,7 +218,7 @@ def test_in_place_forms_take_generator():
 
 def test_aliases_and_case():
     assert get_scheme("Glorot-Normal").name == "xavier_normal"
-    assert get_scheme("kaiming_uniform").name == "he_uniform"
+    assert get_scheme("Kaiming-Uniform").name == "kaiming_uniform"  # torch's kaiming_uniform_, no longer he_uniform
 
 
 def test_params_and_repr():
@@ -257,7 +257,7 @@ def test_bad_params():
     with pytest.raises(InitlabError, match=r"scheme 'he_normal' does not take 'slope'; its parameters: "
                                            r"activation='relu', param=None, mode='fan_in', distribution='normal'"):
         get_scheme("he_normal", slope=0.1)
-    with pytest.raises(InitlabError, match=r"scheme 'lecun_uniform' does not take 'gain'; its parameters: none"):
+    with pytest.raises(InitlabError, match=r"scheme 'lecun_uniform' does not take 'gain'; its parameters: distribution='uniform'"):
         get_scheme("lecun_uniform", gain=2.0)
     with pytest.raises(InitlabError, match=r"scheme 'he_normal': unknown mode 'fan_inn'.*fan_in"):
         get_scheme("he_normal", mode="fan_inn")

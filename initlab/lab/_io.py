@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import math
@@ -40,10 +41,47 @@ __all__ = [
     "fsync_dir",
     "csv_text",
     "slug",
+    "current_umask",
+    "file_mode",
+    "describe_os_error",
 ]
 
 #: name prefix of every temporary file or directory created here
 TMP_PREFIX = ".initlab-tmp-"
+
+
+#: what to do about an OS error, by errno
+_OS_HINTS: dict[int, str] = {
+    errno.ENOSPC: "the disk is full: free some space, then re-run the same command (the finished work is kept)",
+    errno.EDQUOT: "the disk quota is used up: free some space, then re-run the same command (the finished work is kept)",
+    errno.EACCES: "permission denied: fix the permissions, or choose another --out directory",
+    errno.EPERM: "operation not permitted: fix the permissions, or choose another --out directory",
+    errno.EROFS: "read-only file system: choose another --out directory",
+    errno.ENOTDIR: "a file is where a folder should be: remove it, or choose another --out directory",
+    errno.EISDIR: "a folder is where a file should be: remove it, or choose another --out directory",
+    errno.EEXIST: "something is in the way: remove it, or choose another --out directory",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter --out directory",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n), then re-run the same command",
+    errno.EIO: "input/output error: check the disk or network file system, then re-run the same command",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OS error: the cause, the path and what to do (``"No space left on device:
+    'runs/x/metrics.csv'; the disk is full: free some space, ..."``)."""
+    cause = e.strerror or str(e) or type(e).__name__
+    path = f": {str(e.filename)!r}" if e.filename is not None else ""
+    if e.filename2 is not None:
+        path += f" -> {str(e.filename2)!r}"
+    hint = _OS_HINTS.get(e.errno or -1, "fix the cause, then re-run the same command (the finished work is kept)")
+    return f"{cause}{path}; {hint}"
+
+
+def _name_the_target(e: BaseException, path: Path) -> None:
+    """Give an OS error raised while writing ``path`` (e.g. ENOSPC from ``write``, which names no file) its target."""
+    if isinstance(e, OSError) and (e.filename is None or TMP_PREFIX in str(e.filename)):
+        e.filename = str(path)
+        e.filename2 = None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -60,24 +98,54 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, so that no other thread sees it change)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0o666 less the umask (``mkstemp`` alone gives 0o600)."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temporary file in the same directory + ``os.replace``).
 
     Parent directories are created. On any error the temporary file is removed and ``path`` is
-    left exactly as it was. Returns ``path`` as a ``Path``.
+    left exactly as it was. The file's mode follows the umask, as a plain ``open()`` would give it.
+    Returns ``path`` as a ``Path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    except OSError as e:
+        _name_the_target(e, path)
+        raise
+    try:
+        with contextlib.suppress(OSError):  # e.g. a file system without POSIX modes
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, file_mode())
+            else:  # pragma: no cover - Windows before Python 3.13
+                os.chmod(tmp, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        _name_the_target(e, path)
         raise
     fsync_dir(path.parent)
     return path
@@ -139,9 +207,13 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
     :func:`clean_tmp` removes; ``path`` itself is then missing, i.e. "not done", never half done).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        _name_the_target(e, path)
+        raise
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -153,13 +225,20 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
                 raise FileExistsError(f"{path} already exists")
             old = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if not path.exists():  # put the old directory back: nothing is lost by an interruption here
+                    with contextlib.suppress(OSError):
+                        os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_the_target(e, path)
         raise
 
 

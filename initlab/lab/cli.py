@@ -15,12 +15,18 @@ pandas, matplotlib and tensorboard load when a command needs them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .._errors import InitlabError
 from .._probe import format_table
+from ._io import describe_os_error
 from .config import list_presets, load_experiment, with_overrides
 from .metrics import headline
 from .report import load_run, summary_rows, write_report
@@ -40,8 +46,32 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make the subcommand's usage errors one line, ``initlab: error: run: argument --steps: ...``, like every
+    other error of the command line (argparse prints the usage first, and names the error by the parser)."""
+    command = parser.prog.split()[-1]
+
+    def error(message: str) -> None:
+        parser.exit(2, f"initlab: error: {command}: {message} (see: {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def register_cli(subparsers: Any) -> None:
     """Add the ``run``, ``presets`` and ``report`` subcommands to ``initlab``'s parser."""
+    _add_run(subparsers)
+    _one_line_errors(subparsers.add_parser(
+        "presets", help="list the built-in experiments",
+        description="List the built-in experiment presets that `initlab run NAME` accepts.")).set_defaults(func=cmd_presets)
+    p = _one_line_errors(subparsers.add_parser(
+        "report", help="rebuild a run directory's figures and report.html",
+        description="Rebuild figures/*.png and report.html of a run directory from its CSV files."))
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
+    p.set_defaults(func=cmd_report)
+
+
+def _add_run(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run", help="run an experiment (a preset or a TOML file) into a run directory",
         description="Train every scenario x seed of an experiment as one batched ensemble and write a run "
@@ -62,15 +92,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
     p.set_defaults(func=cmd_run)
-
-    p = subparsers.add_parser("presets", help="list the built-in experiments",
-                              description="List the built-in experiment presets that `initlab run NAME` accepts.")
-    p.set_defaults(func=cmd_presets)
-
-    p = subparsers.add_parser("report", help="rebuild a run directory's figures and report.html",
-                              description="Rebuild figures/*.png and report.html of a run directory from its CSV files.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
-    p.set_defaults(func=cmd_report)
+    _one_line_errors(p)
 
 
 def _experiment_from_args(args: argparse.Namespace) -> Any:
@@ -86,6 +108,9 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
         overrides["train.device"] = args.device
     if args.data_root is not None:
         root = Path(args.data_root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise InitlabError(f"--data-root: {args.data_root!r} is not a folder "
+                               "(give the folder holding the MNIST IDX files)")
         if not root.is_dir() and not args.download:
             raise InitlabError(f"--data-root: folder {args.data_root!r} does not exist "
                                "(give the folder holding the MNIST IDX files, or add --download to fetch them)")
@@ -98,12 +123,84 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
     return exp
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a run stops the same way:
+    the finished work recorded, the lock released, resumable with the same command."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``, once:
+    a second signal is ignored while the first one unwinds (so cleanup is never cut short by a traceback)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGINT, signal.SIGTERM]
+
+    def handler(signum: int, frame: Any) -> None:
+        for sig in sigs:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    old = {sig: signal.signal(sig, handler) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+class _ClearErrors(contextlib.AbstractContextManager):
+    """``with _ClearErrors("run 'runs/x'"):`` turns an OSError or an out-of-memory error raised in the block
+    into one clear InitlabError: what was being done, the cause, the path and what to do."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __exit__(self, kind: Any, e: Any, tb: Any) -> bool:
+        if isinstance(e, OSError):
+            raise InitlabError(f"{self.action}: {describe_os_error(e)}") from None
+        if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _out_of_memory(e)):
+            raise InitlabError(f"{self.action}: out of memory ({_first_line(e) or type(e).__name__}); use fewer "
+                               "seeds or scenarios, smaller models, or a machine with more memory") from None
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text or "not enough memory" in text
+
+
+def _default_out(name: str) -> Path:
+    """``runs/<name>``, when the experiment's name is one plain folder name (it comes from a file, so it is
+    checked: ``../x`` or an absolute path must not write outside ``runs/``)."""
+    p = Path(name)
+    if (len(p.parts) != 1 or p.name != name or name in (".", "..") or p.is_absolute() or p.drive
+            or any(c in name for c in "/\\\x00") or name != name.strip()):
+        raise InitlabError(f"name: {name!r} cannot name the output folder runs/<name>: it must be one plain folder "
+                           "name (no '/', '\\', '..', absolute path or surrounding spaces); rename the experiment "
+                           "or pass --out DIR")
+    return Path("runs") / name
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``initlab run``: run the experiment, then say where the report and the TensorBoard logs are."""
+    if args.out is not None and not args.out.strip():
+        raise InitlabError(f"--out: expected a folder path, got {args.out!r}")
     exp = _experiment_from_args(args)
-    out = Path(args.out) if args.out else Path("runs") / exp.name
-    summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
-                             download=bool(args.download))
+    out = Path(args.out) if args.out is not None else _default_out(exp.name)
+    try:
+        with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
+            summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
+                                     download=bool(args.download))
+    except Terminated:
+        print("initlab: terminated (SIGTERM); the finished work is kept: re-run the same command to resume",
+              file=sys.stderr)
+        return 143
     if summary.members_run == 0 and summary.members_skipped:
         what = f"nothing to train, all {summary.members_skipped} model(s) already done"
     else:
@@ -146,7 +243,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``initlab report RUN_DIR``: rebuild the figures and report.html from the run directory's files."""
-    path = write_report(args.run_dir)
+    with _ClearErrors(f"report {args.run_dir!r}"), _signals_interrupt():
+        path = write_report(args.run_dir)
     print(f"initlab: report written to {path}")
     print(f"  TensorBoard: tensorboard --logdir {os.path.join(args.run_dir, 'tb')}")
     return 0

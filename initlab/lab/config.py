@@ -278,6 +278,9 @@ def with_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:
 
     Scenarios that used the base model's widths follow a changed ``model.widths``.
     """
+    if not isinstance(overrides, Mapping):
+        raise InitlabError(f"overrides: expected a mapping of dotted keys to values ({{'train.steps': 100}}), "
+                           f"got {type(overrides).__name__} {overrides!r:.60}")
     d = experiment_to_dict(exp)
     for key, value in overrides.items():
         section, dot, sub = str(key).partition(".")

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._errors import InitlabError, unknown_choice
 from .._mnist import embedded_mnist, read_idx, read_idx_pair, stratified_split, unit_pixels
+from ._checks import as_bool
 from .specs import DATASET_SHAPES, DATASETS, N_CLASSES, DataSpec
 
 __all__ = [
@@ -333,8 +334,8 @@ def _spec_from(spec: DataSpec | str | None, overrides: dict[str, Any]) -> tuple[
     if "n" in overrides:
         n = overrides.pop("n")
         overrides.setdefault("limit", 0 if n is None else n)
-    download = bool(overrides.pop("download", False))
-    flat = bool(overrides.pop("flat", True))
+    download = as_bool(overrides.pop("download", False), "download")
+    flat = as_bool(overrides.pop("flat", True), "flat")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if spec is None:
         spec = DataSpec()

@@ -17,6 +17,7 @@ from torch import nn
 from .._activations import Elementwise
 from .._errors import InitlabError, unknown_choice
 from .._layers import activation_module, check_sizes, mlp
+from ._checks import as_bool, as_int, fail
 from .specs import MODEL_KINDS, ModelSpec, image_shape
 
 __all__ = ["Elementwise", "activation_module", "mlp", "cnn", "build_model", "image_shape", "MODEL_KINDS"]
@@ -37,12 +38,13 @@ def cnn(channels: Sequence[int] = (16, 32), kernel: int = 3, activation: Any = "
     (fan_in = C_in * k^2).
     """
     chans = check_sizes(channels, "channels", min_len=1)
-    (k,) = check_sizes([kernel], "kernel", min_len=1)
+    k = as_int(kernel, "kernel", minimum=1)
     shape = check_sizes(in_shape, "in_shape", min_len=3)
     if len(shape) != 3:
         raise InitlabError(f"in_shape: expected (channels, height, width), got {tuple(in_shape)!r}")
-    heads = check_sizes(list(hidden), "hidden", min_len=0)
-    (n_out,) = check_sizes([n_classes], "n_classes", min_len=1)
+    heads = check_sizes(hidden, "hidden", min_len=0)
+    n_out = as_int(n_classes, "n_classes", minimum=1)
+    bias = as_bool(bias, "bias")
     c, h, w = shape
     layers: list[nn.Module] = [nn.Flatten(), nn.Unflatten(1, (c, h, w))]
     for i, ch in enumerate(chans):
@@ -72,6 +74,8 @@ def build_model(spec: ModelSpec, activation: Any) -> nn.Module:
     ``widths[-1]`` classes.
     """
     kind = getattr(spec, "kind", None)
+    if kind is None:
+        raise fail("spec", "a ModelSpec (initlab.lab.specs.ModelSpec(kind='mlp', widths=...))", spec)
     if kind == "mlp":
         return mlp(spec.widths, activation, bias=spec.bias)
     if kind == "cnn":

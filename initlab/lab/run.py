@@ -8,18 +8,25 @@ members' parts and TensorBoard logs, and, once every member is done, figures/ an
 
 Units of work and resuming. The work is split by :func:`~initlab.lab.training.plan_groups`
 into groups of members that share a model shape (optionally at most ``max_members`` each);
-one group is one call of ``run_group`` and trains all its members at once. Completion is
-recorded per *member* (:func:`~initlab.lab.rundir.commit_member`). Re-running on the same
-directory skips every recorded member and plans groups over the remaining ones only (members
-train independently, so regrouping does not change their results). ``metrics.csv`` and
-``first_pass.csv`` are rebuilt from the parts after every group: rows are never duplicated,
-whatever was interrupted when.
+one group is one call of ``run_group`` and trains all its members at once. A member's last bits
+depend on which members share its ensemble (batched kernels round differently at different
+sizes), so the groups are fixed when a run starts (run.json records them) and a group always
+trains whole: re-running on the same directory skips every group whose members are all
+recorded and trains the others again in full, continuing from the group's last checkpoint
+(``checkpoints/``, saved at log steps: ``checkpoint_every``) when there is one. Completion is
+recorded per member (:func:`~initlab.lab.rundir.commit_member`; only the missing members of a
+group are recorded again). ``metrics.csv`` and ``first_pass.csv`` are rebuilt from the parts
+after every group and when a run finishes: rows are never duplicated, whatever was interrupted
+when. An interrupted run (an exception, Ctrl-C, SIGTERM from the command line, ``kill -9``, a
+full disk) therefore resumes to files identical to an uninterrupted run's
+(``tests/test_fault_injection.py``).
 
 Safety. A directory that holds another experiment (a different config fingerprint) is refused
 with an :class:`~initlab._errors.InitlabError` naming both experiments and fingerprints, and so is
-a non-empty directory that is not a run directory; a second process writing to the same
-directory is refused through ``run.lock``. Input errors (unknown data set, missing data files)
-are raised before anything is written.
+a non-empty directory that is not a run directory, or a path that cannot be written; one process
+writes to a directory at a time (``run.lock``, an OS file lock: see
+:func:`~initlab.lab.rundir.lock`). Input errors (unknown data set, missing data files, a model
+too large for memory) are raised before anything is written.
 
 Executors. ``executor=None`` runs the groups in this process (with step-level progress). Any
 :class:`~initlab.lab.executors.Executor` runs them elsewhere: ``fn`` is the module-level
@@ -29,6 +36,7 @@ pair; results are committed as they arrive.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -40,17 +48,19 @@ import numpy as np
 
 from .._errors import InitlabError
 from .._schemes import get_scheme
-from ._io import atomic_write_text, clean_tmp, read_csv
+from ._io import atomic_write_text, clean_tmp
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
 from .executors import Executor, InProcess
 from .metrics import METRICS_COLUMNS
 from .report import write_report
 from .report.tensorboard import write_member_events
-from .rundir import (check_out_dir, clear_results, commit_member, config_differences, done_members, lock, member_dir,
-                     merge, read_run_meta, tb_dir, write_meta)
+from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
+                     drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_values,
+                     read_run_meta, save_checkpoint, tb_dir, write_meta)
 from .specs import Experiment
-from .training import GroupResult, GroupSpec, init_member, plan_groups, resolve_device, run_group, run_unit
+from .training import (GroupResult, GroupSpec, group_memory, init_member, plan_groups, resolve_device, run_group,
+                       run_unit)
 
 __all__ = ["run_experiment", "RunSummary", "RunProgress", "TqdmProgress", "METRICS_COLUMNS", "member_dir",
            "read_run_meta", "config_differences", "Executor"]
@@ -146,10 +156,43 @@ class TqdmProgress:
 # ----------------------------------------------------------------------------- units
 
 
-def _preflight(exp: Experiment) -> None:
-    """Fail on an unavailable device or a scenario whose model cannot be built and initialised,
-    before anything is written: each scenario's model is built and initialised once on CPU."""
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation here (Linux: MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(exp: Experiment, groups: Sequence[GroupSpec]) -> None:
+    """Refuse a group that cannot fit in this machine's memory (CPU training), before anything is written."""
+    if resolve_device(exp.train.device).type != "cpu":
+        return
+    avail = _available_memory()
+    if not avail:
+        return
+    for g in groups:
+        need = group_memory(g)
+        if need > avail:
+            raise InitlabError(
+                f"model.widths: {len(g.members)} model(s) of widths {list(g.model.widths)} need about "
+                f"{need / 2 ** 30:.1f} GiB of memory to train together, but {avail / 2 ** 30:.1f} GiB are available; "
+                "use smaller widths, or fewer seeds or scenarios")
+
+
+def _preflight(exp: Experiment, groups: Sequence[GroupSpec] = ()) -> None:
+    """Fail on an unavailable device, a group too large for memory, or a scenario whose model cannot be
+    built and initialised, before anything is written: each scenario's model is built and initialised
+    once on CPU."""
     resolve_device(exp.train.device)
+    _check_memory(exp, groups)
     seed = int(exp.train.seeds[0]) if exp.train.seeds else 0
     for sc in exp.scenarios:
         if get_scheme(sc.scheme).needs_batch:
@@ -160,21 +203,47 @@ def _preflight(exp: Experiment) -> None:
             raise InitlabError(f"scenario {sc.name!r}: {e}") from None
 
 
+def _check_arguments(exp: Any, out_dir: Any, resume: Any, progress: Any, executor: Any, data: Any, download: Any,
+                     max_members: Any, report: Any, checkpoint_every: Any) -> None:
+    """Every argument of :func:`run_experiment` of the right kind, or an InitlabError naming it."""
+    def bad(name: str, expected: str, value: Any) -> InitlabError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return InitlabError(f"run_experiment: {name}: expected {expected}, got {type(value).__name__} {shown}")
+
+    if not isinstance(exp, Experiment):
+        raise bad("exp", "an Experiment (initlab.lab.load_experiment('classic') or a TOML path)", exp)
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(os.fspath(out_dir)):
+        raise bad("out_dir", "a folder path (str or pathlib.Path)", out_dir)
+    for name, value in (("resume", resume), ("download", download), ("report", report)):
+        if not isinstance(value, bool):
+            raise bad(name, "True or False", value)
+    if not (progress is None or isinstance(progress, bool) or callable(progress)):
+        raise bad("progress", "None, True, False or a callable taking a RunProgress", progress)
+    if executor is not None and not callable(getattr(executor, "map", None)):
+        raise bad("executor", "None or an object with map(fn, items)", executor)
+    if data is not None and not isinstance(data, Dataset):
+        raise bad("data", "None or a Dataset (initlab.lab.load_dataset)", data)
+    if max_members is not None and (isinstance(max_members, bool) or not isinstance(max_members, int) or max_members < 1):
+        raise bad("max_members", "None or an integer >= 1", max_members)
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float))
+                                         or not checkpoint_every >= 0 or not math.isfinite(checkpoint_every)):
+        raise bad("checkpoint_every", "None or a number of seconds >= 0", checkpoint_every)
+
+
 def _write_tb(run_dir: Path, scenario: str, seed: int, values: dict[str, np.ndarray] | None = None,
               metrics: Sequence[dict[str, Any]] | None = None, *, replace: bool = True) -> None:
     """The member's TensorBoard log, from ``values`` and ``metrics`` or else from its recorded part."""
     if values is None or metrics is None:
         part = member_dir(run_dir, scenario, seed)
-        _, metrics = read_csv(part / "metrics.csv")
-        with np.load(part / "values.npz") as z:
-            values = {k: z[k] for k in z.files}
+        _, metrics = read_part_csv(part, "metrics.csv")
+        values = read_part_values(part)
     write_member_events(tb_dir(run_dir, scenario, seed), values, metrics, replace=replace)
 
 
-
-
 class _InProcessUnit:
-    """The in-process unit of work: ``run_group`` with step-level progress events."""
+    """The in-process unit of work: ``run_group`` with step-level progress events, continuing from the
+    group's checkpoint when there is one and saving new ones as it trains."""
 
     def __init__(self, run: _Run) -> None:
         self.run, self.index = run, 0
@@ -182,30 +251,53 @@ class _InProcessUnit:
     def __call__(self, item: tuple[GroupSpec, Dataset]) -> GroupResult:
         unit, data = item
         i, self.index = self.index, self.index + 1
+        run = self.run
         on_step = None
-        if self.run.callback is not None:
-            self.run.emit("unit_start", i, 0, tuple(unit.keys))
+        if run.callback is not None:
+            run.emit("unit_start", i, 0, tuple(unit.keys))
 
             def on_step(n: int) -> None:
-                self.run.emit("step", i, int(n), tuple(unit.keys))
-        return run_group(unit, data, progress=on_step)
+                run.emit("step", i, int(n), tuple(unit.keys))
+        state = load_checkpoint(run.run_dir, run.fingerprint, unit.keys)
+        return run_group(unit, data, progress=on_step, checkpoint=_Saver(run, unit), resume=state)
+
+
+class _Saver:
+    """Saves a group's training state at its log steps: at most every ``run.checkpoint_every`` seconds,
+    and always at the last step (so that an interruption while its members are committed costs nothing)."""
+
+    def __init__(self, run: _Run, unit: GroupSpec) -> None:
+        self.run, self.keys, self.last = run, unit.keys, time.monotonic()
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        every = self.run.checkpoint_every
+        if every is None:
+            return
+        now = time.monotonic()
+        if now - self.last >= every or int(state["step"]) >= int(self.run.exp.train.steps):
+            save_checkpoint(self.run.run_dir, self.run.fingerprint, self.keys, state)
+            self.last = time.monotonic()
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 class _Run:
-    """One call of :func:`run_experiment`: the run directory, what is done, and the progress events."""
+    """One call of :func:`run_experiment`: the run directory, its groups, what is done, and the progress events."""
 
-    def __init__(self, exp: Experiment, run_dir: Path, callback: Callable[[RunProgress], Any] | None) -> None:
-        self.exp, self.run_dir, self.callback = exp, run_dir, callback
+    def __init__(self, exp: Experiment, run_dir: Path, resume: bool, max_members: int | None) -> None:
+        self.exp, self.run_dir, self.resume, self.max_members = exp, run_dir, resume, max_members
+        self.callback: Callable[[RunProgress], Any] | None = None
+        self.checkpoint_every: float | None = 0.0
         self.fingerprint = config_fingerprint(exp)
         self.toml_text = experiment_to_toml(exp)
-        self.existing = check_out_dir(run_dir, exp, self.fingerprint)
+        check_out_path(run_dir)
         self.members = [(sc.name, int(seed)) for sc in exp.scenarios for seed in exp.train.seeds]
+        self.existing = False
         self.done: set[tuple[str, int]] = set()
+        self.groups: list[GroupSpec] = []
         self.units: list[GroupSpec] = []
-        self.n_done = self.units_run = 0
+        self.n_done = self.units_run = self.members_run = self.skipped = 0
         self.wall = 0.0
         self.meta_written = False
         self.diverged: list[dict[str, Any]] = []
@@ -217,28 +309,45 @@ class _Run:
             steps = int(self.exp.train.steps)
             self.callback(RunProgress(event, unit, len(self.units), step, steps, members, self.n_done, len(self.members)))
 
-    def plan(self, resume: bool, max_members: int | None) -> list[GroupSpec]:
-        """The units still to run: the experiment's groups without the members already recorded."""
-        if self.existing and not resume:
-            with lock(self.run_dir):
-                clear_results(self.run_dir)
-        if self.existing:
-            self.done = done_members(self.run_dir, self.fingerprint) & set(self.members)
-        for g in plan_groups(self.exp, max_members=max_members):
-            todo = tuple(m for m in g.members if m.key not in self.done)
-            if todo:
-                self.units.append(GroupSpec(model=g.model, train=g.train, members=todo))
-        self.n_done = len(self.done)
+    def plan(self) -> list[GroupSpec]:
+        """The groups still to train (read-only: called again under the lock before anything is written).
+
+        A group trains whole, as it was first planned (its members' numbers depend on which members
+        share the ensemble), so a group with any member still to record is trained again in full,
+        from its checkpoint when there is one; only the missing members are then recorded.
+        """
+        self.existing = check_out_dir(self.run_dir, self.exp, self.fingerprint)
+        keep = self.existing and self.resume
+        self.done = done_members(self.run_dir, self.fingerprint) & set(self.members) if keep else set()
+        self.groups = (self._recorded_groups() if keep else None) or plan_groups(self.exp, max_members=self.max_members)
+        self.units = [g for g in self.groups if any(k not in self.done for k in g.keys)]
+        self.n_done = self.skipped = len(self.done)
         return self.units
 
-    def execute(self, data: Dataset | None, executor: Executor | None, report: bool) -> None:
-        """Train the units into the (locked) run directory, then finish it; an interruption is recorded."""
+    def _recorded_groups(self) -> list[GroupSpec] | None:
+        """The groups run.json records for this experiment, when they still partition its members."""
+        raw = read_run_meta(self.run_dir).get("groups")
+        by_key = {m.key: m for g in plan_groups(self.exp) for m in g.members}
+        try:
+            groups = [tuple(by_key[(str(k[0]), int(k[1]))] for k in g) for g in raw]  # type: ignore[union-attr]
+        except (TypeError, KeyError, IndexError, ValueError):
+            return None
+        flat = sorted(m.key for g in groups for m in g)
+        if flat != sorted(by_key) or any(not g or len({m.scenario.model for m in g}) != 1 for g in groups):
+            return None
+        return [GroupSpec(model=g[0].scenario.model, train=self.exp.train, members=g) for g in groups]
+
+    def execute(self, data: Callable[[], Dataset | None], executor: Executor | None, report: bool) -> None:
+        """Under the run directory's lock: check it again, train the units, then finish it; an
+        interruption is recorded and the lock released."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with lock(self.run_dir):
-            self._start()
+            if self.plan() and self.existing and not self.resume:
+                clear_results(self.run_dir)
             try:
+                self._start()
                 self.emit("plan", -1, 0)
-                self._train(data, executor)
+                self._train(data() if self.units else None, executor)
                 self._finish(report)
                 self.emit("done", -1, int(self.exp.train.steps))
             except BaseException:
@@ -252,10 +361,11 @@ class _Run:
     def _start(self) -> None:
         clean_tmp(self.run_dir)
         cfg_path = self.run_dir / "config.toml"
-        if not cfg_path.is_file() or cfg_path.read_text(encoding="utf-8") != self.toml_text:
+        if not cfg_path.is_file() or cfg_path.read_bytes() != self.toml_text.encode("utf-8"):
             atomic_write_text(cfg_path, self.toml_text)
-        if self.units or not (self.run_dir / "run.json").is_file():
-            write_meta(self.run_dir, self.exp, self.fingerprint, "running", self.members, 0.0)
+        if self.units or not (self.run_dir / "run.json").is_file() or "groups" not in read_run_meta(self.run_dir):
+            write_meta(self.run_dir, self.exp, self.fingerprint, "running", self.members, 0.0,
+                       groups=[g.keys for g in self.groups])
 
     def _train(self, data: Dataset | None, executor: Executor | None) -> None:
         t_train = time.perf_counter()
@@ -268,11 +378,18 @@ class _Run:
             self.wall = time.perf_counter() - t_train if self.units else 0.0
 
     def _commit(self, i: int, unit: GroupSpec, result: GroupResult) -> None:
+        """Record the group's members that are not recorded yet, merge the CSVs, drop its checkpoint."""
         for m in unit.members:
-            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result, i)
+            if m.key in self.done:
+                continue
+            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
+                                         self.groups.index(unit))
             _write_tb(self.run_dir, m.scenario.name, m.seed, values, rows)
+            self.done.add(m.key)
             self.n_done += 1
+            self.members_run += 1
         merge(self.run_dir, self.members)
+        drop_checkpoint(self.run_dir, unit.keys)
         self.units_run += 1
         self.emit("unit_done", i, int(self.exp.train.steps), tuple(unit.keys))
 
@@ -281,9 +398,10 @@ class _Run:
         for sc, seed in self.members:
             if (member_dir(self.run_dir, sc, seed) / "member.json").is_file() and not tb_dir(self.run_dir, sc, seed).is_dir():
                 _write_tb(self.run_dir, sc, seed, replace=False)
-        if not self.units and not (self.run_dir / "metrics.csv").is_file():
-            merge(self.run_dir, self.members)
+        merge(self.run_dir, self.members)  # also after an interruption between a commit and its merge
         status = "complete" if self.n_done == len(self.members) else "running"
+        if status == "complete":
+            drop_checkpoint(self.run_dir)
         meta = write_meta(self.run_dir, self.exp, self.fingerprint, status, self.members, self.wall)
         self.meta_written = True
         self.diverged = list(meta["diverged"])
@@ -294,8 +412,8 @@ class _Run:
 
     def summary(self, t0: float) -> RunSummary:
         return RunSummary(run_dir=self.run_dir, name=self.exp.name, fingerprint=self.fingerprint,
-                          members_total=len(self.members), members_run=self.n_done - len(self.done),
-                          members_skipped=len(self.done), units_run=self.units_run, diverged=self.diverged,
+                          members_total=len(self.members), members_run=self.members_run,
+                          members_skipped=self.skipped, units_run=self.units_run, diverged=self.diverged,
                           wall_s=time.perf_counter() - t0, report=self.report_path, figures=self.figures)
 
 
@@ -308,7 +426,7 @@ def _callback(progress: Callable[[RunProgress], Any] | bool | None) -> Callable[
 def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: bool = True,
                    progress: Callable[[RunProgress], Any] | bool | None = None, executor: Executor | None = None,
                    data: Dataset | None = None, download: bool = False, max_members: int | None = None,
-                   report: bool = True) -> RunSummary:
+                   report: bool = True, checkpoint_every: float | None = 5.0) -> RunSummary:
     """Train every member of ``exp`` and write the run directory ``out_dir`` (see the module docstring).
 
     - ``resume``: skip members already recorded in ``out_dir`` (True), or discard the results of
@@ -321,16 +439,32 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
     - ``data``: an already loaded :class:`~initlab.lab.data.Dataset` (default: ``load_dataset(exp.data)``,
       loaded only when some member is still to run); ``download``: let the loader fetch missing
       MNIST files.
-    - ``max_members``: cap a group's size (finer-grained resuming; spreading over workers).
+    - ``max_members``: cap a group's size (finer-grained resuming; spreading over workers). It
+      applies when a run starts: a resumed run keeps the groups it started with (run.json records
+      them), because a member's last bits depend on which members share its ensemble.
     - ``report``: write figures and report.html once every member is done.
+    - ``checkpoint_every``: seconds between checkpoints of a training group (taken at log steps, and
+      always at the last one; 0 = every log step, None = none); an interrupted group continues from
+      its last checkpoint, bit-identical to an uninterrupted run. In-process only: an ``executor``
+      trains each group from step 0.
     """
     t0 = time.perf_counter()
-    run = _Run(exp, Path(out_dir), None)
-    units = run.plan(resume, max_members)
-    if units:
-        _preflight(exp)
+    _check_arguments(exp, out_dir, resume, progress, executor, data, download, max_members, report, checkpoint_every)
+    run = _Run(exp, Path(out_dir), bool(resume), max_members)
+    run.checkpoint_every = None if checkpoint_every is None else float(checkpoint_every)
+    loaded: list[Dataset | None] = [data]
+
+    def get_data() -> Dataset | None:
+        if loaded[0] is None:
+            _preflight(exp, run.units)
+            loaded[0] = load_dataset(exp.data, download=download)
+        return loaded[0]
+
+    if run.plan():  # input errors (data, device, models) before anything is written
         if data is None:
-            data = load_dataset(exp.data, download=download)
+            get_data()
+        else:
+            _preflight(exp, run.units)
     run.callback = _callback(progress)
-    run.execute(data, executor, report)
+    run.execute(get_data, executor, report)
     return run.summary(t0)

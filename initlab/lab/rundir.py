@@ -4,7 +4,7 @@ Layout (``run_dir/``)::
 
     config.toml        the resolved experiment (experiment_to_toml); loading it gives the experiment back
     run.json           name, config fingerprint, status ("running", "interrupted", "complete"),
-                       members done, diverged members, training seconds
+                       members done, diverged members, training seconds, the groups members train in
     metrics.csv        scenario, seed, step, split, metric, value (see initlab.lab.metrics)
     first_pass.csv     the probe table (initlab.probe) per scenario x seed x weight layer:
                        scenario, seed, scheme, then the probe's columns
@@ -12,40 +12,58 @@ Layout (``run_dir/``)::
     figures/*.png, report.html   (initlab.lab.report)
     parts/<scenario>/seed<k>/   a finished member's own results (metrics.csv, first_pass.csv,
                        values.npz with the first-pass arrays, member.json)
+    checkpoints/group-<hash>.pt   the training state of a group that has not finished (removed
+                       when the run completes)
+    run.lock           held (an OS file lock) while a process writes here
 
 Completion is recorded per member: :func:`commit_member` writes ``parts/<scenario>/seed<k>/``
 under a temporary name and renames it into place, so a member is either completely recorded or
 not at all; :func:`merge` rebuilds metrics.csv and first_pass.csv from the parts, atomically,
 in experiment order. :func:`check_out_dir` refuses a directory that holds another experiment
-(or anything else); :func:`lock` lets one process write at a time. Every file is written
-atomically (:mod:`initlab.lab._io`).
+(or anything else) and :func:`check_out_path` one that cannot be written; :func:`lock` lets one
+process write at a time. Every file is written atomically (:mod:`initlab.lab._io`), with the
+mode the umask gives.
 """
 from __future__ import annotations
 
 import contextlib
+import csv
+import errno
+import hashlib
+import io
 import json
 import os
 import shutil
 import socket
 import time
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import __version__
 from .._errors import InitlabError
 from .._probe import COLUMNS as PROBE_COLUMNS
-from ._io import TMP_PREFIX, atomic_dir, atomic_write_csv, atomic_write_text, csv_text, read_csv, slug
+from ._io import TMP_PREFIX, atomic_dir, atomic_write_bytes, atomic_write_text, csv_text, read_csv, slug
 from .config import config_fingerprint, experiment_to_dict, load_experiment
 from .metrics import METRICS_COLUMNS
 from .specs import Experiment, Scenario
 from .training import GroupResult
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
+
 __all__ = ["member_dir", "member_log_dir", "tb_dir", "read_run_meta", "config_differences", "check_out_dir", "lock",
-           "done_members", "first_pass_columns", "commit_member", "merge", "write_meta", "clear_results",
-           "METRICS_COLUMNS", "FIRST_PASS_LEAD"]
+           "check_out_path", "done_members", "first_pass_columns", "commit_member", "merge", "write_meta", "clear_results",
+           "read_part_csv", "read_part_values", "checkpoint_path", "save_checkpoint", "load_checkpoint",
+           "drop_checkpoint", "METRICS_COLUMNS", "FIRST_PASS_LEAD"]
 
 FIRST_PASS_LEAD = ("scenario", "seed", "scheme")
 _FORMAT = 1
@@ -69,13 +87,18 @@ def tb_dir(run_dir: Path, scenario: str, seed: int) -> Path:
     return member_log_dir(run_dir / "tb", slug(scenario), seed)
 
 
-def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
-    """``run.json`` of a run directory as a dict ({} when absent or unreadable)."""
-    p = Path(run_dir) / "run.json"
+def _read_json(p: Path) -> dict[str, Any]:
+    """A JSON object from a file ({} when absent, unreadable or not an object)."""
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        d = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return d if isinstance(d, dict) else {}
+
+
+def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run directory as a dict ({} when absent or unreadable)."""
+    return _read_json(Path(run_dir) / "run.json")
 
 
 # ----------------------------------------------------------------------------- what a directory holds
@@ -127,12 +150,48 @@ def config_differences(old: Experiment, new: Experiment, *, limit: int = 6) -> l
     return out
 
 
+def _not_writable(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        pass
+    return "is not writable (permission denied)"
+
+
+def check_out_path(run_dir: Path) -> None:
+    """Fail early, naming the path and what to do, when ``run_dir`` cannot become a run directory:
+    a file where a folder should be, a folder that cannot be written, a read-only file system."""
+    text = str(run_dir)
+    if not text or "\x00" in text:
+        raise InitlabError(f"output path {text!r}: expected a folder name (no NUL characters); choose another --out")
+    try:
+        if run_dir.exists():
+            if not run_dir.is_dir():
+                raise InitlabError(f"output path {text!r} exists and is not a directory; choose another --out directory")
+            if not os.access(run_dir, os.W_OK | os.X_OK):
+                raise InitlabError(f"output directory {text!r} {_not_writable(run_dir)}; fix its permissions or "
+                                   "choose another --out directory")
+            return
+        above = run_dir.absolute().parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if not above.is_dir():
+            raise InitlabError(f"output path {text!r}: {str(above)!r} is a file, not a folder; remove it or choose "
+                               "another --out directory")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise InitlabError(f"output path {text!r}: cannot create it, {str(above)!r} {_not_writable(above)}; "
+                               "choose another --out directory")
+    except OSError as e:
+        raise InitlabError(f"output path {text!r}: {e.strerror or e}; choose another --out directory") from None
+
+
 def check_out_dir(run_dir: Path, exp: Experiment, fingerprint: str) -> bool:
     """Whether ``run_dir`` already is a run directory of ``exp``; raise if it holds anything else."""
     if not run_dir.exists():
         return False
     if not run_dir.is_dir():
-        raise InitlabError(f"output path {str(run_dir)!r} exists and is not a directory")
+        raise InitlabError(f"output path {str(run_dir)!r} exists and is not a directory; choose another --out directory")
     entries = [p for p in run_dir.iterdir() if not p.name.startswith(TMP_PREFIX) and p.name != "run.lock"]
     if not entries:
         return False
@@ -158,63 +217,83 @@ def check_out_dir(run_dir: Path, exp: Experiment, fingerprint: str) -> bool:
 # ----------------------------------------------------------------------------- lock
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock_fd(fd: int) -> bool:
+    """Take the OS lock on an open file without waiting: True when taken, False when another process holds it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # pragma: no cover - Windows
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except (BlockingIOError, PermissionError):
         return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EDEADLK):
+            return False
+        raise
     return True
 
 
-def _lock_holder(path: Path) -> tuple[int, str | None]:
-    """(pid, host) written in a lock file; pid -1 when unreadable."""
+def _lock_holder(fd: int) -> tuple[int, str | None]:
+    """(pid, host) the holder wrote into the lock file; pid -1 when unreadable."""
     try:
-        other = json.loads(path.read_text(encoding="utf-8"))
+        other = json.loads(os.pread(fd, 4096, 0).decode("utf-8")) if hasattr(os, "pread") else {}
     except (OSError, ValueError):
         other = {}
-    pid = int(other.get("pid", -1)) if str(other.get("pid", "")).lstrip("-").isdigit() else -1
+    if not isinstance(other, dict):
+        other = {}
+    pid = int(other["pid"]) if str(other.get("pid", "")).isdigit() else -1
     return pid, other.get("host")
 
 
-def _take_over(path: Path, run_dir: Path, me: dict[str, Any]) -> None:
-    """Remove a stale lock (its process is gone); raise when a live process holds it."""
-    pid, host = _lock_holder(path)
-    same_host = host == me["host"]
-    if pid > 0 and same_host and pid != os.getpid() and _pid_alive(pid):
-        raise InitlabError(f"another initlab process (pid {pid}) is writing to {str(run_dir)!r}; "
-                           f"wait for it to finish (or delete {path} if that process is gone)")
-    if pid > 0 and not same_host:
-        raise InitlabError(f"{str(run_dir)!r} is locked by pid {pid} on host {host!r}; "
-                           f"delete {path} if that run is gone")
-    with contextlib.suppress(OSError):
-        path.unlink()
+def _busy(run_dir: Path, fd: int) -> InitlabError:
+    pid, host = _lock_holder(fd)
+    who = f"another initlab process (pid {pid}{'' if host in (None, socket.gethostname()) else f' on {host}'})" \
+        if pid > 0 else "another initlab process"
+    return InitlabError(f"{who} is writing to {str(run_dir)!r}; wait for it to finish (or stop it), then re-run "
+                        "the same command to resume")
+
+
+def _open_locked(path: Path, run_dir: Path) -> int:
+    """A descriptor of ``path`` holding its OS lock, or InitlabError when another process holds it."""
+    for _ in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if not _lock_fd(fd):
+                raise _busy(run_dir, fd)
+            try:  # the holder before us may have removed the file as it let go: lock the file the path names
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise InitlabError(f"could not lock {str(run_dir)!r}: {path} keeps being replaced")  # pragma: no cover
 
 
 @contextlib.contextmanager
 def lock(run_dir: Path) -> Iterator[None]:
-    """``run_dir/run.lock`` (O_EXCL): one writer per run directory; a stale lock (dead pid) is taken over."""
+    """One writer per run directory: ``run_dir/run.lock``, held with the operating system's file lock
+    (``flock`` on POSIX, ``msvcrt.locking`` on Windows) for as long as the block runs.
+
+    The kernel holds the lock, not the file: it is released when the process ends in any way
+    (``kill -9`` included), so a lock file left behind is never "stale", and two processes can never
+    both hold it (no check-then-take race). Taking it locks the open file and then checks that the
+    path still names that file (the previous holder removes the file as it lets go). The file holds
+    the holder's pid and host, for the error message of the process that finds it locked.
+    """
     path = run_dir / "run.lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _take_over(path, run_dir, me)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    else:  # pragma: no cover - lost a race twice
-        raise InitlabError(f"could not lock {str(run_dir)!r}: another process keeps taking {path}")
+    fd = _open_locked(path, run_dir)
     try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode("utf-8"))
         yield
     finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        with contextlib.suppress(OSError):  # still holding the lock: nobody else can be using the file
+            os.unlink(path)
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- members
@@ -226,11 +305,10 @@ def done_members(run_dir: Path, fingerprint: str) -> set[tuple[str, int]]:
     if not parts.is_dir():
         return done
     for mj in parts.glob("*/seed*/member.json"):
-        try:
-            meta = json.loads(mj.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        meta = _read_json(mj)  # an unreadable record is a member to train again (with the same result)
+        if meta.get("fingerprint") != fingerprint or not str(meta.get("seed", "")).isdigit():
             continue
-        if meta.get("fingerprint") != fingerprint:
+        if mj.parent != member_dir(run_dir, str(meta.get("scenario")), int(meta["seed"])):
             continue
         done.add((str(meta["scenario"]), int(meta["seed"])))
     return done
@@ -249,6 +327,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
                    unit_index: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Write one member's results as ``parts/<scenario>/seed<k>/`` (atomically, all files at once).
 
+    ``unit_index``: the member's group in the run's plan (as run.json lists the groups).
     Returns the member's first-pass arrays and metrics rows (for its TensorBoard log)."""
     key = (scenario.name, int(seed))
     metrics = [{c: r[c] for c in METRICS_COLUMNS} for r in result.metrics
@@ -275,8 +354,44 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
     return values, metrics
 
 
+def _corrupt(path: Path, part: Path, e: BaseException) -> InitlabError:
+    why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    why = why if len(why) <= 100 else why[:97] + "..."
+    return InitlabError(f"{path}: cannot be read ({why}); delete the folder {part} and re-run the same "
+                        "command to train that member again")
+
+
+def read_part_csv(part: Path, name: str) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a member's CSV file; InitlabError naming the file and what to do when it is corrupt."""
+    try:
+        return read_csv(part / name)
+    except (OSError, ValueError, csv.Error) as e:
+        raise _corrupt(part / name, part, e) from None
+
+
+def read_part_values(part: Path) -> dict[str, np.ndarray]:
+    """A member's first-pass arrays (``values.npz``); InitlabError naming the file and what to do when it is corrupt."""
+    path = part / "values.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise _corrupt(path, part, e) from None
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless the file already holds exactly that (a re-run leaves it untouched)."""
+    try:
+        if path.read_bytes() == text.encode("utf-8"):
+            return
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+
+
 def merge(run_dir: Path, members: Sequence[tuple[str, int]]) -> tuple[int, int]:
-    """Rebuild metrics.csv and first_pass.csv from the finished members' parts, in ``members`` order."""
+    """Rebuild metrics.csv and first_pass.csv from the finished members' parts, in ``members`` order
+    (each file rewritten only when its content changes)."""
     metrics: list[dict[str, str]] = []
     fp_rows: list[dict[str, str]] = []
     fp_cols: list[str] = []
@@ -284,27 +399,70 @@ def merge(run_dir: Path, members: Sequence[tuple[str, int]]) -> tuple[int, int]:
         part = member_dir(run_dir, sc, seed)
         if not (part / "member.json").is_file():
             continue
-        _, rows = read_csv(part / "metrics.csv")
+        _, rows = read_part_csv(part, "metrics.csv")
         metrics.extend(rows)
-        cols, rows = read_csv(part / "first_pass.csv")
+        cols, rows = read_part_csv(part, "first_pass.csv")
         for c in cols:
             if c not in fp_cols:
                 fp_cols.append(c)
         fp_rows.extend(rows)
-    atomic_write_csv(run_dir / "metrics.csv", metrics, METRICS_COLUMNS)
-    atomic_write_csv(run_dir / "first_pass.csv", fp_rows, fp_cols or list(FIRST_PASS_LEAD))
+    _write_if_changed(run_dir / "metrics.csv", csv_text(metrics, METRICS_COLUMNS))
+    _write_if_changed(run_dir / "first_pass.csv", csv_text(fp_rows, fp_cols or list(FIRST_PASS_LEAD)))
     return len(metrics), len(fp_rows)
 
 
+def checkpoint_path(run_dir: Path, keys: Sequence[tuple[str, int]]) -> Path:
+    """``run_dir/checkpoints/<hash of the group's members>.pt``: where a group's training state is kept."""
+    text = json.dumps([[str(k), int(s)] for k, s in keys])
+    return run_dir / "checkpoints" / f"group-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}.pt"
+
+
+def save_checkpoint(run_dir: Path, fingerprint: str, keys: Sequence[tuple[str, int]], state: dict[str, Any]) -> Path:
+    """Write a group's training state (:meth:`initlab.lab.training.TrainLoop.state`) atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": _FORMAT, "fingerprint": fingerprint, "members": [[str(k), int(s)] for k, s in keys],
+                "state": state}, buf)
+    return atomic_write_bytes(checkpoint_path(run_dir, keys), buf.getvalue())
+
+
+def load_checkpoint(run_dir: Path, fingerprint: str, keys: Sequence[tuple[str, int]]) -> dict[str, Any] | None:
+    """The group's saved training state, or None when there is none that fits (absent, unreadable, or of
+    another experiment or group): the group then trains from step 0, to the same result."""
+    path = checkpoint_path(run_dir, keys)
+    try:
+        blob = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint only costs the training since step 0
+        return None
+    if not isinstance(blob, dict) or blob.get("fingerprint") != fingerprint or blob.get("format") != _FORMAT \
+            or blob.get("members") != [[str(k), int(s)] for k, s in keys] or not isinstance(blob.get("state"), dict):
+        return None
+    return blob["state"]
+
+
+def drop_checkpoint(run_dir: Path, keys: Sequence[tuple[str, int]] | None = None) -> None:
+    """Remove a group's checkpoint (every checkpoint when ``keys`` is None)."""
+    if keys is None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        checkpoint_path(run_dir, keys).unlink()
+
+
 def write_meta(run_dir: Path, exp: Experiment, fingerprint: str, status: str, members: Sequence[tuple[str, int]],
-                wall_s: float) -> dict[str, Any]:
+                wall_s: float, groups: Sequence[Sequence[tuple[str, int]]] | None = None) -> dict[str, Any]:
+    """Write ``run.json``: the run's status, members done and diverged, training time, and the groups
+    its members train in (``groups``, kept from the previous run.json when None)."""
     old = read_run_meta(run_dir)
     diverged, done = [], 0
     for sc, seed in members:
         mj = member_dir(run_dir, sc, seed) / "member.json"
         if not mj.is_file():
             continue
-        m = json.loads(mj.read_text(encoding="utf-8"))
+        m = _read_json(mj)
+        if not m:
+            continue
         done += 1
         if m.get("diverged_step") is not None:
             diverged.append({"scenario": sc, "seed": seed, "step": m["diverged_step"]})
@@ -314,14 +472,17 @@ def write_meta(run_dir: Path, exp: Experiment, fingerprint: str, status: str, me
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "status": status, "members_total": len(members), "members_done": done,
         "diverged": diverged, "wall_s": float(old.get("wall_s", 0.0)) + wall_s,
+        "groups": [[list(k) for k in g] for g in groups] if groups is not None else old.get("groups"),
     }
+    if meta["groups"] is None:
+        del meta["groups"]
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1) + "\n")
     return meta
 
 
 def clear_results(run_dir: Path) -> None:
     """Remove what a previous run of the same experiment wrote (``resume=False``)."""
-    for name in ("parts", "tb", "figures"):
+    for name in ("parts", "tb", "figures", "checkpoints"):
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p)

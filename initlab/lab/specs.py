@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ def _seeds(seeds: Any) -> tuple[int, ...]:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = tuple(range(as_int(seeds, "train.seeds", minimum=1)))
     seeds = as_ints(seeds, "train.seeds", minimum=0, min_len=1)
-    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    dup = sorted(s for s, n in Counter(seeds).items() if n > 1)
     if dup:
         raise InitlabError(f"train.seeds: seed {dup[0]} appears twice in {list(seeds)}")
     return seeds

@@ -6,7 +6,7 @@ Var(wx) = E[w^2] E[x^2]; LeCun et al. 1998, Glorot & Bengio 2010), saturation of
 dead ReLU units, how the variance changes with depth, agreement of the variance recursion with
 the measurement, the ordering of the schemes per activation by the headline metric (accuracy),
 where ``>`` is written only when the difference of the seed means exceeds twice its standard
-error, and divergent members.
+error, members whose first pass overflowed, and divergent members.
 
 Each is an :class:`initlab._audit.Finding` (the library's type) with severity "info", no layer,
 the statement as ``message`` and the topic as ``code``.
@@ -274,7 +274,40 @@ def _divergence_findings(data: RunData) -> list[Finding]:
     return [_finding("divergence", f"Diverged (loss became NaN/inf; excluded from means): {items}.")]
 
 
+def _first_overflow(d: pandas.DataFrame) -> int | None:
+    """The first weight layer (numbered from 1) of one member whose first-pass statistics are not finite."""
+    stats = [c for c in ("pre_var", "post_var") if c in d]
+    if not stats or "index" not in d:
+        return None
+    bad = ~np.isfinite(d[stats].astype(float).to_numpy()).all(axis=1)
+    return int(d["index"][bad].min()) if bad.any() else None
+
+
+def _overflow_findings(data: RunData) -> list[Finding]:
+    """Members whose first pass overflowed float32 (a non-finite variance): which layer, and the loss they start from."""
+    fp = data.first_pass
+    if fp.empty or "scenario" not in fp or "seed" not in fp:
+        return []
+    items = []
+    start = data.metrics[(data.metrics["step"] == 0) & (data.metrics["split"] == "test")
+                         & (data.metrics["metric"] == "loss")] if not data.metrics.empty else data.metrics
+    for (sc, seed), d in fp.groupby(["scenario", "seed"], sort=False):
+        layer = _first_overflow(d)
+        if layer is None:
+            continue
+        n_layers = int(d["index"].max())
+        text = f"{label(str(sc), data.info)} seed {int(seed)} from layer {layer} of {n_layers}"
+        loss = start[(start["scenario"] == sc) & (start["seed"] == seed)]["value"] if not start.empty else []
+        if len(loss):
+            text += f" (initial test loss {num(float(loss.iloc[0]))})"
+        items.append(text)
+    if not items:
+        return []
+    return [_finding("overflow", "Overflowed at initialisation (first-pass activations beyond float32's range, "
+                                 "variance not finite; such a network cannot learn): " + "; ".join(items) + ".")]
+
+
 def findings(data: RunData) -> list[Finding]:
     """Every finding of the report, computed from ``data`` (see the module docstring)."""
     return (_input_findings(data) + _saturation_findings(data) + _depth_finding(data) + _recursion_finding(data)
-            + _accuracy_findings(data) + _divergence_findings(data))
+            + _accuracy_findings(data) + _overflow_findings(data) + _divergence_findings(data))

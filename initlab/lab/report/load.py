@@ -15,7 +15,10 @@ from ..._errors import InitlabError
 from .._io import slug
 from ..config import read_toml
 from ..metrics import METRICS_COLUMNS
-from ..rundir import read_run_meta
+from ..rundir import FIRST_PASS_LEAD, read_part_values, read_run_meta
+
+#: what to do about a corrupt merged CSV file
+_REBUILD = "re-run the same `initlab run` command to rebuild it from parts/"
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -43,16 +46,23 @@ class RunData:
 
 def _read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """(text, parsed) of ``config.toml``; errors when the directory is not a run directory."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InitlabError(f"{str(run_dir)!r} is not a directory: give the run directory written by `initlab run`")
     if not run_dir.is_dir():
         raise InitlabError(f"run directory {str(run_dir)!r} does not exist")
     cfg_path = run_dir / "config.toml"
     if not cfg_path.is_file():
         raise InitlabError(f"{str(run_dir)!r} is not an initlab run directory: it has no config.toml")
-    text = cfg_path.read_text(encoding="utf-8")
+    fix = (f"re-run `initlab run` with the same experiment and --out {str(run_dir)!r} to write it again, "
+           "or restore it")
+    try:
+        text = cfg_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InitlabError(f"{cfg_path}: not UTF-8 text (byte {e.start}); {fix}") from None
     try:
         return text, read_toml(text, str(cfg_path))
     except InitlabError as e:
-        raise InitlabError(f"not valid TOML: {e}") from e
+        raise InitlabError(f"not valid TOML: {e}; {fix}") from None
 
 
 def _read_csv(path: Path) -> pandas.DataFrame:
@@ -61,7 +71,7 @@ def _read_csv(path: Path) -> pandas.DataFrame:
     try:
         return pd.read_csv(path)
     except Exception as e:  # pandas' parser errors and friends
-        raise InitlabError(f"{path}: cannot be read as CSV ({e})") from e
+        raise InitlabError(f"{path}: cannot be read as CSV ({e}); {_REBUILD}") from None
 
 
 def _read_metrics(run_dir: Path) -> pandas.DataFrame:
@@ -74,8 +84,19 @@ def _read_metrics(run_dir: Path) -> pandas.DataFrame:
     metrics = _read_csv(path)
     missing = [c for c in METRICS_COLUMNS if c not in metrics.columns]
     if missing:
-        raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRICS_COLUMNS)}")
-    metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
+        raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRICS_COLUMNS)}; "
+                           f"{_REBUILD}")
+    for column, numbers in (("seed", "integers"), ("step", "integers"), ("value", "numbers")):
+        text = metrics[column].map(str).astype(object).str.strip()  # NaN -> "nan", whatever the dtype
+        parsed = pd.to_numeric(text, errors="coerce")
+        bad = parsed.isna() & ~text.str.lower().isin(["nan", "", "<na>", "none"] if column == "value" else [])
+        if numbers == "integers":
+            bad |= ~bad & parsed.notna() & (parsed != parsed.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InitlabError(f"{path}, row {i + 2}: column {column!r} holds {text.iloc[i]!r}, expected {numbers}; "
+                               f"{_REBUILD}")
+        metrics[column] = parsed.astype("int64") if numbers == "integers" else parsed.astype(float)
     metrics["scenario"] = metrics["scenario"].astype(str)
     return metrics
 
@@ -87,6 +108,9 @@ def _read_first_pass(run_dir: Path) -> pandas.DataFrame:
     if not (path.is_file() and path.stat().st_size):
         return pd.DataFrame()
     first_pass = _read_csv(path)
+    missing = [c for c in FIRST_PASS_LEAD + ("index",) if c not in first_pass.columns]
+    if missing:
+        raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; {_REBUILD}")
     if "scenario" in first_pass:
         first_pass["scenario"] = first_pass["scenario"].astype(str)
     return first_pass
@@ -124,10 +148,9 @@ def _read_values(run_dir: Path, metrics: pandas.DataFrame, scenarios: list[str]
         seeds_of.setdefault(str(r["scenario"]), set()).add(int(r["seed"]))
     for sc in scenarios:
         for seed in sorted(seeds_of.get(sc, ())):
-            f = parts / slug(sc) / f"seed{seed}" / "values.npz"
-            if f.is_file():
-                with np.load(f) as z:
-                    values[(sc, seed)] = {k: z[k] for k in z.files}
+            part = parts / slug(sc) / f"seed{seed}"
+            if (part / "values.npz").is_file():
+                values[(sc, seed)] = read_part_values(part)
     return values
 
 

@@ -289,6 +289,8 @@ def variance_per_layer(first_pass: pandas.DataFrame, scenarios: Sequence[str], p
         pred = (g["predicted_pre_var"].mean().reindex(idx).to_numpy(float) if "predicted_pre_var" in d
                 else np.full_like(mean, np.nan))
         x = idx + (k - (n - 1) / 2) * spread  # a small offset so overlapping markers stay visible
+        shown = np.isfinite(mean) & np.isfinite(lo) & np.isfinite(hi)  # an overflowed layer has no point
+        x, mean, lo, hi = x[shown], mean[shown], lo[shown], hi[shown]
         ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt=markers[sc], color=colors[sc], capsize=3,
                     markersize=5 if len(scenarios) > 8 else 6, label=legend[sc] if legend else label(sc, info))
         ok = np.isfinite(pred) & (pred > 0)

@@ -109,8 +109,23 @@ def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
     return log_dir
 
 
+def _linear_edges(a: np.ndarray) -> np.ndarray:
+    """30 equal bins from the smallest to the largest value (strictly increasing edges, also when all are equal)."""
+    lo, hi = float(a.min()), float(a.max())
+    edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo])
+    if edges.size < 2:
+        edges = np.array([np.nextafter(lo, -np.inf), np.nextafter(hi, np.inf)])
+    return edges
+
+
 def _histogram(writer: Any, tag: str, values: np.ndarray) -> None:
+    """A histogram of the finite values: TensorBoard's exponential buckets when they hold every value
+    (|x| up to about 1e20), else 30 equal bins over [min, max] (an exploding first pass, e.g. a deep
+    N(0, 1) network, reaches 1e25 and more; TensorBoard's buckets would drop those values)."""
     a = np.asarray(values, dtype=np.float64).ravel()
     a = a[np.isfinite(a)]
-    if a.size:
-        writer.add_histogram(tag, a, global_step=0, bins="tensorflow")
+    if not a.size:
+        return
+    limits = writer.default_bins
+    bins: Any = "tensorflow" if limits[0] <= a.min() and a.max() <= limits[-1] else _linear_edges(a)
+    writer.add_histogram(tag, a, global_step=0, bins=bins)

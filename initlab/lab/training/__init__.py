@@ -29,8 +29,8 @@ from __future__ import annotations
 from .engines import build_engine, plan_engine
 from .group import GroupResult, run_group, run_unit
 from .loop import TrainLoop, make_optimizer
-from .plan import (GroupSpec, Member, check_train, data_seed, first_pass_indices, init_member, minibatch_indices,
-                   plan_groups, resolve_device)
+from .plan import (GroupSpec, Member, check_train, data_seed, first_pass_indices, group_memory, init_member,
+                   minibatch_indices, plan_groups, resolve_device)
 
 __all__ = [
     "Member",
@@ -45,6 +45,7 @@ __all__ = [
     "data_seed",
     "resolve_device",
     "check_train",
+    "group_memory",
     "make_optimizer",
     "TrainLoop",
     "plan_engine",

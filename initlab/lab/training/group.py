@@ -113,7 +113,9 @@ def _flush_denormal_on() -> bool:
 
 
 def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] | None = None,
-              dtype: torch.dtype = torch.float32, flush_denormal: bool = True) -> GroupResult:
+              dtype: torch.dtype = torch.float32, flush_denormal: bool = True,
+              checkpoint: Callable[[dict[str, Any]], Any] | None = None,
+              resume: dict[str, Any] | None = None) -> GroupResult:
     """Train every member of ``spec`` on ``data`` at once; return metrics and first-pass statistics.
 
     Steps: build and initialise each member (:func:`~initlab.lab.training.plan.init_member`), run
@@ -127,19 +129,26 @@ def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] 
     moments that underflow into the denormal range, where x86 arithmetic is many times slower;
     flushing changes values below float32's normal range only: Adam's step m/(sqrt(v) + 1e-8)
     moves by less than 1e-30 of a weight.
+    ``checkpoint(state)`` is called at each log step, after the step's rows are recorded and before
+    ``progress``, with the training state (:meth:`~initlab.lab.training.loop.TrainLoop.state`: a dict
+    of CPU tensors, numbers and lists, a snapshot the caller may keep or save); ``resume=state``
+    continues from such a state instead of step 0 (the members are still built, initialised and
+    probed, which is deterministic), and gives results bit-identical to an uninterrupted call.
     Pure: no file I/O and no global state; the arguments and the result pickle.
     """
     previous = _flush_denormal_on()
     if flush_denormal != previous:
         torch.set_flush_denormal(flush_denormal)
     try:
-        return _run_group(spec, data, progress, dtype)
+        return _run_group(spec, data, progress, dtype, checkpoint, resume)
     finally:
         if flush_denormal != previous:
             torch.set_flush_denormal(previous)
 
 
-def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | None, dtype: torch.dtype) -> GroupResult:
+def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | None, dtype: torch.dtype,
+               checkpoint: Callable[[dict[str, Any]], Any] | None = None, resume: dict[str, Any] | None = None
+               ) -> GroupResult:
     t0 = time.perf_counter()
     device = _check_inputs(spec, data)
     models, first_pass_rows, fp_values = _init_members(spec, data)
@@ -149,8 +158,9 @@ def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | 
     engine = build_engine(plan, models, x_train, y_train, device, dtype)
     members = [spec.members[i] for i in plan.order]
     t2 = time.perf_counter()
-    loop = TrainLoop(engine, members, x_test, y_test, int(data.x_train.shape[0]), spec.train, device, progress)
-    metrics, diverged, eval_s = loop.run()
+    loop = TrainLoop(engine, members, x_test, y_test, int(data.x_train.shape[0]), spec.train, device, progress,
+                     checkpoint)
+    metrics, diverged, eval_s = loop.run(resume)
     t3 = time.perf_counter()
     rank = {m.key: i for i, m in enumerate(spec.members)}
     metrics.sort(key=lambda r: (rank[(r["scenario"], r["seed"])], r["step"], _SPLIT_RANK[r["split"]], sort_key(r["metric"])))

@@ -54,6 +54,17 @@ def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Op
         return cls(params, lr=lr, foreach=True)
 
 
+def _cloned(obj: Any) -> Any:
+    """``obj`` with every tensor in it copied to the CPU (dicts and lists rebuilt): a snapshot."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
+
+
 def _sync_each_step(device: torch.device) -> bool:
     """Whether to read the losses back every step (free on CPU; a device sync on a GPU)."""
     return device.type == "cpu"
@@ -68,11 +79,12 @@ class TrainLoop:
     """
 
     def __init__(self, engine: Engine, members: Sequence[Member], x_test: Tensor, y_test: Tensor, n_train: int,
-                 train: TrainSpec, device: torch.device, progress: Callable[[int], Any] | None = None) -> None:
+                 train: TrainSpec, device: torch.device, progress: Callable[[int], Any] | None = None,
+                 checkpoint: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.engine, self.x_test, self.y_test, self.n_train = engine, x_test, y_test, int(n_train)
         self.steps, self.batch, self.log_every = int(train.steps), int(train.batch_size), int(train.log_every)
         self.opt_name, self.lr = str(train.optimizer).lower(), float(train.lr)
-        self.device, self.progress = device, progress
+        self.device, self.progress, self.checkpoint = device, progress, checkpoint
         self.check_every_step = _sync_each_step(device)
         self.computed = [m for m in registered() if m.compute is not None]
         self.alive = list(members)
@@ -91,10 +103,15 @@ class TrainLoop:
         self.eval_s = 0.0
 
     # --- the run
-    def run(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
-        self._evaluate(0)
-        self._report(0)
-        for step in range(1, self.steps + 1):
+    def run(self, state: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+        """Train to the last step, from the start or from ``state`` (a :meth:`state` of this group at a log step)."""
+        if state is None:
+            self._evaluate(0)
+            self._report(0)
+        else:
+            self.restore(state)
+            self._report(self.last_log)
+        for step in range(self.last_log + 1, self.steps + 1):
             if not self.alive:
                 break
             self._step(step)
@@ -161,7 +178,58 @@ class TrainLoop:
         self._evaluate(step)
         self._flush_nan(step)
         self.last_log, self.w = step, 0
+        if self.checkpoint is not None:
+            self.checkpoint(self.state())
         self._report(step)
+
+    # --- checkpoints
+    def state(self) -> dict[str, Any]:
+        """Everything the rest of the run depends on, at a log step (``w == 0``): a plain dict of
+        tensors, numbers, strings and lists that ``torch.save`` writes and ``torch.load(weights_only=True)``
+        reads back. :meth:`restore` continues from it bit for bit."""
+        return {
+            "step": self.last_log,
+            "alive": [list(m.key) for m in self.alive],
+            "gens": [g.get_state() for g in self.gens],
+            "perm": self.perm.detach().cpu().clone(),
+            "pos": self.pos,
+            "params": [p.detach().cpu().clone() for p in self.engine.params] if self.alive else [],
+            "opt": _cloned(self.opt.state_dict()) if self.alive else {},
+            "metrics": list(self.metrics),
+            "diverged": list(self.diverged),
+            "pending_nan": [[s, [list(m.key) for m in ms]] for s, ms in sorted(self.pending_nan.items())],
+            "train_names": list(self.train_names),
+        }
+
+    def restore(self, st: dict[str, Any]) -> None:
+        """Continue from :meth:`state`: drop the members that had diverged, then load the weights, the
+        optimiser state, the data-order generators and the rows recorded so far."""
+        by_key = {m.key: m for m in self.alive}
+        keys = [m.key for m in self.alive]
+        keep = [keys.index((str(k[0]), int(k[1]))) for k in st["alive"]]
+        if keep != list(range(len(keys))):
+            if keep:
+                self.engine.keep(keep)
+            self.alive = [self.alive[i] for i in keep]
+        self.gens = [torch.Generator() for _ in keep]
+        for g, gs in zip(self.gens, st["gens"]):
+            g.set_state(gs)
+        if self.alive:
+            with torch.no_grad():
+                for p, v in zip(self.engine.params, st["params"], strict=True):
+                    p.copy_(v)
+            self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr)
+            self.opt.load_state_dict(st["opt"])
+        self.perm = st["perm"].to(self.device)
+        if self.perm.numel():
+            self.full, self.tail = self._epoch_batches(self.perm)
+        self.pos, self.last_log, self.w = int(st["pos"]), int(st["step"]), 0
+        dtype = self.win_loss.dtype
+        self.win_loss = torch.zeros(self.log_every, len(self.alive), device=self.device, dtype=dtype)
+        self.win_acc = torch.zeros(self.log_every, len(self.alive), device=self.device, dtype=dtype)
+        self.metrics, self.diverged = list(st["metrics"]), list(st["diverged"])
+        self.pending_nan = {int(s): [by_key[(str(k[0]), int(k[1]))] for k in ks] for s, ks in st["pending_nan"]}
+        self.train_names = list(st["train_names"])
 
     # --- rows
     def _record(self, step: int, split: str, mems: Sequence[Member], values: dict[str, list[float]]) -> None:

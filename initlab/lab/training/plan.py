@@ -21,7 +21,7 @@ from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
 
 __all__ = ["Member", "GroupSpec", "plan_groups", "data_seed", "minibatch_indices", "first_pass_indices",
-           "init_member", "resolve_device", "check_train"]
+           "init_member", "resolve_device", "check_train", "group_memory"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,36 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
     init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(int(seed)),
                bias="zeros", **params)
     return model
+
+
+# ----------------------------------------------------------------------------- memory
+
+_EVAL_EXAMPLES = 2048  # the engines evaluate the test set in chunks of this many examples
+
+
+def group_memory(spec: GroupSpec) -> int:
+    """About how many bytes training ``spec`` takes (weights, gradients, optimiser state, checkpoints and the
+    activations of a training batch, a first-pass batch and an evaluation chunk, per member), from a build of
+    its model on the meta device (nothing is allocated). An upper-end estimate, to refuse what cannot fit."""
+    per_example = 0
+
+    def count(mod: nn.Module, inp: Any, out: Any) -> None:
+        nonlocal per_example
+        if isinstance(out, Tensor):
+            per_example += out[0].numel()
+
+    sc = spec.members[0].scenario
+    with torch.device("meta"):
+        model = build_model(spec.model, sc.activation)
+        handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+        with torch.no_grad():
+            model(torch.empty(1, int(spec.model.widths[0])))
+        for h in handles:
+            h.remove()
+    params = sum(p.numel() for p in model.parameters())
+    t = spec.train
+    rows = 3 * int(t.batch_size) + int(t.first_pass_batch) + _EVAL_EXAMPLES
+    return 4 * len(spec.members) * (6 * params + rows * per_example)
 
 
 # ----------------------------------------------------------------------------- device and training settings
