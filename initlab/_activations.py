@@ -592,6 +592,22 @@ def _prelu_slope(m: nn.Module) -> float:
     return 0.25 if w.is_meta else float(w.detach().float().mean())
 
 
+def _rrelu_slope(m: nn.Module) -> float:
+    return (float(m.lower) + float(m.upper)) / 2.0  # type: ignore[arg-type]
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    """QuickGELU: x sigmoid(1.702 x) (Radford et al. 2021, CLIP)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """QuickGELU as a module: x sigmoid(1.702 x) (Radford et al. 2021)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _quick_gelu(x)
+
+
 def _copy(z: Tensor, out: Tensor, _p: float | None) -> None:
     out.copy_(z)
 
@@ -658,6 +674,16 @@ for _row in (
     ActivationRow("relu6", F.relu6, modules=(nn.ReLU6,), functions=(F.relu6,), kinks=(6.0,), zero_on_negative=True,
                   **_RELU_FAMILY),
     ActivationRow("hardswish", F.hardswish, modules=(nn.Hardswish,), functions=(F.hardswish,), kinks=(-3.0, 3.0)),
+    # QuickGELU, x sigmoid(1.702 x): CLIP's GELU approximation (Radford et al. 2021)
+    ActivationRow("quick_gelu", _quick_gelu, aliases=("quickgelu",), modules=(QuickGELU,)),
+    ActivationRow("hardsigmoid", F.hardsigmoid, family="saturating", modules=(nn.Hardsigmoid,),
+                  functions=(F.hardsigmoid,), kinks=(-3.0, 3.0), bounds=(0.0, 1.0), auto="kumar",
+                  suggest=_SATURATING_SUGGESTION),
+    # RReLU (Xu et al. 2015) in eval mode: leaky ReLU with slope (lower + upper) / 2
+    ActivationRow("rrelu", lambda x, a: F.leaky_relu(x, a), param=(1.0 / 8.0 + 1.0 / 3.0) / 2.0, modules=(nn.RReLU,),
+                  module=lambda a: nn.RReLU(float(a), float(a)), read_param=_rrelu_slope,  # type: ignore[arg-type]
+                  second_moment=_leaky_second_moment, torch_gain=_leaky_torch_gain, homogeneous=True,
+                  kernels=_K_LEAKY, **_RELU_FAMILY),
 ):
     _add(_row)
 del _row

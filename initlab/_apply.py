@@ -327,7 +327,7 @@ def _scheme_target(scheme: Any, fan_in: float, fan_out: float, shape: tuple[int,
 
 
 def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLink], scheme: Any,
-             label: str) -> dict[str, LayerChoice]:
+             label: str, input_sq_mean: float = 1.0) -> dict[str, LayerChoice]:
     """What the scheme does to each weight layer: the scheme itself, or a model-level scheme's
     choice from the activation that follows (computed once per activation)."""
     weights = [(name, module) for name, module, what in targets if what == "weight"]
@@ -337,6 +337,9 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
         return {name: same for name, _ in weights}
     by_act: dict[Any, LayerChoice] = {}
     out: dict[str, LayerChoice] = {}
+    for_link = getattr(for_layer, "for_link", None)  # auto's depth-exact rule (initlab._schemes._AutoRule)
+    if for_link is not None:
+        return {name: for_link(links.get(name), input_sq_mean) for name, _ in weights}
     for name, module in weights:
         act = links[name].activation if name in links else None
         key = ("readout",) if act is None else act.cache_key
@@ -970,7 +973,8 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         walk.reset_others(targets)
         links = find_activations(model)
         # choices first, outside no_grad (a gain may be computed with autograd)
-        choices = _choices(targets, links, scheme_obj, label)
+        sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
+        choices = _choices(targets, links, scheme_obj, label, sq)
         fit = getattr(scheme_obj, "fit", None)
         safe = walk.plan(targets, links, choices) and fit is None
         params = walk.account(model, targets, left_out, strict)

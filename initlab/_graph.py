@@ -44,6 +44,7 @@ from . import _layers
 from ._activations import (Activation, activation_functions, activation_of_call, is_activation_module,
                            resolve_activation, row_of_method)
 from ._errors import InitlabError
+from ._fingerprint import fingerprint
 
 __all__ = ["WEIGHT_LAYERS", "LayerLink", "find_activations"]
 
@@ -62,6 +63,10 @@ class LayerLink:
     qualified names of the modules passed on the way (dropout, norm, flatten, pooling...);
     functional transparent operations are not listed. ``traced`` is False when the model could not
     be traced and registration order was used instead. ``note`` explains anything unusual.
+    ``fed``/``fed_by`` say what the layer's *input* is (``auto``'s variance recursion reads it):
+    the model's input, the output of activation ``fed_by`` (reached backwards through dropout,
+    reshapes and pooling), or anything else (a norm, a residual sum, an embedding: unit second
+    moment assumed). Without a trace, the previous weight layer's activation in registration order.
     """
 
     name: str
@@ -71,6 +76,8 @@ class LayerLink:
     through: tuple[str, ...] = ()
     traced: bool = True
     note: str = ""
+    fed: str = "other"  # what feeds the layer: "input" (the model's input), "activation" (fed_by), "other"
+    fed_by: Activation | None = None  # the activation whose output the layer reads (fed == "activation")
 
     @property
     def readout(self) -> bool:
@@ -126,6 +133,22 @@ def _is_activation_module(m: nn.Module) -> bool:
 def _activation_module(m: nn.Module) -> Activation | None:
     """The activation a module computes, or None when it is not an activation module."""
     return resolve_activation(m) if _is_activation_module(m) else None
+
+
+def _fingerprinted_module(m: nn.Module) -> Activation | None:
+    """For the registration-order fallback: the activation a module the table does not know
+    computes (HF's ``NewGELUActivation``, a user ``Swish``), by fingerprint; only modules with
+    no children and no parameters that no table calls transparent are probed."""
+    if (next(m.children(), None) is not None or next(m.parameters(), None) is not None
+            or _layers.is_transparent(m) or _layers.is_weight_layer(m) or isinstance(m, _KNOWN_BLOCKS)):
+        return None
+    return fingerprint(m, type(m).__name__)
+
+
+def _order_activation(m: nn.Module) -> Activation | None:
+    """An activation module of the table, or one recognised by fingerprint."""
+    act = _activation_module(m)
+    return act if act is not None else _fingerprinted_module(m)
 
 
 def _has_weight_layers(m: nn.Module) -> bool:
@@ -238,7 +261,8 @@ def _transformer_layer_links(layer: nn.Module, name: str, after: _Outcome, trace
         "activation read from the transformer layer's `activation` attribute")
     drop, norm = ("dropout3", "norm3") if decoder else ("dropout2", "norm2")
     nxt = _prefix(_join(name, drop), _prefix(_join(name, norm), after) if post_norm else after)
-    out[_join(name, "linear2")] = _link(_join(name, "linear2"), layer.linear2, nxt, traced)
+    out[_join(name, "linear2")] = replace(_link(_join(name, "linear2"), layer.linear2, nxt, traced),
+                                          fed="activation" if act is not None else "other", fed_by=act)
 
 
 def _link(name: str, module: nn.Module, outcome: _Outcome, traced: bool, note: str = "") -> LayerLink:
@@ -259,14 +283,25 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
                  after: _Outcome = _READOUT, note: str = "") -> None:
     """Link each weight layer to the next activation module registered after it."""
     items: list[tuple[str, nn.Module]] = []
+    acts: dict[str, Activation | None] = {}
+    barriers: set[str] = set()
 
     def walk(m: nn.Module, name: str) -> None:
         if _layers.is_weight_layer(m) or (isinstance(m, _KNOWN_BLOCKS) and name != prefix):
             items.append((name, m))
             return  # its insides are handled by _leaf_links
-        if name != prefix and (_is_activation_module(m) or _layers.is_transparent(m)):
+        if name != prefix and (_layers.is_transparent(m) or _is_activation_module(m)):
             items.append((name, m))
             return
+        if name != prefix and next(m.children(), None) is None and next(m.parameters(), None) is not None:
+            items.append((name, m))  # a layer with weights the table does not know (HF's Conv1D): a barrier
+            barriers.add(name)
+            return
+        if name != prefix:
+            acts[name] = _fingerprinted_module(m)
+            if acts[name] is not None:
+                items.append((name, m))
+                return
         for child_name, child in m.named_children():
             walk(child, _join(name, child_name))
 
@@ -280,11 +315,11 @@ def _order_links(model: nn.Module, prefix: str, traced: bool, out: dict[str, Lay
         through: list[str] = []
         outcome = after
         for nxt_name, nxt in items[i + 1:]:
-            act = _activation_module(nxt)
+            act = acts[nxt_name] if nxt_name in acts else _activation_module(nxt)
             if act is not None:
                 outcome = _Outcome("act", act, nxt_name)
                 break
-            if isinstance(nxt, _OPAQUE):
+            if isinstance(nxt, _OPAQUE) or nxt_name in barriers:
                 outcome = _READOUT
                 break
             through.append(nxt_name)
@@ -380,12 +415,129 @@ def _via_method(user: torch.fx.Node, memo: dict[torch.fx.Node, _Outcome]) -> _Ou
     return _Outcome("stop", note=f"stopped at .{target}(), not an activation")
 
 
+# --------------------------------------------------------------------------------------------
+# inline expressions: a chain of elementwise ops recognised by what it computes
+
+_ELEMENTWISE_FUNCTIONS: set[Any] = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.clamp, torch.clip,
+    torch.clamp_min, torch.clamp_max, torch.exp, torch.log1p, torch.abs, torch.erf, torch.sqrt,
+    torch.maximum, torch.minimum, torch.where, torch.sign, torch.square, torch.expm1,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "pow", "clamp", "clip", "clamp_min", "clamp_max", "exp",
+    "log1p", "abs", "erf", "sqrt", "square", "expm1", "sign", "float", "double", "to", "contiguous",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
+}
+# ops that change no value (casts): a table activation reached through them keeps the plain reading
+_PLAIN_FUNCTIONS: set[Any] = set()
+_PLAIN_METHODS = {"float", "double", "to", "contiguous"}
+
+
+def _node_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    out: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def _elementwise_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """"act" (a table activation), "plain" (transparent arithmetic), "op" (another elementwise op or
+    an unknown callable of one tensor, checked later by the fingerprint), or None (not elementwise)."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        if m is None or _layers.is_weight_layer(m) or _layers.is_transparent(m) or _has_weight_layers(m):
+            return None
+        return "act" if _is_activation_module(m) else "op"
+    if node.op == "call_function":
+        if activation_of_call(node.target, (), {}) is not None:
+            return "act"
+        if node.target in _ELEMENTWISE_FUNCTIONS:
+            return "plain" if node.target in _PLAIN_FUNCTIONS else "op"
+        if node.target in _TRANSPARENT_FUNCTIONS or node.target in _DEAD_FUNCTIONS:
+            return None
+        return "op" if len(_node_inputs(node)) == 1 else None
+    if node.op == "call_method":
+        if row_of_method(node.target) is not None:
+            return "act"
+        if node.target in _ELEMENTWISE_METHODS:
+            return "plain" if node.target in _PLAIN_METHODS else "op"
+    return None
+
+
+def _region(start: torch.fx.Node, modules: dict[str, nn.Module], order: dict[torch.fx.Node, int]
+            ) -> tuple[list[torch.fx.Node], dict[torch.fx.Node, str]]:
+    """The elementwise expression growing from ``start``: every op whose tensor inputs all come
+    from ``start`` or from the region, in graph order."""
+    region = {start}
+    kinds: dict[torch.fx.Node, str] = {}
+    pending = sorted(start.users, key=order.__getitem__)
+    seen: set[torch.fx.Node] = set(pending)
+    while pending:
+        node = pending.pop(0)
+        kind = _elementwise_kind(node, modules)
+        if kind is None or not all(n in region for n in _node_inputs(node)):
+            continue
+        region.add(node)
+        kinds[node] = kind
+        for u in node.users:
+            if u not in seen:
+                seen.add(u)
+                pending.append(u)
+        pending.sort(key=order.__getitem__)
+    return sorted(region, key=order.__getitem__), kinds
+
+
+def _expression_outcome(start: torch.fx.Node, modules: dict[str, nn.Module], model: nn.Module,
+                        order: dict[torch.fx.Node, int], sinks_found: dict[torch.fx.Node, Activation]
+                        ) -> _Outcome | None:
+    """The activation an inline expression after ``start`` computes (``x * torch.sigmoid(x)``,
+    ``x.clamp(min=0)``...), by fingerprint; None when the plain reading applies (a single table
+    activation, reached through transparent arithmetic) or the expression is not elementwise."""
+    nodes, kinds = _region(start, modules, order)
+    inside = set(nodes)
+    sinks = [n for n in nodes if n.op != "output" and any(u not in inside for u in n.users)]
+    if len(sinks) != 1 or sinks[0] is start or any(u not in inside for u in start.users):
+        return None
+    acts = sum(k == "act" for k in kinds.values())
+    reused = any(sum(a in inside for a in _node_inputs(n)) > 1 for n in kinds)
+    if not reused and acts <= 1 and all(k != "op" for k in kinds.values()):
+        return None
+    sink = sinks[0]
+    keep = [n for n in nodes if n is start or order[n] <= order[sink]]
+    act = fingerprint(_subgraph(model, keep, start, sink), _describe(keep[1:]))
+    if act is None:
+        return None
+    sinks_found[sink] = act
+    node = str(sink.target) if sink.op == "call_module" else None
+    what = ("a custom activation, not in the table (gains by quadrature)" if act.custom else act.label)
+    return _Outcome("act", act, node, note=f"recognised by what it computes: {_describe(keep[1:])} is {what}")
+
+
+def _subgraph(model: nn.Module, nodes: list[torch.fx.Node], start: torch.fx.Node,
+              sink: torch.fx.Node) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {start: g.placeholder("x")}
+    for n in nodes:
+        if n is not start:
+            env[n] = g.node_copy(n, env.__getitem__)
+    g.output(env[sink])
+    return torch.fx.GraphModule(model, g)
+
+
+def _describe(nodes: list[torch.fx.Node]) -> str:
+    names = [str(getattr(n.target, "__name__", n.target)) for n in nodes]
+    return "expression " + " -> ".join(names)
+
+
 def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLink]:
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     memo: dict[torch.fx.Node, _Outcome] = {}
+    order = {n: i for i, n in enumerate(nodes)}
+    sinks: dict[torch.fx.Node, Activation] = {}
     for node in reversed(nodes):  # users come after their inputs: one backward pass
-        memo[node] = _combine(_via(u, node, modules, memo) for u in node.users)
+        expr = _expression_outcome(node, modules, model, order, sinks) if node.op != "output" else None
+        memo[node] = expr if expr is not None else _combine(_via(u, node, modules, memo) for u in node.users)
     # one outcome per called module (a module called several times: first call wins)
     called: dict[str, list[_Outcome]] = {}
     for node in nodes:
@@ -396,7 +548,60 @@ def _traced_links(model: nn.Module, graph: torch.fx.Graph) -> dict[str, LayerLin
     out: dict[str, LayerLink] = {}
     for name, outcomes in called.items():
         _leaf_links(modules[name], name, _combine(outcomes), True, out)
+    for node in nodes:
+        name = str(node.target)
+        if node.op == "call_module" and name in out and out[name].fed == "other" and node.args:
+            fed, act = _source(node.args[0], modules, sinks)
+            out[name] = replace(out[name], fed=fed, fed_by=act)
     return out
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+_PASS_BACK_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose",
+                      "swapaxes", "movedim", "t", "contiguous", "squeeze", "unsqueeze", "to", "type_as", "float",
+                      "double", "half", "bfloat16", "__getitem__", "expand", "expand_as"}
+
+
+def _source(node: Any, modules: dict[str, nn.Module], sinks: dict[torch.fx.Node, Activation]
+            ) -> tuple[str, Activation | None]:
+    """What a layer's input is, walking backwards through dropout, reshapes and pooling:
+    ("input", None), ("activation", phi) or ("other", None)."""
+    while isinstance(node, torch.fx.Node):
+        if node in sinks:
+            return "activation", sinks[node]
+        if node.op == "placeholder":
+            return "input", None
+        nxt: Any = None
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            act = _activation_module(m)
+            if act is not None:
+                return ("other", None) if act.is_identity else ("activation", act)
+            if _layers.is_transparent(m) and not isinstance(m, _NORMS) and node.args:
+                nxt = node.args[0]
+        elif node.op == "call_function":
+            call = activation_of_call(node.target, tuple(node.args[1:]), node.kwargs)
+            if call is not None:
+                return "activation", call[0]
+            if node.target in _TRANSPARENT_FUNCTIONS and node.target not in _ARITHMETIC and node.args:
+                nxt = node.args[0]
+        elif node.op == "call_method":
+            row = row_of_method(node.target)
+            if row is not None:
+                return "activation", resolve_activation(row.name)
+            if node.target in _PASS_BACK_METHODS and node.args:
+                nxt = node.args[0]
+        if nxt is None:
+            return "other", None
+        node = nxt
+    return "other", None
+
+
+_ARITHMETIC = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+               operator.truediv, operator.itruediv, operator.neg, operator.pos, torch.add, torch.sub, torch.mul,
+               torch.div, torch.cat, torch.concat, torch.stack, torch.mean, F.layer_norm, F.batch_norm,
+               F.group_norm, F.instance_norm, F.local_response_norm} | ({F.rms_norm} if hasattr(F, "rms_norm") else set())
 
 
 def find_activations(model: nn.Module) -> dict[str, LayerLink]:
@@ -422,7 +627,27 @@ def find_activations(model: nn.Module) -> dict[str, LayerLink]:
                          note=f"module order used: symbolic tracing failed ({type(e).__name__}: {reason[:120]})")
         else:
             out = _traced_links(model, graph)
-    # every weight layer gets a link, in registration order
+    return _fill_fed(_ordered_links(model, out))
+
+
+def _fill_fed(links: dict[str, LayerLink]) -> dict[str, LayerLink]:
+    """Without a trace: each layer is fed by the activation of the previous weight layer in
+    registration order ("input" for the first)."""
+    out: dict[str, LayerLink] = {}
+    prev: LayerLink | None = None
+    for name, link in links.items():
+        if link.fed == "other" and not link.traced:
+            if prev is None:
+                link = replace(link, fed="input")
+            elif prev.activation is not None and not prev.activation.is_identity:
+                link = replace(link, fed="activation", fed_by=prev.activation)
+        out[name] = link
+        prev = link
+    return out
+
+
+def _ordered_links(model: nn.Module, out: dict[str, LayerLink]) -> dict[str, LayerLink]:
+    """Every weight layer gets a link, in registration order."""
     ordered: dict[str, LayerLink] = {}
     for name, m in model.named_modules():
         if not _layers.is_weight_layer(m):

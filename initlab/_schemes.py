@@ -297,30 +297,74 @@ def _identity_std(gain: float) -> _Std:
 # --------------------------------------------------------------------------------------------
 # model-level schemes: ``auto`` chooses per layer, ``lsuv`` also fits on a batch
 
-def _auto_rule(distribution: str, mode: str) -> Callable[[Activation | None], LayerChoice]:
-    """``auto``'s choice for a layer followed by ``act`` (None: a readout), by the table's ``auto`` rule:
-    LeCun (Var = 1/n), Kumar, or He with the second-moment gain (Var = g^2/n, g = 1/sqrt(E[phi^2]))."""
-    def choose(act: Activation | None) -> LayerChoice:
+class _AutoRule:
+    """``auto``'s per-layer rule, exact at every depth (the variance recursion of
+    :mod:`initlab.theory`; Poole et al. 2016, Schoenholz et al. 2017).
+
+    Each layer's weight variance keeps the second moment of its pre-activations at the target
+    q* = 1: Var[W_l] = q* / (n_l E[x_l^2]), with x_l the layer's input. ``for_link(link, q0)``
+    reads the input from the graph (``LayerLink.fed``): the model's input, E[x^2] = q0 (1, or
+    measured on ``init_model(..., batch=x)``); the output of activation phi applied to
+    pre-activations at q*, E[phi(h)^2] by quadrature at q* (= 1 / g^2 for the second-moment gain
+    g, so a layer fed by ReLU gets sqrt(2), by tanh 1/sqrt(E[tanh(z)^2]) = 1.59, by sigmoid 1.85);
+    anything else (a norm, a residual sum, an embedding's indices): E[x^2] = 1, LeCun.
+
+    The label stays that of the activation that *follows* the layer (``he_*`` for the ReLU
+    family and smooth activations, ``lecun_*`` for tanh/SELU/readouts, ``kumar`` for sigmoid-like
+    rows); the gain is the recursion's. ``__call__(act)`` is the label's old fixed-gain rule
+    (Var = g(phi)^2 / n, phi the following activation), kept for callers without a graph, and
+    what ``auto`` does unless ``exact=True`` (``init_model(model, "auto", exact=True)``).
+    """
+
+    def __init__(self, distribution: str, mode: str, exact: bool = False) -> None:
+        self.distribution, self.mode = distribution, mode
+        if not exact:  # init_model then uses __call__ (the fixed-gain rule) per following activation
+            self.for_link = None  # type: ignore[assignment]
+
+    def _label(self, act: Activation | None) -> str:
         if act is None or act.auto == "lecun":
-            return LayerChoice(_vs(1.0, mode, distribution), f"lecun_{distribution}", 1.0)
-        if act.auto == "kumar":
-            g = float(_gain(act, method="kumar"))
-            return LayerChoice(_vs(g * g, mode, distribution), "kumar", g)
-        # relu family, smooth, custom callables; gain() rejects E[phi(z)^2] that is not finite and > 0
-        g = float(_gain(act, method="second_moment"))
-        return LayerChoice(_vs(g * g, mode, distribution), f"he_{distribution}", g)
-    return choose
+            return f"lecun_{self.distribution}"
+        return "kumar" if act.auto == "kumar" else f"he_{self.distribution}"
+
+    def __call__(self, act: Activation | None) -> LayerChoice:
+        label = self._label(act)
+        if act is None or act.auto == "lecun":
+            return LayerChoice(_vs(1.0, self.mode, self.distribution), label, 1.0)
+        g = float(_gain(act, method="kumar" if act.auto == "kumar" else "second_moment"))
+        return LayerChoice(_vs(g * g, self.mode, self.distribution), label, g)
+
+    def for_link(self, link: Any, input_sq_mean: float = 1.0) -> LayerChoice:
+        """The choice for the layer of ``link`` (a :class:`initlab.LayerLink`; None: a readout fed
+        by something unknown), whose model input has second moment ``input_sq_mean``."""
+        act = getattr(link, "activation", None)
+        fed, fed_by = getattr(link, "fed", "other"), getattr(link, "fed_by", None)
+        if isinstance(getattr(link, "module", None), (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            fed = "other"  # its input is indices: Var[W] is the output's second moment
+        sq = 1.0
+        if fed == "input":
+            sq = float(input_sq_mean)
+        elif fed == "activation" and fed_by is not None and not fed_by.is_identity:
+            sq = 1.0 / float(_gain(fed_by, method="second_moment")) ** 2  # E[phi(z)^2], z ~ N(0, q* = 1)
+        g = math.sqrt(1.0 / sq)
+        return LayerChoice(_vs(g * g, self.mode, self.distribution), self._label(act), g)
 
 
-def _auto(distribution: str = "normal", mode: str = "fan_in") -> Scheme:
+def _auto_rule(distribution: str, mode: str, exact: bool = False) -> _AutoRule:
+    """``auto``'s rule (see :class:`_AutoRule`)."""
+    return _AutoRule(distribution, mode, exact)
+
+
+def _auto(distribution: str = "normal", mode: str = "fan_in", exact: bool = False) -> Scheme:
     distribution, mode = check_distribution(distribution), check_mode(mode)
+    if not isinstance(exact, bool):
+        raise InitlabError(f"auto: exact must be True or False, got {exact!r}")
 
     def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
         raise InitlabError(
             "scheme 'auto' chooses a scheme per layer from the activation that consumes the layer's output, "
             "so it needs the whole model: use initlab.init_model(model, 'auto'). For a single tensor pick a "
             "scheme yourself, e.g. get_scheme('he_normal', activation='relu')")
-    return Scheme(name="auto", init=init, level="model", for_layer=_auto_rule(distribution, mode))
+    return Scheme(name="auto", init=init, level="model", for_layer=_auto_rule(distribution, mode, exact))
 
 
 def _lsuv(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center: bool = False) -> Scheme:

@@ -231,7 +231,7 @@ def test_disagreeing_consumers_pick_the_first_and_say_so():
 
         def forward(self, x):
             h = self.fc(x)
-            return torch.sigmoid(h) + F.relu(h)
+            return torch.cat([torch.sigmoid(h), F.relu(h)], -1)  # two branches (a sum would be one expression)
 
     link = find_activations(M())["fc"]
     assert link.activation.name == "sigmoid"

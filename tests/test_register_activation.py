@@ -169,17 +169,20 @@ def test_re_registering_is_never_stale(registered):
 
 
 def test_negative_control_unregistered_is_unknown():
-    # without the row: the name is unknown, the module and the function are not activations,
-    # so auto treats every layer as a readout (LeCun) and the probe sees no activation
+    # without the row: the name is unknown, and the module and the function are not table rows;
+    # fx traces into them and the fingerprint recognises the expression as a *custom* activation
+    # (not a table row), whose auto gain comes from quadrature: the same 1/sqrt(E[phi^2])
     with pytest.raises(InitlabError, match="unknown activation 'squareplus'"):
         initlab.gain("squareplus")
     for build in (_module_net, FunctionalNet):
-        links = initlab.find_activations(build())
-        assert all(link.activation is None for link in links.values())
+        links = list(initlab.find_activations(build()).values())
+        assert all(link.activation.custom and link.activation.row is None for link in links[:2])
+        assert links[2].activation is None
         rep = initlab.init_model(build(), "auto", generator=_gen())
-        assert {r["scheme"] for r in rep} == {"lecun_normal"}
+        assert [r["scheme"] for r in rep] == ["he_normal", "he_normal", "lecun_normal"]
+        assert list(rep)[0]["gain"] == pytest.approx(E_SQ ** -0.5, rel=1e-6)
     res = initlab.probe(_module_net(), torch.randn(16, 64))
-    assert [r["activation"] for r in res.rows] == ["none", "none", "none"]
+    assert res.rows[2]["activation"] == "none" and res.rows[0]["activation"] != "squareplus"
 
 
 def test_the_lab_trains_a_registered_activation(registered, tmp_path):
