@@ -21,6 +21,8 @@ cannot afford its copies says so, naming the largest tensor, before it changes a
 """
 from __future__ import annotations
 
+import os
+
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -50,8 +52,11 @@ def memory_available(device: torch.device) -> int | None:
                     if line.startswith("MemAvailable:"):
                         return int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
+            pass
+        try:  # other POSIX systems: free physical pages
+            return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
             return None
-        return None
     if device.type == "cuda" and torch.cuda.is_available():
         try:
             return int(torch.cuda.mem_get_info(device)[0])

@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._errors import InitlabError
 from .._schemes import get_scheme
+from .._undo import memory_available
 from ._io import atomic_write_text, clean_tmp
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
@@ -156,26 +158,11 @@ class TqdmProgress:
 # ----------------------------------------------------------------------------- units
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory available to a new allocation here (Linux: MemAvailable), None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _check_memory(exp: Experiment, groups: Sequence[GroupSpec]) -> None:
     """Refuse a group that cannot fit in this machine's memory (CPU training), before anything is written."""
     if resolve_device(exp.train.device).type != "cpu":
         return
-    avail = _available_memory()
+    avail = memory_available(torch.device("cpu"))
     if not avail:
         return
     for g in groups:
