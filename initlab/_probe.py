@@ -72,7 +72,7 @@ from ._forward import as_inputs, first_tensor, forward_error, hooks, kept_buffer
 from ._graph import WEIGHT_LAYERS, find_activations
 from ._layers import channel_dim, is_modeled, is_norm, is_one_hot, is_plain, output_bias, output_layer, output_weight
 from ._stats import Histogram, as_float, channel_sums, flat, histogram, host_moments, moments
-from ._text import format_table
+from ._text import format_table, jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
@@ -151,10 +151,10 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN becomes None)."""
         return {
-            "rows": [{k: _jsonable(v) for k, v in row.items()} for row in self.rows],
-            "input": {"mean": _jsonable(self.input_mean), "var": _jsonable(self.input_var),
-                      "sq_mean": _jsonable(self.input_sq_mean)},
-            "loss": _jsonable(self.loss),
+            "rows": [{k: jsonable(v) for k, v in row.items()} for row in self.rows],
+            "input": {"mean": jsonable(self.input_mean), "var": jsonable(self.input_var),
+                      "sq_mean": jsonable(self.input_sq_mean)},
+            "loss": jsonable(self.loss),
             "traced": self.traced,
             "backward": self.backward,
             "notes": list(self.notes),
@@ -168,14 +168,6 @@ class ProbeResult:
         if self.backward:
             cols += [("grad_pre_var", "grad_pre_var"), ("predicted", "predicted_grad_pre_var")]
         return format_table(self.rows, cols)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (np.floating, np.integer)):
-        return _jsonable(v.item())
-    return v
 
 
 # --------------------------------------------------------------------------- the model's layers

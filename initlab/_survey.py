@@ -46,7 +46,7 @@ from ._graph import LayerLink, find_activations
 from ._infer import Family, Match, fit_family, match_scheme, orthogonal_gain
 from ._layers import init_weights, is_norm, is_weight_layer, kind_name
 from ._schemes import get_scheme
-from ._text import fmt, format_table
+from ._text import fmt, format_table, jsonable
 from ._zoo import Built, load
 
 __all__ = ["survey", "survey_spec", "ModelSurvey", "ROW_KEYS", "register_cli"]
@@ -91,7 +91,7 @@ class ModelSurvey:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (NaN becomes None)."""
-        return _jsonable({"spec": self.spec, "name": self.name, "class": self.cls, "parameters": self.parameters,
+        return jsonable({"spec": self.spec, "name": self.name, "class": self.cls, "parameters": self.parameters,
                           "summary": self.summary, "signal": self.signal, "signal_note": self.signal_note,
                           "notes": self.notes,
                           "seconds": round(self.seconds, 3), "rows": self.rows, "error": None})
@@ -124,16 +124,6 @@ class ModelSurvey:
         head = f"{self.spec}: {self.cls}, {self.parameters / 1e6:.1f}M parameters, {len(self.rows)} tensors"
         parts = [head, self.table(), "", "summary: " + self.summary, self.signal_line()]
         return "\n".join(parts + [f"note: {n}" for n in self.notes])
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items() if not str(k).startswith("_")}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 def _verdict_text(row: dict[str, Any]) -> str:

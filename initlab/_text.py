@@ -10,6 +10,8 @@ import math
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import numpy as np
+
 __all__ = ["fmt", "text_table", "format_table"]
 
 
@@ -58,3 +60,17 @@ def format_table(rows: Sequence[dict[str, Any]], cols: Sequence[tuple[str, str]]
     header = [title for title, _ in cols]
     body = [[_cell(key, row.get(key)) for _, key in cols] for row in rows]
     return text_table(header, body)
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` ready for ``json.dumps``: non-finite floats become None (JSON has no NaN), numpy scalars
+    Python numbers, tuples lists; dict keys starting with ``_`` (private fields) are left out."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: jsonable(x) for k, x in v.items() if not str(k).startswith("_")}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
