@@ -64,3 +64,15 @@ def test_cli_threads_flag_is_checked(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--threads" in err and len(err.splitlines()) == 1
+
+
+def test_caller_threads_restores_the_outer_count():
+    from initlab.lab._threads import caller_threads
+    before = torch.get_num_threads()
+    with caller_threads() as n:
+        assert n == before
+    with using_threads(1):
+        with caller_threads() as n:
+            assert n == before and torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

@@ -22,7 +22,7 @@ import torch
 
 from .._errors import InitlabError
 
-__all__ = ["choose_threads", "using_threads", "usable_cpus", "physical_cores", "idle_cpus"]
+__all__ = ["choose_threads", "using_threads", "caller_threads", "usable_cpus", "physical_cores", "idle_cpus"]
 
 # below this many floating-point operations per parallel op, an extra thread costs more than it saves
 MIN_FLOPS_PER_THREAD = 2e6
@@ -106,14 +106,33 @@ def choose_threads(requested: int | None = None, *, workers: int = 1, flops: flo
     return max(1, n)
 
 
+_outer: list[int] = []  # the caller's thread count under each active using_threads
+
+
 @contextlib.contextmanager
 def using_threads(n: int) -> Iterator[int]:
     """``torch.set_num_threads(n)`` for the block; the previous count is restored afterwards."""
     previous = torch.get_num_threads()
+    _outer.append(previous)
     if n != previous:
         torch.set_num_threads(n)
     try:
         yield n
     finally:
+        _outer.pop()
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def caller_threads() -> Iterator[int]:
+    """The caller's thread count (the one before the outermost :func:`using_threads`) for the block.
+
+    The lab's first pass runs under it: its statistics are sums whose last bits depend on how
+    torch splits them over threads, and first_pass.csv must not depend on ``--threads`` or on
+    how busy the machine was. Training is bit-identical for any count and keeps the policy's."""
+    if not _outer:
+        yield torch.get_num_threads()
+        return
+    with using_threads(_outer[0]) as n:
+        yield n
