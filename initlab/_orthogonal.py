@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
@@ -82,15 +82,13 @@ def _haar(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
           generator: torch.Generator | None) -> Tensor:
     """A (rows, cols) matrix with orthonormal rows or columns, Haar-distributed (Mezzadri 2007)."""
     a = _gaussian(rows, cols, dtype, device, generator)
-    if device.type == "cpu" and torch.get_num_threads() > 1:
-        # LAPACK's blocked QR sums in a thread-dependent order: run it on one thread so that
-        # the same generator gives the same bits whatever torch.get_num_threads() is
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _signed_q(a, rows, cols)
-        finally:
-            torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        # LAPACK's blocked QR sums in a thread-dependent order: run it on one thread so that the
+        # same generator gives the same bits whatever torch.get_num_threads() is. It runs in a
+        # worker thread: the caller's thread count never changes (switching it around a long
+        # one-thread call left small ops slow for seconds afterwards on a busy machine)
+        return _parallel_qs([(a, rows, cols)], threads)[0]
     return _signed_q(a, rows, cols)
 
 
@@ -99,7 +97,8 @@ def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator
     """Saxe et al. (2014): a Haar-random (semi-)orthogonal matrix times ``gain``, the tensor
     viewed as (shape[0], prod(shape[1:])). QR of a Gaussian matrix with the sign of diag(R)
     corrected (Mezzadri 2007); computed in fp32 (fp64 for fp64 tensors), then copied. On CPU the
-    QR runs on one thread, so results are bit-identical for any ``torch.get_num_threads()``.
+    QR runs on one thread (in a worker thread; the caller's thread count is left alone), so results
+    are bit-identical for any ``torch.get_num_threads()``.
     Realised variance gain^2 / max(rows, cols)."""
     _check_tensor(tensor, "orthogonal_")
     g = check_gain(gain)
@@ -131,29 +130,28 @@ def _qr_executor(workers: int) -> ThreadPoolExecutor:
         return _qr_pool
 
 
-def _one_thread_q(a: Tensor, rows: int, cols: int) -> Tensor:
-    torch.set_num_threads(1)  # this worker's LAPACK on one thread (the count is per thread for MKL)
-    return _signed_q(a, rows, cols)
+def _one_thread_q(a: Tensor, rows: int, cols: int, threads: int) -> Tensor:
+    # this worker's OpenMP and MKL on one thread (per-thread settings); the process-wide default
+    # that new threads start from is put back afterwards
+    torch.set_num_threads(1)
+    try:
+        return _signed_q(a, rows, cols)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _parallel_qs(jobs: list[tuple[Tensor, int, int]], threads: int) -> list[Tensor]:
     """Each job's :func:`_signed_q`, every QR on one thread (so bit-identical to the sequential
     one-thread QR), the jobs spread over ``threads`` worker threads, largest first."""
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i][0].shape[0] * jobs[i][0].shape[1] ** 2)
-    torch.set_num_threads(1)
+    pool = _qr_executor(threads)
+    futures = {i: pool.submit(_one_thread_q, *jobs[i], threads) for i in order}
     try:
-        pool = _qr_executor(threads)
-        futures = {i: pool.submit(_one_thread_q, *jobs[i]) for i in order}
-        try:
-            return [futures[i].result() for i in range(len(jobs))]
-        finally:
-            for f in futures.values():  # never return while a worker still runs
-                f.cancel()
-            for f in futures.values():
-                if not f.cancelled():
-                    f.exception()
+        return [futures[i].result() for i in range(len(jobs))]
     finally:
-        torch.set_num_threads(threads)
+        for f in futures.values():  # never return (even on Ctrl-C) while a worker still runs
+            f.cancel()
+        wait(list(futures.values()))
 
 
 @torch.no_grad()
