@@ -132,7 +132,10 @@ def _qr_executor(workers: int) -> ThreadPoolExecutor:
 
 def _one_thread_q(a: Tensor, rows: int, cols: int, threads: int) -> Tensor:
     # this worker's OpenMP and MKL on one thread (per-thread settings); the process-wide default
-    # that new threads start from is put back afterwards
+    # that new threads start from is put back afterwards. get_num_threads first: torch sets a
+    # thread's count from that default at the thread's first parallel op, which would otherwise
+    # undo the 1 when another worker has just put the default back
+    torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         return _signed_q(a, rows, cols)

@@ -61,3 +61,27 @@ def test_bad_input_is_one_line_and_writes_nothing():
     with pytest.raises(InitlabError, match="at least 2 dimensions"):
         orthogonal_many_([good, torch.empty(3)])
     assert torch.count_nonzero(good) == 0
+
+
+def test_fresh_worker_threads_stay_on_one_thread():
+    """In a fresh process (new worker threads, whose first parallel op reads torch's process-wide
+    default) switching thread counts between calls keeps the bits of the one-thread QR."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, initlab\n"
+        "from initlab._orthogonal import orthogonal_many_\n"
+        "shapes = [(64, 96), (200, 300), (300, 300), (256, 256), (48, 48), (10, 64)]\n"
+        "torch.set_num_threads(1)\n"
+        "g = torch.Generator().manual_seed(7); ref = [torch.empty(s) for s in shapes]\n"
+        "[initlab.orthogonal_(t, generator=g) for t in ref]\n"
+        "ok = True\n"
+        "for th in (2, 3, 2, 4, 3):\n"
+        "    torch.set_num_threads(th)\n"
+        "    got = orthogonal_many_([torch.empty(s) for s in shapes], generator=torch.Generator().manual_seed(7))\n"
+        "    ok &= all(torch.equal(a, b) for a, b in zip(got, ref))\n"
+        "print(ok)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
