@@ -263,7 +263,12 @@ def run_tune(exp: Experiment, search: Search | Mapping[str, Any], out_dir: str |
                                                          "search": {k: str(d) for k, d in search.params}}) + "\n")
         trials: list[dict[str, Any]] = []
         for sc in exp.scenarios:
-            results = _tuner(ray.tune, sc, exp, search, data, (out / "ray" / sc.name).resolve()).fit()
+            path = (out / "ray" / sc.name).resolve()
+            results = _tuner(ray.tune, sc, exp, search, data, path).fit()
+            unfinished = len(results) - results.num_terminated - results.num_errors
+            if unfinished:
+                raise InitlabError(f"tune {sc.name!r}: interrupted with {unfinished} of {len(results)} trials "
+                                   f"unfinished; the search is kept in {str(path)!r}: run the same command to resume")
             trials += _trial_rows(results, sc, exp, search)
     table = write_table(out / "tune_results.csv", trials, search)
     by_base = {sc.name: [t for t in trials if t["base"] == sc.name] for sc in exp.scenarios}

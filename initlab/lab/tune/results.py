@@ -102,7 +102,12 @@ def _panel(ax: Any, trials: Sequence[Mapping[str, Any]], key: str, search: Searc
     if crit is not None:
         ax.axvline(crit, color="k", linestyle="--", linewidth=1, label=f"critical (theory): {crit:.3g}")
     if dist.kind == "loguniform":
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=2.0))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(key)
     ax.set_ylabel(f"{search.metric} (mean over seeds)")
     ax.legend(fontsize=7, loc="best")
