@@ -11,8 +11,8 @@ import pytest
 
 from initlab._errors import InitlabError
 from initlab.cli import main
-from initlab.lab.config import experiment_from_dict
-from initlab.lab.tune import import_ray, parse_dist, parse_param, run_tune, search_from_dict
+from initlab.lab.config import experiment_from_dict, load_experiment
+from initlab.lab.tune import import_ray, parse_dist, parse_param, run_tune, search_from_dict, search_table
 from initlab.lab.tune.results import critical_value, sigma_w2
 from initlab.lab.tune.trial import objective
 
@@ -103,6 +103,26 @@ def test_missing_ray_is_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "pip install 'initlab[ray]'" in err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_out_dir_holding_something_else_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    table = {"params": {"scheme.std": "uniform(0.5, 1)"}}
+    with pytest.raises(InitlabError, match="is not empty and holds no initlab search"):
+        run_tune(exp_of(), table, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_the_edge_tanh_preset_searches_sigma_w2_around_the_critical_line():
+    exp = load_experiment("edge_tanh")  # initlab run ignores the [tune] table
+    search = search_from_dict(search_table("edge_tanh"), exp)
+    sc = exp.scenarios[0]
+    assert search.keys == ("scheme.factor",) and sc.model.depth == 50 and sc.activation == "tanh"
+    lo, hi = dict(search.params)["scheme.factor"].bounds
+    crit = critical_value(sc, "scheme.factor")
+    assert crit == pytest.approx(1.0, rel=1e-6) and lo < crit < hi
 
 
 # ----------------------------------------------------------------------------- objective and theory

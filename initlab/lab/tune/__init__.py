@@ -164,7 +164,8 @@ def _value_text(key: str, v: Any) -> str:
 def _trial_rows(results: Any, sc: Scenario, exp: Experiment, search: Search) -> list[dict[str, Any]]:
     """One dict per trial of a finished search (the results table's row, plus its checkpointed rows)."""
     out = []
-    for i, res in enumerate(results):
+    ordered = sorted(results, key=lambda r: (str((r.metrics or {}).get("trial_id", "")), str(r.path)))
+    for i, res in enumerate(ordered):  # in creation order (a restored search lists its trials in another order)
         config = {k: res.config[k] for k in search.keys}
         name = "-".join([sc.name, f"t{i:02d}", *(_value_text(k, v) for k, v in config.items())])
         saved = _saved_rows(res)
