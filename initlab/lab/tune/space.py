@@ -6,6 +6,7 @@ command-line flags (``--param KEY=DIST`` replaces the table's entry for KEY)::
 
     [tune]
     metric = "test_loss"     # <split>_<metric>: test_loss | test_acc | train_loss | train_acc
+    mode = "min"             # optional: min | max (default: max for accuracy, min otherwise)
     samples = 16             # trials per scenario (grid(...) values: each value this many times)
     seed = 0                 # the sampler's seed: the same seed draws the same points
     grace_period = 50        # ASHA: steps every trial trains before it can be stopped
