@@ -17,7 +17,7 @@ ORDER = [
     "training.plan", "training.activations", "training.engines", "training.loop", "training.first_pass",
     "training.group", "training",
     "rundir",
-    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.findings",
+    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
     "report.tables", "report.html", "report",
     "executors", "run", "cli",
 ]
