@@ -27,7 +27,7 @@ from typing import Any
 from .._errors import InitlabError
 from .._probe import format_table
 from ._io import describe_os_error
-from .config import list_presets, load_experiment, with_overrides
+from .config import list_presets, load_experiment, parse_set, with_overrides
 from .metrics import headline
 from .report import load_run, summary_rows, write_report
 from .report.stats import pct
@@ -91,6 +91,9 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
+                   help="override a [data], [model] or [train] key, the value read as TOML "
+                        "(--set train.lr=0.01 --set model.hidden=[50,50]); repeatable; see docs/schema.md")
     p.set_defaults(func=cmd_run)
     _one_line_errors(p)
 
@@ -118,8 +121,12 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
     elif args.download and exp.data.name in ("mnist", "mnist_idx") and not exp.data.root:
         raise InitlabError("--download needs --data-root DIR: the folder to download full MNIST into "
                            "(the default data set is the embedded 5,000-digit sample, which needs no download)")
+    overrides.update(parse_set(getattr(args, "set_", [])))
     if overrides:
-        exp = with_overrides(exp, overrides)
+        try:
+            exp = with_overrides(exp, overrides)
+        except InitlabError as e:
+            raise InitlabError(f"--set: {e}") from None
     return exp
 
 
@@ -237,7 +244,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = [{"name": name, "description": desc} for name, desc in list_presets()]
     text = format_table(rows, [("preset", "name"), ("description", "description")])
     print("\n".join(line.rstrip() for line in text.splitlines()))
-    print("\nrun one with: initlab run NAME [--out DIR]")
+    for name, _ in list_presets():
+        claims = load_experiment(name).claims
+        if claims:
+            print(f"\n{name}: {len(claims)} claim(s)")
+            for c in claims:
+                print(f"  {c.id}: {c.claim} [{c.source}]")
+    print("\nrun one with: initlab run NAME [--out DIR] [--set table.key=value]")
     return 0
 
 
