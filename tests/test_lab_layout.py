@@ -16,7 +16,7 @@ ORDER = [
     "_io", "_checks", "specs", "config", "data", "models", "metrics", "claims",
     "training.plan", "training.activations", "training.engines", "training.loop", "training.first_pass",
     "training.group", "training",
-    "rundir",
+    "rundir", "studies",
     "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
     "report.tables", "report.html", "report",
     "executors", "run", "cli",

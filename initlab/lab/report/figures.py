@@ -30,12 +30,15 @@ file's caption: what is plotted, and what to see.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..._errors import InitlabError
+from ...theory import depth_scales
+from ..studies import run_experiment_spec, scenario_sw2
 from .load import RunData
 from .plots import _hist, _margins, _new_figure, _save
 from .stats import final_values
@@ -44,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = ["metric_vs_depth", "grid_heatmap", "variance_vs_depth", "layer_histograms", "jacobian_spectra",
-           "grid_figures", "grid_captions", "depth_table", "CAPTIONS"]
+           "grid_figures", "grid_captions", "depth_table", "sw2_depth_heatmap", "CAPTIONS"]
 
 #: file name -> caption (what is plotted, then what to see)
 CAPTIONS: dict[str, str] = {
@@ -316,9 +319,15 @@ def depth_table(data: RunData, split: str, metric: str) -> pandas.DataFrame:
     import pandas as pd
 
     rows = []
+    try:
+        sw2 = scenario_sw2(run_experiment_spec(data))
+    except InitlabError:
+        sw2 = {}
     for sc, by_seed in final_values(data.metrics, split, metric).items():
         widths = data.models.get(sc)
         act, scheme = data.info.get(sc, ("", ""))
+        if sc in sw2:
+            scheme = f"{scheme}, \u03c3_w\u00b2 = {sw2[sc]:g}"
         if not widths:
             continue
         for seed, v in by_seed.items():
@@ -347,10 +356,33 @@ def _variance_table(data: RunData) -> pandas.DataFrame | None:
     return pd.concat(parts, ignore_index=True) if parts else None
 
 
-HeatmapSpec = Callable[[RunData], "tuple[pandas.DataFrame, dict[str, Any]] | None"]
-#: extra heatmap builders (a preset's grid axis, e.g. the weight variance): each returns (table, kwargs
-#: of :func:`grid_heatmap`) or None when the run is not theirs; the first that answers is drawn
-HEATMAPS: list[HeatmapSpec] = []
+def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] | None:
+    """The (sw2, depth) grid of a run whose scenarios are drawn ``normal`` with a ``std`` (see
+    :func:`initlab.lab.studies.scenario_sw2`) and one activation: final test accuracy per cell and the
+    curve ``L = 6 xi_c(sw2)`` from :func:`initlab.theory.depth_scales` (``sb2 = model.bias_var``)."""
+    import pandas as pd
+
+    exp = run_experiment_spec(data)
+    sw2 = scenario_sw2(exp)
+    acts = {sc.activation for sc in exp.scenarios if sc.name in sw2}
+    depths = {len(sc.model.widths) - 2 for sc in exp.scenarios if sc.name in sw2}
+    if len(set(sw2.values())) < 2 or len(depths) < 2 or len(acts) != 1:
+        return None
+    (act,) = acts
+    finals = final_values(data.metrics, "test", "acc")
+    rows = [{"sw2": sw2[sc.name], "depth": len(sc.model.widths) - 2, "seed": seed, "value": v}
+            for sc in exp.scenarios if sc.name in sw2 for seed, v in finals.get(sc.name, {}).items()]
+    if not rows:
+        return None
+    lo, hi = min(sw2.values()), max(sw2.values())
+    xs = np.linspace(lo, hi, 120)
+    ys = np.array([6.0 * depth_scales(act, float(s), exp.model.bias_var)[1] for s in xs])
+    sb2 = exp.model.bias_var
+    return pd.DataFrame(rows), {
+        "x": "sw2", "y": "depth", "xlabel": "\u03c3_w\u00b2 (Var(w) = \u03c3_w\u00b2 / width)",
+        "ylabel": "depth L (hidden layers)", "value_label": "final test accuracy",
+        "title": f"{act}, \u03c3_b\u00b2 = {sb2:g}: final test accuracy over (\u03c3_w\u00b2, depth)",
+        "curve": (xs, ys, "theory: L = 6\u00b7\u03be_c(\u03c3_w\u00b2)")}
 
 
 def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
@@ -368,10 +400,8 @@ def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
         var = _variance_table(data)
         if var is not None and not var.empty:
             out["variance_vs_depth.png"] = variance_vs_depth(var, fig_dir / "variance_vs_depth.png")
-    for build in HEATMAPS:
-        got = build(data)
+    if data.metrics is not None and not data.metrics.empty:
+        got = sw2_depth_heatmap(data)
         if got is not None:
-            table, kwargs = got
-            out["heatmap.png"] = grid_heatmap(table, fig_dir / "heatmap.png", **kwargs)
-            break
+            out["heatmap.png"] = grid_heatmap(got[0], fig_dir / "heatmap.png", **got[1])
     return out

@@ -25,6 +25,7 @@ from .._io import atomic_write_text
 from ..claims import CLAIMS_COLUMNS, claims_csv, evaluate_claims
 from ..config import claims_from_dict, read_toml
 from ..metrics import find, headline
+from .. import studies as _studies  # noqa: F401 - registers the theory presets' claim quantities
 from .figures import grid_captions, grid_figures
 from .findings import Finding, findings
 from .load import RunData, load_run
