@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from initlab.lab import studies as S
-from initlab.lab.config import experiment_from_dict, load_experiment, read_toml
+from initlab.lab.config import experiment_from_dict, experiment_to_toml, load_experiment, read_toml
+from initlab.lab.report import write_report
 from initlab.lab.run import run_experiment
 
 
@@ -28,10 +29,10 @@ def _preset_dict(name):
     return read_toml(files("initlab.lab.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8"), name)
 
 
-def _reduced(name, *, steps=4, keep=None, depth=None):
+def _reduced(name, *, steps=4, keep=None, depth=None, seeds=(0, 1)):
     d = _preset_dict(name)
     d["data"]["limit"] = 300
-    d["train"].update(steps=steps, log_every=2, seeds=[0, 1], first_pass_batch=20)
+    d["train"].update(steps=steps, log_every=2, seeds=list(seeds), first_pass_batch=20)
     if keep is not None:
         d["scenarios"] = [s for s in d["scenarios"] if keep(s)]
     if depth is not None:
@@ -79,12 +80,19 @@ def test_isometry_reduced(tmp_path):
 
 
 def test_fixup_reduced(tmp_path):
-    d = _reduced("fixup", depth=lambda L: 11)  # 10 blocks: He/He x3 per block, He/LeCun x2
+    d = _reduced("fixup", depth=lambda L: 11, seeds=(0, 1, 2))  # 10 blocks: He/He x3 per block, He/LeCun x2
     d["claims"] = [dict(c, value=c["value"] / 5) if c["id"].endswith("growth") else c for c in d["claims"]]
     run_experiment(experiment_from_dict(d), tmp_path / "run")
     rows = _claims(tmp_path / "run")
     assert rows["he-he-growth"]["verdict"] == "reproduced", rows["he-he-growth"]
     assert rows["he-lecun-growth"]["verdict"] == "reproduced", rows["he-lecun-growth"]
+    assert "not measurable" not in rows["he-lecun-no-training"]["measured"]
+    # negative control: the He/He growth is not the He/LeCun one (x3 vs x2 per block)
+    d["claims"] = [dict(c, args=dict(c["args"], scenario="he-lecun")) if c["id"] == "he-he-growth" else c
+                   for c in d["claims"]]
+    (tmp_path / "run" / "config.toml").write_text(experiment_to_toml(experiment_from_dict(d)), encoding="utf-8")
+    write_report(tmp_path / "run", figures=False)
+    assert _claims(tmp_path / "run")["he-he-growth"]["verdict"] == "not reproduced"
 
 
 # ----------------------------------------------------------------------------- the quantities
@@ -92,8 +100,6 @@ def test_fixup_reduced(tmp_path):
 
 def _grid_run(acc_of):
     """A hand-made run of the edge-of-chaos grid whose final accuracies are ``acc_of(sw2, depth)``."""
-    from initlab.lab.config import experiment_to_toml
-
     exp = load_experiment("edge-of-chaos")
     sw2 = S.scenario_sw2(exp)
     rows = [{"scenario": sc.name, "seed": seed, "step": 150, "split": "test", "metric": "acc",

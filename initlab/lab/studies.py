@@ -14,6 +14,8 @@
   run's data; the model is rebuilt from the run's config (same scenario, same seed: the same
   weights). 0 is perfect dynamical isometry.
 * ``jacobian_spread_ratio``: ``jacobian_spread`` of ``scenario`` over that of ``other``, seed by seed.
+* ``final_diverged_as_chance``: the final test accuracy per seed, a diverged member (NaN) counting
+  as chance (0.1), for claims that a network does not train.
 * ``steps_to`` (Saxe et al. 2014): the first logged step at which a metric reaches ``target``
   (a loss: at or below; an accuracy: at or above); NaN when it never does. ``steps_to_ratio``: that
   of ``scenario`` over that of ``other``.
@@ -163,7 +165,16 @@ def steps_to_ratio(data: Any, scenario: str, other: str, target: float, metric: 
     return {s: max(a[s], 1.0) / max(b[s], 1.0) for s in sorted(set(a) & set(b))}
 
 
+def final_diverged_as_chance(data: Any, scenario: str, metric: str = "acc", split: str = "test") -> dict[int, float]:
+    """A metric's final value per seed, a diverged member (NaN) counting as chance (0.1): it did not train."""
+    vals = final_values(data.metrics, split, metric).get(scenario)
+    if vals is None:
+        raise InitlabError(f"metrics.csv has no {split} {metric} of {scenario!r}")
+    return {s: (v if math.isfinite(v) else CHANCE) for s, v in vals.items()}
+
+
 _QUANTITIES: Mapping[str, Any] = {
+    "final_diverged_as_chance": final_diverged_as_chance,
     "depth_scale_agreement": depth_scale_agreement,
     "jacobian_spread": jacobian_spread,
     "jacobian_spread_ratio": jacobian_spread_ratio,
