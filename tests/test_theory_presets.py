@@ -77,6 +77,7 @@ def test_isometry_reduced(tmp_path):
         assert r["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     for cid in ("tanh-orthogonal-isometric", "relu-not-isometric"):
         assert "not measurable" not in rows[cid]["measured"]
+    assert "jacobian_spectra.png" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
 
 
 def test_fixup_reduced(tmp_path):

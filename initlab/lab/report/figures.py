@@ -24,7 +24,8 @@ Five figures, each a function on plain tables, so a preset, a test or a notebook
   Schoenholz & Ganguli 2017) is a spectrum concentrated at ``s = 1``.
 
 :func:`grid_figures` picks the figures a run's grid calls for (a depth axis: the depth figure and
-the variance figure; a second numeric grid axis: the heatmap) and :func:`grid_captions` gives each
+the variance figure; a second numeric grid axis: the heatmap; claims on Jacobian spreads: the spectra of
+their scenarios, rebuilt at initialisation) and :func:`grid_captions` gives each
 file's caption: what is plotted, and what to see.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ import numpy as np
 
 from ..._errors import InitlabError
 from ...theory import depth_scales
-from ..studies import run_experiment_spec, scenario_sw2
+from ..studies import run_experiment_spec, scenario_sw2, spectra_of
 from .load import RunData
 from .plots import _hist, _margins, _new_figure, _save
 from .stats import final_values
@@ -385,6 +386,16 @@ def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] 
         "curve": (xs, ys, "theory: L = 6\u00b7\u03be_c(\u03c3_w\u00b2)")}
 
 
+def _spectra_scenarios(exp: Any) -> list[str]:
+    """The scenarios named by the run's Jacobian-spread claims, in order."""
+    out: list[str] = []
+    for c in exp.claims:
+        if c.quantity.startswith("jacobian_spread"):
+            args = dict(c.args)
+            out += [str(args[k]) for k in ("scenario", "other") if k in args and str(args[k]) not in out]
+    return out
+
+
 def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
     """The figures of this module that the run's grid calls for, written into ``fig_dir``."""
     fig_dir = Path(fig_dir)
@@ -400,6 +411,13 @@ def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
         var = _variance_table(data)
         if var is not None and not var.empty:
             out["variance_vs_depth.png"] = variance_vs_depth(var, fig_dir / "variance_vs_depth.png")
+    try:
+        names = _spectra_scenarios(run_experiment_spec(data))
+        spectra = {n: list(spectra_of(data, n).values()) for n in names}
+    except InitlabError:
+        spectra = {}
+    if spectra:
+        out["jacobian_spectra.png"] = jacobian_spectra(spectra, fig_dir / "jacobian_spectra.png")
     if data.metrics is not None and not data.metrics.empty:
         got = sw2_depth_heatmap(data)
         if got is not None:
