@@ -173,6 +173,13 @@ def q_final_difference(data: Any, scenario: str, other: str, metric: str = "acc"
     return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
 
 
+def q_at_step_difference(data: Any, scenario: str, other: str, step: int, metric: str = "acc",
+                         split: str = "test") -> dict[int, float]:
+    """A metric at ``step`` (as :func:`q_at_step`) of ``scenario`` minus that of ``other``, seed by seed."""
+    a, b = q_at_step(data, scenario, step, metric, split), q_at_step(data, other, step, metric, split)
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
 def q_first_pass(data: Any, scenario: str, column: str, layer: int = 1) -> dict[int, float]:
     """A first_pass.csv column at a weight layer (1 = first, -1 = the readout)."""
     return _fp_column(data, scenario, column, layer)
@@ -211,9 +218,19 @@ def q_layer_spread(data: Any, scenario: str, column: str, first: int = 1, last: 
     return _over_layers(data, scenario, column, first, last, spread)
 
 
+def q_layer_max_deviation(data: Any, scenario: str, column: str, target: float = 1.0, first: int = 1,
+                          last: int = -2) -> dict[int, float]:
+    """The largest relative deviation max_l |v_l / target - 1| of a first-pass column over the layers first..last."""
+    def worst(v: np.ndarray) -> float:
+        return float(np.abs(v / float(target) - 1.0).max()) if v.size else math.nan
+    return _over_layers(data, scenario, column, first, last, worst)
+
+
 for _name, _fn in (("final", q_final), ("at_step", q_at_step), ("final_difference", q_final_difference),
+                   ("at_step_difference", q_at_step_difference),
                    ("first_pass", q_first_pass), ("first_pass_ratio", q_first_pass_ratio),
-                   ("layer_factor", q_layer_factor), ("layer_mean", q_layer_mean), ("layer_spread", q_layer_spread)):
+                   ("layer_factor", q_layer_factor), ("layer_mean", q_layer_mean), ("layer_spread", q_layer_spread),
+                   ("layer_max_deviation", q_layer_max_deviation)):
     register_quantity(_name, _fn)
 
 

@@ -95,7 +95,7 @@ _DATA_KEYS = ("name", "root", "standardize", "test_fraction", "split_seed", "lim
 _MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel", "bias_var", "pool")
 _TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
                "momentum", "layer_stats", "jacobian")
-_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width")
+_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width", "channels")
 _GRID_KEYS = ("activations", "schemes", "depths", "widths", "params")
 _CLAIM_KEYS = tuple(f.name for f in fields(Claim))
 #: keys written to the canonical config only when they differ from their default (older configs stay as they were)
@@ -177,7 +177,12 @@ def _parse_scenario(item: Any, path: str, base: ModelSpec) -> Scenario:
     scheme, params = scheme_and_params(item["scheme"], params, f"{path}.scheme", activation)
     widths = _resolve_widths(base, path, item.get("widths"), item.get("depth"), item.get("width"))
     name = _scenario_name(item, path, activation, scheme)
-    return Scenario(name, activation, scheme, params, replace(base, widths=widths))
+    model = replace(base, widths=widths)
+    if "channels" in item:
+        if base.kind != "cnn":
+            raise InitlabError(f"{path}.channels: only used with model.kind = 'cnn' (kind is {base.kind!r})")
+        model = replace(model, channels=as_ints(item["channels"], f"{path}.channels", minimum=1))
+    return Scenario(name, activation, scheme, params, model)
 
 
 def _parse_scenarios(raw: Any, base: ModelSpec) -> list[Scenario]:
@@ -266,6 +271,8 @@ def _scenario_dict(s: Scenario, base: ModelSpec) -> dict[str, Any]:
     item: dict[str, Any] = {"name": s.name, "activation": s.activation, "scheme": s.scheme}
     if s.model.widths != base.widths:
         item["widths"] = list(s.model.widths)
+    if s.model.channels != base.channels:
+        item["channels"] = list(s.model.channels)
     if s.params:
         item["params"] = {k: _plain(v) for k, v in s.params}
     return item
@@ -498,6 +505,7 @@ _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("scenarios", "widths", "list of int", "this scenario's widths (else the model's)"),
     ("scenarios", "depth", "int", "this scenario's number of hidden layers (of the model's width)"),
     ("scenarios", "width", "int", "this scenario's hidden width"),
+    ("scenarios", "channels", "list of int", "cnn only: this scenario's convolution channels (else the model's)"),
     ("grid", "activations", "list of string", "one scenario per activation x scheme x depth x width"),
     ("grid", "schemes", "list of string", "schemes of the grid"),
     ("grid", "depths", "list of int", "optional: numbers of hidden layers"),
