@@ -16,8 +16,8 @@ ORDER = [
     "_io", "_checks", "_threads", "specs", "config", "data", "models", "metrics", "claims",
     "training.plan", "training.activations", "training.engines", "training.loop", "training.first_pass",
     "training.group", "training",
-    "rundir",
-    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.findings",
+    "rundir", "studies",
+    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
     "report.tables", "report.html", "report",
     "executors", "run", "tune.space", "tune.trial", "tune.results", "tune", "cli",
 ]

@@ -25,6 +25,8 @@ from .._io import atomic_write_text
 from ..claims import CLAIMS_COLUMNS, claims_csv, evaluate_claims
 from ..config import claims_from_dict, read_toml
 from ..metrics import find, headline
+from .. import studies as _studies  # noqa: F401 - registers the theory presets' claim quantities
+from .figures import grid_captions, grid_figures
 from .findings import Finding, findings
 from .load import RunData, load_run
 from .plots import figures as figure_captions
@@ -200,7 +202,7 @@ def _first_pass_section(data: RunData) -> str:
 def _figures_section(figures: Mapping[str, Path]) -> str:
     if not figures:
         return ""
-    captions = figure_captions()
+    captions = {**figure_captions(), **grid_captions()}
     out = ["<h2>Figures</h2>\n"]
     for name, path in figures.items():
         caption = captions.get(name, name)
@@ -268,8 +270,9 @@ def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Pa
     if figures:
         figs = make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,
                             models=data.models)
+        figs.update(grid_figures(data, fig_dir))
     else:
-        figs = {name: fig_dir / name for name in figure_captions() if (fig_dir / name).is_file()}
+        figs = {name: fig_dir / name for name in {**figure_captions(), **grid_captions()} if (fig_dir / name).is_file()}
     rows = claim_rows(data)
     if rows:
         atomic_write_text(data.run_dir / "claims.csv", claims_csv(rows))
