@@ -470,6 +470,8 @@ def list_presets() -> list[tuple[str, str]]:
 _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("", "name", "string", "the experiment's name (the default output folder is runs/<name>)"),
     ("", "description", "string", "one line shown by `initlab presets` and the report"),
+    ("", "tune", "table", "the search of `initlab tune` (metric, samples, seed, grace_period, reduction_factor, "
+                          "max_concurrent, cpus_per_trial, [tune.params]; see the README); `initlab run` ignores it"),
     ("data", "name", "string", "data set: mnist (the embedded 5,000-digit sample, or full MNIST with root), "
                                 "mnist_idx, gaussian (generated), digits (8x8)"),
     ("data", "root", "string", "a folder of MNIST IDX files (\"\" = the embedded sample)"),
