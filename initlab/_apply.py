@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._activations import Activation
+from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
@@ -162,6 +163,14 @@ class InitReport:
         if not self.traced:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
+        res = self.extra.get("residual")
+        if res:
+            lines.append(f"residual: {res['policy']} on {res['branches']} branches, found by {res['found_by']}")
+        cal = self.extra.get("calibration")
+        if cal:
+            on = "the given batch" if cal["batch"] == "batch" else "a synthetic N(0, 1) batch"
+            lines.append(f"calibrated: {len(cal['factors'])} layers rescaled on {on} to pre-activation second "
+                         "moment 1 (gain and target_std include the factor)")
         lines.append(text_table(_TABLE, cells, right=_NUMERIC))
         left = [p for p in self.params if p["action"] is None]
         if self.params:
@@ -549,6 +558,7 @@ class _Walk:
         self.conventions: dict[tuple[str, str], Convention | None] = {}
         self.fate: dict[int, str] = {}  # id(parameter) -> what init_model does to it
         self.pads: list[nn.Embedding] = []  # tied Embeddings whose padding row is zeroed last
+        self.calibration: dict[str, Any] = {}  # auto's correction pass: the batch it ran on, the factors
 
     def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
         self.rows.append(row)
@@ -811,6 +821,25 @@ class _Walk:
                 self._tensors.append(t)
         return table
 
+    def calibrate(self, model: nn.Module, links: dict[str, LayerLink], batch: Tensor | None) -> None:
+        """``auto``'s correction pass (:mod:`initlab._calibrate`) on the layers it drew; their rows
+        get the factor (``calibrated``), the corrected gain and target std, the new realised std."""
+        only = {name for name, ps in self.planned.items()
+                if len(ps) == 1 and ps[0].tied_to is None and ps[0].computed is None and ps[0].pname == "weight"}
+        done, kind = calibrate(model, links, only, batch)
+        if not done:
+            return
+        self.calibration = {"batch": kind, "factors": done}
+        for i, row in enumerate(self.rows):
+            a = done.get(row["name"])
+            if a is None:
+                continue
+            row["calibrated"] = a
+            for key in ("gain", "target_std"):
+                if isinstance(row.get(key), float):
+                    row[key] *= a
+            self.stds[i] = _std_sample(self.planned[row["name"]][0].tensor)
+
     def residual(self, done: dict[str, str], modules: dict[str, nn.Module], params: list[dict[str, Any]]) -> None:
         """The report after a residual policy: the rows and parameters it changed say so."""
         for i, row in enumerate(self.rows):
@@ -893,14 +922,28 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     report.extra[scheme.name] = result
 
 
-def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]]:
-    """The residual policy and the branches it applies to (an error when none is found)."""
+def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any], str]:
+    """The residual policy, the branches it applies to (an error when none is found) and how they
+    were found (the traced graph, or module names when tracing failed)."""
     policy = check_policy(residual)
-    branches = find_branches(model) if policy else []
+    branches, how = find_branches(model) if policy else ([], "")
     if policy and not branches:
-        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
-                           "initlab._residual for the module structures recognised)")
-    return policy, branches
+        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (by {how}; see "
+                           "initlab._residual for what is recognised)")
+    return policy, branches, how
+
+
+def _report(walk: _Walk, links: dict[str, LayerLink], label: str, params: list[dict[str, Any]],
+            residual: tuple[str | None, int, str]) -> InitReport:
+    """The report; ``extra`` says how auto's correction pass ran and where residual branches came from."""
+    traced = all(link.traced for link in links.values())
+    note = next((link.note for link in links.values() if not link.traced), "")
+    report = InitReport(walk.finish(), traced, label, note, params=params)
+    if walk.calibration:
+        report.extra["calibration"] = walk.calibration
+    if residual[0]:
+        report.extra["residual"] = dict(zip(("policy", "branches", "found_by"), residual))
+    return report
 
 
 def _check_args(model: object, bias: object, generator: object) -> str | float:
@@ -945,8 +988,8 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         residual: a residual-branch policy applied after the per-layer initialisation:
             ``"skipinit"`` (De & Smith 2020: each branch's last norm, else its last projection, is
             zeroed), ``"fixup"`` (Zhang et al. 2019: last layer 0, the others x L^(-1/(2m-2))),
-            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); the
-            branches are found by module structure (:mod:`initlab._residual`).
+            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); branches
+            from the traced graph, else by module names (:mod:`initlab._residual`).
         **scheme_params: parameters of the scheme (``auto`` takes ``distribution`` and ``mode``).
 
     All or nothing: every check runs before the first write, and on any failure (or Ctrl-C) the
@@ -963,7 +1006,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
     targets, left_out = _targets(model, inc, exc)
-    policy, branches = _branches(model, residual)
+    policy, branches, found_by = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
@@ -976,17 +1019,18 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
         choices = _choices(targets, links, scheme_obj, label, sq)
         fit = getattr(scheme_obj, "fit", None)
-        safe = walk.plan(targets, links, choices) and fit is None
+        calib = bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
+        safe = walk.plan(targets, links, choices) and fit is None and not (calib and batch is not None)
         params = walk.account(model, targets, left_out, strict)
         if not safe:
             undo.save_all(walk.written(targets))
         with held if safe else nullcontext():
             walk.write(targets)
+            if calib:
+                walk.calibrate(model, links, batch)
             if policy:
                 walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
-            traced = all(link.traced for link in links.values())
-            note = next((link.note for link in links.values() if not link.traced), "")
-            report = InitReport(walk.finish(), traced, label, note, params=params)
+            report = _report(walk, links, label, params, (policy, len(branches), found_by))
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop
