@@ -93,6 +93,8 @@ _COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme"
 _TABLE = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",
           "realised_std")
 _NUMERIC = {3, 4, 7, 8, 9}  # right-aligned columns of _TABLE
+_PARAM_COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",
+                  "realised_std", "why")
 
 Selector = str | Callable[[str, nn.Module], bool]
 
@@ -103,7 +105,9 @@ Selector = str | Callable[[str, nn.Module], bool]
 @dataclass
 class InitReport:
     """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
-    recurrent layers and modules handled by a convention), and ``params``, one per parameter.
+    recurrent layers and modules handled by a convention), and ``params``, one per parameter;
+    ``str(report)`` and ``frame(per="parameter")`` show one line per parameter tensor
+    (:meth:`param_rows`: what was done, with the sampling numbers, or why it was left).
 
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
@@ -145,25 +149,58 @@ class InitReport:
                 return row
         raise KeyError(name)
 
-    def frame(self):  # -> pandas.DataFrame
-        """The rows as a pandas DataFrame (pandas is imported only here)."""
+    def frame(self, per: str = "module"):  # -> pandas.DataFrame
+        """The rows as a pandas DataFrame (pandas is imported only here): ``per="module"`` the
+        module rows, ``per="parameter"`` :meth:`param_rows`."""
         import pandas as pd
 
+        if per == "parameter":
+            return pd.DataFrame(self.param_rows(), columns=list(_PARAM_COLUMNS))
+        if per != "module":
+            raise InitlabError(f"per must be 'module' or 'parameter', got {per!r}")
         return pd.DataFrame(self.rows, columns=list(_COLUMNS) + ["gain", "bias"])
+
+    def param_rows(self) -> list[dict[str, Any]]:
+        """One row per parameter tensor (``params``), with the numbers of the module row that
+        sampled it (fans, activation, gain, target and realised std) where there is one: keys
+        name, kind, shape, fan_in, fan_out, activation, scheme (what was done; ``untouched`` when
+        nothing), gain, target_std, realised_std, why."""
+        by_name = {r["name"]: r for r in self.rows}
+        out = []
+        for p in self.params:
+            mname, _, pname = p["name"].rpartition(".")
+            row = by_name.get(p["name"])
+            if row is None and pname in ("weight", "in_proj_weight"):
+                row = by_name.get(mname)
+            nums = {k: (row or {}).get(k) for k in ("fan_in", "fan_out", "activation", "gain", "target_std",
+                                                     "realised_std")}
+            if row is not None and tuple(row["shape"]) != tuple(p["shape"]):
+                nums = dict.fromkeys(nums)  # a row of another tensor (MultiheadAttention's blocks agree)
+            out.append({"name": p["name"], "kind": p["kind"], "shape": p["shape"], **nums,
+                        "scheme": p["action"] or "untouched", "why": p["why"]})
+        return out
 
     def __repr__(self) -> str:
         return f"InitReport({len(self.rows)} modules, scheme={self.scheme!r}, traced={self.traced})"
 
     def __str__(self) -> str:
+        """The table users see: one line per parameter tensor (:meth:`param_rows`; the module rows
+        when there are no parameter rows), then what was left untouched and why."""
+        rows = self.param_rows() if self.params else self.rows
         cells = [[
             r["name"] or "<model>", r["kind"], "x".join(map(str, r["shape"])) if r["shape"] else "-",
             _fmt(r["fan_in"]), _fmt(r["fan_out"]), r["activation"] or "-", r["scheme"],
             _fmt(r.get("gain")), _fmt(r["target_std"]), _fmt(r["realised_std"]),
-        ] for r in self.rows]
+        ] for r in rows]
         lines = [f"init_model: scheme={self.scheme}, {len(self.rows)} modules"]
         if not self.traced:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
+        lines.append(text_table(_TABLE, cells, right=_NUMERIC))
+        left = [p for p in self.params if p["action"] is None]
+        if self.params:
+            lines[0] += f", {len(self.params)} parameters ({len(left)} untouched)"
+        lines += [f"untouched: {p['name']} ({p['why']})" for p in left]
         res = self.extra.get("residual")
         if res:
             lines.append(f"residual: {res['policy']} on {res['branches']} branches, found by {res['found_by']}")
@@ -172,11 +209,6 @@ class InitReport:
             on = "the given batch" if cal["batch"] == "batch" else "a synthetic N(0, 1) batch"
             lines.append(f"calibrated: {len(cal['factors'])} layers rescaled on {on} to pre-activation second "
                          "moment 1 (gain and target_std include the factor)")
-        lines.append(text_table(_TABLE, cells, right=_NUMERIC))
-        left = [p for p in self.params if p["action"] is None]
-        if self.params:
-            lines[0] += f", {len(self.params)} parameters ({len(left)} untouched)"
-        lines += [f"untouched: {p['name']} ({p['why']})" for p in left]
         return "\n".join(lines)
 
 

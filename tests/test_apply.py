@@ -408,6 +408,37 @@ def test_report_table_and_frame():
         rep["nope"]
 
 
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x / self.t
+
+
+def test_report_one_line_per_parameter():
+    m = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.LayerNorm(30), nn.Linear(30, 5), _Temperature())
+    rep = init_model(m, exact=False, strict=False, generator=gen())
+    rows = rep.param_rows()
+    assert [r["name"] for r in rows] == [n for n, _ in m.named_parameters()]
+    by = {r["name"]: r for r in rows}
+    assert by["0.weight"]["scheme"] == "he_normal" and by["0.weight"]["fan_in"] == 20
+    assert by["0.weight"]["target_std"] == pytest.approx(math.sqrt(2 / 20))
+    assert by["0.weight"]["realised_std"] == pytest.approx(float(m[0].weight.detach().std()), rel=1e-5)
+    assert by["0.bias"]["scheme"] == "bias zeros" and by["0.bias"]["target_std"] is None
+    assert by["2.weight"]["scheme"] == "ones/zeros" and by["2.bias"]["scheme"] == "ones/zeros"
+    assert by["4.t"]["scheme"] == "untouched" and "no rule" in by["4.t"]["why"]
+    lines = str(rep).splitlines()
+    for name in by:  # the table: one line per parameter tensor, then why anything was left
+        assert sum(line.startswith(name + " ") for line in lines) == 1, name
+    assert "untouched: 4.t (no rule" in str(rep)
+    pytest.importorskip("pandas")
+    assert list(rep.frame(per="parameter")["name"]) == list(by)
+    with pytest.raises(InitlabError, match="per must be"):
+        rep.frame(per="tensor")
+
+
 # ------------------------------------------------------------------------------------------
 # LSUV delegation
 
