@@ -14,7 +14,12 @@ architecture ``construct``, ``meta+init`` = building on the meta device, ``to_em
 ``init_model(model, "auto")`` (the README's recipe) and ``init_model`` alone. Small models make the
 fixed costs show (tracing with torch.fx to find activations, the report).
 
-    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full]
+``--threads N`` sets ``torch.set_num_threads(N)`` first: on a loaded machine the engine's worker
+threads and torch's intra-op threads oversubscribe the cores (seen: mobilenet_v3_small's
+``init_model`` 0.4-0.7 s with 1 thread, 6-8 s with 2, on 2 busy cores), so give the thread count
+with the figures.
+
+    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full] [--threads 1]
 """
 from __future__ import annotations
 
@@ -70,7 +75,6 @@ def full(repeat: int, only: str) -> None:
 
     ensure_torchvision()
     gen = torch.Generator().manual_seed(0)
-    print(f"torch threads: {torch.get_num_threads()}; median of {repeat}")
     print(f"{'model':20} {'params':>11} {'construct':>10} {'auto':>9} {'he':>9} {'bare':>9} "
           f"{'auto/construct':>15} {'he/bare':>8}")
     for name in FULL:
@@ -122,7 +126,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated substrings of architecture names")
     ap.add_argument("--full", action="store_true", help="the full-size torchvision models (part 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (0: torch's default)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}; median of {args.repeat}")
     if args.full:
         full(args.repeat, args.only)
     else:
