@@ -158,3 +158,16 @@ def test_readme_mlp_labels_and_recursion_gains():
     e_sig = initlab.theory.gaussian_moments("sigmoid", 1.0)["sq_mean"]
     expected = [1.0, 2 ** 0.5, e_tanh ** -0.5, e_sig ** -0.5]
     assert [r["gain"] for r in rep] == pytest.approx(expected, rel=1e-6)
+
+
+def test_audit_flags_the_drift_of_the_recursion_alone():
+    x = _input()
+    drifting = _mlp("silu")
+    initlab.init_model(drifting, "auto", calibrate=False, generator=torch.Generator().manual_seed(0))
+    codes = {f.code for f in initlab.audit(drifting, x, backward=False, scheme="auto").findings
+             if f.severity == "error"}
+    assert "signal_grows" in codes  # x1e5 over 50 layers, x1.27 per layer
+    exact = _mlp("silu")
+    initlab.init_model(exact, "auto", generator=torch.Generator().manual_seed(0))
+    found = initlab.audit(exact, x, backward=False, scheme="auto").findings
+    assert not {f.code for f in found} & {"signal_grows", "signal_shrinks", "output_scale"}
