@@ -380,21 +380,19 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
     by_act: dict[Any, LayerChoice] = {}
     out: dict[str, LayerChoice] = {}
     for_link = getattr(for_layer, "for_link", None)  # auto's depth-exact rule (initlab._schemes._AutoRule)
-    if for_link is not None:
-        return {name: for_link(links.get(name), input_sq_mean) for name, _ in weights}
     for name, module in weights:
         act = links[name].activation if name in links else None
         key = ("readout",) if act is None else act.cache_key
-        choice = by_act.get(key) if key is not None else None
+        choice = by_act.get(key) if key is not None and for_link is None else None
         if choice is None:
             try:
-                choice = for_layer(act)
+                choice = for_layer(act) if for_link is None else for_link(links.get(name), input_sq_mean)
             except InitlabError as e:
                 raise InitlabError(f"layer {name!r} ({kind_name(module)}): {e}") from e
             except Exception as e:  # noqa: BLE001 - a user scheme's rule, reported in one line
                 raise InitlabError(f"layer {name!r} ({kind_name(module)}): scheme {label!r} failed to choose "
                                    f"for activation {getattr(act, 'label', None)!r} ({type(e).__name__}: {e})") from e
-            if key is not None:
+            if key is not None and for_link is None:
                 by_act[key] = choice
         out[name] = choice
     return out
