@@ -196,11 +196,6 @@ class InitReport:
         if not self.traced:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
-        lines.append(text_table(_TABLE, cells, right=_NUMERIC))
-        left = [p for p in self.params if p["action"] is None]
-        if self.params:
-            lines[0] += f", {len(self.params)} parameters ({len(left)} untouched)"
-        lines += [f"untouched: {p['name']} ({p['why']})" for p in left]
         res = self.extra.get("residual")
         if res:
             lines.append(f"residual: {res['policy']} on {res['branches']} branches, found by {res['found_by']}")
@@ -209,6 +204,11 @@ class InitReport:
             on = "the given batch" if cal["batch"] == "batch" else "a synthetic N(0, 1) batch"
             lines.append(f"calibrated: {len(cal['factors'])} layers rescaled on {on} to pre-activation second "
                          "moment 1 (gain and target_std include the factor)")
+        lines.append(text_table(_TABLE, cells, right=_NUMERIC))
+        left = [p for p in self.params if p["action"] is None]
+        if self.params:
+            lines[0] += f", {len(self.params)} parameters ({len(left)} untouched)"
+        lines += [f"untouched: {p['name']} ({p['why']})" for p in left]
         return "\n".join(lines)
 
 
