@@ -91,8 +91,40 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
+    _add_executor_options(p)
     p.set_defaults(func=cmd_run)
     _one_line_errors(p)
+
+
+# ----------------------------------------------------------------------------- where the units run
+
+
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to run (the run directory is the same whichever you choose)")
+    g.add_argument("--executor", metavar="NAME", default=None,
+                   help="inprocess (default: this process), process (local worker processes) or ray (a Ray cluster)")
+    g.add_argument("--workers", metavar="N", type=_positive_int, default=None,
+                   help="--executor process: worker processes (default: one per CPU core)")
+    g.add_argument("--address", metavar="ADDR", default=None,
+                   help="--executor ray: auto, ray://HOST:PORT or HOST:PORT (default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--retries", metavar="N", type=int, default=2,
+                   help="times a failed unit is tried again on a pool or a cluster (default 2)")
+
+
+def _executor_from_args(args: argparse.Namespace) -> Any:
+    from .executors import make_executor
+
+    if args.retries < 0:
+        raise InitlabError(f"--retries: expected an integer >= 0, got {args.retries}")
+    ex = make_executor(args.executor, workers=args.workers, address=args.address)
+    return None if type(ex).__name__ == "InProcess" else ex
+
+
+def _print_failed(summary: Any) -> None:
+    for f in summary.failed:
+        members = ", ".join(f"{sc} seed {seed}" for sc, seed in f["members"])
+        print(f"  failed after {f['attempts']} attempt(s): {members}: {f['error']}", file=sys.stderr)
+    print("  re-run the same command to train the failed units again", file=sys.stderr)
 
 
 def _experiment_from_args(args: argparse.Namespace) -> Any:
@@ -193,10 +225,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InitlabError(f"--out: expected a folder path, got {args.out!r}")
     exp = _experiment_from_args(args)
     out = Path(args.out) if args.out is not None else _default_out(exp.name)
+    executor = _executor_from_args(args)
     try:
         with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
-                                     download=bool(args.download))
+                                     download=bool(args.download), executor=executor, retries=args.retries)
     except Terminated:
         print("initlab: terminated (SIGTERM); the finished work is kept: re-run the same command to resume",
               file=sys.stderr)
@@ -215,6 +248,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  report:      {summary.report}  (open it in a browser)")
     print(f"  data:        {out / 'metrics.csv'}, {out / 'first_pass.csv'}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'tb'}")
+    if summary.failed:
+        _print_failed(summary)
+        return 1
     return 0
 
 

@@ -140,6 +140,7 @@ class TrainSpec:
     first_pass_batch: int = 100
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
+    histograms_every: int = 1  # weight histograms in TensorBoard every that many log steps (0: none)
 
     def __post_init__(self) -> None:
         opt = as_str(self.optimizer, "train.optimizer", nonempty=True).strip().lower()
@@ -153,6 +154,7 @@ class TrainSpec:
             raise fail("train.log_every", f"at most train.steps ({self.steps})", self.log_every)
         _set(self, "device", _device(self.device))
         _set(self, "seeds", _seeds(self.seeds))
+        _set(self, "histograms_every", as_int(self.histograms_every, "train.histograms_every", minimum=0))
 
 
 def _device(value: Any) -> str:
