@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from .._errors import InitlabError, unknown_choice
+from .metrics import Metric, register_metric, registered, unregister_metric
 from .training import GroupResult, GroupSpec, run_group
 
 __all__ = ["Executor", "InProcess", "ProcessPool", "RayExecutor", "UnitTask", "execute_unit", "make_executor",
@@ -72,7 +73,13 @@ class UnitTask:
     ``index``: the unit's position in the run's list of units to train; ``attempt``: 0, 1, ...
     (events of an older attempt are ignored); ``resume``: a training state to continue from (a
     checkpoint) or None; ``histograms_every``: weight histograms every that many log steps (0:
-    none); ``checkpoint_every``: seconds between checkpoint events (None: none).
+    none); ``checkpoint_every``: seconds between checkpoint events (None: none);
+    ``threads``: the torch threads the unit trains with (the run passes its own count: matrix
+    products and sums split their work by thread count, so the last bits of a result depend on it,
+    and a unit trained with the driver's count gives the in-process numbers wherever it runs);
+    ``metrics``: the driver's computed metrics (:mod:`initlab.lab.metrics`), which a worker
+    registers in the same order before training, so that a metric registered at run time is
+    computed on every executor (its ``compute`` must be importable there: a module-level function).
     """
 
     index: int
@@ -82,6 +89,8 @@ class UnitTask:
     resume: dict[str, Any] | None = None
     histograms_every: int = 1
     checkpoint_every: float | None = 5.0
+    threads: int | None = None
+    metrics: tuple[Metric, ...] = ()
 
     @property
     def cuda(self) -> bool:
@@ -110,15 +119,36 @@ class _Checkpointer:
             self.last = time.monotonic()
 
 
+def _sync_metrics(wanted: tuple[Metric, ...]) -> None:
+    """Make this process's computed metrics the driver's, in the driver's order (a no-op in the driver)."""
+    have = [m.name for m in registered() if m.compute is not None]
+    if have == [m.name for m in wanted]:
+        return
+    for name in have:
+        unregister_metric(name)
+    for m in wanted:
+        register_metric(m)
+
+
 def execute_unit(task: UnitTask, emit: Emit, data: Any = None) -> GroupResult:
     """Train one unit (``run_group``), reporting its events through ``emit`` (see the module docstring)."""
+    import torch
+
+    _sync_metrics(task.metrics)
     emit(("start", task.index, task.attempt, _worker_name()))
 
     def on_log(event: dict[str, Any]) -> None:
         emit(("log", task.index, task.attempt, event))
 
-    return run_group(task.spec, task.data if data is None else data, checkpoint=_Checkpointer(task, emit),
-                     resume=task.resume, on_log=on_log, histograms_every=task.histograms_every)
+    before = torch.get_num_threads()
+    if task.threads and task.threads != before:
+        torch.set_num_threads(int(task.threads))
+    try:
+        return run_group(task.spec, task.data if data is None else data, checkpoint=_Checkpointer(task, emit),
+                         resume=task.resume, on_log=on_log, histograms_every=task.histograms_every)
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _error_text(e: BaseException) -> str:
@@ -148,28 +178,22 @@ class InProcess:
 _CHANNEL: Any = None
 
 
-def _pool_init(channel: Any, threads: int) -> None:
-    """A pool worker's start: where its events go, and its torch threads."""
+def _pool_init(channel: Any) -> None:
+    """A pool worker's start: where its events go."""
     global _CHANNEL
-    import torch
-
     _CHANNEL = channel
-    torch.set_num_threads(max(1, int(threads)))
 
 
 def _pool_unit(task: UnitTask) -> GroupResult:
     return execute_unit(task, _CHANNEL.put)
 
 
-def _default_threads(workers: int, cpus: int | None = None) -> int:
-    """torch threads per worker: the machine's cores shared out among the workers (at least 1)."""
-    return max(1, (cpus or os.cpu_count() or 1) // max(1, workers))
-
-
 class ProcessPool:
     """Runs the units in ``workers`` processes on this machine (spawned: a fresh interpreter each).
 
-    ``threads``: torch threads per worker (default: cores // workers, at least 1). A worker process
+    ``threads``: torch threads per unit (default: the run's own count, which gives the in-process
+    numbers bit for bit; fewer threads, e.g. cores // workers, avoid oversubscribing the cores but
+    may change the last bits of the results). A worker process
     that dies (killed, out of memory) breaks the pool: the pool is started again and the units that
     were running are retried (``retry``), continuing from their last checkpoint.
     """
@@ -179,7 +203,7 @@ class ProcessPool:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InitlabError(f"--workers: expected a positive number of worker processes, got {workers!r}")
         self.workers = n
-        self.threads = _default_threads(n) if threads is None else max(1, int(threads))
+        self.threads = None if threads is None else max(1, int(threads))
 
     def run_units(self, tasks: Iterable[UnitTask], emit: Emit, retry: Retry) -> Iterator[tuple[UnitTask, GroupResult]]:
         import multiprocessing as mp
@@ -205,9 +229,8 @@ class ProcessPool:
         pool = None
         try:
             while todo:
-                pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init,
-                                           initargs=(channel, self.threads))
-                pending = {pool.submit(_pool_unit, t): t for t in todo}
+                pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_pool_init, initargs=(channel,))
+                pending = {pool.submit(_pool_unit, self._threaded(t)): t for t in todo}
                 todo = []
                 broken = False
                 while pending:
@@ -224,7 +247,7 @@ class ProcessPool:
                         except Exception as e:  # noqa: BLE001 - the unit failed: retried or reported
                             again = retry(task, _error_text(e), True)
                             if again is not None:
-                                pending[pool.submit(_pool_unit, again)] = again
+                                pending[pool.submit(_pool_unit, self._threaded(again))] = again
                             continue
                         yield task, result
                     if broken:
@@ -237,6 +260,9 @@ class ProcessPool:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
             manager.shutdown()
+
+    def _threaded(self, task: UnitTask) -> UnitTask:
+        return task if self.threads is None else replace(task, threads=self.threads)
 
     @staticmethod
     def _after_break(tasks: list[UnitTask], started: set[tuple[int, int]], retry: Retry) -> list[UnitTask]:
@@ -264,16 +290,9 @@ def _import_ray() -> Any:
     return ray
 
 
-def _ray_unit(task: UnitTask, data: Any, channel: Any, threads: int) -> GroupResult:
-    """The body of a unit's Ray task: torch threads for the CPUs it asked for, events to the queue actor."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
-    try:
-        return execute_unit(task, channel.put, data)
-    finally:
-        torch.set_num_threads(before)
+def _ray_unit(task: UnitTask, data: Any, channel: Any) -> GroupResult:
+    """The body of a unit's Ray task: its events go to the queue actor."""
+    return execute_unit(task, channel.put, data)
 
 
 class RayExecutor:
@@ -281,24 +300,27 @@ class RayExecutor:
 
     ``address``: "auto" (the cluster this machine belongs to), "ray://HOST:PORT" (Ray Client), a
     ``HOST:PORT`` of a head node, or None (``RAY_ADDRESS`` when set, else a new local Ray instance
-    that ends with the run). ``cpus_per_unit``: the CPUs each unit asks for (and its torch threads).
+    that ends with the run). ``cpus_per_unit``: the CPUs each unit asks Ray for; ``threads``: its
+    torch threads (default: the run's own count, for the in-process numbers bit for bit).
     Ray itself does not retry a unit (``max_retries=0``): a unit that fails is resubmitted by the run
     (``retry``), so it continues from its last checkpoint.
     """
 
-    def __init__(self, address: str | None = None, *, cpus_per_unit: int = 1) -> None:
+    def __init__(self, address: str | None = None, *, cpus_per_unit: int = 1, threads: int | None = None) -> None:
         if isinstance(cpus_per_unit, bool) or not isinstance(cpus_per_unit, int) or cpus_per_unit < 1:
             raise InitlabError(f"cpus_per_unit: expected a positive integer, got {cpus_per_unit!r}")
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cpus_per_unit = cpus_per_unit
+        self.threads = None if threads is None else max(1, int(threads))
         self.workers = 0
 
     def _connect(self, ray: Any) -> bool:
         """Connect to the cluster (True when this call started Ray, so it shuts it down again)."""
         if ray.is_initialized():
             return False
+        extra = {} if self.address else {"include_dashboard": False}
         try:
-            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False, **extra)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = self.address or "a new local instance"
             raise InitlabError(f"--address: cannot connect to the Ray cluster at {where!r} ({_error_text(e)}); start "
@@ -319,7 +341,8 @@ class RayExecutor:
         def submit(t: UnitTask) -> Any:
             ref = data_refs.setdefault(id(t.data), ray.put(t.data))
             opts = {"num_cpus": self.cpus_per_unit, "num_gpus": 1 if t.cuda else 0}
-            return remote.options(**opts).remote(replace(t, data=None), ref, channel, self.cpus_per_unit)
+            sent = replace(t, data=None) if self.threads is None else replace(t, data=None, threads=self.threads)
+            return remote.options(**opts).remote(sent, ref, channel)
 
         def drain() -> None:
             while not channel.empty():
@@ -379,5 +402,5 @@ def make_executor(name: str | None, *, workers: int | None = None, address: str 
         return ProcessPool(workers, threads=threads)
     if key == "ray":
         _import_ray()
-        return RayExecutor(address, cpus_per_unit=threads or 1)
+        return RayExecutor(address, threads=threads)
     return InProcess()

@@ -64,7 +64,7 @@ from ._io import atomic_write_text, clean_tmp
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
 from .executors import Executor, InProcess, UnitTask
-from .metrics import METRICS_COLUMNS
+from .metrics import METRICS_COLUMNS, registered
 from .report import write_report
 from .report.tensorboard import MemberLog, write_member_events
 from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
@@ -437,7 +437,8 @@ class _Run:
         else:
             self.live.preload.pop(i, None)
         return UnitTask(i, attempt, self.units[i], data, state, int(getattr(self.exp.train, "histograms_every", 1)),
-                        self.checkpoint_every)
+                        self.checkpoint_every, torch.get_num_threads(),
+                        tuple(m for m in registered() if m.compute is not None))
 
     def _on_event(self, ev: tuple) -> None:
         """An event of a unit (see :mod:`initlab.lab.executors`); those of an attempt that was given up are ignored."""
