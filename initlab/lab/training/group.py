@@ -124,7 +124,8 @@ def _flush_denormal_on() -> bool:
 def weight_histogram(w: Tensor) -> dict[str, Any]:
     """A histogram of a tensor's finite values as plain numbers (TensorBoard's raw histogram fields):
     min, max, num, sum, sum_squares, and 30 equal buckets over [min, max] (``bucket_limit``: their
-    upper edges, ``bucket``: their counts). Computed in float64 from the values alone, so the same
+    upper edges, ``bucket``: their counts). Computed in float64 from the values alone (numpy's pairwise sums, no
+    BLAS, whose threads would change the last bits), so the same
     weights give the same histogram on any executor."""
     a = w.detach().to("cpu", torch.float64).flatten().numpy()
     a = a[np.isfinite(a)]
@@ -133,7 +134,7 @@ def weight_histogram(w: Tensor) -> dict[str, Any]:
     lo, hi = float(a.min()), float(a.max())
     edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo, np.nextafter(lo, np.inf)])
     counts, _ = np.histogram(a, bins=edges)
-    return {"min": lo, "max": hi, "num": int(a.size), "sum": float(a.sum()), "sum_squares": float(np.dot(a, a)),
+    return {"min": lo, "max": hi, "num": int(a.size), "sum": float(a.sum()), "sum_squares": float(np.square(a).sum()),
             "bucket_limit": [float(x) for x in edges[1:]], "bucket": [int(c) for c in counts]}
 
 
