@@ -28,6 +28,7 @@ from .._errors import InitlabError
 from .._probe import format_table
 from ._io import describe_os_error
 from .config import list_presets, load_experiment, with_overrides
+from .executors import InProcess, make_executor
 from .metrics import headline
 from .report import load_run, summary_rows, write_report
 from .report.stats import pct
@@ -112,12 +113,10 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
 
 
 def _executor_from_args(args: argparse.Namespace) -> Any:
-    from .executors import make_executor
-
     if args.retries < 0:
         raise InitlabError(f"--retries: expected an integer >= 0, got {args.retries}")
     ex = make_executor(args.executor, workers=args.workers, address=args.address)
-    return None if type(ex).__name__ == "InProcess" else ex
+    return None if isinstance(ex, InProcess) else ex
 
 
 def _print_failed(summary: Any) -> None:

@@ -39,12 +39,17 @@ Dataset)`` items, without live events or retries.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import socket
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
+
+import torch
 
 from .._errors import InitlabError, unknown_choice
 from .metrics import Metric, register_metric, registered, unregister_metric
@@ -132,8 +137,6 @@ def _sync_metrics(wanted: tuple[Metric, ...]) -> None:
 
 def execute_unit(task: UnitTask, emit: Emit, data: Any = None) -> GroupResult:
     """Train one unit (``run_group``), reporting its events through ``emit`` (see the module docstring)."""
-    import torch
-
     _sync_metrics(task.metrics)
     emit(("start", task.index, task.attempt, _worker_name()))
 
@@ -206,10 +209,6 @@ class ProcessPool:
         self.threads = None if threads is None else max(1, int(threads))
 
     def run_units(self, tasks: Iterable[UnitTask], emit: Emit, retry: Retry) -> Iterator[tuple[UnitTask, GroupResult]]:
-        import multiprocessing as mp
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        from concurrent.futures.process import BrokenProcessPool
-
         ctx = mp.get_context("spawn")
         manager = ctx.Manager()
         channel = manager.Queue()

@@ -98,11 +98,11 @@ class MemberLog:
             self._hparams(hparams)
 
     def _hparams(self, hparams: Mapping[str, Any]) -> None:
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
+        from torch.utils.tensorboard import summary as tb_summary
 
         clean = {str(k): v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
         fw = self.writer._get_file_writer()
-        for summary in hparams_summary(clean, {tag: 0.0 for tag in HPARAM_METRICS}):
+        for summary in tb_summary.hparams(clean, {tag: 0.0 for tag in HPARAM_METRICS}):
             fw.add_summary(summary)
 
     def first_pass(self, values: Mapping[str, np.ndarray]) -> None:
