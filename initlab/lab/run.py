@@ -470,7 +470,6 @@ class _Run:
     def _commit(self, i: int, result: GroupResult) -> None:
         """Record the group's members that are not recorded yet, merge the CSVs, drop its checkpoint."""
         unit = self.units[i]
-        live = i in self.live.attempt
         for m in unit.members:
             if m.key in self.done:
                 continue
@@ -478,8 +477,11 @@ class _Run:
             self.live.close_member(m.key)
             values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
                                          self.groups.index(unit), hists)
-            if not live:
-                self._write_tb(m, values, rows, hists)
+            # the live log gives way to the canonical one, written from what was just recorded: the same file
+            # (wall times aside) however the unit was interrupted, retried or resumed (an interruption in between
+            # leaves no log, which the end of the run, or the next run, writes from the part)
+            shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
+            self._write_tb(m, values, rows, hists, replace=False)
             self.done.add(m.key)
             self.n_done += 1
             self.members_run += 1

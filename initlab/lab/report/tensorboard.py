@@ -29,8 +29,11 @@ as a table and parallel coordinates.
 
 Live logs: during a run, :class:`MemberLog` writes a member's events as its unit trains (flushed
 at each log step), from the events the unit reports (:mod:`initlab.lab.executors`), whichever
-executor runs it, so the events are the same. A member whose unit is (re)started has its log
-written again from the start; a finished member's log is complete.
+executor runs it. A member whose unit is (re)started has its live log written again from the start.
+When the member is recorded, its live log is replaced by the canonical one, written by
+:func:`write_member_events` from the recorded part (hyperparameters, first pass, histograms by step,
+then the metrics rows sorted), so a finished member's log is the same file, wall times aside, however
+its unit was interrupted, retried or resumed, and on any executor.
 
 As in the study, ``loss`` and ``acc`` are the training-batch values; the held-out values sit
 under ``test/``. :func:`write_member_events` (a member's log from its recorded part) builds the directory under a
