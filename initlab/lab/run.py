@@ -475,12 +475,12 @@ class _Run:
                 continue
             hists = self.live.member_histograms(i, m.key)
             self.live.close_member(m.key)
-            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
-                                         self.groups.index(unit), hists)
-            # the live log gives way to the canonical one, written from what was just recorded: the same file
-            # (wall times aside) however the unit was interrupted, retried or resumed (an interruption in between
+            # the live log gives way to the canonical one, written from what is recorded: the same file (wall
+            # times aside) however the unit was interrupted, retried or resumed (an interruption in between
             # leaves no log, which the end of the run, or the next run, writes from the part)
             shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
+            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
+                                         self.groups.index(unit), hists)
             self._write_tb(m, values, rows, hists, replace=False)
             self.done.add(m.key)
             self.n_done += 1
