@@ -44,6 +44,8 @@ An experiment file::
     widths = [100]                 # optional: hidden width
     params = {}                    # optional: scheme parameters for every grid scenario
 
+    [tune]                # optional: the search of `initlab tune` (initlab.lab.tune.space); ignored here
+
 Validation errors name the key path and the expected type ("train.lr: expected a number,
 got 'fast'"); unknown keys, schemes, activations and data sets are errors with a "did you mean";
 a malformed file gives its name, line and column.
@@ -87,7 +89,7 @@ __all__ = [
     "OPTIMIZERS",
 ]
 
-_TOP_KEYS = ("name", "description", "data", "model", "train", "scenarios", "grid")
+_TOP_KEYS = ("name", "description", "data", "model", "train", "scenarios", "grid", "tune")
 _DATA_KEYS = ("name", "root", "standardize", "test_fraction", "split_seed", "limit")
 _MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel")
 _TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
