@@ -24,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 2  # 5 members -> 3 units, so that two workers train at once
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fixed_threads():
+    """One torch thread count for every run here (the default follows the machine's idle cores, which change
+    between runs; results are bit-identical between runs with the same count)."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "2"
+    yield
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
 def small():
     """The smoke study, shortened: 5 members, 40 steps, a log step every 10."""
     return with_overrides(load_experiment("smoke"), {"train.steps": 40, "train.log_every": 10})
