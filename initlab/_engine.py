@@ -186,12 +186,21 @@ def target_std(scale: float, mode: str, fans: tuple[float, float]) -> float:
     return math.sqrt(check_scale(scale) / n)
 
 
+_WHOLE_MATRIX = ("orthogonal_", "delta_orthogonal_", "identity_")
+
+
 def _check_tensor(tensor: object, what: str) -> Tensor:
     if not isinstance(tensor, Tensor):
         raise InitlabError(f"{what} expects a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
+    if what in _WHOLE_MATRIX and is_dtensor(tensor):
+        raise InitlabError(
+            f"{what} cannot fill a sharded (DTensor) tensor of shape {tuple(tensor.shape)}: an orthogonal matrix couples "
+            "all its entries, so a shard is not computable alone (it would take the full matrix and its QR on every "
+            "rank); initialise it before sharding, load a checkpoint, or use a variance-scaling scheme (normal, "
+            "uniform, truncated normal: exact per shard). LSUV starts from orthogonal_ and is refused likewise")
     if tensor.is_inference() and not torch.is_inference_mode_enabled():
         raise InitlabError(f"{what} cannot write into an inference tensor (made under torch.inference_mode()) "
                            "outside inference mode; clone it first (tensor.clone()) or call it inside inference_mode")

@@ -82,11 +82,11 @@ _current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("init
 
 
 def _address(t: Tensor) -> int | None:
-    if t.is_meta or t.numel() == 0:
+    if isinstance(t, nn.parameter.UninitializedParameter) or t.is_meta or t.numel() == 0:
         return None
     try:
         return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError, ValueError):
         return None
 
 
@@ -102,9 +102,27 @@ def keyed(model: nn.Module, generator: torch.Generator | None) -> Iterator[int]:
     ctx = _Context(call_base(generator), params)
     token = _current.set(ctx)
     try:
-        yield ctx.base
+        with _sharding_hooks_off(model):
+            yield ctx.base
     finally:
         _current.reset(token)
+
+
+@contextlib.contextmanager
+def _sharding_hooks_off(model: nn.Module) -> Iterator[None]:
+    """FSDP2 modules' forward hooks set aside while ``init_model`` traces the model with
+    ``torch.fx`` (tracing calls each block's hooks: an all-gather, and a block that then believes
+    it is the root, so the model's first real forward fails)."""
+    saved = []
+    for m in model.modules():
+        if hasattr(m, "_get_fsdp_state") and (m._forward_pre_hooks or m._forward_hooks):
+            saved.append((m, m._forward_pre_hooks, m._forward_hooks))
+            m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    try:
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
 
 
 def _merge(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
