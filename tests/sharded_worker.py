@@ -108,7 +108,7 @@ def hand_made(world: int, out: list) -> None:
                        [[Shard(0), Shard(1)], [Shard(1), Shard(0)], [Replicate(), Shard(1)], [Shard(0), Shard(0)]]))
     for mname, mesh, placement_list in meshes:
         for placements in placement_list:
-            for scheme, kw in SCHEMES:
+            for scheme, kw in (SCHEMES if mname == "1d" else SCHEMES[-1:]):
                 got = shard(mlp(), mesh, placements)
                 comms = run_init(got, scheme, kw)
                 compare(f"{mname} {placements} mlp {scheme} {kw}", reference(mlp, scheme, kw), got, comms, out)
