@@ -251,6 +251,7 @@ _ERF_SQRT2 = math.erf(math.sqrt(2.0))  # the mass of N(0, 1) inside [-2, 2]
 _SQRT2 = math.sqrt(2.0)
 _SHORT_RUN = 256  # runs of fewer words are gathered by the vectorised Philox (no per-run setup)
 SMALL = 1 << 18  # below this many elements the sampler runs on the calling thread alone
+_GRAIN = 32768  # torch's intra-op grain size: smaller element-wise ops never leave the calling thread
 
 
 def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
@@ -294,6 +295,10 @@ def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
 def _words_for(key: tuple[int, int], starts: np.ndarray, lens: np.ndarray, per: int) -> tuple[np.ndarray, list[int]]:
     """The words behind element runs ``[start, start + len)``, concatenated, and each run's
     offset (in elements) into its words' elements: fp32 (``per`` 2) runs start on a word boundary."""
+    if starts.size == 1:
+        s, n = int(starts[0]), int(lens[0])
+        w0 = s // per
+        return _philox.words(key, w0, -(-(s + n) // per) - w0), [s - w0 * per]
     parts, firsts = [], []
     short: list[np.ndarray] = []
     for s, n in zip(starts.tolist(), lens.tolist()):
@@ -376,6 +381,7 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
     Every torch operation runs on one intra-op thread, so no OpenMP team is left spinning."""
     n = flat.numel()
     nchunks = -(-n // CHUNK)
+    whole = starts.size == 1 and int(starts[0]) == 0  # a whole tensor: one run, no search
 
     def run(lo: int, hi: int) -> None:
         scratch = None if flat.dtype == work else torch.empty(min(CHUNK, n), dtype=work)
@@ -383,12 +389,14 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
             s, e = i * CHUNK, min(n, (i + 1) * CHUNK)
             dst = flat[s:e]
             buf = dst if scratch is None else scratch[: e - s]
-            _fill_runs(buf, kind, a, key, *_chunk_runs(starts, lens, s, e))
+            runs = (np.array([s], dtype=np.int64), np.array([e - s], dtype=np.int64)) if whole else \
+                _chunk_runs(starts, lens, s, e)
+            _fill_runs(buf, kind, a, key, *runs)
             if scratch is not None:
                 dst.copy_(buf)
 
     def single(lo: int, hi: int) -> None:
-        before = torch.get_num_threads()
+        before = torch.get_num_threads() if n > _GRAIN else 1  # below torch's grain size ops run on one thread
         if before != 1:
             torch.set_num_threads(1)
         try:
