@@ -11,7 +11,8 @@ initialised with ``init_model(model, "he_normal", distribution="truncated_normal
   what Megatron and DeepSpeed do.
 
 Per rank: wall time and CPU time of the init call, and the peak memory the process added
-(``ru_maxrss`` after the init minus before the model was allocated). The ranks run at the same
+(the resident-memory high-water mark after the init minus the resident memory before the model was
+allocated). The ranks run at the same
 time, so on a machine with fewer cores than ranks the wall time includes waiting for a core;
 CPU time is the work. The sharded ranks' weights are checked bitwise against the single-process
 weights (by ``initlab.fingerprint``).
@@ -40,8 +41,30 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEME, KW, SEED = "he_normal", {"distribution": "truncated_normal"}, 0
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    """The current resident memory, after resetting the peak (Linux: /proc/self/clear_refs 5), so
+    that :func:`peak_mb` reports the high-water mark from here on; elsewhere ru_maxrss."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    now = _status_mb("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def peak_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def build(d: int, layers: int, device: str) -> nn.Module:
@@ -59,7 +82,7 @@ def single(d: int, layers: int) -> dict:
     base = rss_mb()
     model = build(d, layers, "meta").to_empty(device="cpu")
     out = timed(lambda: initlab.init_model(model, SCHEME, generator=torch.Generator().manual_seed(SEED), **KW))
-    out["peak_mb"] = rss_mb() - base
+    out["peak_mb"] = peak_mb() - base
     out["fingerprint"] = initlab.fingerprint(model)
     return out
 
@@ -80,7 +103,7 @@ def sharded(rank: int, world: int, port: int, d: int, layers: int) -> dict:
         m.weight = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                                    shape=torch.Size((d, d)), stride=(d, 1)))
     out = timed(lambda: initlab.init_model(model, SCHEME, generator=torch.Generator().manual_seed(SEED), **KW))
-    out["peak_mb"] = rss_mb() - base
+    out["peak_mb"] = peak_mb() - base
     out["fingerprint"] = initlab.fingerprint(model)
     dist.destroy_process_group()
     return out
@@ -101,7 +124,7 @@ def full_then_slice(rank: int, world: int, d: int, layers: int) -> dict:
             del full
 
     out = timed(run)
-    out["peak_mb"] = rss_mb() - base
+    out["peak_mb"] = peak_mb() - base
     return out
 
 
