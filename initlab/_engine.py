@@ -109,9 +109,9 @@ def check_gain(g: object) -> float:
     return v
 
 
-# the largest |value| a sampler writes, in units of its std: Box-Muller on 24- or 53-bit uniforms
-# reaches 5.65 or 8.57 std (torch's normal_ on other devices: about as far); the truncated
-# normal 2 / 0.8796; the uniform sqrt(3)
+# the largest |value| a sampler writes, in units of its std: the inverse CDF on the 23- or 52-bit
+# uniform grid reaches 5.3 or 8.1 std (torch's normal_ on other devices: about as far); the
+# truncated normal 2 / 0.8796; the uniform sqrt(3)
 _REACH = {"normal": 10.0, "truncated_normal": 2.0 / 0.87962566103423978 + 1e-6, "uniform": math.sqrt(3.0) + 1e-6}
 
 
@@ -262,14 +262,17 @@ def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
         np.right_shift(w, np.uint64(12), out=w)
         np.bitwise_or(w, np.uint64(0x3FF0000000000000), out=w)
         f = torch.from_numpy(w.view(np.float64))
-        step = 2.0 ** -52
+        half_step = 2.0 ** -53
     else:
         h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
         np.right_shift(h, np.uint32(9), out=h)
         np.bitwise_or(h, np.uint32(0x3F800000), out=h)
         f = torch.from_numpy(h.view(np.float32))
-        step = 2.0 ** -23
-    return f.mul_(2.0).sub_(3.0 - step)  # [1, 2) -> (-1, 1), symmetric about 0 and exact
+        half_step = 2.0 ** -24
+    # [1, 2) -> 2 ((f - 1.5) + 2^-(m+1)): every step exact (1.5 and the half step are representable,
+    # f - 1.5 is exact, and so is the sum on [-0.5, 0.5)), so the grid is symmetric and never
+    # reaches -1 or 1, where erfinv is infinite
+    return f.sub_(1.5).add_(half_step).mul_(2.0)
 
 
 def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
@@ -486,7 +489,8 @@ def truncated_normal_(tensor: Tensor, std: float = 1.0, *, generator: torch.Gene
 
     The underlying normal N(0, s^2), s = std / 0.87962566103423978, is cut at +-2s; the result
     has mean 0 and variance std^2 (TensorFlow/JAX truncation, variance-corrected as in
-    Keras' ``VarianceScaling``). Exact rejection sampling. Returns ``tensor``.
+    Keras' ``VarianceScaling``). Sampled exactly by the inverse CDF,
+    ``s sqrt(2) erfinv(erf(sqrt 2) v)`` with ``v`` uniform on (-1, 1). Returns ``tensor``.
     """
     _check_tensor(tensor, "truncated_normal_")
     std = check_scale(std, "std")
@@ -519,8 +523,10 @@ def variance_scaling_(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in",
             tensor is left as is (nothing to fill); so is an empty tensor.
         fans: ``(fan_in, fan_out)``; default ``initlab.fans(tensor)`` (PyTorch layout). Pass
             ``initlab.fans(w, module=layer)`` for grouped/transposed convolutions and friends.
-        generator: a CPU ``torch.Generator`` for a CPU tensor (one draw of it seeds all the
-            per-chunk streams); results do not depend on the number of threads.
+        generator: a CPU ``torch.Generator`` for a CPU tensor: one draw of it keys the tensor's
+            Philox stream (under ``init_model``: one draw per call, keyed with the parameter's
+            name). Results do not depend on the number of threads or the CPU instruction set;
+            values differ from initlab 0.1, whose streams were sequential and per tensor.
 
     Returns:
         ``tensor``.

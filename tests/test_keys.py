@@ -115,3 +115,18 @@ def test_thread_count_does_not_change_values_and_small_tensors_stay_on_one_threa
     finally:
         torch.set_num_threads(before)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_grid_is_symmetric_and_never_reaches_plus_or_minus_one(dtype):
+    from initlab._engine import _transform, _unit_grid
+
+    w = np.array([0, (1 << 64) - 1], dtype=np.uint64)  # the smallest and largest words
+    v = _unit_grid(w, 0, 2 if dtype == torch.float64 else 4, dtype)  # fp32: two elements per word
+    m = 52 if dtype == torch.float64 else 23
+    assert v.min().item() == -1 + 2.0 ** -m and v.max().item() == 1 - 2.0 ** -m
+    out = torch.empty_like(v)
+    _transform(v.clone(), out, "normal", 1.0)
+    assert torch.isfinite(out).all() and out.min().item() == -out.max().item()
+    # negative control: the grid point -1 would give an infinite weight
+    assert torch.isinf(torch.erfinv(torch.tensor(-1.0, dtype=dtype)))
