@@ -7,7 +7,7 @@
    same variance band, and initlab should be >= 2x faster. Skipped, with a message, when ``lsuv``
    is not installed (``pip install --no-deps lsuv==0.3.0``).
 
-Run: ``python bench/bench_probe_lsuv.py [--repeat N] [--quick] [--threads N] [--clock wall|cpu]``. Timings are medians of
+Run: ``python bench/bench_probe_lsuv.py [--repeat N] [--quick] [--threads N] [--clock wall|cpu] [--only probe|lsuv]``. Timings are medians of
 interleaved runs (A, B, A, B, ...) after warm-up, on the current torch thread count.
 """
 from __future__ import annotations
@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--only", choices=("probe", "lsuv"), default=None, help="run one of the two benches")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or this process's CPU time (robust on a shared machine with --threads 1)")
     args = ap.parse_args()
@@ -206,9 +207,11 @@ def main() -> None:
     repeat = 5 if args.quick else args.repeat
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"initlab {initlab.__version__}\n")
-    bench_probe(repeat, args.quick)
-    bench_lsuv(repeat, args.quick)
-    inplace_note()
+    if args.only != "lsuv":
+        bench_probe(repeat, args.quick)
+    if args.only != "probe":
+        bench_lsuv(repeat, args.quick)
+        inplace_note()
 
 
 if __name__ == "__main__":

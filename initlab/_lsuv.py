@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 from ._errors import InitlabError
 from ._forward import Tracker, as_inputs, forward_error, hooks, kept_buffers, no_mha_fastpath
 from ._layers import AFFINE_LAYERS, calls_children_functionally, channel_dim, is_affine, is_stock_affine, is_weight_layer
-from ._orthogonal import orthogonal_
+from ._orthogonal import orthogonal_many_
 from ._stats import as_float, channel_sums, moments
 from ._text import format_table
 from ._undo import Undo, all_or_nothing
@@ -289,8 +289,10 @@ def run_lsuv(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, tol: float
                       for k, t in (("weight", m.weight), ("bias", m.bias)) if t is not None])
     with all_or_nothing(log):
         with torch.no_grad():
-            for _, m in covered:  # orthogonal pre-init (Saxe et al. 2014), zero biases
-                orthogonal_(m.weight, generator=generator)
+            # orthogonal pre-init (Saxe et al. 2014; the QRs in parallel, bit-identical to one
+            # orthogonal_ per layer in order), zero biases
+            orthogonal_many_([m.weight for _, m in covered], generator=generator)
+            for _, m in covered:
                 if m.bias is not None:
                     m.bias.zero_()
         fit = _Fit(covered, inputs, tol=tol, max_iter=max_iter, target=target, center=center)

@@ -13,7 +13,7 @@ LAB = Path(__file__).resolve().parents[1] / "initlab" / "lab"
 
 #: the lab's modules, each importing only modules listed before it
 ORDER = [
-    "_io", "_checks", "specs", "config", "data", "models", "metrics",
+    "_io", "_checks", "_threads", "specs", "config", "data", "models", "metrics",
     "training.plan", "training.activations", "training.engines", "training.loop", "training.first_pass",
     "training.group", "training",
     "rundir",

@@ -88,6 +88,8 @@ def _add_run(subparsers: Any) -> None:
                    help="folder with the MNIST IDX files (full MNIST instead of the embedded 5,000-digit sample)")
     p.add_argument("--download", action="store_true",
                    help="download the MNIST IDX files into --data-root when they are missing (checksums verified)")
+    p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+                   help="torch threads (default: the idle physical cores; OMP_NUM_THREADS if set)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
@@ -196,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
-                                     download=bool(args.download))
+                                     download=bool(args.download), threads=args.threads)
     except Terminated:
         print("initlab: terminated (SIGTERM); the finished work is kept: re-run the same command to resume",
               file=sys.stderr)

@@ -51,6 +51,7 @@ from .._errors import InitlabError
 from .._schemes import get_scheme
 from .._undo import memory_available
 from ._io import atomic_write_text, clean_tmp
+from ._threads import choose_threads, using_threads
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
 from .executors import Executor, InProcess
@@ -413,7 +414,8 @@ def _callback(progress: Callable[[RunProgress], Any] | bool | None) -> Callable[
 def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: bool = True,
                    progress: Callable[[RunProgress], Any] | bool | None = None, executor: Executor | None = None,
                    data: Dataset | None = None, download: bool = False, max_members: int | None = None,
-                   report: bool = True, checkpoint_every: float | None = 5.0) -> RunSummary:
+                   report: bool = True, checkpoint_every: float | None = 5.0,
+                   threads: int | None = None) -> RunSummary:
     """Train every member of ``exp`` and write the run directory ``out_dir`` (see the module docstring).
 
     - ``resume``: skip members already recorded in ``out_dir`` (True), or discard the results of
@@ -434,7 +436,18 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
       always at the last one; 0 = every log step, None = none); an interrupted group continues from
       its last checkpoint, bit-identical to an uninterrupted run. In-process only: an ``executor``
       trains each group from step 0.
+    - ``threads``: torch threads for the run (None: :func:`~initlab.lab._threads.choose_threads`'s
+      policy: physical cores that are idle); the previous count is restored afterwards.
     """
+    with using_threads(choose_threads(threads)):
+        return _run_experiment(exp, out_dir, resume, progress, executor, data, download, max_members, report,
+                               checkpoint_every)
+
+
+def _run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], resume: bool,
+                    progress: Callable[[RunProgress], Any] | bool | None, executor: Executor | None,
+                    data: Dataset | None, download: bool, max_members: int | None, report: bool,
+                    checkpoint_every: float | None) -> RunSummary:
     t0 = time.perf_counter()
     _check_arguments(exp, out_dir, resume, progress, executor, data, download, max_members, report, checkpoint_every)
     run = _Run(exp, Path(out_dir), bool(resume), max_members)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..._errors import InitlabError
 from ..data import Dataset
 from ..metrics import sort_key
+from .._threads import caller_threads
 from .engines import build_engine, plan_engine
 from .first_pass import first_pass
 from .loop import TrainLoop
@@ -96,7 +97,8 @@ def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list
         xb = data.x_train.index_select(0, fp_idx).float()
         yb = data.y_train.index_select(0, fp_idx).long()
         model = init_member(mem.scenario, mem.seed, batch=xb)
-        rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation)
+        with caller_threads():  # first_pass.csv independent of --threads and of the machine's load
+            rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation)
         for r in rows:
             # the probe's own "input_var" column is each layer's input variance (layer 1: the batch)
             r.setdefault("input_var", input_var)
