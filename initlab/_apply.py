@@ -70,6 +70,7 @@ from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
+from ._keys import keyed, local
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
@@ -404,9 +405,9 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
 def _std_sample(t: Tensor) -> Tensor | None:
     """The sample std of the first ``STD_SAMPLE`` entries (row-major): a view of a contiguous
     tensor; of a non-contiguous one, only its leading rows are copied."""
-    if t.is_meta or t.numel() < 2:
+    d = local(t).detach()  # a DTensor: its local shard (no collective)
+    if d.is_meta or d.numel() < 2:
         return None
-    d = t.detach()
     if not d.is_contiguous() and d.dim() > 1:
         per_row = max(1, d.numel() // d.shape[0])
         d = d[: -(-STD_SAMPLE // per_row)]
@@ -517,6 +518,7 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
 
 def _uninitialised(t: Tensor) -> bool:
     """On the meta device, or holding NaN/inf (memory from ``to_empty()``, or a NaN fill)."""
+    t = local(t)  # a DTensor: its local shard (no collective)
     return t.is_meta or (t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t.detach()).all()))
 
 
@@ -795,7 +797,8 @@ class _Walk:
         zeros, unless every norm of the model is zero (uninitialised memory, not a choice)."""
         ws = [(name, m.weight, getattr(m, "bias", None)) for name, m, what in targets
               if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta]
-        zero = {name for name, w, b in ws if not bool(torch.any(w)) and (not isinstance(b, Tensor) or not bool(torch.any(b)))}
+        zero = {name for name, w, b in ws if not bool(torch.any(local(w)))
+                and (not isinstance(b, Tensor) or not bool(torch.any(local(b))))}
         self.zero_norms = zero if len(zero) < len(ws) else set()
 
     def account(self, model: nn.Module, targets: list[tuple[str, nn.Module, str]], left_out: set[str],
@@ -1041,7 +1044,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
-    with all_or_nothing(undo):
+    with all_or_nothing(undo), keyed(model, generator):  # one draw of generator keys every parameter by name
         walk = _Walk(generator, bias_mode, undo)
         walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)

@@ -243,6 +243,7 @@ def test_init_model_takes_a_torch_init_function():
     m = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     rep = initlab.init_model(m, torch.nn.init.xavier_normal_, generator=gen(4))
     g = gen(4)
+    torch.randint(0, 1 << 32, (2,), generator=g)  # init_model's one draw per call (initlab._keys.call_base)
     for i in (0, 2):
         w = torch.empty(m[i].weight.shape)
         torch.nn.init.xavier_normal_(w, generator=g)
