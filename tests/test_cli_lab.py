@@ -182,7 +182,7 @@ def test_report_of_a_non_run(tmp_path, capsys):
 
 
 def test_interrupt_exits_130_and_the_same_command_resumes(tmp_path, monkeypatch, capsys):
-    import initlab.lab.run as ensemble
+    import initlab.lab.executors as ensemble
 
     real = ensemble.run_group
     calls = {"n": 0}

@@ -403,14 +403,14 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
     cfg = tiny_toml(tmp_path, model={"kind": "mlp", "widths": [784, 10 ** 9, 10], "bias": True})
     cli_fails(["run", str(cfg), "--out", str(tmp_path / "huge")], capsys, "model.widths", "GiB", "smaller widths")
     assert not (tmp_path / "huge").exists()
-    import initlab.lab.run as lab_run
+    import initlab.lab.executors as lab_executors
 
     for error in (MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
                                               "allocate memory: you tried to allocate 400000000000 bytes")):
         def boom(*args, _e=error, **kwargs):
             raise _e
 
-        monkeypatch.setattr(lab_run, "run_group", boom)
+        monkeypatch.setattr(lab_executors, "run_group", boom)
         cli_fails(["run", str(tiny_toml(tmp_path)), "--out", str(tmp_path / "o"), "--no-progress"], capsys,
                   "out of memory", "smaller models")
         assert not (tmp_path / "o" / "run.lock").exists()

@@ -110,20 +110,24 @@ _REGISTRY: list[Metric] = [
 HEADLINE = "acc"
 
 
-def _layer_stat(key: str) -> Callable[[LogView], Tensor]:
-    def compute(view: LogView) -> Tensor:
+class _LayerStat:
+    """``view.stats()[key]``: a module-level callable, so that units can be pickled to worker processes."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.__name__ = f"layer_{key}"
+
+    def __call__(self, view: LogView) -> Tensor:
         if view.stats is None:
-            raise InitlabError(f"metric {key!r} needs train.layer_stats = true")
-        return view.stats()[key]
-    compute.__name__ = f"layer_{key}"
-    return compute
+            raise InitlabError(f"metric {self.key!r} needs train.layer_stats = true")
+        return view.stats()[self.key]
 
 
 # per-layer statistics during training (train.layer_stats; Glorot & Bengio 2010, Figs. 2-7): on a fixed held-out
 # batch, layer l's output h_l = phi(z_l) (the logits for the readout), dL/dz_l and dL/dW_l of the mean cross-entropy
 for _key, _label in (("act_mean", "mean activation"), ("act_var", "activation variance"),
                      ("grad_var", "back-propagated gradient variance"), ("wgrad_var", "weight-gradient variance")):
-    _REGISTRY.append(Metric(_key, _label, compute=_layer_stat(_key), component="layer", optional=True,
+    _REGISTRY.append(Metric(_key, _label, compute=_LayerStat(_key), component="layer", optional=True,
                             log_scale=_key != "act_mean"))
 
 
