@@ -126,7 +126,7 @@ def test_raw_data_input_is_corrected_with_batch():
     rep = initlab.init_model(model, "auto", calibrate=False, batch=x, generator=torch.Generator().manual_seed(0))
     assert list(rep)[0]["gain"] == pytest.approx(float(x.double().square().mean()) ** -0.5, rel=1e-9)
     q = _pre_activation_moments(model, x)
-    assert all(0.8 <= v <= 1.25 for v in q), q
+    assert all(0.5 <= v <= 2.0 for v in q), q  # the band; the recursion alone drifts at finite width
     # with the correction pass on the batch: exactly 1 on that batch
     rep = initlab.init_model(model, "auto", batch=x, generator=torch.Generator().manual_seed(0))
     assert rep.extra["calibration"]["batch"] == "batch"
