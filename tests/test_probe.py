@@ -555,3 +555,20 @@ def test_cached_graph_follows_a_replaced_activation():
     res = probe(m, x)
     assert res["0"]["activation"] == "tanh"
     assert res["0"]["post_var"] == pytest.approx(torch.tanh(m[0](x)).var(unbiased=False).item(), rel=1e-5)
+
+
+def test_length_summary_equal_groups_match_the_group_by_group_means():
+    """The equal-split shortcut of the per-example length summary gives the same bits as the
+    general path (numpy's row-wise mean sums each group as its own mean does)."""
+    from initlab._probe import _length_summary
+
+    rng = np.random.default_rng(0)
+    for n in (256, 512, 250, 17):
+        a = rng.gamma(2.0, 0.1, n)
+        got = _length_summary(a, 16)
+        groups = np.array([g.mean() for g in np.array_split(np.sort(a), 16)])
+        want = groups * (float(np.mean(a)) / float(groups.mean()))
+        assert np.array_equal(got, want), n
+    # negative control: unsorted groups give other means
+    a = rng.gamma(2.0, 0.1, 256)
+    assert not np.array_equal(_length_summary(a, 16), a.reshape(16, -1).mean(axis=1))
