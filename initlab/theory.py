@@ -879,7 +879,17 @@ def critical_sw2(act: object, sb2: float = 0.0, *, q0: float = 1.0) -> float:
     Solved by bracketing (``sw2 = 1`` then doubling or halving, within [2^-30, 2^30]) and a
     bracketed root solve to relative accuracy ~1e-12; no scipy. Known values: ReLU 2 (any
     ``sb2``: He et al. 2015), linear 1, tanh 1 for ``sb2 = 0`` and ~1.76 for ``sb2 = 0.05``
-    (Schoenholz et al. 2017). Raises :class:`~initlab.InitlabError` when ``chi1`` never reaches 1
+    (Schoenholz et al. 2017).
+
+    Only a true crossing is returned: ``chi1`` must pass through 1 continuously (change by less
+    than 0.01 across ``sw2 * (1 +- 1e-9)``). ``chi1`` can instead *jump* across 1 where
+    ``q*`` jumps, e.g. for gelu, gelu_tanh, silu, mish and hardswish with ``sb2 = 0``: their
+    length map ``sw2 E[phi(u)^2]`` grows faster than linearly in ``q`` (``phi(u) ~ u/2`` near 0,
+    ``~ u`` for large ``u``), so starting from ``q0`` the length falls to ``q* = 0`` below
+    ``sw2 = q0 / E[phi(sqrt(q0) z)^2]`` and diverges above it; gelu jumps there (2.3517) from
+    ``chi1 = sw2 phi'(0)^2 = 0.588`` to ``sw2 / 2 = 1.176`` and has no edge of chaos at
+    ``sb2 = 0`` (Hayou et al. 2019 find one only with ``sb2 > 0``). Such a jump raises
+    :class:`~initlab.InitlabError` naming both values; so does ``chi1`` never reaching 1
     (e.g. an activation with ``phi' = 0``).
     """
     sb2, q0 = _var("sb2", sb2), _var("q0", q0)
@@ -914,7 +924,29 @@ def _critical(phi: _Phi, sb2: float, q0: float) -> float:
                            f"end of the search)")
     lo, hi = (a, b) if a < b else (b, a)
     flo, fhi = (fa, fb) if a < b else (fb, fa)
-    return _bracketed_root(f, lo, hi, flo, fhi, rtol=1e-13)
+    root = _bracketed_root(f, lo, hi, flo, fhi, rtol=1e-13)
+    _check_crossing(phi, sb2, q0, root, f)
+    return root
+
+
+_JUMP = 1e-2  # chi1 changing by more than this across sw2 * (1 +- 1e-9) is a jump, not a crossing
+
+
+def _check_crossing(phi: _Phi, sb2: float, q0: float, root: float, f: Callable[[float], float]) -> None:
+    """Raise unless ``chi1`` passes through 1 continuously at ``root`` (not a jump of ``q*``).
+
+    The jumps seen are 0.05 or more (mish, sb2 = 0.05: 0.93 -> 1.05; gelu, sb2 = 0: 0.59 -> 1.18);
+    where ``q*`` diverges continuously (softplus at sw2 = 2) chi1 moves by < 1e-3 across the root,
+    the quadrature's resolution of ``q*`` ~ 1e6 and beyond."""
+    below, above = f(root * (1.0 - 1e-9)), f(root * (1.0 + 1e-9))
+    if abs(above - below) <= _JUMP:
+        return
+    q_lo, q_hi = _qs(phi, root * (1.0 - 1e-9), sb2, q0), _qs(phi, root * (1.0 + 1e-9), sb2, q0)
+    raise InitlabError(
+        f"no critical sw2 for activation {phi.name!r} with sb2 = {sb2:g}: chi1 jumps across 1 at "
+        f"sw2 = {root:.6g} (from {below + 1:.4g} to {above + 1:.4g}) because q* jumps there "
+        f"(from {q_lo:.4g} to {q_hi:.4g}, starting length q0 = {q0:g}); there is no edge of chaos here, "
+        f"try sb2 > 0")
 
 
 def _q_for(phi: _Phi, q: float | None, sw2: float, sb2: float) -> float:
@@ -936,9 +968,12 @@ def correlation_map(c: float | Sequence[float] | np.ndarray, q: float | None, ac
     The denominator is the next layer's length ``L(q)``, so ``C`` is a correlation at any ``q``;
     at ``q = q*`` (``q=None``) it is the map whose fixed point is :func:`c_star`. Its slope is
     ``C'(c) = sw2 * q * E[phi'(u1) phi'(u2)] / L(q)``. Vectorised over ``c`` in [-1, 1].
+    The output is clipped to [-1, 1] (the quadrature can round ``C(1)`` to ``1 + 2e-16``) and an
+    input up to 1e-12 outside [-1, 1] counts as rounding and is clipped, so the map can be iterated
+    on its own output; anything further out raises.
     """
     sw2, sb2 = _var("sw2", sw2), _var("sb2", sb2)
-    ca = _array("c", c, lo=-1.0, hi=1.0)
+    ca = _correlations(c)
     phi = _phi(act)
     qv = _q_for(phi, q, sw2, sb2)
     ff = _expect_2d(phi, qv, ca.reshape(-1))["ff"]
@@ -946,7 +981,18 @@ def correlation_map(c: float | Sequence[float] | np.ndarray, q: float | None, ac
     if den <= 0:
         raise InitlabError(f"the next layer's length is 0 for activation {phi.name!r} at q = {qv:g} "
                            f"(sw2 = {sw2:g}, sb2 = {sb2:g}): correlations are undefined")
-    return _out(((sw2 * ff + sb2) / den).reshape(ca.shape), ca.ndim == 0)
+    out = np.clip((sw2 * ff + sb2) / den, -1.0, 1.0)  # |C| <= 1 exactly; rounding can leave 1 + 2e-16
+    return _out(out.reshape(ca.shape), ca.ndim == 0)
+
+
+_C_ROUNDING = 1e-12  # correlations this far outside [-1, 1] are rounding and are clipped
+
+
+def _correlations(c: object) -> np.ndarray:
+    """``c`` as an array in [-1, 1]; values within 1e-12 outside (rounding) are clipped, so the
+    map's output is always a valid input."""
+    ca = _array("c", c, lo=-1.0 - _C_ROUNDING, hi=1.0 + _C_ROUNDING)
+    return np.clip(ca, -1.0, 1.0)
 
 
 def _self_overlap(phi: _Phi, q: float) -> float:

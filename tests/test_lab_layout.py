@@ -13,13 +13,13 @@ LAB = Path(__file__).resolve().parents[1] / "initlab" / "lab"
 
 #: the lab's modules, each importing only modules listed before it
 ORDER = [
-    "_io", "_checks", "_threads", "specs", "config", "data", "models", "metrics",
+    "_io", "_checks", "_threads", "specs", "config", "data", "models", "metrics", "claims",
     "training.plan", "training.activations", "training.engines", "training.loop", "training.first_pass",
     "training.group", "training",
-    "rundir",
-    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.findings",
+    "rundir", "studies",
+    "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
     "report.tables", "report.html", "report",
-    "executors", "run", "cli",
+    "executors", "run", "tune.space", "tune.trial", "tune.results", "tune", "cli",
 ]
 #: third-party packages a function may import (heavy or optional: the lab and digits extras)
 LATE = {"pandas", "matplotlib", "tensorboard", "torch.utils.tensorboard", "tqdm", "sklearn", "ray", "tomli_w", "tomli"}

@@ -592,3 +592,84 @@ def test_derivative_from_output_matches_autograd(name):
     # negative control: the other activation's derivative formula differs
     other = resolve_activation("tanh" if name == "sigmoid" else "sigmoid").derivative_from_output
     assert np.max(np.abs(other(f) - g.numpy())) > 0.1
+
+
+# ------------------------------------------------------------------------------------------
+# critical sw2: true crossings only; the correlation map iterates on its own output
+
+
+def _gelu_np(x):
+    from scipy.special import ndtr
+    return x * ndtr(x)
+
+
+def _gelu_d_np(x):
+    from scipy.special import ndtr
+    return ndtr(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _gauss(g, q):
+    """E[g(u)], u ~ N(0, q), by scipy's adaptive quadrature (independent of initlab's rules)."""
+    s = math.sqrt(q)
+    val, _ = integrate.quad(lambda z: g(s * z) * math.exp(-0.5 * z * z) / math.sqrt(2 * math.pi), -12, 12,
+                            points=[0.0], limit=200, epsabs=1e-13, epsrel=1e-12)
+    return val
+
+
+def _scipy_q_star(sw2, sb2, q0=1.0, steps=400):
+    q = q0
+    for _ in range(steps):
+        q = sw2 * _gauss(lambda u: _gelu_np(u) ** 2, q) + sb2
+        if q > 1e12 or q < 1e-12:
+            break
+    return q
+
+
+def test_critical_sw2_jump_raises_for_gelu_family():
+    # independent facts (scipy quadrature): from q0 = 1, gelu's length falls to 0 just below
+    # sw2 = 1 / E[gelu(z)^2] and diverges just above, so chi1 jumps from sw2 / 4 to sw2 / 2
+    s_jump = 1.0 / _gauss(lambda u: _gelu_np(u) ** 2, 1.0)
+    assert s_jump == pytest.approx(2.3517, abs=1e-4)
+    assert _scipy_q_star(s_jump * 0.99, 0.0) < 1e-6 and _scipy_q_star(s_jump * 1.01, 0.0) > 1e6
+    for act in ("gelu", "gelu_tanh", "silu", "mish", "hardswish"):
+        with pytest.raises(InitlabError, match="chi1 jumps across 1") as got:
+            T.critical_sw2(act)
+        assert "no critical sw2" in str(got.value) and "\n" not in str(got.value)
+    with pytest.raises(InitlabError, match=r"sw2 = 2\.3517.*from 0\.58.* to 1\.17"):
+        T.critical_sw2("gelu")
+
+
+def test_critical_sw2_jump_negative_control(monkeypatch):
+    # without the continuity check the solver returns the jump, where chi1 is 0.59 on one side
+    # and 1.18 on the other: the check above is what tells the two apart
+    monkeypatch.setattr(T, "_JUMP", math.inf)
+    monkeypatch.setattr(T, "_SOLVE_CACHE", type(T._SOLVE_CACHE)())  # nothing solved here is kept
+    s = T.critical_sw2("gelu", 0.0)
+    lo, hi = T.chi1("gelu", s * (1 - 1e-6)), T.chi1("gelu", s * (1 + 1e-6))
+    assert lo == pytest.approx(s / 4, rel=1e-5) and hi == pytest.approx(s / 2, rel=1e-5)
+
+
+def test_critical_sw2_gelu_with_bias_against_scipy():
+    # with sb2 = 0.3 gelu has a true edge of chaos: q* and chi1 by scipy quadrature, chi1 = 1 there
+    sb2 = 0.3
+    s = T.critical_sw2("gelu", sb2)
+    from scipy.optimize import brentq
+    q_t = T.q_star("gelu", s, sb2)
+    q = brentq(lambda x: s * _gauss(lambda u: _gelu_np(u) ** 2, x) + sb2 - x, 0.9 * q_t, 1.1 * q_t, xtol=1e-12)
+    assert q == pytest.approx(q_t, rel=1e-7)
+    assert s * _gauss(lambda u: _gelu_d_np(u) ** 2, q) == pytest.approx(1.0, abs=1e-8)
+    for eps in (-1e-4, 1e-4):  # continuous on both sides
+        assert T.chi1("gelu", s * (1 + eps), sb2) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_correlation_map_iterates_on_its_own_output():
+    # silu at q = 3 used to give C(1) = 1.0000000000000002, which it then rejected as input
+    c = np.array([1.0, 1 - 1e-15, 0.9, -1.0])
+    for _ in range(30):
+        c = T.correlation_map(c, 3.0, "silu", 0.5, 0.0)
+        assert np.all(c <= 1.0) and np.all(c >= -1.0)
+    assert T.correlation_map(1.0, 3.0, "silu", 0.5, 0.0) == 1.0
+    assert T.correlation_map(1.0 + 1e-13, 1.0, "tanh", 1.0) == pytest.approx(1.0, abs=1e-13)
+    # negative control: beyond rounding is still an error
+    with pytest.raises(InitlabError, match="c must be <= 1"):
+        T.correlation_map(1.0 + 1e-9, 1.0, "tanh", 1.0)

@@ -7,6 +7,7 @@ Examples::
     initlab run my_study.toml --out runs/mine --seeds 5 --steps 2000
     initlab run classic --data-root ~/data/mnist     # full MNIST from IDX files
     initlab report runs/classic                      # rebuild figures and report.html from the CSVs
+    initlab tune edge_tanh --samples 16              # a Ray Tune search (ASHA) over the [tune] table's space
 
 Re-running ``initlab run`` with the same experiment and ``--out`` resumes: finished members
 (scenario x seed) are skipped. An output directory holding another experiment is refused.
@@ -27,13 +28,14 @@ from typing import Any
 from .._errors import InitlabError
 from .._probe import format_table
 from ._io import describe_os_error
-from .config import list_presets, load_experiment, with_overrides
+from .config import list_presets, load_experiment, parse_set, with_overrides
 from .metrics import headline
 from .report import load_run, summary_rows, write_report
 from .report.stats import pct
 from .run import run_experiment
+from .tune import parse_param, run_tune, search_table, summary_lines
 
-__all__ = ["register_cli", "cmd_run", "cmd_presets", "cmd_report"]
+__all__ = ["register_cli", "cmd_run", "cmd_presets", "cmd_report", "cmd_tune"]
 
 
 def _positive_int(text: str) -> int:
@@ -69,6 +71,7 @@ def register_cli(subparsers: Any) -> None:
         description="Rebuild figures/*.png and report.html of a run directory from its CSV files."))
     p.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `initlab run`")
     p.set_defaults(func=cmd_report)
+    _add_tune(subparsers)
 
 
 def _add_run(subparsers: Any) -> None:
@@ -93,8 +96,49 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
+                   help="override a [data], [model] or [train] key, the value read as TOML "
+                        "(--set train.lr=0.01 --set model.hidden=[50,50]); repeatable; see docs/schema.md")
     p.set_defaults(func=cmd_run)
     _one_line_errors(p)
+
+
+def _add_tune(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "tune", help="search an experiment's parameters with Ray Tune and ASHA early stopping",
+        description="Run a Ray Tune search over the [tune] table of an experiment (and/or --param flags) for each "
+                    "scenario, stopping poor trials early (ASHA); write OUT/run (a run directory, one scenario per "
+                    "trial), OUT/tune_results.csv and OUT/tune_search.png. Needs the ray extra.")
+    p.add_argument("experiment", metavar="PRESET_OR_TOML", help="a preset name or the path of a .toml experiment file")
+    p.add_argument("--param", metavar="KEY=DIST", action="append", default=[],
+                   help="a searched parameter, e.g. 'scheme.factor=loguniform(0.25,4)' or 'train.lr=loguniform(1e-4,1e-2)' "
+                        "(distributions: uniform, loguniform, randint, choice, grid); repeatable")
+    for flag, what in (("--samples", "trials per scenario"), ("--steps", "training steps per trial"),
+                       ("--seeds", "train seeds 0..N-1 in each trial"), ("--cpus", "CPUs of the local Ray (default: all)")):
+        p.add_argument(flag, metavar="N", type=_positive_int, default=None, help=what)
+    p.add_argument("--seed", metavar="N", type=int, default=None, help="the sampler's seed (default 0)")
+    p.add_argument("--metric", default=None, help="the objective, e.g. test_loss (default) or test_acc")
+    p.add_argument("--address", default=None, help="a Ray cluster (auto, ray://HOST:PORT; default: RAY_ADDRESS or a "
+                                                   "local Ray on 127.0.0.1)")
+    p.add_argument("--data-root", metavar="DIR", default=None, help="folder with the MNIST IDX files")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<experiment name>-tune)")
+    p.set_defaults(func=cmd_tune, device=None, download=False)
+    _one_line_errors(p)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``initlab tune``: run the search, then print the best trial of each scenario and where the files are."""
+    exp = _experiment_from_args(args)
+    table = dict(search_table(args.experiment))
+    for key, flag in (("samples", args.samples), ("seed", args.seed), ("metric", args.metric)):
+        if flag is not None:
+            table[key] = flag
+    params = dict(parse_param(text) for text in args.param)
+    out = Path(args.out) if args.out is not None else _default_out(exp.name + "-tune")
+    with _ClearErrors(f"tune {str(out)!r}"):
+        summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params)
+    print("\n".join(summary_lines(summary)))
+    return 0
 
 
 def _experiment_from_args(args: argparse.Namespace) -> Any:
@@ -120,8 +164,12 @@ def _experiment_from_args(args: argparse.Namespace) -> Any:
     elif args.download and exp.data.name in ("mnist", "mnist_idx") and not exp.data.root:
         raise InitlabError("--download needs --data-root DIR: the folder to download full MNIST into "
                            "(the default data set is the embedded 5,000-digit sample, which needs no download)")
+    overrides.update(parse_set(getattr(args, "set_", [])))
     if overrides:
-        exp = with_overrides(exp, overrides)
+        try:
+            exp = with_overrides(exp, overrides)
+        except InitlabError as e:
+            raise InitlabError(f"--set: {e}") from None
     return exp
 
 
@@ -239,7 +287,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     rows = [{"name": name, "description": desc} for name, desc in list_presets()]
     text = format_table(rows, [("preset", "name"), ("description", "description")])
     print("\n".join(line.rstrip() for line in text.splitlines()))
-    print("\nrun one with: initlab run NAME [--out DIR]")
+    for name, _ in list_presets():
+        claims = load_experiment(name).claims
+        if claims:
+            print(f"\n{name}: {len(claims)} claim(s)")
+            for c in claims:
+                print(f"  {c.id}: {c.claim} [{c.source}]")
+    print("\nrun one with: initlab run NAME [--out DIR] [--set table.key=value]")
     return 0
 
 

@@ -43,6 +43,8 @@ An experiment file::
     widths = [100]                 # optional: hidden width
     params = {}                    # optional: scheme parameters for every grid scenario
 
+    [tune]                # optional: the search of `initlab tune` (initlab.lab.tune.space); ignored here
+
 Validation errors name the key path and the expected type ("train.lr: expected a number,
 got 'fast'"); unknown keys, schemes, activations and data sets are errors with a "did you mean";
 a malformed file gives its name, line and column.
@@ -53,7 +55,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,7 @@ from typing import Any
 from .._errors import InitlabError, unknown_choice
 from ._checks import (activation_name, as_int, as_ints, as_list, as_params, as_str, as_table, check_keys,
                       scheme_and_params)
-from .specs import N_CLASSES, NAME_RE, OPTIMIZERS, DataSpec, Experiment, ModelSpec, Scenario, TrainSpec
+from .specs import N_CLASSES, NAME_RE, OPTIMIZERS, Claim, DataSpec, Experiment, ModelSpec, Scenario, TrainSpec
 
 try:
     import tomllib
@@ -84,14 +86,23 @@ __all__ = [
     "preset_names",
     "read_toml",
     "OPTIMIZERS",
+    "schema_rows",
+    "schema_markdown",
+    "parse_set",
+    "claims_from_dict",
 ]
 
-_TOP_KEYS = ("name", "description", "data", "model", "train", "scenarios", "grid")
+_TOP_KEYS = ("name", "description", "data", "model", "train", "scenarios", "grid", "claims", "tune")
 _DATA_KEYS = ("name", "root", "standardize", "test_fraction", "split_seed", "limit")
-_MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel")
-_TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds")
-_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width")
+_MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel", "bias_var", "pool")
+_TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
+               "momentum", "layer_stats", "jacobian")
+_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width", "channels")
 _GRID_KEYS = ("activations", "schemes", "depths", "widths", "params")
+_CLAIM_KEYS = tuple(f.name for f in fields(Claim))
+#: keys written to the canonical config only when they differ from their default (older configs stay as they were)
+_OPTIONAL = {"model": {"bias_var": 0.0, "pool": True},
+             "train": {"momentum": 0.0, "layer_stats": False, "jacobian": False}}
 
 
 # ----------------------------------------------------------------------------- dict -> Experiment
@@ -131,7 +142,7 @@ def _auto_name(activation: str, scheme: str, depth: int | None, width: int | Non
 
 def _parse_model(raw: Mapping[str, Any], data: DataSpec) -> ModelSpec:
     check_keys(raw, _MODEL_KEYS, "model")
-    kw = {k: raw[k] for k in ("kind", "bias", "channels", "kernel") if k in raw}
+    kw = {k: raw[k] for k in ("kind", "bias", "channels", "kernel", "bias_var", "pool") if k in raw}
     if "widths" in raw and "hidden" in raw:
         raise InitlabError("model: give either widths or hidden, not both")
     if "hidden" in raw:
@@ -168,7 +179,12 @@ def _parse_scenario(item: Any, path: str, base: ModelSpec) -> Scenario:
     scheme, params = scheme_and_params(item["scheme"], params, f"{path}.scheme", activation)
     widths = _resolve_widths(base, path, item.get("widths"), item.get("depth"), item.get("width"))
     name = _scenario_name(item, path, activation, scheme)
-    return Scenario(name, activation, scheme, params, replace(base, widths=widths))
+    model = replace(base, widths=widths)
+    if "channels" in item:
+        if base.kind != "cnn":
+            raise InitlabError(f"{path}.channels: only used with model.kind = 'cnn' (kind is {base.kind!r})")
+        model = replace(model, channels=as_ints(item["channels"], f"{path}.channels", minimum=1))
+    return Scenario(name, activation, scheme, params, model)
 
 
 def _parse_scenarios(raw: Any, base: ModelSpec) -> list[Scenario]:
@@ -225,7 +241,25 @@ def experiment_from_dict(d: Mapping[str, Any], *, default_name: str = "experimen
         scenarios += _parse_scenarios(d["scenarios"], model)
     if "grid" in d:
         scenarios += _parse_grid(d["grid"], model)
-    return Experiment(name, description, data, model, train, tuple(scenarios))
+    return Experiment(name, description, data, model, train, tuple(scenarios), claims_from_dict(d))
+
+
+def claims_from_dict(d: Mapping[str, Any]) -> tuple[Claim, ...]:
+    """The ``[[claims]]`` of a parsed experiment document (e.g. a run directory's config.toml), validated."""
+    items = as_list(as_table(d, "the experiment").get("claims", []), "claims", "tables ([[claims]])")
+    return tuple(_parse_claim(c, f"claims[{i}]") for i, c in enumerate(items))
+
+
+def _parse_claim(item: Any, path: str) -> Claim:
+    item = as_table(item, path)
+    check_keys(item, _CLAIM_KEYS, path)
+    missing = [k for k in ("id", "source", "claim", "quantity", "expect", "value") if k not in item]
+    if missing:
+        raise InitlabError(f"{path}.{missing[0]}: missing (a claim needs id, source, claim, quantity, expect, value)")
+    try:
+        return Claim(**item)
+    except InitlabError as e:
+        raise InitlabError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- Experiment -> dict / TOML
@@ -239,6 +273,8 @@ def _scenario_dict(s: Scenario, base: ModelSpec) -> dict[str, Any]:
     item: dict[str, Any] = {"name": s.name, "activation": s.activation, "scheme": s.scheme}
     if s.model.widths != base.widths:
         item["widths"] = list(s.model.widths)
+    if s.model.channels != base.channels:
+        item["channels"] = list(s.model.channels)
     if s.params:
         item["params"] = {k: _plain(v) for k, v in s.params}
     return item
@@ -250,7 +286,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
     if exp.model.kind == "cnn":
         model.update(channels=list(exp.model.channels), kernel=exp.model.kernel)
     t = exp.train
-    return {
+    out = {
         "name": exp.name,
         "description": exp.description,
         "data": {"name": exp.data.name, "root": exp.data.root, "standardize": exp.data.standardize,
@@ -261,6 +297,19 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
                   "seeds": list(t.seeds)},
         "scenarios": [_scenario_dict(s, exp.model) for s in exp.scenarios],
     }
+    for section, spec in (("model", exp.model), ("train", t)):
+        for key, default in _OPTIONAL[section].items():
+            if getattr(spec, key) != default:
+                out[section][key] = getattr(spec, key)
+    if exp.claims:
+        out["claims"] = [_claim_dict(c) for c in exp.claims]
+    return out
+
+
+def _claim_dict(c: Claim) -> dict[str, Any]:
+    d = {f.name: _plain(getattr(c, f.name)) for f in fields(Claim)}
+    d["args"] = {k: _plain(v) for k, v in c.args}
+    return d
 
 
 def experiment_to_toml(exp: Experiment) -> str:
@@ -311,6 +360,7 @@ def config_fingerprint(exp: Experiment) -> str:
     d = experiment_to_dict(exp)
     d.pop("name")
     d.pop("description")
+    d.pop("claims", None)  # what is checked, not what is trained
     d["train"].pop("device")
     text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -410,4 +460,118 @@ def list_presets() -> list[tuple[str, str]]:
     for name in preset_names():
         d = read_toml((_presets_dir() / f"{name}.toml").read_text(encoding="utf-8"), f"preset {name!r}")
         out.append((name, str(d.get("description", ""))))
+    return out
+
+
+# ----------------------------------------------------------------------------- the documented schema
+
+#: (table, key, type, meaning) of every key an experiment file may hold, in file order; the defaults come from
+#: the dataclasses (:func:`schema_rows`), and ``docs/schema.md`` is :func:`schema_markdown` (a test keeps them equal)
+_MEANINGS: tuple[tuple[str, str, str, str], ...] = (
+    ("", "name", "string", "the experiment's name (the default output folder is runs/<name>)"),
+    ("", "description", "string", "one line shown by `initlab presets` and the report"),
+    ("data", "name", "string", "data set: mnist (the embedded 5,000-digit sample, or full MNIST with root), "
+                                "mnist_idx, gaussian (generated), digits (8x8)"),
+    ("data", "root", "string", "a folder of MNIST IDX files (\"\" = the embedded sample)"),
+    ("data", "standardize", "bool", "inputs become (x - mean) / std with the training split's global mean and std"),
+    ("data", "test_fraction", "float", "held-out fraction, in (0, 1)"),
+    ("data", "split_seed", "int", "seed of the train/test split"),
+    ("data", "limit", "int", "use at most this many examples (0 = all)"),
+    ("model", "kind", "string", "mlp | cnn | resmlp (stem layer, then one residual block h + W2 phi(W1 h) per "
+                                 "further hidden width)"),
+    ("model", "widths", "list of int", "[inputs, hidden..., classes]; for cnn the dense layers after the convolutions"),
+    ("model", "hidden", "list of int", "instead of widths: the hidden widths (inputs and classes from the data set)"),
+    ("model", "bias", "bool", "layers have biases"),
+    ("model", "channels", "list of int", "cnn only: output channels of each 'same'-padded convolution"),
+    ("model", "kernel", "int", "cnn only: kernel size k (fan_in = k^2 c)"),
+    ("model", "bias_var", "float", "variance sigma_b^2 of the initial biases, N(0, sigma_b^2) (0 = zeros)"),
+    ("model", "pool", "bool", "cnn only: a 2x2 max-pool after each convolution while the map is at least 2x2"),
+    ("train", "optimizer", "string", "adam | sgd"),
+    ("train", "lr", "float", "learning rate"),
+    ("train", "batch_size", "int", "minibatch size"),
+    ("train", "steps", "int", "training steps per model"),
+    ("train", "log_every", "int", "steps between log steps (metrics, test evaluation, checkpoints)"),
+    ("train", "first_pass_batch", "int", "examples in the first-pass batch (the per-layer table at init)"),
+    ("train", "device", "string", "cpu | cuda | cuda:<i> | mps"),
+    ("train", "seeds", "list of int or int", "seeds per scenario (a count n means 0..n-1)"),
+    ("train", "momentum", "float", "SGD momentum, in [0, 1) (optimizer = 'sgd' only)"),
+    ("train", "layer_stats", "bool", "record per-layer activation and back-propagated gradient statistics at each "
+                                     "log step on a fixed held-out batch (MLPs): metrics act_mean_<l>, act_var_<l>, "
+                                     "grad_var_<l>, wgrad_var_<l>"),
+    ("train", "jacobian", "bool", "first pass: singular values of each layer's Jacobian dh_l/dh_(l-1) "
+                                  "(first_pass.csv columns jac_sv_mean, jac_sv_max, jac_sv_min)"),
+    ("scenarios", "name", "string", "optional; default <activation>-<scheme>[-d<depth>][-w<width>]"),
+    ("scenarios", "activation", "string", "the hidden layers' activation (`initlab gains` lists them)"),
+    ("scenarios", "scheme", "string", "the initialisation scheme (`initlab schemes` lists them)"),
+    ("scenarios", "params", "table", "scheme parameters, e.g. { std = 0.5 }"),
+    ("scenarios", "widths", "list of int", "this scenario's widths (else the model's)"),
+    ("scenarios", "depth", "int", "this scenario's number of hidden layers (of the model's width)"),
+    ("scenarios", "width", "int", "this scenario's hidden width"),
+    ("scenarios", "channels", "list of int", "cnn only: this scenario's convolution channels (else the model's)"),
+    ("grid", "activations", "list of string", "one scenario per activation x scheme x depth x width"),
+    ("grid", "schemes", "list of string", "schemes of the grid"),
+    ("grid", "depths", "list of int", "optional: numbers of hidden layers"),
+    ("grid", "widths", "list of int", "optional: hidden widths"),
+    ("grid", "params", "table", "optional: scheme parameters of every grid scenario"),
+    ("claims", "id", "string", "the claim's id (a row of claims.csv)"),
+    ("claims", "source", "string", "the citation: paper, figure or equation"),
+    ("claims", "claim", "string", "the claim in words"),
+    ("claims", "quantity", "string", "a registered claim quantity (initlab.lab.claims.quantities())"),
+    ("claims", "args", "table", "the quantity's arguments, e.g. { scenario = 'relu-he' }"),
+    ("claims", "expect", "string", "approx | above | below: how the measured value relates to value"),
+    ("claims", "value", "float", "the expected value or threshold (on scale)"),
+    ("claims", "tolerance", "float", "approx: the half-width of the expected band (on scale)"),
+    ("claims", "scale", "string", "linear | log2 | log10: where the comparison is made"),
+    ("claims", "test", "string", "t95 (95% t-interval of the mean over seeds) | every_seed"),
+)
+
+_SPECS_OF = {"data": DataSpec, "model": ModelSpec, "train": TrainSpec, "scenarios": Scenario, "claims": Claim}
+_KEYS_OF = {"": _TOP_KEYS, "data": _DATA_KEYS, "model": _MODEL_KEYS, "train": _TRAIN_KEYS,
+            "scenarios": _SCENARIO_KEYS, "grid": _GRID_KEYS, "claims": _CLAIM_KEYS}
+
+
+def _default(table: str, key: str) -> str:
+    cls = _SPECS_OF.get(table)
+    field_ = next((f for f in fields(cls) if f.name == key), None) if cls is not None else None
+    if field_ is None or field_.default is MISSING:
+        return "required" if field_ is not None else "-"
+    return json.dumps(_plain(field_.default))
+
+
+def schema_rows() -> list[dict[str, str]]:
+    """Every key of an experiment file: table, key, type, default (JSON) and meaning."""
+    return [{"table": t, "key": k, "type": ty, "default": _default(t, k), "meaning": m} for t, k, ty, m in _MEANINGS]
+
+
+def schema_markdown() -> str:
+    """The text of ``docs/schema.md``: one table per TOML table, generated from :func:`schema_rows`."""
+    out = ["# Experiment schema", "",
+           "Every key of an experiment file (`initlab run FILE.toml`; the presets in `initlab/lab/presets/`), its",
+           "type, default and meaning. Generated from the lab's specs by `initlab.lab.config.schema_markdown()`;",
+           "a test fails when this file and the code disagree. `initlab run NAME --set table.key=value` overrides",
+           "a key of `[data]`, `[model]` or `[train]` (the value is read as TOML: `--set train.lr=0.01`,",
+           "`--set model.hidden=[50,50]`, `--set data.name=digits`).", ""]
+    rows = schema_rows()
+    for table in dict.fromkeys(r["table"] for r in rows):
+        title = {"": "top level", "scenarios": "[[scenarios]]", "claims": "[[claims]]"}.get(table, f"[{table}]")
+        out += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{r['key']}` | {r['type']} | `{r['default']}` | {r['meaning'].replace('|', '&#124;')} |"
+                for r in rows if r["table"] == table]
+        out.append("")
+    return "\n".join(out)
+
+
+def parse_set(items: Any) -> dict[str, Any]:
+    """``["train.lr=0.01", "model.hidden=[50, 50]"]`` (``--set``) as overrides: each value read as a TOML value,
+    or as a plain string when it is not one (``data.name=digits``)."""
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, eq, text = str(item).partition("=")
+        if not eq or not key.strip():
+            raise InitlabError(f"--set: expected KEY=VALUE such as train.lr=0.01, got {item!r}")
+        try:
+            value = read_toml(f"v = {text.strip()}", "--set")["v"]
+        except InitlabError:
+            value = text.strip()
+        out[key.strip()] = value
     return out

@@ -56,11 +56,14 @@ class LayerState:
 @dataclass(frozen=True)
 class LogView:
     """What a metric's ``compute`` sees at a log step: the step, the live members' keys (the
-    member axis M, in order) and every weight layer of the ensemble after that step's update."""
+    member axis M, in order) and every weight layer of the ensemble after that step's update;
+    ``stats()`` (with ``train.layer_stats``): per-layer statistics of the members on a fixed
+    held-out batch, ``{"act_mean", "act_var", "grad_var", "wgrad_var"}`` each (M, L)."""
 
     step: int
     members: tuple[tuple[str, int], ...]
     layers: tuple[LayerState, ...]
+    stats: Callable[[], dict[str, Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Metric:
     log_scale: bool = False
     summary: tuple[str, ...] = ()
     component: str = "part"  # what the K values of an (M, K) metric are: "layer" -> "<label>, layer k"
+    optional: bool = False  # recorded only when the experiment asks (train.layer_stats)
 
     def __post_init__(self) -> None:
         bad = [s for s in (*self.splits, *self.summary) if s not in SPLITS]
@@ -104,6 +108,23 @@ _REGISTRY: list[Metric] = [
 ]
 #: the metric that ranks the scenarios (the report's orderings and the CLI's summary)
 HEADLINE = "acc"
+
+
+def _layer_stat(key: str) -> Callable[[LogView], Tensor]:
+    def compute(view: LogView) -> Tensor:
+        if view.stats is None:
+            raise InitlabError(f"metric {key!r} needs train.layer_stats = true")
+        return view.stats()[key]
+    compute.__name__ = f"layer_{key}"
+    return compute
+
+
+# per-layer statistics during training (train.layer_stats; Glorot & Bengio 2010, Figs. 2-7): on a fixed held-out
+# batch, layer l's output h_l = phi(z_l) (the logits for the readout), dL/dz_l and dL/dW_l of the mean cross-entropy
+for _key, _label in (("act_mean", "mean activation"), ("act_var", "activation variance"),
+                     ("grad_var", "back-propagated gradient variance"), ("wgrad_var", "weight-gradient variance")):
+    _REGISTRY.append(Metric(_key, _label, compute=_layer_stat(_key), component="layer", optional=True,
+                            log_scale=_key != "act_mean"))
 
 
 def registered() -> tuple[Metric, ...]:

@@ -1,4 +1,4 @@
-"""Plain model builders for the lab: an MLP and a small CNN.
+"""Plain model builders for the lab: an MLP, a residual MLP and a small CNN.
 
 The models come out with PyTorch's default parameters; the trainer initialises them with
 ``initlab.init_model(model, scheme, ...)`` so that every scheme of the registry (``auto`` and
@@ -20,18 +20,51 @@ from .._layers import activation_module, check_sizes, mlp
 from ._checks import as_bool, as_int, fail
 from .specs import MODEL_KINDS, ModelSpec, image_shape
 
-__all__ = ["Elementwise", "activation_module", "mlp", "cnn", "build_model", "image_shape", "MODEL_KINDS"]
+__all__ = ["Elementwise", "activation_module", "mlp", "cnn", "resmlp", "Residual", "build_model", "image_shape",
+           "MODEL_KINDS"]
 
 def _conv_out(size: int, kernel: int) -> int:
     return size + 2 * (kernel // 2) - kernel + 1
 
 
+class Residual(nn.Module):
+    """``x + body(x)``: a residual block (Fixup's and He's ResNet shape, without normalisation)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: Any) -> Any:
+        return x + self.body(x)
+
+
+def resmlp(widths: Sequence[int], activation: Any = "relu", bias: bool = True, *,
+           param: float | None = None) -> nn.Sequential:
+    """Residual MLP without normalisation: ``widths = (inputs, w, w, ..., classes)``; a stem Linear(inputs, w) and
+    the activation, then per further hidden width one block h + W2 phi(W1 h) (two w x w layers), then the readout.
+
+    With both block layers He-initialised, Var(h) doubles per block (Var(h + F(h)) = Var(h) + Var(F(h)));
+    Fixup (Zhang, Dauphin & Ma 2019) scales the branch down instead.
+    """
+    sizes = check_sizes(widths, "widths", min_len=3)
+    w = sizes[1]
+    if any(x != w for x in sizes[1:-1]):
+        raise InitlabError(f"widths: a residual MLP needs equal hidden widths, got {list(sizes)}")
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(sizes[0], w, bias=bias), activation_module(activation, param)]
+    for _ in sizes[2:-1]:
+        layers.append(Residual(nn.Sequential(nn.Linear(w, w, bias=bias), activation_module(activation, param),
+                                             nn.Linear(w, w, bias=bias))))
+    layers.append(nn.Linear(w, sizes[-1], bias=bias))
+    return nn.Sequential(*layers)
+
+
 def cnn(channels: Sequence[int] = (16, 32), kernel: int = 3, activation: Any = "relu", hidden: Sequence[int] = (100,),
         n_classes: int = 10, in_shape: Sequence[int] = (1, 28, 28), bias: bool = True, *,
-        param: float | None = None) -> nn.Sequential:
+        param: float | None = None, pool: bool = True) -> nn.Sequential:
     """Small CNN: per entry of ``channels`` a Conv2d (``kernel``, padding kernel//2), the activation and
-    a 2x2 max-pool (while the map is at least 2x2); then Flatten, ``hidden`` Linear layers with the
-    activation, and a linear readout to ``n_classes``.
+    (when ``pool``) a 2x2 max-pool while the map is at least 2x2; then Flatten, ``hidden`` Linear layers
+    with the activation, and a linear readout to ``n_classes``. Without pooling the map keeps its size:
+    He et al. (2015)'s plain deep nets, where every conv sees fan_in = k^2 C_in inputs.
 
     Accepts flat inputs (N, C*H*W) as well as images (N, C, H, W): it starts with
     ``Flatten()`` + ``Unflatten(1, in_shape)``. He et al. (2015)'s fans apply to each conv
@@ -53,7 +86,7 @@ def cnn(channels: Sequence[int] = (16, 32), kernel: int = 3, activation: Any = "
             raise InitlabError(f"kernel: {k}x{k} convolutions shrink the {shape[1]}x{shape[2]} input to nothing "
                                f"at conv layer {i + 1}")
         layers += [nn.Conv2d(c, ch, k, padding=k // 2, bias=bool(bias)), activation_module(activation, param)]
-        if h >= 2 and w >= 2:
+        if pool and h >= 2 and w >= 2:
             layers.append(nn.MaxPool2d(2))
             h, w = h // 2, w // 2
         c = ch
@@ -78,8 +111,10 @@ def build_model(spec: ModelSpec, activation: Any) -> nn.Module:
         raise fail("spec", "a ModelSpec (initlab.lab.specs.ModelSpec(kind='mlp', widths=...))", spec)
     if kind == "mlp":
         return mlp(spec.widths, activation, bias=spec.bias)
+    if kind == "resmlp":
+        return resmlp(spec.widths, activation, bias=spec.bias)
     if kind == "cnn":
         widths = check_sizes(spec.widths, "model.widths", min_len=2)
         return cnn(spec.channels, spec.kernel, activation, hidden=widths[1:-1], n_classes=widths[-1],
-                   in_shape=image_shape(widths[0]), bias=spec.bias)
+                   in_shape=image_shape(widths[0]), bias=spec.bias, pool=getattr(spec, "pool", True))
     raise unknown_choice("model kind", kind, MODEL_KINDS)

@@ -21,8 +21,9 @@ from .._errors import InitlabError, unknown_choice
 from ._checks import (activation_name, as_bool, as_int, as_ints, as_number, as_params, as_str, fail,
                       scheme_and_params)
 
-__all__ = ["DataSpec", "ModelSpec", "TrainSpec", "Scenario", "Experiment", "DATASETS", "DATASET_SHAPES",
-           "N_CLASSES", "MODEL_KINDS", "OPTIMIZERS", "image_shape", "NAME_RE"]
+__all__ = ["DataSpec", "ModelSpec", "TrainSpec", "Scenario", "Claim", "Experiment", "DATASETS", "DATASET_SHAPES",
+           "N_CLASSES", "MODEL_KINDS", "OPTIMIZERS", "CLAIM_EXPECT", "CLAIM_SCALES", "CLAIM_TESTS", "image_shape",
+           "NAME_RE"]
 
 DATASETS = ("mnist", "mnist_idx", "gaussian", "digits")
 # (channels, height, width) of one example of each data set
@@ -33,8 +34,14 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits": (1, 8, 8),
 }
 N_CLASSES = 10
-MODEL_KINDS = ("mlp", "cnn")
+MODEL_KINDS = ("mlp", "cnn", "resmlp")
 OPTIMIZERS = ("adam", "sgd")
+#: how a claim's measured value must relate to its expected ``value`` (see :class:`Claim`)
+CLAIM_EXPECT = ("approx", "above", "below")
+#: the scale a claim compares in: the value itself, or its base-2 / base-10 logarithm
+CLAIM_SCALES = ("linear", "log2", "log10")
+#: the statistical test of a claim across seeds (see :mod:`initlab.lab.claims`)
+CLAIM_TESTS = ("t95", "every_seed")
 #: a scenario name: it names files and folders
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}$")
 
@@ -94,13 +101,17 @@ class DataSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """The ``[model]`` table. ``widths`` = (inputs, hidden..., classes); ``cnn`` adds conv ``channels`` and ``kernel``
-    before the dense layers ``widths[1:]`` (see :func:`initlab.lab.models.build_model`)."""
+    before the dense layers ``widths[1:]`` (a 2x2 max-pool after each conv while ``pool``); ``resmlp`` is a stem
+    layer then one residual block ``h + W2 phi(W1 h)`` per further hidden width; ``bias_var`` is the variance
+    sigma_b^2 of the initial biases (N(0, sigma_b^2); 0 = zeros). See :func:`initlab.lab.models.build_model`."""
 
     kind: str = "mlp"
     widths: tuple[int, ...] = (784, 100, 100, 10)
     bias: bool = True
     channels: tuple[int, ...] = ()
     kernel: int = 3
+    bias_var: float = 0.0
+    pool: bool = True
 
     def __post_init__(self) -> None:
         kind = as_str(self.kind, "model.kind", nonempty=True).strip().lower()
@@ -121,6 +132,16 @@ class ModelSpec:
             raise InitlabError(f"model.kernel: only used with kind = 'cnn' (kind is {kind!r}); remove it")
         _set(self, "channels", channels)
         _set(self, "kernel", kernel)
+        bias_var = as_number(self.bias_var, "model.bias_var")
+        if bias_var < 0 or (bias_var > 0 and not self.bias):
+            raise fail("model.bias_var", "a variance >= 0 (and bias = true when it is > 0)", self.bias_var)
+        _set(self, "bias_var", bias_var)
+        _set(self, "pool", as_bool(self.pool, "model.pool"))
+        if kind != "cnn" and not self.pool:
+            raise InitlabError(f"model.pool: only used with kind = 'cnn' (kind is {kind!r}); remove it")
+        if kind == "resmlp" and (len(self.widths) < 3 or len(set(self.widths[1:-1])) != 1):
+            raise fail("model.widths", "[inputs, w, w, ..., classes] with equal hidden widths for kind = 'resmlp'",
+                       list(self.widths))
 
     @property
     def depth(self) -> int:
@@ -130,7 +151,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """The ``[train]`` table: optimiser, learning rate, batch size, steps, logging, seeds."""
+    """The ``[train]`` table: optimiser (``momentum`` for SGD), learning rate, batch size, steps, logging, seeds;
+    ``layer_stats``: per-layer activation and back-propagated gradient statistics at each log step (MLPs);
+    ``jacobian``: the singular values of each layer's Jacobian in the first pass."""
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -140,6 +163,9 @@ class TrainSpec:
     first_pass_batch: int = 100
     device: str = "cpu"
     seeds: tuple[int, ...] = (0, 1, 2)
+    momentum: float = 0.0
+    layer_stats: bool = False
+    jacobian: bool = False
 
     def __post_init__(self) -> None:
         opt = as_str(self.optimizer, "train.optimizer", nonempty=True).strip().lower()
@@ -153,6 +179,12 @@ class TrainSpec:
             raise fail("train.log_every", f"at most train.steps ({self.steps})", self.log_every)
         _set(self, "device", _device(self.device))
         _set(self, "seeds", _seeds(self.seeds))
+        momentum = as_number(self.momentum, "train.momentum")
+        if not 0.0 <= momentum < 1.0 or (momentum and opt != "sgd"):
+            raise fail("train.momentum", "a number in [0, 1), used with optimizer = 'sgd'", self.momentum)
+        _set(self, "momentum", momentum)
+        _set(self, "layer_stats", as_bool(self.layer_stats, "train.layer_stats"))
+        _set(self, "jacobian", as_bool(self.jacobian, "train.jacobian"))
 
 
 def _device(value: Any) -> str:
@@ -200,6 +232,49 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """One published claim a preset checks: what is measured and what it must be (see :mod:`initlab.lab.claims`).
+
+    ``quantity`` names a registered claim quantity, called with ``args``; it returns one value per
+    seed. ``expect``: ``approx`` (``|x - value| <= tolerance``), ``above`` (``x > value``) or
+    ``below`` (``x < value``), compared on ``scale`` (``linear``, ``log2`` or ``log10`` of x).
+    ``test``: ``t95`` (the 95% Student-t interval of the mean over seeds must lie inside the
+    expected region to reproduce, outside it to fail; inconclusive otherwise) or ``every_seed``
+    (every seed inside: reproduced; every seed outside: not reproduced).
+    """
+
+    id: str
+    source: str
+    claim: str
+    quantity: str
+    expect: str
+    value: float
+    args: tuple[tuple[str, Any], ...] = ()
+    tolerance: float = 0.0
+    scale: str = "linear"
+    test: str = "t95"
+
+    def __post_init__(self) -> None:
+        cid = as_str(self.id, "claims.id", nonempty=True)
+        if not NAME_RE.match(cid):
+            raise InitlabError(f"claims.id: expected letters, digits and _ . + = -, got {cid!r}")
+        where = f"claim {cid!r}"
+        for key in ("source", "claim", "quantity"):
+            _set(self, key, as_str(getattr(self, key), f"{where}.{key}", nonempty=True))
+        for key, valid in (("expect", CLAIM_EXPECT), ("scale", CLAIM_SCALES), ("test", CLAIM_TESTS)):
+            v = as_str(getattr(self, key), f"{where}.{key}", nonempty=True).strip().lower()
+            if v not in valid:
+                raise InitlabError(f"{where}.{key}: {unknown_choice(key, v, valid)}")
+            _set(self, key, v)
+        _set(self, "value", as_number(self.value, f"{where}.value"))
+        tol = as_number(self.tolerance, f"{where}.tolerance")
+        if tol < 0 or (self.expect == "approx" and tol == 0):
+            raise fail(f"{where}.tolerance", "a number > 0 for expect = 'approx' (>= 0 otherwise)", self.tolerance)
+        _set(self, "tolerance", tol)
+        _set(self, "args", as_params(self.args, f"{where}.args"))
+
+
+@dataclass(frozen=True)
 class Experiment:
     """A whole experiment: data, base model, training, and the scenarios (each with its resolved model)."""
 
@@ -209,6 +284,7 @@ class Experiment:
     model: ModelSpec
     train: TrainSpec
     scenarios: tuple[Scenario, ...]
+    claims: tuple[Claim, ...] = ()
 
     def __post_init__(self) -> None:
         as_str(self.name, "name", nonempty=True)
@@ -230,6 +306,11 @@ class Experiment:
             seen.add(s.name.lower())
             _check_model_fits_data(s.model, self.data, f"scenarios[{i}].widths")
         _set(self, "scenarios", scenarios)
+        claims = tuple(self.claims)
+        ids = [c.id for c in claims if isinstance(c, Claim)]
+        if len(ids) != len(claims) or len(set(ids)) != len(ids):
+            raise InitlabError(f"claims: expected Claim entries with distinct ids, got {ids}")
+        _set(self, "claims", claims)
 
     @property
     def n_runs(self) -> int:

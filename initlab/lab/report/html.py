@@ -2,7 +2,8 @@
 URIs, no external resource) that opens offline in any browser, and :func:`write_report`, which
 rebuilds it (and the figures) from a run directory's files at any time.
 
-The page holds the findings (:mod:`.findings`), a summary table (final value of each metric,
+The page opens with the claims table when the experiment states claims (:mod:`initlab.lab.claims`; also
+written as ``claims.csv``, a claim that did not reproduce in red), then the findings (:mod:`.findings`), a summary table (final value of each metric,
 mean +- standard deviation over seeds), the first-pass table (per scenario and layer, measured
 pre-activation variance beside the prediction of :mod:`initlab.theory`) and the figures
 (:mod:`.plots`). A tiny inline script records, once the page has loaded, each image's
@@ -19,8 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..._errors import InitlabError
 from .._io import atomic_write_text
+from ..claims import CLAIMS_COLUMNS, claims_csv, evaluate_claims
+from ..config import claims_from_dict, read_toml
 from ..metrics import find, headline
+from .. import studies as _studies  # noqa: F401 - registers the theory presets' claim quantities
+from .figures import grid_captions, grid_figures
 from .findings import Finding, findings
 from .load import RunData, load_run
 from .plots import figures as figure_captions
@@ -28,7 +34,7 @@ from .plots import make_figures
 from .stats import Stat, mean_sd, num, pct
 from .tables import first_pass_rows, summary_columns, summary_rows
 
-__all__ = ["render_html", "write_report"]
+__all__ = ["render_html", "write_report", "claim_rows", "CLAIMS_COLUMNS"]
 
 
 _CSS = """
@@ -61,6 +67,8 @@ figure img { max-width: 100%; height: auto; border: 1px solid var(--line); borde
 figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 details summary { cursor: pointer; color: var(--accent); }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+tr.claim-failed td { color: #b00020; background: #fdecee; }
+tr.claim-ok td:nth-child(5) { color: #1b7f3b; }
 """
 
 # Records image status and script errors in #render-status once the page has loaded.
@@ -194,7 +202,7 @@ def _first_pass_section(data: RunData) -> str:
 def _figures_section(figures: Mapping[str, Path]) -> str:
     if not figures:
         return ""
-    captions = figure_captions()
+    captions = {**figure_captions(), **grid_captions()}
     out = ["<h2>Figures</h2>\n"]
     for name, path in figures.items():
         caption = captions.get(name, name)
@@ -218,10 +226,38 @@ def _files_section(data: RunData) -> str:
             "<pre id=\"render-status\" hidden></pre>\n</main>\n</body>\n</html>\n")
 
 
-def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Finding]) -> str:
-    """The report page as a string (see the module docstring)."""
-    return (_head(data) + _findings_section(found) + _summary_section(data) + _first_pass_section(data)
-            + _figures_section(figures) + _files_section(data))
+def _claims_section(rows: Sequence[Mapping[str, str]]) -> str:
+    """The claims table: one row per claim, a claim that did not reproduce in red with its numbers."""
+    if not rows:
+        return ""
+    heads = ("Claim", "Source", "Expected", "Measured", "Verdict", "Test")
+    out = ["<h2>Claims</h2>\n<table class=\"claims\">\n<thead><tr>" + "".join(f"<th>{h}</th>" for h in heads)
+           + "</tr></thead>\n<tbody>\n"]
+    for r in rows:
+        cls = {"reproduced": "ok", "not reproduced": "failed"}.get(r["verdict"], "open")
+        out.append(f"<tr class=\"claim-{cls}\"><td><code>{_e(r['claim_id'])}</code> {_e(r['claim'])}</td>"
+                   f"<td>{_e(r['source'])}</td><td>{_e(r['expected'])}</td><td class=\"num\">{_e(r['measured'])}</td>"
+                   f"<td><strong>{_e(r['verdict'])}</strong></td><td>{_e(r['test'])}</td></tr>\n")
+    out.append("</tbody>\n</table>\n<p class=\"note\">x is the claim's quantity (claims.csv names it) per seed; "
+               "reproduced: the test puts it inside the expected region, not reproduced (red): outside, "
+               "inconclusive: the seeds do not decide. Full table: claims.csv.</p>\n")
+    return "".join(out)
+
+
+def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Finding],
+                claims: Sequence[Mapping[str, str]] = ()) -> str:
+    """The report page as a string (see the module docstring); ``claims``: the rows of claims.csv, shown first."""
+    return (_head(data) + _claims_section(claims) + _findings_section(found) + _summary_section(data)
+            + _first_pass_section(data) + _figures_section(figures) + _files_section(data))
+
+
+def claim_rows(data: RunData) -> list[dict[str, str]]:
+    """The claims of the run's config.toml, measured on ``data`` (:func:`initlab.lab.claims.evaluate_claims`)."""
+    try:
+        claims = claims_from_dict(read_toml(data.config_text, "config.toml"))
+    except InitlabError as e:
+        raise InitlabError(f"{data.run_dir / 'config.toml'}: {e}") from None
+    return evaluate_claims(claims, data)
 
 
 def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Path:
@@ -234,7 +270,11 @@ def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Pa
     if figures:
         figs = make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,
                             models=data.models)
+        figs.update(grid_figures(data, fig_dir))
     else:
-        figs = {name: fig_dir / name for name in figure_captions() if (fig_dir / name).is_file()}
-    text = render_html(data, figs, findings(data))
+        figs = {name: fig_dir / name for name in {**figure_captions(), **grid_captions()} if (fig_dir / name).is_file()}
+    rows = claim_rows(data)
+    if rows:
+        atomic_write_text(data.run_dir / "claims.csv", claims_csv(rows))
+    text = render_html(data, figs, findings(data), rows)
     return atomic_write_text(data.run_dir / "report.html", text)

@@ -98,7 +98,8 @@ def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list
         yb = data.y_train.index_select(0, fp_idx).long()
         model = init_member(mem.scenario, mem.seed, batch=xb)
         with caller_threads():  # first_pass.csv independent of --threads and of the machine's load
-            rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation)
+            rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation,
+                                                 jacobian=bool(getattr(spec.train, "jacobian", False)))
         for r in rows:
             # the probe's own "input_var" column is each layer's input variance (layer 1: the batch)
             r.setdefault("input_var", input_var)

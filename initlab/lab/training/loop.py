@@ -30,16 +30,18 @@ import torch
 from torch import Tensor
 
 from ..._errors import unknown_choice
+from ..._layers import activation_module
 from ..metrics import ENGINE_METRICS, LogView, registered, values_by_name
 from ..specs import OPTIMIZERS, TrainSpec
 from .engines import Engine
 from .plan import Member, data_seed
 
-__all__ = ["TrainLoop", "make_optimizer"]
+__all__ = ["TrainLoop", "make_optimizer", "mlp_layer_stats"]
 
 
-def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
-    """Adam (defaults betas=(0.9, 0.999), eps=1e-8, as ``torch.optim.Adam``) or plain SGD.
+def make_optimizer(name: str, params: list[Tensor], lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """Adam (defaults betas=(0.9, 0.999), eps=1e-8, as ``torch.optim.Adam``) or SGD (plain, or with
+    ``momentum``: v <- momentum v + g, w <- w - lr v, as ``torch.optim.SGD``).
 
     Uses the fused kernel when the device and dtype support it (one kernel for every tensor),
     else the foreach implementation; both are elementwise, so per-member results are unchanged.
@@ -48,10 +50,11 @@ def make_optimizer(name: str, params: list[Tensor], lr: float) -> torch.optim.Op
     if key not in OPTIMIZERS:
         raise unknown_choice("optimizer", name, OPTIMIZERS)
     cls = torch.optim.Adam if key == "adam" else torch.optim.SGD
+    kw: dict[str, Any] = {"momentum": float(momentum)} if momentum else {}
     try:
-        return cls(params, lr=lr, fused=True)
+        return cls(params, lr=lr, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return cls(params, lr=lr, foreach=True)
+        return cls(params, lr=lr, foreach=True, **kw)
 
 
 def _cloned(obj: Any) -> Any:
@@ -70,6 +73,35 @@ def _sync_each_step(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def mlp_layer_stats(layers: Sequence[Any], biases: Sequence[Tensor | None] | None, members: Sequence[Member],
+                    x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """Per member and weight layer l of a stacked MLP (weights (M, in, out), biases (M, 1, out)), on the batch
+    ``(x, y)``: the mean and variance of h_l = phi(z_l) (the logits for the readout) and the variances of the
+    back-propagated gradient dL/dz_l and of dL/dW_l for L the mean cross-entropy; each (M, L). NaN for other models.
+    """
+    M, L = len(members), len(layers)
+    out = {k: torch.full((M, L), math.nan, dtype=torch.float64) for k in ("act_mean", "act_var", "grad_var", "wgrad_var")}
+    if biases is None or len(biases) != L or any(lay.weight.dim() != 3 for lay in layers):
+        return out
+    xs = x.reshape(x.shape[0], -1).detach().double().cpu()
+    for m, mem in enumerate(members):
+        act = activation_module(mem.scenario.activation)
+        ws = [lay.weight[m].detach().double().cpu().requires_grad_(True) for lay in layers]
+        h, zs = xs, []
+        for i, w in enumerate(ws):
+            b = biases[i]
+            z = h @ w + (b[m].detach().double().cpu() if b is not None else 0.0)
+            z.retain_grad()
+            zs.append(z)
+            h = act(z) if i < L - 1 else z
+            out["act_mean"][m, i], out["act_var"][m, i] = float(h.detach().mean()), float(h.detach().var(unbiased=False))
+        torch.nn.functional.cross_entropy(h, y.cpu()).backward()
+        for i, (z, w) in enumerate(zip(zs, ws)):
+            out["grad_var"][m, i] = float(z.grad.var(unbiased=False))  # type: ignore[union-attr]
+            out["wgrad_var"][m, i] = float(w.grad.var(unbiased=False))  # type: ignore[union-attr]
+    return out
+
+
 class TrainLoop:
     """One group's training run: the live members and everything that follows them (data order
     generators, the epoch's batches, the log window, the optimiser), and the rows recorded.
@@ -84,12 +116,16 @@ class TrainLoop:
         self.engine, self.x_test, self.y_test, self.n_train = engine, x_test, y_test, int(n_train)
         self.steps, self.batch, self.log_every = int(train.steps), int(train.batch_size), int(train.log_every)
         self.opt_name, self.lr = str(train.optimizer).lower(), float(train.lr)
+        self.momentum = float(getattr(train, "momentum", 0.0))
         self.device, self.progress, self.checkpoint = device, progress, checkpoint
         self.check_every_step = _sync_each_step(device)
-        self.computed = [m for m in registered() if m.compute is not None]
+        self.layer_stats = bool(getattr(train, "layer_stats", False))
+        self.computed = [m for m in registered() if m.compute is not None and (self.layer_stats or not m.optional)]
+        n_probe = min(int(train.first_pass_batch), int(x_test.shape[0]))
+        self.probe_x, self.probe_y = x_test[:n_probe], y_test[:n_probe]
         self.alive = list(members)
         self.gens = [torch.Generator().manual_seed(data_seed(m.seed)) for m in self.alive]
-        self.opt = make_optimizer(self.opt_name, engine.params, self.lr)
+        self.opt = make_optimizer(self.opt_name, engine.params, self.lr, self.momentum)
         dtype = engine.params[0].dtype
         # the log window: per step since the last log, each member's minibatch loss and accuracy
         self.win_loss = torch.zeros(self.log_every, len(self.alive), device=device, dtype=dtype)
@@ -218,7 +254,7 @@ class TrainLoop:
             with torch.no_grad():
                 for p, v in zip(self.engine.params, st["params"], strict=True):
                     p.copy_(v)
-            self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr)
+            self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum)
             self.opt.load_state_dict(st["opt"])
         self.perm = st["perm"].to(self.device)
         if self.perm.numel():
@@ -242,7 +278,17 @@ class TrainLoop:
         """The registry's computed metrics, from the live members' weights and last gradients."""
         if not self.computed:
             return
-        view = LogView(step, tuple(m.key for m in self.alive), tuple(self.engine.layers()))
+        layers = tuple(self.engine.layers())
+        cache: dict[str, Tensor] = {}
+
+        def stats() -> dict[str, Tensor]:
+            if not cache:
+                with torch.enable_grad():
+                        cache.update(mlp_layer_stats(layers, getattr(self.engine, "b", None), self.alive, self.probe_x,
+                                                 self.probe_y))
+            return cache
+
+        view = LogView(step, tuple(m.key for m in self.alive), layers, stats if self.layer_stats else None)
         for metric in self.computed:
             with torch.no_grad():
                 values = values_by_name(metric, metric.compute(view))  # type: ignore[misc]
@@ -287,7 +333,7 @@ class TrainLoop:
         self.perm = self.perm.index_select(0, ki)
         self.full, self.tail = self._epoch_batches(self.perm)
         self.win_loss, self.win_acc = self.win_loss.index_select(1, ki), self.win_acc.index_select(1, ki)
-        self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr)
+        self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum)
         self._move_optimizer_state(old_opt, triples, ki)
 
     def _move_optimizer_state(self, old_opt: torch.optim.Optimizer, triples: list[tuple[Tensor, Tensor, bool]],

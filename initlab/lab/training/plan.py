@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..._apply import init_model
 from ..._errors import InitlabError, unknown_choice
+from ..._layers import AFFINE_LAYERS
 from ..._schemes import get_scheme
 from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
@@ -125,15 +126,23 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
 
     ``models.build_model(scenario.model, scenario.activation)``, then
     ``initlab.init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(seed),
-    bias="zeros", **params)``. ``batch`` is passed to data-dependent schemes (``lsuv``).
+    bias="zeros", **params)``; with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
+    N(0, sigma_b^2) from the same generator. ``batch`` is passed to data-dependent schemes (``lsuv``).
     The same (scenario, seed) always gives the same weights.
     """
     model = build_model(scenario.model, scenario.activation)
     params = dict(scenario.params)
     if batch is not None and get_scheme(scenario.scheme).needs_batch:
         params.setdefault("batch", batch)
-    init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(int(seed)),
-               bias="zeros", **params)
+    gen = torch.Generator().manual_seed(int(seed))
+    init_model(model, scenario.scheme, generator=gen, bias="zeros", **params)
+    bias_var = float(getattr(scenario.model, "bias_var", 0.0))
+    if bias_var > 0:  # sigma_b^2 (Poole et al. 2016): N(0, sigma_b^2) biases, drawn after the weights
+        with torch.no_grad():
+            for mod in model.modules():
+                b = getattr(mod, "bias", None)
+                if isinstance(mod, AFFINE_LAYERS) and isinstance(b, Tensor):
+                    b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype) * bias_var ** 0.5)
     return model
 
 
