@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds (0..N-1)")
     p.add_argument("--skip-peer", action="store_true", help="time the ensemble only")
     p.add_argument("--skip-end-to-end", action="store_true", help="do not time run_experiment")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat (ensemble, end to end, peer) this many times, interleaved; ratios are per-round medians")
     args = p.parse_args(argv)
 
     from initlab.lab.data import load_dataset
@@ -321,14 +323,31 @@ def main(argv: list[str] | None = None) -> int:
         e = [ens_acc[(sc.name, s)] for s in train.seeds]
         q = [peer[(sc.name, s)]["test_acc"] for s in train.seeds]
         print(f"  {sc.name:<28} ensemble {statistics.fmean(e):.3f}   peer {statistics.fmean(q):.3f}")
-    print(f"\ntraining alone (run_group) vs peer: {t_peer / t_ens:.1f}x (goal >= 10x on 2 quiet cores); "
-          f"{t_peer / t_ens_denormal:.1f}x with flush_denormal=False")
-    if t_e2e == t_e2e:
-        print(f"end to end (run_experiment with TensorBoard, figures, report) vs peer: {t_peer / t_e2e:.1f}x "
-              f"(goal >= 5x on 2 quiet cores)")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} cpus")
+    print(f"\nround 1: training alone {t_peer / t_ens:.1f}x ({t_peer / t_ens_denormal:.1f}x with flush_denormal=False), "
+          f"end to end {t_peer / t_e2e:.1f}x")
+    rounds = [(t_ens, t_e2e, t_peer)]
+    for k in range(2, args.rounds + 1):  # interleaved repeats: a load that changes hits every side alike
+        print(f"\n-- round {k} --")
+        r_ens = _time_ensemble(groups, data, samples)[0]
+        r_e2e = float("nan") if args.skip_end_to_end else _time_end_to_end(exp, data)
+        rounds.append((r_ens, r_e2e, _time_peer(members, data, train, samples)[0]))
+        print(f"round {k}: training alone {rounds[-1][2] / r_ens:.1f}x, end to end {rounds[-1][2] / r_e2e:.1f}x")
+    _print_ratios(rounds)
     return 0
+
+
+def _print_ratios(rounds: list[tuple[float, float, float]]) -> None:
+    """Median over rounds of each round's ratios (each ratio pairs measurements taken minutes apart)."""
+    train = statistics.median(p / e for e, _, p in rounds)
+    e2e = statistics.median(p / e for _, e, p in rounds)
+    print(f"\ntraining alone (run_group) vs peer: {train:.1f}x (goal >= 10x on 2 quiet cores); median of "
+          f"{len(rounds)} round(s)")
+    print(f"end to end (run_experiment with TensorBoard, figures, report) vs peer: {e2e:.1f}x "
+          f"(goal >= 5x on 2 quiet cores); median of {len(rounds)} round(s)")
+    print("times (s), ensemble / end to end / peer: "
+          + "; ".join(f"{e:.1f} / {x:.1f} / {p:.1f}" for e, x, p in rounds))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cpus")
 
 
 if __name__ == "__main__":
