@@ -1,50 +1,107 @@
-"""Benchmark: ``init_model(model, "auto")`` on real architectures against the model's own
-constructor initialisation, per architecture, in the same process (best of ``--repeat`` runs).
+"""Benchmark: ``init_model`` on real architectures against the model's own initialisation, in the
+same process (median of ``--repeat`` runs; on a shared machine the times vary with its load:
+compare ratios from one run).
 
-Columns: ``construct`` = building the model on the CPU (its library's own init);
-``meta+init`` = building on the meta device, ``to_empty()`` and ``init_model`` (the README's
-recipe); ``init_model`` = ``init_model`` alone on the built model; ratios against ``construct``.
-Small models make the fixed costs show (tracing with torch.fx to find activations, the report);
-on a shared machine the times vary with its load: compare ratios from one run.
-The architectures are the harness's (``tests/test_real_models.py``: small configs).
+Part 1 (``--full``, issue #12's first two goals), on full-size torchvision models built with
+``initlab._zoo.build`` (no weights downloaded): mobilenet_v3_small, efficientnet_b0, resnet50,
+vit_b_16. Columns: ``construct`` = the model's constructor (allocation and its own init);
+``auto`` = ``init_model(model, "auto")`` on the built model; ``he`` = ``init_model(model,
+"he_normal")``; ``bare`` = a plain ``torch.nn.init`` loop over the same layers (``kaiming_normal_``
+on every weight layer, zero biases, norms 1/0). Goals: auto/construct <= 1.5, he/bare <= 1.1.
 
-    python bench/bench_real_models.py [--repeat 3] [--only gpt2,resnet]
+Part 2 (default), on the harness's small architectures (``tests/test_real_models.py``): per
+architecture ``construct``, ``meta+init`` = building on the meta device, ``to_empty()`` and
+``init_model(model, "auto")`` (the README's recipe) and ``init_model`` alone. Small models make the
+fixed costs show (tracing with torch.fx to find activations, the report).
+
+``--threads N`` sets ``torch.set_num_threads(N)`` first: on a loaded machine the engine's worker
+threads and torch's intra-op threads oversubscribe the cores (seen: mobilenet_v3_small's
+``init_model`` 0.4-0.7 s with 1 thread, 6-8 s with 2, on 2 busy cores), so give the thread count
+with the figures.
+
+    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import initlab
+from initlab._layers import init_biases, is_norm, is_weight_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+FULL = ("mobilenet_v3_small", "efficientnet_b0", "resnet50", "vit_b_16")
 
-def best(fn, repeat: int) -> float:
+
+def median_time(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
+        gc.collect()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", default="", help="comma-separated substrings of architecture names")
-    args = ap.parse_args()
+def bare_init(model: nn.Module, generator: torch.Generator) -> None:
+    """What a user would write by hand: torch.nn.init over the layers init_model(he_normal) covers."""
+    with torch.no_grad():
+        for m in model.modules():
+            if is_weight_layer(m):
+                for name, p in m.named_parameters(recurse=False):
+                    if name.endswith("weight") and p.dim() >= 2:
+                        nn.init.kaiming_normal_(p, nonlinearity="relu", generator=generator)
+                for b in init_biases(m):
+                    nn.init.zeros_(b)
+            elif is_norm(m):
+                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+                if isinstance(w, torch.Tensor):
+                    nn.init.ones_(w)
+                if isinstance(b, torch.Tensor):
+                    nn.init.zeros_(b)
+
+
+def full(repeat: int, only: str) -> None:
+    from initlab._compat import ensure_torchvision
+    from initlab._zoo import build
+
+    ensure_torchvision()
+    gen = torch.Generator().manual_seed(0)
+    print(f"{'model':20} {'params':>11} {'construct':>10} {'auto':>9} {'he':>9} {'bare':>9} "
+          f"{'auto/construct':>15} {'he/bare':>8}")
+    for name in FULL:
+        if only and not any(s in name for s in only.split(",")):
+            continue
+
+        def make(name=name):
+            return build(f"torchvision:{name}")
+        model = make()
+        n = sum(p.numel() for p in model.parameters())
+        initlab.init_model(model, "auto", generator=gen)  # warm-up (imports, caches)
+        t_con = median_time(make, repeat)
+        t_auto = median_time(lambda model=model: initlab.init_model(model, "auto", generator=gen), repeat)
+        t_he = median_time(lambda model=model: initlab.init_model(model, "he_normal", generator=gen), repeat)
+        t_bare = median_time(lambda model=model: bare_init(model, gen), repeat)
+        print(f"{name:20} {n:>11,} {t_con * 1e3:>8.0f}ms {t_auto * 1e3:>7.0f}ms {t_he * 1e3:>7.0f}ms "
+              f"{t_bare * 1e3:>7.0f}ms {t_auto / t_con:>14.2f}x {t_he / t_bare:>7.2f}x")
+
+
+def harness(repeat: int, only: str) -> None:
     from test_real_models import MODELS  # the harness's architectures
 
     gen = torch.Generator().manual_seed(0)
     print(f"{'architecture':34} {'params':>9} {'construct':>10} {'meta+init':>10} {'init_model':>10} "
           f"{'meta+init/construct':>20} {'init_model/construct':>21}")
     for name, (make, _) in MODELS.items():
-        if args.only and not any(s in name for s in args.only.split(",")):
+        if only and not any(s in name for s in only.split(",")):
             continue
         model = make()
         n = sum(p.numel() for p in model.parameters())
@@ -57,11 +114,27 @@ def main() -> None:
                 m.tie_weights()
             initlab.init_model(m, "auto", generator=gen, strict=False)
 
-        t_con = best(make, args.repeat)
-        t_meta = best(meta_init, args.repeat)
-        t_init = best(lambda model=model: initlab.init_model(model, "auto", generator=gen), args.repeat)
+        t_con = median_time(make, repeat)
+        t_meta = median_time(meta_init, repeat)
+        t_init = median_time(lambda model=model: initlab.init_model(model, "auto", generator=gen), repeat)
         print(f"{name:34} {n:>9,} {t_con * 1e3:>8.1f}ms {t_meta * 1e3:>8.1f}ms {t_init * 1e3:>8.1f}ms "
               f"{t_meta / t_con:>19.2f}x {t_init / t_con:>20.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated substrings of architecture names")
+    ap.add_argument("--full", action="store_true", help="the full-size torchvision models (part 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}; median of {args.repeat}")
+    if args.full:
+        full(args.repeat, args.only)
+    else:
+        harness(args.repeat, args.only)
 
 
 if __name__ == "__main__":

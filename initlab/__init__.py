@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     # whole models
     "init_model": "._apply",
     "InitReport": "._apply",
+    "fingerprint": "._digest",
     "find_activations": "._graph",
     # diagnostics
     "probe": "._probe",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only (``X as 
     from ._apply import init_model as init_model
     from ._audit import AuditResult as AuditResult
     from ._audit import audit as audit
+    from ._digest import fingerprint as fingerprint
     from ._engine import truncated_normal_ as truncated_normal_
     from ._engine import variance_scaling as variance_scaling
     from ._engine import variance_scaling_ as variance_scaling_

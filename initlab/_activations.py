@@ -468,14 +468,51 @@ def _module_rows(m: nn.Module) -> list[ActivationRow] | None:
 
 
 def is_activation_module(m: nn.Module) -> bool:
-    """True when ``m`` is an instance of a class the table knows, or the :class:`Elementwise`
-    wrapper that :meth:`Activation.module` builds for a row without a module of its own."""
-    return isinstance(m, Elementwise) or _module_rows(m) is not None
+    """True when ``m`` is an instance of a class the table knows, the :class:`Elementwise`
+    wrapper that :meth:`Activation.module` builds for a row without a module of its own, or
+    ``nn.GLU`` (:func:`glu_activation`)."""
+    return isinstance(m, (Elementwise, nn.GLU)) or _module_rows(m) is not None
+
+
+def _sigmoid_sq_mean() -> float:
+    """E[sigmoid(z)^2], z ~ N(0, 1), by composite Simpson quadrature on [-12, 12] (4001 nodes;
+    the tails beyond contribute < 1e-30 resp. are bounded by P(z > 12) < 2e-33)."""
+    z = torch.linspace(-12.0, 12.0, 4001, dtype=torch.float64)
+    f = torch.sigmoid(z) ** 2 * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    w = torch.ones_like(z)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    return float((w * f).sum() * (z[1] - z[0]) / 3.0)
+
+
+#: E[sigmoid(z)^2] = 0.29338 (quadrature), the GLU's output second moment at unit input variance
+GLU_SECOND_MOMENT = _sigmoid_sq_mean()
+
+
+def _glu_surrogate(x: Tensor) -> Tensor:
+    """The elementwise stand-in of GLU for elementwise callers (theory, probe): sqrt(E[sigmoid(z)^2]) x,
+    the same second moment at q = 1 (the true one is q E[sigmoid(sqrt(q) z)^2])."""
+    return x * math.sqrt(GLU_SECOND_MOMENT)
+
+
+def glu_activation() -> Activation:
+    """``nn.GLU`` (Dauphin et al. 2017): GLU(x) = a * sigmoid(b), (a, b) the two halves of x along
+    ``dim``, so it halves the width. For halves with independent N(0, q) entries,
+    E[GLU^2] = E[a^2] E[sigmoid(b)^2] = q E[sigmoid(sqrt(q) z)^2]; at q = 1 that is
+    E[sigmoid(z)^2] = 0.2934 by quadrature (:data:`GLU_SECOND_MOMENT`), so the second-moment gain
+    is 1/sqrt(0.2934) = 1.846. Fans need no correction: the layer feeding a GLU has fan_out = 2x
+    the GLU's width and its weight variance is set by its own fan_in; the next layer's fan_in is
+    the halved width (its ``in_features``). Not a table row (it is not elementwise): ``fn`` is
+    the linear stand-in with the same second moment at q = 1, exact for ``auto``'s recursion at
+    q* = 1, approximate for theory predictions at other q."""
+    return Activation(name="glu", fn=_glu_surrogate, family="smooth", second_moment=GLU_SECOND_MOMENT,
+                      differentiable_at_0=True)
 
 
 def _from_module(m: nn.Module) -> Activation:
     if isinstance(m, Elementwise):
         return m.act
+    if isinstance(m, nn.GLU):
+        return glu_activation()
     rows = _module_rows(m)
     if rows is None:
         return _custom(m, type(m).__name__)
@@ -548,6 +585,8 @@ def resolve_activation(activation: object, param: float | None = None) -> Activa
     if activation is None:
         return _from_row(_TABLE[IDENTITY], None)
     if isinstance(activation, str):
+        if _key(activation) == "glu" and "glu" not in _TABLE:
+            return glu_activation()
         return _from_row(activation_row(activation), param)
     if isinstance(activation, type) and issubclass(activation, nn.Module):
         try:

@@ -66,9 +66,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ._activations import Activation
+from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
+from ._keys import keyed, local
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
@@ -82,8 +84,9 @@ from ._undo import Undo, all_or_nothing, check_memory, deferred_interrupt, tenso
 __all__ = ["InitReport", "init_model"]
 
 #: realised std is measured on at most this many leading entries of a tensor (relative standard
-#: error 1/sqrt(2 * 2**20) = 0.07 %); a full pass over a 4096 x 4096 weight costs ~18 % of sampling it.
-STD_SAMPLE = 1 << 20
+#: error 1/sqrt(2 * 2**16) = 0.28 %); with 2**20 entries the report's stds took ~40 % of
+#: ``init_model``'s time on resnet50 (bench/bench_real_models.py --full).
+STD_SAMPLE = 1 << 16
 
 #: the parameters of ``auto`` (read by the lab's config check)
 _COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "target_std",
@@ -91,6 +94,8 @@ _COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme"
 _TABLE = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",
           "realised_std")
 _NUMERIC = {3, 4, 7, 8, 9}  # right-aligned columns of _TABLE
+_PARAM_COLUMNS = ("name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "gain", "target_std",
+                  "realised_std", "why")
 
 Selector = str | Callable[[str, nn.Module], bool]
 
@@ -101,7 +106,9 @@ Selector = str | Callable[[str, nn.Module], bool]
 @dataclass
 class InitReport:
     """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
-    recurrent layers and modules handled by a convention), and ``params``, one per parameter.
+    recurrent layers and modules handled by a convention), and ``params``, one per parameter;
+    ``str(report)`` and ``frame(per="parameter")`` show one line per parameter tensor
+    (:meth:`param_rows`: what was done, with the sampling numbers, or why it was left).
 
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
@@ -143,25 +150,61 @@ class InitReport:
                 return row
         raise KeyError(name)
 
-    def frame(self):  # -> pandas.DataFrame
-        """The rows as a pandas DataFrame (pandas is imported only here)."""
+    def frame(self, per: str = "module"):  # -> pandas.DataFrame
+        """The rows as a pandas DataFrame (pandas is imported only here): ``per="module"`` the
+        module rows, ``per="parameter"`` :meth:`param_rows`."""
         import pandas as pd
 
+        if per == "parameter":
+            return pd.DataFrame(self.param_rows(), columns=list(_PARAM_COLUMNS))
+        if per != "module":
+            raise InitlabError(f"per must be 'module' or 'parameter', got {per!r}")
         return pd.DataFrame(self.rows, columns=list(_COLUMNS) + ["gain", "bias"])
+
+    def param_rows(self) -> list[dict[str, Any]]:
+        """One row per parameter tensor (``params``), with the numbers of the module row that
+        sampled it (fans, activation, gain, target and realised std) where there is one: keys
+        name, kind, shape, fan_in, fan_out, activation, scheme (what was done; ``untouched`` when
+        nothing), gain, target_std, realised_std, why."""
+        by_name = {r["name"]: r for r in self.rows}
+        out = []
+        for p in self.params:
+            mname, _, pname = p["name"].rpartition(".")
+            row = by_name.get(p["name"])
+            if row is None and pname in ("weight", "in_proj_weight"):
+                row = by_name.get(mname)
+            nums = {k: (row or {}).get(k) for k in ("fan_in", "fan_out", "activation", "gain", "target_std",
+                                                     "realised_std")}
+            if row is not None and tuple(row["shape"]) != tuple(p["shape"]):
+                nums = dict.fromkeys(nums)  # a row of another tensor (MultiheadAttention's blocks agree)
+            out.append({"name": p["name"], "kind": p["kind"], "shape": p["shape"], **nums,
+                        "scheme": p["action"] or "untouched", "why": p["why"]})
+        return out
 
     def __repr__(self) -> str:
         return f"InitReport({len(self.rows)} modules, scheme={self.scheme!r}, traced={self.traced})"
 
     def __str__(self) -> str:
+        """The table users see: one line per parameter tensor (:meth:`param_rows`; the module rows
+        when there are no parameter rows), then what was left untouched and why."""
+        rows = self.param_rows() if self.params else self.rows
         cells = [[
             r["name"] or "<model>", r["kind"], "x".join(map(str, r["shape"])) if r["shape"] else "-",
             _fmt(r["fan_in"]), _fmt(r["fan_out"]), r["activation"] or "-", r["scheme"],
             _fmt(r.get("gain")), _fmt(r["target_std"]), _fmt(r["realised_std"]),
-        ] for r in self.rows]
+        ] for r in rows]
         lines = [f"init_model: scheme={self.scheme}, {len(self.rows)} modules"]
         if not self.traced:
             lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
+        res = self.extra.get("residual")
+        if res:
+            lines.append(f"residual: {res['policy']} on {res['branches']} branches, found by {res['found_by']}")
+        cal = self.extra.get("calibration")
+        if cal:
+            on = "the given batch" if cal["batch"] == "batch" else "a synthetic N(0, 1) batch"
+            lines.append(f"calibrated: {len(cal['factors'])} layers rescaled on {on} to pre-activation second "
+                         "moment 1 (gain and target_std include the factor)")
         lines.append(text_table(_TABLE, cells, right=_NUMERIC))
         left = [p for p in self.params if p["action"] is None]
         if self.params:
@@ -338,21 +381,19 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
     by_act: dict[Any, LayerChoice] = {}
     out: dict[str, LayerChoice] = {}
     for_link = getattr(for_layer, "for_link", None)  # auto's depth-exact rule (initlab._schemes._AutoRule)
-    if for_link is not None:
-        return {name: for_link(links.get(name), input_sq_mean) for name, _ in weights}
     for name, module in weights:
         act = links[name].activation if name in links else None
         key = ("readout",) if act is None else act.cache_key
-        choice = by_act.get(key) if key is not None else None
+        choice = by_act.get(key) if key is not None and for_link is None else None
         if choice is None:
             try:
-                choice = for_layer(act)
+                choice = for_layer(act) if for_link is None else for_link(links.get(name), input_sq_mean)
             except InitlabError as e:
                 raise InitlabError(f"layer {name!r} ({kind_name(module)}): {e}") from e
             except Exception as e:  # noqa: BLE001 - a user scheme's rule, reported in one line
                 raise InitlabError(f"layer {name!r} ({kind_name(module)}): scheme {label!r} failed to choose "
                                    f"for activation {getattr(act, 'label', None)!r} ({type(e).__name__}: {e})") from e
-            if key is not None:
+            if key is not None and for_link is None:
                 by_act[key] = choice
         out[name] = choice
     return out
@@ -364,9 +405,9 @@ def _choices(targets: list[tuple[str, nn.Module, str]], links: dict[str, LayerLi
 def _std_sample(t: Tensor) -> Tensor | None:
     """The sample std of the first ``STD_SAMPLE`` entries (row-major): a view of a contiguous
     tensor; of a non-contiguous one, only its leading rows are copied."""
-    if t.is_meta or t.numel() < 2:
+    d = local(t).detach()  # a DTensor: its local shard (no collective)
+    if d.is_meta or d.numel() < 2:
         return None
-    d = t.detach()
     if not d.is_contiguous() and d.dim() > 1:
         per_row = max(1, d.numel() // d.shape[0])
         d = d[: -(-STD_SAMPLE // per_row)]
@@ -477,6 +518,7 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
 
 def _uninitialised(t: Tensor) -> bool:
     """On the meta device, or holding NaN/inf (memory from ``to_empty()``, or a NaN fill)."""
+    t = local(t)  # a DTensor: its local shard (no collective)
     return t.is_meta or (t.is_floating_point() and t.numel() > 0 and not bool(torch.isfinite(t.detach()).all()))
 
 
@@ -549,6 +591,7 @@ class _Walk:
         self.conventions: dict[tuple[str, str], Convention | None] = {}
         self.fate: dict[int, str] = {}  # id(parameter) -> what init_model does to it
         self.pads: list[nn.Embedding] = []  # tied Embeddings whose padding row is zeroed last
+        self.calibration: dict[str, Any] = {}  # auto's correction pass: the batch it ran on, the factors
 
     def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
         self.rows.append(row)
@@ -754,7 +797,8 @@ class _Walk:
         zeros, unless every norm of the model is zero (uninitialised memory, not a choice)."""
         ws = [(name, m.weight, getattr(m, "bias", None)) for name, m, what in targets
               if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta]
-        zero = {name for name, w, b in ws if not bool(torch.any(w)) and (not isinstance(b, Tensor) or not bool(torch.any(b)))}
+        zero = {name for name, w, b in ws if not bool(torch.any(local(w)))
+                and (not isinstance(b, Tensor) or not bool(torch.any(local(b))))}
         self.zero_norms = zero if len(zero) < len(ws) else set()
 
     def account(self, model: nn.Module, targets: list[tuple[str, nn.Module, str]], left_out: set[str],
@@ -810,6 +854,25 @@ class _Walk:
                               "action": action, "why": why, "module_kind": kinds.get(mname)})
                 self._tensors.append(t)
         return table
+
+    def calibrate(self, model: nn.Module, links: dict[str, LayerLink], batch: Tensor | None) -> None:
+        """``auto``'s correction pass (:mod:`initlab._calibrate`) on the layers it drew; their rows
+        get the factor (``calibrated``), the corrected gain and target std, the new realised std."""
+        only = {name for name, ps in self.planned.items()
+                if len(ps) == 1 and ps[0].tied_to is None and ps[0].computed is None and ps[0].pname == "weight"}
+        done, kind = calibrate(model, links, only, batch)
+        if not done:
+            return
+        self.calibration = {"batch": kind, "factors": done}
+        for i, row in enumerate(self.rows):
+            a = done.get(row["name"])
+            if a is None:
+                continue
+            row["calibrated"] = a
+            for key in ("gain", "target_std"):
+                if isinstance(row.get(key), float):
+                    row[key] *= a
+            self.stds[i] = _std_sample(self.planned[row["name"]][0].tensor)
 
     def residual(self, done: dict[str, str], modules: dict[str, nn.Module], params: list[dict[str, Any]]) -> None:
         """The report after a residual policy: the rows and parameters it changed say so."""
@@ -893,14 +956,28 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     report.extra[scheme.name] = result
 
 
-def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]]:
-    """The residual policy and the branches it applies to (an error when none is found)."""
+def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any], str]:
+    """The residual policy, the branches it applies to (an error when none is found) and how they
+    were found (the traced graph, or module names when tracing failed)."""
     policy = check_policy(residual)
-    branches = find_branches(model) if policy else []
+    branches, how = find_branches(model) if policy else ([], "")
     if policy and not branches:
-        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (see "
-                           "initlab._residual for the module structures recognised)")
-    return policy, branches
+        raise InitlabError(f"residual={policy!r}: no residual branch found in {type(model).__name__} (by {how}; see "
+                           "initlab._residual for what is recognised)")
+    return policy, branches, how
+
+
+def _report(walk: _Walk, links: dict[str, LayerLink], label: str, params: list[dict[str, Any]],
+            residual: tuple[str | None, int, str]) -> InitReport:
+    """The report; ``extra`` says how auto's correction pass ran and where residual branches came from."""
+    traced = all(link.traced for link in links.values())
+    note = next((link.note for link in links.values() if not link.traced), "")
+    report = InitReport(walk.finish(), traced, label, note, params=params)
+    if walk.calibration:
+        report.extra["calibration"] = walk.calibration
+    if residual[0]:
+        report.extra["residual"] = dict(zip(("policy", "branches", "found_by"), residual))
+    return report
 
 
 def _check_args(model: object, bias: object, generator: object) -> str | float:
@@ -945,8 +1022,8 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         residual: a residual-branch policy applied after the per-layer initialisation:
             ``"skipinit"`` (De & Smith 2020: each branch's last norm, else its last projection, is
             zeroed), ``"fixup"`` (Zhang et al. 2019: last layer 0, the others x L^(-1/(2m-2))),
-            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); the
-            branches are found by module structure (:mod:`initlab._residual`).
+            ``"gpt2"`` (Radford et al. 2019: last projections x 1/sqrt(N), N = 2 n_layer); branches
+            from the traced graph, else by module names (:mod:`initlab._residual`).
         **scheme_params: parameters of the scheme (``auto`` takes ``distribution`` and ``mode``).
 
     All or nothing: every check runs before the first write, and on any failure (or Ctrl-C) the
@@ -963,11 +1040,11 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
     targets, left_out = _targets(model, inc, exc)
-    policy, branches = _branches(model, residual)
+    policy, branches, found_by = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
-    with all_or_nothing(undo):
+    with all_or_nothing(undo), keyed(model, generator):  # one draw of generator keys every parameter by name
         walk = _Walk(generator, bias_mode, undo)
         walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)
@@ -976,17 +1053,18 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
         choices = _choices(targets, links, scheme_obj, label, sq)
         fit = getattr(scheme_obj, "fit", None)
-        safe = walk.plan(targets, links, choices) and fit is None
+        calib = bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
+        safe = walk.plan(targets, links, choices) and fit is None and not (calib and batch is not None)
         params = walk.account(model, targets, left_out, strict)
         if not safe:
             undo.save_all(walk.written(targets))
         with held if safe else nullcontext():
             walk.write(targets)
+            if calib:
+                walk.calibrate(model, links, batch)
             if policy:
                 walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
-            traced = all(link.traced for link in links.values())
-            note = next((link.note for link in links.values() if not link.traced), "")
-            report = InitReport(walk.finish(), traced, label, note, params=params)
+            report = _report(walk, links, label, params, (policy, len(branches), found_by))
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop

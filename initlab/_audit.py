@@ -275,9 +275,12 @@ def _trend(values: Sequence[float]) -> tuple[float, float] | None:
 
 
 def _severity(r: float, total: float) -> str | None:
+    """A steep trend (per layer beyond x RATIO, in all beyond x TOTAL), or a slow drift whose total
+    is beyond x TOTAL_ERROR (a 50-layer net growing x1.27 per layer: x1e5)."""
+    far = total > TOTAL_ERROR or total < 1.0 / TOTAL_ERROR
     if not (1.0 / RATIO <= r <= RATIO) and not (1.0 / TOTAL <= total <= TOTAL):
-        return "error" if (total > TOTAL_ERROR or total < 1.0 / TOTAL_ERROR) else "warning"
-    return None
+        return "error" if far else "warning"
+    return "error" if far else None
 
 
 def _dead_finding(r: dict[str, Any], dead: float) -> Finding:

@@ -19,14 +19,20 @@ and ``D`` one of
 
 So for every distribution the realised variance is exactly ``scale / n``.
 
-Sampling on CPU is chunked: the tensor (in logical, row-major order) is cut into blocks of
-``2**17`` elements; block ``i`` draws its random bits from its own stream (numpy's SFC64,
-seeded by SplitMix64 from ``i`` and one 64-bit draw of the caller's ``torch.Generator``), and
-blocks are filled by ``torch.get_num_threads()`` threads. The result depends only on the
-generator's state and the tensor's shape, never on the number of threads or the memory
-layout. Normals come from Box & Muller (1958) with torch's vectorised log/sin/cos (faster than
-``Tensor.normal_`` on CPU); the truncated normal redraws only the ~4.55% of entries beyond
-+-2 sigma (exact rejection sampling, no ``erfinv``). Other devices sample with the caller's
+Sampling on CPU is counter-based (changed in 0.2; 0.1 drew each 2**17-element block from its
+own sequential SFC64 stream seeded by one draw of the generator per tensor). Element ``i`` of a
+tensor's logical row-major order is a function of ``(stream key, i)`` alone: 32 bits (fp32; 64
+for fp64) of the Philox4x64-10 stream (Salmon et al. 2011) at word ``i // 2`` (fp64: ``i``) give a
+uniform ``v`` on a symmetric grid inside (-1, 1); the normal is ``sigma sqrt(2) erfinv(v)`` and
+the truncated normal ``s sqrt(2) erfinv(erf(sqrt 2) v)``, the exact inverse CDF of N(0, s^2)
+conditioned on [-2s, 2s] (no rejection). The stream key comes from :mod:`initlab._keys`: under
+``init_model``, (one draw of the caller's generator per call, the parameter's fully qualified
+name), so values do not depend on the order of the writes, on the thread count, on the memory
+layout, or on how the parameter is sharded (a DTensor's local shard computes only its own
+elements, with no communication); on its own, ``variance_scaling_(t, generator=g)`` keys by one
+draw of ``g``. Work is cut into chunks of ``2**17`` elements (peak scratch: one chunk per
+thread), spread over ``torch.get_num_threads()`` threads for tensors of at least ``SMALL``
+elements and run on the calling thread below that. Other devices sample with the caller's
 generator and torch's own ``normal_`` / ``uniform_``.
 """
 from __future__ import annotations
@@ -45,6 +51,8 @@ from torch import Tensor
 from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
+from ._keys import is_dtensor, resolve
+from . import _philox
 
 __all__ = ["variance_scaling_", "variance_scaling", "truncated_normal_", "MODES", "DISTRIBUTIONS",
            "TRUNC_STD", "TRUNC_VAR", "check_scale", "check_gain", "check_std", "planned_std", "needs_scratch", "check_mode", "check_distribution", "fan_for",
@@ -101,9 +109,9 @@ def check_gain(g: object) -> float:
     return v
 
 
-# the largest |value| a sampler writes, in units of its std: Box-Muller on 24- or 53-bit uniforms
-# reaches 5.65 or 8.57 std (torch's normal_ on other devices: about as far); the truncated
-# normal 2 / 0.8796; the uniform sqrt(3)
+# the largest |value| a sampler writes, in units of its std: the inverse CDF on the 23- or 52-bit
+# uniform grid reaches 5.3 or 8.1 std (torch's normal_ on other devices: about as far); the
+# truncated normal 2 / 0.8796; the uniform sqrt(3)
 _REACH = {"normal": 10.0, "truncated_normal": 2.0 / 0.87962566103423978 + 1e-6, "uniform": math.sqrt(3.0) + 1e-6}
 
 
@@ -178,12 +186,21 @@ def target_std(scale: float, mode: str, fans: tuple[float, float]) -> float:
     return math.sqrt(check_scale(scale) / n)
 
 
+_WHOLE_MATRIX = ("orthogonal_", "delta_orthogonal_", "identity_")
+
+
 def _check_tensor(tensor: object, what: str) -> Tensor:
     if not isinstance(tensor, Tensor):
         raise InitlabError(f"{what} expects a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
+    if what in _WHOLE_MATRIX and is_dtensor(tensor):
+        raise InitlabError(
+            f"{what} cannot fill a sharded (DTensor) tensor of shape {tuple(tensor.shape)}: an orthogonal matrix couples "
+            "all its entries, so a shard is not computable alone (it would take the full matrix and its QR on every "
+            "rank); initialise it before sharding, load a checkpoint, or use a variance-scaling scheme (normal, "
+            "uniform, truncated normal: exact per shard). LSUV starts from orthogonal_ and is refused likewise")
     if tensor.is_inference() and not torch.is_inference_mode_enabled():
         raise InitlabError(f"{what} cannot write into an inference tensor (made under torch.inference_mode()) "
                            "outside inference mode; clone it first (tensor.clone()) or call it inside inference_mode")
@@ -225,127 +242,114 @@ def _fill_torch(buf: Tensor, kind: str, a: float, g: torch.Generator | None) -> 
         idx = idx[m:]
 
 
-# CPU: random bits from numpy's SFC64 (one stream per chunk), turned into floats by exponent
-# tricks and into normals by Box-Muller with torch's vectorised log/sin/cos: faster than
-# torch's own normal_ on one core (mt19937 + Box-Muller), and exact in distribution.
+# CPU: every element is one function of (stream key, its global index): Philox4x64-10 words
+# (initlab._philox), 32 bits per fp32 element and 64 per fp64 one, turned into a uniform on a
+# symmetric grid inside (-1, 1) and into a normal or truncated normal by the inverse CDF
+# (torch's vectorised erfinv). No rejection, no pairs: a shard computes exactly its own elements.
 
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_TWO_PI = 2.0 * math.pi
-_tls = threading.local()
-
-
-def _splitmix64(s: int) -> tuple[int, int]:
-    """One step of SplitMix64 (Steele et al. 2014): (output, next state)."""
-    s = (s + _GOLDEN) & _M64
-    z = s
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31), s
+_ERF_SQRT2 = math.erf(math.sqrt(2.0))  # the mass of N(0, 1) inside [-2, 2]
+_SQRT2 = math.sqrt(2.0)
+_SHORT_RUN = 256  # runs of fewer words are gathered by the vectorised Philox (no per-run setup)
+SMALL = 1 << 18  # below this many elements the sampler runs on the calling thread alone
+_GRAIN = 32768  # torch's intra-op grain size: smaller element-wise ops never leave the calling thread
 
 
-def _stream(base: int, i: int) -> np.random.SFC64:
-    """The bit generator of chunk ``i``: SFC64 (Doty-Humphrey) seeded by SplitMix64 from
-    ``(base, i)``; one reusable object per thread."""
-    bg = getattr(_tls, "bitgen", None)
-    if bg is None:
-        bg = _tls.bitgen = np.random.SFC64(0)
-    h, _ = _splitmix64(i)  # a bijective hash of the index: well-separated starting points
-    s = base ^ h
-    a, s = _splitmix64(s)
-    b, s = _splitmix64(s)
-    c, s = _splitmix64(s)
-    bg.state = {"bit_generator": "SFC64", "state": {"state": np.array([a, b, c, 1], dtype=np.uint64)},
-                "has_uint32": 0, "uinteger": 0}
-    bg.random_raw(12, output=False)  # SFC64's reference seeding discards 12 outputs
-    return bg
-
-
-def _unit(bg: np.random.SFC64, n: int, dtype: torch.dtype) -> np.ndarray:
-    """``n`` uniforms on [1, 2) (random mantissa bits under exponent 0), fp32 or fp64 numpy."""
+def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
+    """``n`` uniforms on the symmetric grid ``(2k + 1) / 2^m - 1`` (m = 23 or 52 mantissa bits)
+    from the words ``w``: fp32 element ``e`` takes half ``e % 2`` of its word (low half first),
+    fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32)."""
     if dtype == torch.float64:
-        r = bg.random_raw(n)
-        np.right_shift(r, np.uint64(12), out=r)
-        np.bitwise_or(r, np.uint64(0x3FF0000000000000), out=r)
-        return r.view(np.float64)
-    r = bg.random_raw((n + 1) // 2).view(np.uint32)[:n]
-    np.right_shift(r, np.uint32(9), out=r)
-    np.bitwise_or(r, np.uint32(0x3F800000), out=r)
-    return r.view(np.float32)
+        np.right_shift(w, np.uint64(12), out=w)
+        np.bitwise_or(w, np.uint64(0x3FF0000000000000), out=w)
+        f = torch.from_numpy(w.view(np.float64))
+        half_step = 2.0 ** -53
+    else:
+        h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
+        np.right_shift(h, np.uint32(9), out=h)
+        np.bitwise_or(h, np.uint32(0x3F800000), out=h)
+        f = torch.from_numpy(h.view(np.float32))
+        half_step = 2.0 ** -24
+    # [1, 2) -> 2 ((f - 1.5) + 2^-(m+1)): every step exact (1.5 and the half step are representable,
+    # f - 1.5 is exact, and so is the sum on [-0.5, 0.5)), so the grid is symmetric and never
+    # reaches -1 or 1, where erfinv is infinite
+    return f.sub_(1.5).add_(half_step).mul_(2.0)
 
 
-def _box_muller(out: Tensor, bg: np.random.SFC64, sigma: float, extra: int = 0) -> Tensor | None:
-    """N(0, sigma^2) into the 1-d contiguous ``out`` (Box & Muller 1958): r = sigma sqrt(-2 log u1)
-    with u1 in (0, 1], theta = 2 pi u2; outputs r cos(theta) and r sin(theta), which are
-    independent. With 23-bit (fp32) uniforms |z| <= 5.65 sigma (torch's normal_: 5.8 sigma); the
-    probability of a normal beyond is 1.6e-8.
-
-    ``extra > 0`` also returns a new tensor of ``extra`` further draws (from the same batch of
-    uniforms, which saves a second round of calls); else None.
-    """
-    n = out.numel()
-    h1, h2 = (n + 1) // 2, (extra + 1) // 2
-    h = h1 + h2
-    f = _unit(bg, 2 * h, out.dtype)
-    np.subtract(f.dtype.type(2.0), f[:h], out=f[:h])  # 2 - [1, 2) = (0, 1]
-    u = torch.from_numpy(f)
-    r, theta = u[:h], u[h:]
-    info = torch.finfo(out.dtype)
-    if info.tiny * 1e6 < 2.0 * sigma * sigma < info.max / 64:
-        r.log_().mul_(-2.0 * sigma * sigma).sqrt_()
-    else:  # sigma^2 would overflow or underflow in the buffer's dtype: scale after the root
-        r.log_().mul_(-2.0).sqrt_().mul_(sigma)
-    theta.mul_(_TWO_PI)  # 2 pi [1, 2): cos and sin are 2 pi-periodic
-    pool = torch.empty(extra, dtype=out.dtype) if extra else None
-    for dst, lo, hh, m in ((out, 0, h1, n), (pool, h1, h2, extra)):
-        if dst is None:
-            continue
-        torch.cos(theta[lo: lo + hh], out=dst[:hh])
-        dst[:hh].mul_(r[lo: lo + hh])
-        if m > hh:
-            torch.sin(theta[lo: lo + m - hh], out=dst[hh:])
-            dst[hh:].mul_(r[lo: lo + m - hh])
-    return pool
-
-
-def _fill_cpu(buf: Tensor, kind: str, a: float, bg: np.random.SFC64) -> None:
-    """Fill the 1-d contiguous fp32/fp64 CPU tensor ``buf`` from one stream."""
+def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
+    """``out = F^-1(v)`` for ``v`` uniform on (-1, 1): uniform ``a v``; normal
+    ``a sqrt(2) erfinv(v)``; truncated normal ``a sqrt(2) erfinv(erf(sqrt 2) v)`` (the normal of
+    std ``a`` conditioned on [-2a, 2a], exactly: the inverse CDF of the truncated law)."""
     if kind == "uniform":
-        # a * (2 (f - 1.5) + 2^-m): a symmetric grid on (-a, a), m = mantissa bits
-        f = torch.from_numpy(_unit(bg, buf.numel(), buf.dtype))
-        half_step = 2.0 ** (-53 if buf.dtype == torch.float64 else -24)
-        torch.sub(f, 1.5, out=buf)
-        if 2.0 * a < torch.finfo(buf.dtype).max:
-            buf.add_(half_step).mul_(2.0 * a)
-        else:  # 2a overflows the buffer's dtype; a is representable (checked by check_std)
-            buf.add_(half_step).mul_(a).mul_(2.0)
+        if a < torch.finfo(out.dtype).max / 2:
+            torch.mul(v, a, out=out)
+        else:
+            torch.mul(v, a / 2, out=out).mul_(2.0)
         return
-    if kind == "normal":
-        _box_muller(buf, bg, a)
-        return
-    # truncated: each entry beyond 2 sigma (4.55% of them) takes the next in-range draw from a
-    # pool sampled with the chunk (enough with overwhelming probability; else draw more).
-    # Exact: the draws are independent, so every kept value is a truncated-normal draw.
-    n = buf.numel()
-    bound = 2.0 * a
-    pool = _box_muller(buf, bg, a, extra=_pool_size(n))
-    x = buf.numpy()
-    idx = np.flatnonzero(np.greater(np.abs(x), bound))
-    while idx.size:
-        if pool is None:
-            pool = torch.empty(idx.size + idx.size // 8 + 16, dtype=buf.dtype)
-            _box_muller(pool, bg, a)
-        v = pool.numpy()
-        v = v[np.abs(v) <= bound]
-        m = min(idx.size, v.size)
-        x[idx[:m]] = v[:m]
-        idx = idx[m:]
-        pool = None
+    if kind == "truncated":
+        v.mul_(_ERF_SQRT2)
+    torch.erfinv(v, out=out)
+    s = a * _SQRT2
+    if math.isfinite(s) and s < torch.finfo(out.dtype).max / 16:
+        out.mul_(s)
+    else:  # a sqrt(2) would overflow the buffer's dtype
+        out.mul_(a).mul_(_SQRT2)
 
 
-def _pool_size(n: int) -> int:
-    """Spare draws for a chunk of ``n``: mean need 0.0455 n, supply 0.9545 * (n / 20 + ...)."""
-    return n // 20 + 4 * math.isqrt(n) + 16
+def _words_for(key: tuple[int, int], starts: np.ndarray, lens: np.ndarray, per: int) -> tuple[np.ndarray, list[int]]:
+    """The words behind element runs ``[start, start + len)``, concatenated, and each run's
+    offset (in elements) into its words' elements: fp32 (``per`` 2) runs start on a word boundary."""
+    if starts.size == 1:
+        s, n = int(starts[0]), int(lens[0])
+        w0 = s // per
+        return _philox.words(key, w0, -(-(s + n) // per) - w0), [s - w0 * per]
+    parts, firsts = [], []
+    short: list[np.ndarray] = []
+    for s, n in zip(starts.tolist(), lens.tolist()):
+        w0, w1 = s // per, -(-(s + n) // per)
+        firsts.append(s - w0 * per)
+        if w1 - w0 >= _SHORT_RUN:
+            if short:
+                parts.append(_philox.gather(key, np.concatenate(short)))
+                short = []
+            parts.append(_philox.words(key, w0, w1 - w0))
+        else:
+            short.append(np.arange(w0, w1, dtype=np.uint64))
+    if short:
+        parts.append(_philox.gather(key, np.concatenate(short)))
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), firsts
+
+
+def _fill_runs(buf: Tensor, kind: str, a: float, key: tuple[int, int], starts: np.ndarray, lens: np.ndarray) -> None:
+    """Fill the 1-d contiguous fp32/fp64 CPU tensor ``buf`` with the elements at global indices
+    ``starts[k] .. starts[k] + lens[k] - 1``, run after run."""
+    per = 1 if buf.dtype == torch.float64 else 2
+    w, firsts = _words_for(key, starts, lens, per)
+    if per == 1:
+        v = _unit_grid(w, 0, buf.numel(), buf.dtype)
+        _transform(v, buf, kind, a)
+        return
+    if len(firsts) == 1:
+        v = _unit_grid(w, firsts[0], buf.numel(), buf.dtype)
+        _transform(v, buf, kind, a)
+        return
+    # several runs: each run's words hold whole pairs; keep the elements the runs ask for
+    v = _unit_grid(w, 0, 2 * w.size, buf.dtype)
+    wl = (np.asarray(firsts) + lens + 1) // 2  # words per run
+    woff = np.concatenate(([0], np.cumsum(wl)[:-1])) * 2 + np.asarray(firsts)
+    keep = np.repeat(woff - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(buf.numel())
+    _transform(v[torch.from_numpy(keep)], buf, kind, a)
+
+
+def _chunk_runs(starts: np.ndarray, lens: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of the runs (laid end to end in local order) between local elements lo and hi."""
+    ends = np.cumsum(lens)
+    begins = ends - lens
+    i, j = int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(begins, hi, "left"))
+    s, b, e = starts[i:j].copy(), begins[i:j], ends[i:j]
+    cut_lo = np.maximum(lo - b, 0)
+    s += cut_lo
+    n = np.minimum(e, hi) - np.maximum(b, lo)
+    return s, n
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -365,11 +369,22 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _fill_chunks(flat: Tensor, kind: str, a: float, base: int, work: torch.dtype) -> None:
-    """Fill the 1-d contiguous CPU tensor ``flat``: chunk ``i`` from stream ``(base, i)``,
-    chunks spread over ``torch.get_num_threads()`` threads (the result does not depend on it)."""
+def workers_for(n: int) -> int:
+    """Threads the sampler uses for ``n`` elements: one below :data:`SMALL` (a thread hand-off
+    costs more than it saves there), else up to ``torch.get_num_threads()``, one per chunk."""
+    if n < SMALL:
+        return 1
+    return max(1, min(torch.get_num_threads(), -(-n // CHUNK)))
+
+
+def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts: np.ndarray,
+                 lens: np.ndarray, work: torch.dtype) -> None:
+    """Fill the 1-d contiguous CPU tensor ``flat`` (its elements: the runs, end to end) chunk by
+    chunk; chunks spread over :func:`workers_for` threads (the result does not depend on it).
+    Every torch operation runs on one intra-op thread, so no OpenMP team is left spinning."""
     n = flat.numel()
     nchunks = -(-n // CHUNK)
+    whole = starts.size == 1 and int(starts[0]) == 0  # a whole tensor: one run, no search
 
     def run(lo: int, hi: int) -> None:
         scratch = None if flat.dtype == work else torch.empty(min(CHUNK, n), dtype=work)
@@ -377,28 +392,29 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, base: int, work: torch.dtype
             s, e = i * CHUNK, min(n, (i + 1) * CHUNK)
             dst = flat[s:e]
             buf = dst if scratch is None else scratch[: e - s]
-            _fill_cpu(buf, kind, a, _stream(base, i))
+            runs = (np.array([s], dtype=np.int64), np.array([e - s], dtype=np.int64)) if whole else \
+                _chunk_runs(starts, lens, s, e)
+            _fill_runs(buf, kind, a, key, *runs)
             if scratch is not None:
                 dst.copy_(buf)
 
-    threads = torch.get_num_threads()
-    workers = max(1, min(threads, nchunks))
-    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        run(0, nchunks)
-        return
-
-    def worker(lo: int, hi: int) -> None:
-        # one intra-op thread per worker: the parallelism is across chunks (torch's OpenMP
-        # thread count is per calling thread; restore the process-wide default afterwards)
-        torch.set_num_threads(1)
+    def single(lo: int, hi: int) -> None:
+        before = torch.get_num_threads() if n > _GRAIN else 1  # below torch's grain size ops run on one thread
+        if before != 1:
+            torch.set_num_threads(1)
         try:
             run(lo, hi)
         finally:
-            torch.set_num_threads(threads)
+            if before != 1:
+                torch.set_num_threads(before)
 
+    workers = workers_for(n)
+    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
+        single(0, nchunks)
+        return
     bounds = [nchunks * w // workers for w in range(workers + 1)]
-    pool = _executor(threads)
-    futures = [pool.submit(worker, bounds[w], bounds[w + 1]) for w in range(workers)]
+    pool = _executor(workers)
+    futures = [pool.submit(single, bounds[w], bounds[w + 1]) for w in range(workers)]
     try:
         for f in futures:
             f.result()
@@ -411,12 +427,17 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, base: int, work: torch.dtype
 
 @torch.no_grad()
 def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | None) -> Tensor:
-    """Fill ``tensor`` in place from the distribution ``kind`` with parameter ``a``."""
+    """Fill ``tensor`` in place from the distribution ``kind`` with parameter ``a``.
+
+    On the CPU (and for a DTensor's local shard on any device) element ``i`` of the tensor's
+    logical row-major order is a function of (stream key, i) alone; the key is
+    :func:`initlab._keys.resolve`'s (a parameter's name under ``init_model``, else one draw of
+    ``generator``). Elsewhere torch's own samplers run with ``generator``."""
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
-    t = tensor.detach()
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if t.device.type != "cpu":
+    if tensor.device.type != "cpu" and not is_dtensor(tensor):
+        t = tensor.detach()
+        work = torch.float64 if t.dtype == torch.float64 else torch.float32
         if t.dtype == work and t.is_contiguous():
             _fill_torch(t, kind, a, generator)
         else:
@@ -424,13 +445,16 @@ def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | N
             _fill_torch(buf, kind, a, generator)
             t.copy_(buf)
         return tensor
-    buf = None if t.is_contiguous() else _scratch(t, work)  # allocated before anything is drawn or written
-    hi, lo = torch.randint(0, 1 << 32, (2,), generator=generator).tolist()
-    base = (hi << 32) | lo
-    if buf is None:
-        _fill_chunks(t.view(-1), kind, a, base, work)
-    else:
-        _fill_chunks(buf.view(-1), kind, a, base, work)
+    target = resolve(tensor, generator)
+    t = target.local.detach()
+    if t.numel() == 0:
+        return tensor
+    work = torch.float64 if t.dtype == torch.float64 else torch.float32
+    direct = t.is_contiguous() and t.device.type == "cpu"
+    buf = t if direct else _scratch(t, work, "cpu")  # allocated before anything is written
+    key = _philox.stream_key(target.base, target.name)
+    _fill_chunks(buf.view(-1), kind, a, key, target.starts, target.lens, work)
+    if not direct:
         t.copy_(buf)
     return tensor
 
@@ -445,10 +469,10 @@ def needs_scratch(t: Tensor) -> bool:
     return not t.is_contiguous()
 
 
-def _scratch(t: Tensor, work: torch.dtype) -> Tensor:
+def _scratch(t: Tensor, work: torch.dtype, device: torch.device | str | None = None) -> Tensor:
     """A contiguous ``work``-dtype tensor of ``t``'s shape; a clear error when memory runs out."""
     try:
-        return torch.empty(t.shape, dtype=work, device=t.device)
+        return torch.empty(t.shape, dtype=work, device=t.device if device is None else device)
     except (RuntimeError, MemoryError) as e:
         if is_out_of_memory(e):
             n = t.numel() * torch.empty((), dtype=work, device="meta").element_size()
@@ -465,7 +489,8 @@ def truncated_normal_(tensor: Tensor, std: float = 1.0, *, generator: torch.Gene
 
     The underlying normal N(0, s^2), s = std / 0.87962566103423978, is cut at +-2s; the result
     has mean 0 and variance std^2 (TensorFlow/JAX truncation, variance-corrected as in
-    Keras' ``VarianceScaling``). Exact rejection sampling. Returns ``tensor``.
+    Keras' ``VarianceScaling``). Sampled exactly by the inverse CDF,
+    ``s sqrt(2) erfinv(erf(sqrt 2) v)`` with ``v`` uniform on (-1, 1). Returns ``tensor``.
     """
     _check_tensor(tensor, "truncated_normal_")
     std = check_scale(std, "std")
@@ -498,8 +523,10 @@ def variance_scaling_(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in",
             tensor is left as is (nothing to fill); so is an empty tensor.
         fans: ``(fan_in, fan_out)``; default ``initlab.fans(tensor)`` (PyTorch layout). Pass
             ``initlab.fans(w, module=layer)`` for grouped/transposed convolutions and friends.
-        generator: a CPU ``torch.Generator`` for a CPU tensor (one draw of it seeds all the
-            per-chunk streams); results do not depend on the number of threads.
+        generator: a CPU ``torch.Generator`` for a CPU tensor: one draw of it keys the tensor's
+            Philox stream (under ``init_model``: one draw per call, keyed with the parameter's
+            name). Results do not depend on the number of threads or the CPU instruction set;
+            values differ from initlab 0.1, whose streams were sequential and per tensor.
 
     Returns:
         ``tensor``.

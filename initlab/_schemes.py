@@ -313,11 +313,16 @@ class _AutoRule:
     family and smooth activations, ``lecun_*`` for tanh/SELU/readouts, ``kumar`` for sigmoid-like
     rows); the gain is the recursion's. ``__call__(act)`` is the label's old fixed-gain rule
     (Var = g(phi)^2 / n, phi the following activation), kept for callers without a graph, and
-    what ``auto`` does unless ``exact=True`` (``init_model(model, "auto", exact=True)``).
+    what ``auto`` does with ``exact=False`` (``init_model(model, "auto", exact=False)``).
+
+    ``calibrate`` (default True, with ``exact``): after the draw, one forward pass rescales each
+    layer so that its measured pre-activation second moment is q* (:mod:`initlab._calibrate`:
+    the recursion is exact at infinite width; the correction removes the finite-width drift).
     """
 
-    def __init__(self, distribution: str, mode: str, exact: bool = False) -> None:
+    def __init__(self, distribution: str, mode: str, exact: bool = True, calibrate: bool = True) -> None:
         self.distribution, self.mode = distribution, mode
+        self.calibrate = bool(exact and calibrate)
         if not exact:  # init_model then uses __call__ (the fixed-gain rule) per following activation
             self.for_link = None  # type: ignore[assignment]
 
@@ -349,22 +354,23 @@ class _AutoRule:
         return LayerChoice(_vs(g * g, self.mode, self.distribution), self._label(act), g)
 
 
-def _auto_rule(distribution: str, mode: str, exact: bool = False) -> _AutoRule:
+def _auto_rule(distribution: str, mode: str, exact: bool = True, calibrate: bool = True) -> _AutoRule:
     """``auto``'s rule (see :class:`_AutoRule`)."""
-    return _AutoRule(distribution, mode, exact)
+    return _AutoRule(distribution, mode, exact, calibrate)
 
 
-def _auto(distribution: str = "normal", mode: str = "fan_in", exact: bool = False) -> Scheme:
+def _auto(distribution: str = "normal", mode: str = "fan_in", exact: bool = True, calibrate: bool = True) -> Scheme:
     distribution, mode = check_distribution(distribution), check_mode(mode)
-    if not isinstance(exact, bool):
-        raise InitlabError(f"auto: exact must be True or False, got {exact!r}")
+    for what, v in (("exact", exact), ("calibrate", calibrate)):
+        if not isinstance(v, bool):
+            raise InitlabError(f"auto: {what} must be True or False, got {v!r}")
 
     def init(t: Tensor, f: Fans | None, g: torch.Generator | None) -> Tensor:
         raise InitlabError(
             "scheme 'auto' chooses a scheme per layer from the activation that consumes the layer's output, "
             "so it needs the whole model: use initlab.init_model(model, 'auto'). For a single tensor pick a "
             "scheme yourself, e.g. get_scheme('he_normal', activation='relu')")
-    return Scheme(name="auto", init=init, level="model", for_layer=_auto_rule(distribution, mode, exact))
+    return Scheme(name="auto", init=init, level="model", for_layer=_auto_rule(distribution, mode, exact, calibrate))
 
 
 def _lsuv(tol: float = 0.1, max_iter: int = 10, target_var: float = 1.0, center: bool = False) -> Scheme:

@@ -42,7 +42,7 @@ def mlp() -> nn.Sequential:
 
 def test_auto_on_an_mlp_picks_the_scheme_per_activation():
     m = mlp()
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert isinstance(rep, InitReport) and rep.traced and rep.scheme == "auto"
     expected = {  # name: (activation, scheme, target std from the closed forms)
         "0": ("relu", "he_normal", math.sqrt(2 / 200)),
@@ -78,7 +78,7 @@ def test_auto_smooth_activations_use_the_second_moment_gain():
 
     m = nn.Sequential(nn.Linear(300, 300), nn.GELU(), nn.Linear(300, 300), nn.SiLU(), nn.Linear(300, 300),
                       nn.Mish(), nn.Linear(300, 2))
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     for name, act in (("0", "gelu"), ("2", "silu"), ("4", "mish")):
         g = gain(act, method="second_moment")
         assert rep[name]["scheme"] == "he_normal" and rep[name]["activation"] == act
@@ -91,13 +91,13 @@ def test_auto_distribution_and_mode():
     from initlab._schemes import get_scheme
 
     m = nn.Sequential(nn.Linear(200, 400), nn.ReLU(), nn.Linear(400, 300))
-    rep = init_model(m, distribution="uniform", mode="fan_out", generator=gen())
+    rep = init_model(m, exact=False, distribution="uniform", mode="fan_out", generator=gen())
     assert [r["scheme"] for r in rep] == ["he_uniform", "lecun_uniform"]
     assert rep["0"]["target_std"] == pytest.approx(math.sqrt(2 / 400))
     # a uniform's sample std varies less than a normal's: the normal-based tolerance holds
     assert check_std(m[0].weight, math.sqrt(2 / 400))
     assert float(m[0].weight.detach().abs().max()) <= math.sqrt(3 * 2 / 400) + 1e-6
-    rep = init_model(m, get_scheme("auto", distribution="truncated_normal"), generator=gen())
+    rep = init_model(m, get_scheme("auto", distribution="truncated_normal", exact=False), generator=gen())
     assert rep.scheme == "auto" and rep["2"]["scheme"] == "lecun_truncated_normal"
     assert float(m[2].weight.detach().abs().max()) <= 2 * math.sqrt(1 / 400) / 0.87962566103423978 + 1e-6
     with pytest.raises(InitlabError, match="distribution"):
@@ -124,7 +124,7 @@ class FunctionalNet(nn.Module):
 
 def test_auto_with_functional_and_inplace_activations():
     m = FunctionalNet()
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert [rep[n]["scheme"] for n in "abcd"] == ["he_normal", "kumar", "he_normal", "lecun_normal"]
     assert rep["a"]["target_std"] == pytest.approx(math.sqrt(2 / (1 + 0.01) / 256))
     assert rep["c"]["activation"] == "relu"
@@ -194,7 +194,7 @@ class ResBlock(nn.Module):
 
 def test_residual_block():
     m = ResBlock()
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     for name in ("conv1", "conv2"):
         assert rep[name]["scheme"] == "he_normal" and rep[name]["activation"] == "relu"
         assert check_std(m.get_submodule(name).weight, math.sqrt(2 / (32 * 9)))
@@ -204,7 +204,7 @@ def test_residual_block():
 def test_transformer_encoder_layer():
     e, ff = 64, 256
     m = nn.TransformerEncoderLayer(e, 4, ff, dropout=0.0)
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert rep["self_attn"]["shape"] == (3 * e, e)
     assert (rep["self_attn"]["fan_in"], rep["self_attn"]["fan_out"]) == (e, e)
     # each of the q, k, v blocks has the LeCun std of an (E, E) matrix
@@ -241,7 +241,7 @@ def test_transformer_custom_callable_activation():
         return x * torch.sigmoid(x)
 
     m = nn.TransformerEncoderLayer(64, 4, 128, activation=swish)
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert rep["linear1"]["scheme"] == "he_normal"
     assert rep["linear1"]["target_std"] == pytest.approx(gain("silu") / 8, rel=1e-4)
 
@@ -316,7 +316,7 @@ def test_named_scheme_from_the_registry():
 
 def test_low_precision_model():
     m = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 2)).to(torch.bfloat16)
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert m[0].weight.dtype == torch.bfloat16
     # bf16 rounding adds a relative error of at most 2**-8 per entry
     assert abs(rep["0"]["realised_std"] / math.sqrt(2 / 256) - 1) < 0.02
@@ -332,7 +332,7 @@ def build(device: str | None = None) -> nn.Module:
 
 def test_meta_model_still_meta_is_a_no_op_with_targets():
     m = build("meta")
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert m[0].weight.is_meta
     assert rep["0"]["target_std"] == pytest.approx(math.sqrt(2 / (1 + 0.25**2) / 128))
     assert rep["0"]["realised_std"] is None
@@ -385,7 +385,7 @@ def test_reproducible_across_thread_counts():
 
 def test_report_table_and_frame():
     m = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.LayerNorm(30), nn.Linear(30, 5))
-    rep = init_model(m, generator=gen())
+    rep = init_model(m, exact=False, generator=gen())
     assert len(rep) == 3 and rep.traced
     keys = {"name", "kind", "shape", "fan_in", "fan_out", "activation", "scheme", "target_std", "realised_std"}
     assert all(keys <= set(r) for r in rep.rows)
@@ -406,6 +406,37 @@ def test_report_table_and_frame():
     assert df.loc[0, "target_std"] == pytest.approx(math.sqrt(2 / 20))
     with pytest.raises(KeyError):
         rep["nope"]
+
+
+class _Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x / self.t
+
+
+def test_report_one_line_per_parameter():
+    m = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.LayerNorm(30), nn.Linear(30, 5), _Temperature())
+    rep = init_model(m, exact=False, strict=False, generator=gen())
+    rows = rep.param_rows()
+    assert [r["name"] for r in rows] == [n for n, _ in m.named_parameters()]
+    by = {r["name"]: r for r in rows}
+    assert by["0.weight"]["scheme"] == "he_normal" and by["0.weight"]["fan_in"] == 20
+    assert by["0.weight"]["target_std"] == pytest.approx(math.sqrt(2 / 20))
+    assert by["0.weight"]["realised_std"] == pytest.approx(float(m[0].weight.detach().std()), rel=1e-5)
+    assert by["0.bias"]["scheme"] == "bias zeros" and by["0.bias"]["target_std"] is None
+    assert by["2.weight"]["scheme"] == "ones/zeros" and by["2.bias"]["scheme"] == "ones/zeros"
+    assert by["4.t"]["scheme"] == "untouched" and "no rule" in by["4.t"]["why"]
+    lines = str(rep).splitlines()
+    for name in by:  # the table: one line per parameter tensor, then why anything was left
+        assert sum(line.startswith(name + " ") for line in lines) == 1, name
+    assert "untouched: 4.t (no rule" in str(rep)
+    pytest.importorskip("pandas")
+    assert list(rep.frame(per="parameter")["name"]) == list(by)
+    with pytest.raises(InitlabError, match="per must be"):
+        rep.frame(per="tensor")
 
 
 # ------------------------------------------------------------------------------------------

@@ -463,7 +463,10 @@ def _init_model_cases() -> list[Case]:
         ok("init_model-meta", lambda m: im(m), lambda r: len(r) == 3, model=lambda: nn.Sequential(
             nn.Linear(3, 3, device="meta"), nn.BatchNorm1d(3, device="meta"), nn.Linear(3, 2, device="meta"))),
         ok("init_model-torch-function", lambda m: im(m, torch.nn.init.orthogonal_), lambda r: len(r) == 3, model=mlp),
-        ok("init_model-batch-unused", lambda m: im(m, "auto", batch="ignored"), lambda r: len(r) == 3, model=mlp),
+        ok("init_model-batch-unused", lambda m: im(m, "xavier_normal", batch="ignored"), lambda r: len(r) == 3,
+           model=mlp),
+        err("init_model-auto-batch-text", lambda m: im(m, "auto", batch="ignored"), "batch must be a torch.Tensor",
+            model=mlp),  # auto's correction pass runs on the batch
     ]
 
 

@@ -390,7 +390,8 @@ def test_with_overrides():
 def test_canonical_dict_is_explicit():
     d = experiment_to_dict(load_experiment("classic"))
     assert set(d) == {"name", "description", "data", "model", "train", "scenarios"}
-    assert set(d["train"]) == {"optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds"}
+    assert set(d["train"]) == {"optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
+                               "histograms_every"}
     assert set(d["data"]) == {"name", "root", "standardize", "test_fraction", "split_seed", "limit"}
 
 

@@ -53,7 +53,7 @@ TARGETS = [
     ("member commit (inside)", np, "savez_compressed", "before"),
     ("member commit (between members)", lab_run, "commit_member", "after"),
     ("TensorBoard (inside a log)", SummaryWriter, "add_scalar", "before"),
-    ("TensorBoard (between logs)", lab_run, "write_member_events", "after"),
+    ("TensorBoard (between logs)", lab_run._Live, "log", "after"),
     ("metrics merge", rundir, "_write_if_changed", "after"),
     ("run.json", lab_run, "write_meta", "after"),
     ("report figures", report_plots, "_save", "after"),

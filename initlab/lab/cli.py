@@ -29,6 +29,7 @@ from .._errors import InitlabError
 from .._probe import format_table
 from ._io import describe_os_error
 from .config import list_presets, load_experiment, parse_set, with_overrides
+from .executors import InProcess, make_executor
 from .metrics import headline
 from .report import load_run, summary_rows, write_report
 from .report.stats import pct
@@ -99,8 +100,38 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
                    help="override a [data], [model] or [train] key, the value read as TOML "
                         "(--set train.lr=0.01 --set model.hidden=[50,50]); repeatable; see docs/schema.md")
+    _add_executor_options(p)
     p.set_defaults(func=cmd_run)
     _one_line_errors(p)
+
+
+# ----------------------------------------------------------------------------- where the units run
+
+
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to run (the run directory is the same whichever you choose)")
+    g.add_argument("--executor", metavar="NAME", default=None,
+                   help="inprocess (default: this process), process (local worker processes) or ray (a Ray cluster)")
+    g.add_argument("--workers", metavar="N", type=_positive_int, default=None,
+                   help="--executor process: worker processes (default: one per CPU core)")
+    g.add_argument("--address", metavar="ADDR", default=None,
+                   help="--executor ray: auto, ray://HOST:PORT or HOST:PORT (default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--retries", metavar="N", type=int, default=2,
+                   help="times a failed unit is tried again on a pool or a cluster (default 2)")
+
+
+def _executor_from_args(args: argparse.Namespace) -> Any:
+    if args.retries < 0:
+        raise InitlabError(f"--retries: expected an integer >= 0, got {args.retries}")
+    ex = make_executor(args.executor, workers=args.workers, address=args.address)
+    return None if isinstance(ex, InProcess) else ex
+
+
+def _print_failed(summary: Any) -> None:
+    for f in summary.failed:
+        members = ", ".join(f"{sc} seed {seed}" for sc, seed in f["members"])
+        print(f"  failed after {f['attempts']} attempt(s): {members}: {f['error']}", file=sys.stderr)
+    print("  re-run the same command to train the failed units again", file=sys.stderr)
 
 
 def _add_tune(subparsers: Any) -> None:
@@ -243,10 +274,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InitlabError(f"--out: expected a folder path, got {args.out!r}")
     exp = _experiment_from_args(args)
     out = Path(args.out) if args.out is not None else _default_out(exp.name)
+    executor = _executor_from_args(args)
     try:
         with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
-                                     download=bool(args.download), threads=args.threads)
+                                     download=bool(args.download), executor=executor, retries=args.retries,
+                                     threads=args.threads)
     except Terminated:
         print("initlab: terminated (SIGTERM); the finished work is kept: re-run the same command to resume",
               file=sys.stderr)
@@ -265,6 +298,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  report:      {summary.report}  (open it in a browser)")
     print(f"  data:        {out / 'metrics.csv'}, {out / 'first_pass.csv'}")
     print(f"  TensorBoard: tensorboard --logdir {out / 'tb'}")
+    if summary.failed:
+        _print_failed(summary)
+        return 1
     return 0
 
 

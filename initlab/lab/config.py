@@ -28,6 +28,7 @@ An experiment file::
     first_pass_batch = 100
     device = "cpu"
     seeds = [0, 1, 2]     # or a count: seeds = 3 -> [0, 1, 2]
+    histograms_every = 1  # TensorBoard weight histograms every N log steps (0: none; not in the fingerprint)
 
     [[scenarios]]         # explicit scenarios ...
     name = "sigmoid-normal"        # optional; default "<activation>-<scheme>[-d<depth>][-w<width>]"
@@ -96,7 +97,7 @@ _TOP_KEYS = ("name", "description", "data", "model", "train", "scenarios", "grid
 _DATA_KEYS = ("name", "root", "standardize", "test_fraction", "split_seed", "limit")
 _MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel", "bias_var", "pool")
 _TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
-               "momentum", "layer_stats", "jacobian")
+               "momentum", "layer_stats", "jacobian", "histograms_every")
 _SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width", "channels")
 _GRID_KEYS = ("activations", "schemes", "depths", "widths", "params")
 _CLAIM_KEYS = tuple(f.name for f in fields(Claim))
@@ -294,7 +295,7 @@ def experiment_to_dict(exp: Experiment) -> dict[str, Any]:
         "model": model,
         "train": {"optimizer": t.optimizer, "lr": t.lr, "batch_size": t.batch_size, "steps": t.steps,
                   "log_every": t.log_every, "first_pass_batch": t.first_pass_batch, "device": t.device,
-                  "seeds": list(t.seeds)},
+                  "seeds": list(t.seeds), "histograms_every": t.histograms_every},
         "scenarios": [_scenario_dict(s, exp.model) for s in exp.scenarios],
     }
     for section, spec in (("model", exp.model), ("train", t)):
@@ -352,8 +353,8 @@ def config_fingerprint(exp: Experiment) -> str:
     """SHA-256 (hex) of the canonical form (:func:`experiment_to_dict`, as sorted compact JSON) of
     everything that changes results.
 
-    Leaves out the labels ``name`` and ``description`` and ``train.device`` (where it runs, not
-    what), so a run directory can be resumed under another name or on another device but
+    Leaves out the labels ``name`` and ``description``, ``train.device`` (where it runs, not
+    what) and ``train.histograms_every`` (what TensorBoard shows), so a run directory can be resumed under another name or on another device but
     refuses any change to the data, model, training or scenarios. JSON rather than the TOML
     text, so that the fingerprint does not depend on the TOML writer's layout.
     """
@@ -362,6 +363,7 @@ def config_fingerprint(exp: Experiment) -> str:
     d.pop("description")
     d.pop("claims", None)  # what is checked, not what is trained
     d["train"].pop("device")
+    d["train"].pop("histograms_every")  # what TensorBoard shows, not the results
     text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -470,6 +472,8 @@ def list_presets() -> list[tuple[str, str]]:
 _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("", "name", "string", "the experiment's name (the default output folder is runs/<name>)"),
     ("", "description", "string", "one line shown by `initlab presets` and the report"),
+    ("", "tune", "table", "the search of `initlab tune` (metric, samples, seed, grace_period, reduction_factor, "
+                          "max_concurrent, cpus_per_trial, [tune.params]; see the README); `initlab run` ignores it"),
     ("data", "name", "string", "data set: mnist (the embedded 5,000-digit sample, or full MNIST with root), "
                                 "mnist_idx, gaussian (generated), digits (8x8)"),
     ("data", "root", "string", "a folder of MNIST IDX files (\"\" = the embedded sample)"),
@@ -498,6 +502,8 @@ _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("train", "layer_stats", "bool", "record per-layer activation and back-propagated gradient statistics at each "
                                      "log step on a fixed held-out batch (MLPs): metrics act_mean_<l>, act_var_<l>, "
                                      "grad_var_<l>, wgrad_var_<l>"),
+    ("train", "histograms_every", "int", "TensorBoard weight histograms every that many log steps (0 = none); "
+                                          "not part of the results or the config fingerprint"),
     ("train", "jacobian", "bool", "first pass: singular values of each layer's Jacobian dh_l/dh_(l-1) "
                                   "(first_pass.csv columns jac_sv_mean, jac_sv_max, jac_sv_min)"),
     ("scenarios", "name", "string", "optional; default <activation>-<scheme>[-d<depth>][-w<width>]"),

@@ -28,16 +28,26 @@ writes to a directory at a time (``run.lock``, an OS file lock: see
 :func:`~initlab.lab.rundir.lock`). Input errors (unknown data set, missing data files, a model
 too large for memory) are raised before anything is written.
 
-Executors. ``executor=None`` runs the groups in this process (with step-level progress). Any
-:class:`~initlab.lab.executors.Executor` runs them elsewhere: ``fn`` is the module-level
-:func:`~initlab.lab.training.run_unit` and each item is a picklable ``(GroupSpec, Dataset)``
-pair; results are committed as they arrive.
+Executors (:mod:`initlab.lab.executors`). ``executor=None`` runs the groups in this process;
+:class:`~initlab.lab.executors.ProcessPool` in local worker processes and
+:class:`~initlab.lab.executors.RayExecutor` on a Ray cluster. Whichever runs a unit, it reports
+its metrics rows, weight histograms and checkpoints as it trains, and this process (the driver)
+writes the TensorBoard logs (live, flushed at each log step), moves the progress bar, saves the
+checkpoints and commits each unit's results as they arrive, so the run directory is the same,
+file for file, and only the driver needs to reach it. A unit whose worker dies, or that raises
+on a pool or a cluster, is retried up to ``retries`` times from its last checkpoint; a unit that
+keeps failing is recorded in run.json (``failed``: members, attempts, error) and in
+:attr:`RunSummary.failed`, the others complete, and re-running the same command trains it again.
+Any other object with ``map(fn, items)`` (a ``concurrent.futures`` executor) gets the
+module-level :func:`~initlab.lab.training.run_unit` and picklable ``(GroupSpec, Dataset)`` items
+(no live events, retries or checkpoints).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,16 +64,15 @@ from ._io import atomic_write_text, clean_tmp
 from ._threads import choose_threads, using_threads
 from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
-from .executors import Executor, InProcess
-from .metrics import METRICS_COLUMNS
+from .executors import Executor, InProcess, UnitTask
+from .metrics import METRICS_COLUMNS, registered
 from .report import write_report
-from .report.tensorboard import write_member_events
+from .report.tensorboard import MemberLog, write_member_events
 from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
-                     drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_values,
-                     read_run_meta, save_checkpoint, tb_dir, write_meta)
+                     drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_histograms,
+                     read_part_values, read_run_meta, save_checkpoint, tb_dir, write_meta)
 from .specs import Experiment
-from .training import (GroupResult, GroupSpec, group_memory, init_member, plan_groups, resolve_device, run_group,
-                       run_unit)
+from .training import GroupResult, GroupSpec, Member, group_memory, init_member, plan_groups, resolve_device, run_unit
 
 __all__ = ["run_experiment", "RunSummary", "RunProgress", "TqdmProgress", "METRICS_COLUMNS", "member_dir",
            "read_run_meta", "config_differences", "Executor"]
@@ -73,9 +82,12 @@ __all__ = ["run_experiment", "RunSummary", "RunProgress", "TqdmProgress", "METRI
 class RunProgress:
     """One progress event of :func:`run_experiment` (passed to a ``progress`` callable).
 
-    ``event``: "plan" (before any unit; ``units`` = groups to run), "unit_start", "step"
-    (``step`` of ``steps`` done in the current unit; in-process only), "unit_done" (the unit's
-    members are committed), "done". ``members``: the current unit's (scenario, seed) keys.
+    ``event``: "plan" (before any unit; ``units`` = groups to run), "unit_start" (``worker``:
+    "pid@host" of the process training it; again when a unit is retried), "step" (``step`` of
+    ``steps`` done in unit ``unit``, from any executor), "unit_done" (the unit's members are
+    committed), "unit_failed" (it failed for good: ``worker`` holds the error), "done".
+    ``members``: the unit's (scenario, seed) keys. Units on a pool or a cluster run at once, so
+    their events interleave.
     """
 
     event: str
@@ -86,6 +98,7 @@ class RunProgress:
     members: tuple[tuple[str, int], ...] = ()
     members_done: int = 0
     members_total: int = 0
+    worker: str = ""
 
 
 @dataclass
@@ -103,6 +116,8 @@ class RunSummary:
     wall_s: float
     report: Path | None
     figures: list[Path] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    retries: int = 0
 
     @property
     def tb_dir(self) -> Path:
@@ -127,7 +142,7 @@ class TqdmProgress:
         self.disable = disable
         self.desc = desc
         self.bar: Any = None
-        self._last = 0
+        self._last: dict[int, int] = {}
 
     def __call__(self, ev: RunProgress) -> None:
         from tqdm.auto import tqdm
@@ -138,14 +153,13 @@ class TqdmProgress:
         elif self.bar is None:
             return
         elif ev.event == "unit_start":
-            self._last = 0
+            self.bar.update(-self._last.pop(ev.unit, 0))
             self.bar.set_postfix_str(f"group {ev.unit + 1}/{ev.units}, {len(ev.members)} models")
         elif ev.event == "step":
-            self.bar.update(ev.step - self._last)
-            self._last = ev.step
-        elif ev.event == "unit_done":
-            self.bar.update(ev.steps - self._last)
-            self._last = 0
+            self.bar.update(ev.step - self._last.get(ev.unit, 0))
+            self._last[ev.unit] = ev.step
+        elif ev.event in ("unit_done", "unit_failed"):
+            self.bar.update(ev.steps - self._last.pop(ev.unit, 0))
         elif ev.event == "done":
             self.bar.close()
             self.bar = None
@@ -208,7 +222,8 @@ def _check_arguments(exp: Any, out_dir: Any, resume: Any, progress: Any, executo
             raise bad(name, "True or False", value)
     if not (progress is None or isinstance(progress, bool) or callable(progress)):
         raise bad("progress", "None, True, False or a callable taking a RunProgress", progress)
-    if executor is not None and not callable(getattr(executor, "map", None)):
+    if executor is not None and not callable(getattr(executor, "map", None)) \
+            and not callable(getattr(executor, "run_units", None)):
         raise bad("executor", "None or an object with map(fn, items)", executor)
     if data is not None and not isinstance(data, Dataset):
         raise bad("data", "None or a Dataset (initlab.lab.load_dataset)", data)
@@ -219,52 +234,88 @@ def _check_arguments(exp: Any, out_dir: Any, resume: Any, progress: Any, executo
         raise bad("checkpoint_every", "None or a number of seconds >= 0", checkpoint_every)
 
 
-def _write_tb(run_dir: Path, scenario: str, seed: int, values: dict[str, np.ndarray] | None = None,
-              metrics: Sequence[dict[str, Any]] | None = None, *, replace: bool = True) -> None:
-    """The member's TensorBoard log, from ``values`` and ``metrics`` or else from its recorded part."""
-    if values is None or metrics is None:
-        part = member_dir(run_dir, scenario, seed)
-        _, metrics = read_part_csv(part, "metrics.csv")
-        values = read_part_values(part)
-    write_member_events(tb_dir(run_dir, scenario, seed), values, metrics, replace=replace)
+def member_hparams(exp: Experiment, member: Member) -> dict[str, Any]:
+    """A member's hyperparameters for TensorBoard's HParams view (plain numbers and strings)."""
+    sc, t = member.scenario, exp.train
+    widths = list(sc.model.widths)
+    hp: dict[str, Any] = {"scenario": sc.name, "activation": str(sc.activation), "scheme": str(sc.scheme),
+                          "depth": max(0, len(widths) - 2), "width": max(widths[1:-1], default=0), "seed": int(member.seed),
+                          "optimizer": str(t.optimizer), "lr": float(t.lr), "batch_size": int(t.batch_size),
+                          "steps": int(t.steps)}
+    for k, v in sorted(dict(getattr(sc, "params", {}) or {}).items()):
+        if isinstance(v, (bool, int, float, str)):
+            hp[f"params.{k}"] = v
+    return hp
 
 
-class _InProcessUnit:
-    """The in-process unit of work: ``run_group`` with step-level progress events, continuing from the
-    group's checkpoint when there is one and saving new ones as it trains."""
+class _Live:
+    """What the driver keeps of the units in flight, from their events: each unfinished member's live
+    TensorBoard log, its weight histograms so far, and which attempt of each unit is current."""
 
     def __init__(self, run: _Run) -> None:
-        self.run, self.index = run, 0
+        self.run = run
+        self.attempt: dict[int, int] = {}
+        self.logs: dict[tuple[str, int], MemberLog] = {}
+        self.hists: dict[int, list[tuple[str, int, int, dict[str, Any]]]] = {}
+        self.preload: dict[int, list[tuple[str, int, int, dict[str, Any]]]] = {}
 
-    def __call__(self, item: tuple[GroupSpec, Dataset]) -> GroupResult:
-        unit, data = item
-        i, self.index = self.index, self.index + 1
+    def members(self, i: int) -> list[Member]:
+        return [m for m in self.run.units[i].members if m.key not in self.run.done]
+
+    def start(self, i: int, attempt: int) -> None:
+        """A unit (re)starts: its unfinished members' logs are written again from the beginning."""
+        self.attempt[i] = attempt
+        self.close(i)
         run = self.run
-        on_step = None
-        if run.callback is not None:
-            run.emit("unit_start", i, 0, tuple(unit.keys))
+        hists = self.hists[i] = list(self.preload.get(i, []))
+        for m in self.members(i):
+            d = tb_dir(run.run_dir, m.scenario.name, m.seed)
+            if d.exists():
+                shutil.rmtree(d)
+            log = self.logs[m.key] = MemberLog(d, member_hparams(run.exp, m))
+            for sc, seed, step, h in hists:
+                if (sc, seed) == m.key:
+                    log.histograms(step, h)
 
-            def on_step(n: int) -> None:
-                run.emit("step", i, int(n), tuple(unit.keys))
-        state = load_checkpoint(run.run_dir, run.fingerprint, unit.keys)
-        return run_group(unit, data, progress=on_step, checkpoint=_Saver(run, unit), resume=state)
+    def log(self, i: int, event: dict[str, Any]) -> None:
+        """A log step's rows, first pass and histograms into the members' logs, flushed."""
+        step = int(event["step"])
+        fp, hists = event.get("first_pass") or {}, event.get("histograms") or {}
+        rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in event.get("rows", ()):
+            rows.setdefault((str(r["scenario"]), int(r["seed"])), []).append(r)
+        for m in self.members(i):
+            log = self.logs.get(m.key)
+            if log is None:
+                continue
+            if m.key in fp:
+                log.first_pass(fp[m.key])
+            if m.key in hists:
+                log.histograms(step, hists[m.key])
+                self.hists.setdefault(i, []).append((m.key[0], m.key[1], step, hists[m.key]))
+            log.rows(rows.get(m.key, ()))
+            log.flush()
 
+    def checkpoint(self, i: int, state: dict[str, Any]) -> None:
+        """Save a unit's training state, with the histograms of the steps before it (those of its own
+        step are computed again when it continues)."""
+        step = int(state["step"])
+        hists = [[sc, seed, st, h] for sc, seed, st, h in self.hists.get(i, []) if st < step]
+        run = self.run
+        save_checkpoint(run.run_dir, run.fingerprint, run.units[i].keys, {**state, "histograms": hists})
 
-class _Saver:
-    """Saves a group's training state at its log steps: at most every ``run.checkpoint_every`` seconds,
-    and always at the last step (so that an interruption while its members are committed costs nothing)."""
+    def member_histograms(self, i: int, key: tuple[str, int]) -> list[tuple[int, dict[str, Any]]]:
+        return [(st, h) for sc, seed, st, h in self.hists.get(i, []) if (sc, seed) == key]
 
-    def __init__(self, run: _Run, unit: GroupSpec) -> None:
-        self.run, self.keys, self.last = run, unit.keys, time.monotonic()
+    def close_member(self, key: tuple[str, int]) -> None:
+        log = self.logs.pop(key, None)
+        if log is not None:
+            log.close()
 
-    def __call__(self, state: dict[str, Any]) -> None:
-        every = self.run.checkpoint_every
-        if every is None:
-            return
-        now = time.monotonic()
-        if now - self.last >= every or int(state["step"]) >= int(self.run.exp.train.steps):
-            save_checkpoint(self.run.run_dir, self.run.fingerprint, self.keys, state)
-            self.last = time.monotonic()
+    def close(self, i: int | None = None) -> None:
+        keys = list(self.logs) if i is None else [m.key for m in self.run.units[i].members]
+        for k in keys:
+            self.close_member(k)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -291,11 +342,16 @@ class _Run:
         self.diverged: list[dict[str, Any]] = []
         self.report_path: Path | None = None
         self.figures: list[Path] = []
+        self.retries = 2
+        self.live = _Live(self)
+        self.failed: list[dict[str, Any]] = []
+        self.retried = 0
 
-    def emit(self, event: str, unit: int, step: int = 0, members: tuple = ()) -> None:
+    def emit(self, event: str, unit: int, step: int = 0, members: tuple = (), worker: str = "") -> None:
         if self.callback is not None:
             steps = int(self.exp.train.steps)
-            self.callback(RunProgress(event, unit, len(self.units), step, steps, members, self.n_done, len(self.members)))
+            self.callback(RunProgress(event, unit, len(self.units), step, steps, members, self.n_done, len(self.members),
+                                      worker))
 
     def plan(self) -> list[GroupSpec]:
         """The groups still to train (read-only: called again under the lock before anything is written).
@@ -341,7 +397,7 @@ class _Run:
             except BaseException:
                 with contextlib.suppress(Exception):  # the training time is counted once
                     write_meta(self.run_dir, self.exp, self.fingerprint, "interrupted", self.members,
-                               0.0 if self.meta_written else self.wall)
+                               0.0 if self.meta_written else self.wall, failed=self.failed)
                 if isinstance(self.callback, TqdmProgress):
                     self.callback.close()
                 raise
@@ -355,42 +411,109 @@ class _Run:
             write_meta(self.run_dir, self.exp, self.fingerprint, "running", self.members, 0.0,
                        groups=[g.keys for g in self.groups])
 
-    def _train(self, data: Dataset | None, executor: Executor | None) -> None:
+    def _train(self, data: Dataset | None, executor: Any) -> None:
         t_train = time.perf_counter()
         try:
-            fn: Callable[[Any], GroupResult] = run_unit if executor is not None else _InProcessUnit(self)
-            results = (executor or InProcess()).map(fn, [(u, data) for u in self.units])
-            for i, (unit, result) in enumerate(zip(self.units, results)):
-                self._commit(i, unit, result)
+            if executor is None or callable(getattr(executor, "run_units", None)):
+                self._train_units(data, executor or InProcess())
+            else:  # any map(fn, items) executor: whole units, results only
+                results = executor.map(run_unit, [(u, data) for u in self.units])
+                for i, (_unit, result) in enumerate(zip(self.units, results)):
+                    self._commit(i, result)
         finally:
+            self.live.close()
             self.wall = time.perf_counter() - t_train if self.units else 0.0
 
-    def _commit(self, i: int, unit: GroupSpec, result: GroupResult) -> None:
+    def _train_units(self, data: Dataset | None, executor: Any) -> None:
+        tasks = [self._task(i, 0, data) for i in range(len(self.units))]
+        for task, result in executor.run_units(tasks, self._on_event, self._retry):
+            self._commit(task.index, result)
+
+    def _task(self, i: int, attempt: int, data: Any) -> UnitTask:
+        """Unit ``i``'s task: from its checkpoint when there is one (with the histograms logged before it)."""
+        state = load_checkpoint(self.run_dir, self.fingerprint, self.units[i].keys)
+        if state is not None:
+            state = dict(state)
+            self.live.preload[i] = [(str(h[0]), int(h[1]), int(h[2]), h[3]) for h in state.pop("histograms", None) or []]
+        else:
+            self.live.preload.pop(i, None)
+        return UnitTask(i, attempt, self.units[i], data, state, int(getattr(self.exp.train, "histograms_every", 1)),
+                        self.checkpoint_every, torch.get_num_threads(),
+                        tuple(m for m in registered() if m.compute is not None))
+
+    def _on_event(self, ev: tuple) -> None:
+        """An event of a unit (see :mod:`initlab.lab.executors`); those of an attempt that was given up are ignored."""
+        kind, i, attempt = ev[0], int(ev[1]), int(ev[2])
+        if kind == "start":
+            self.live.start(i, attempt)
+            self.emit("unit_start", i, 0, tuple(self.units[i].keys), str(ev[3]))
+        elif attempt != self.live.attempt.get(i):
+            return
+        elif kind == "log":
+            self.live.log(i, ev[3])
+            self.emit("step", i, int(ev[3]["step"]), tuple(self.units[i].keys))
+        elif kind == "checkpoint" and self.checkpoint_every is not None:
+            self.live.checkpoint(i, ev[3])
+
+    def _retry(self, task: UnitTask, error: str, started: bool) -> UnitTask | None:
+        """The next attempt of a failed unit (from its last checkpoint), or None after ``retries`` retries:
+        the unit is then recorded as failed, with its error, and the run goes on without it."""
+        self.live.attempt.pop(task.index, None)
+        self.live.close(task.index)
+        if task.attempt < self.retries:
+            self.retried += 1
+            return self._task(task.index, task.attempt + 1, task.data)
+        keys = tuple(self.units[task.index].keys)
+        self.failed.append({"members": [list(k) for k in keys], "attempts": task.attempt + 1, "error": error})
+        self.emit("unit_failed", task.index, int(self.exp.train.steps), keys, error)
+        return None
+
+    def _commit(self, i: int, result: GroupResult) -> None:
         """Record the group's members that are not recorded yet, merge the CSVs, drop its checkpoint."""
+        unit = self.units[i]
         for m in unit.members:
             if m.key in self.done:
                 continue
+            hists = self.live.member_histograms(i, m.key)
+            self.live.close_member(m.key)
+            # the live log gives way to the canonical one, written from what is recorded: the same file (wall
+            # times aside) however the unit was interrupted, retried or resumed (an interruption in between
+            # leaves no log, which the end of the run, or the next run, writes from the part)
+            shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
             values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
-                                         self.groups.index(unit))
-            _write_tb(self.run_dir, m.scenario.name, m.seed, values, rows)
+                                         self.groups.index(unit), hists)
+            self._write_tb(m, values, rows, hists, replace=False)
             self.done.add(m.key)
             self.n_done += 1
             self.members_run += 1
+        self.live.attempt.pop(i, None)
         merge(self.run_dir, self.members)
         drop_checkpoint(self.run_dir, unit.keys)
         self.units_run += 1
         self.emit("unit_done", i, int(self.exp.train.steps), tuple(unit.keys))
 
+    def _write_tb(self, m: Member, values: dict[str, np.ndarray] | None = None,
+                  metrics: Sequence[dict[str, Any]] | None = None,
+                  hists: Sequence[tuple[int, dict[str, Any]]] | None = None, *, replace: bool = True) -> None:
+        """The member's TensorBoard log, from ``values``, ``metrics`` and ``hists`` or else from its recorded part."""
+        if values is None or metrics is None or hists is None:
+            part = member_dir(self.run_dir, m.scenario.name, m.seed)
+            _, metrics = read_part_csv(part, "metrics.csv")
+            values = read_part_values(part)
+            hists = read_part_histograms(part)
+        write_member_events(tb_dir(self.run_dir, m.scenario.name, m.seed), values, metrics, replace=replace,
+                            histograms=hists, hparams=member_hparams(self.exp, m))
+
     def _finish(self, report: bool) -> None:
         """Logs whose writing was interrupted, the merged CSVs, run.json and (when complete) the report."""
-        for sc, seed in self.members:
-            if (member_dir(self.run_dir, sc, seed) / "member.json").is_file() and not tb_dir(self.run_dir, sc, seed).is_dir():
-                _write_tb(self.run_dir, sc, seed, replace=False)
+        for m in (m for g in self.groups for m in g.members):
+            if (member_dir(self.run_dir, *m.key) / "member.json").is_file() and not tb_dir(self.run_dir, *m.key).is_dir():
+                self._write_tb(m, replace=False)
         merge(self.run_dir, self.members)  # also after an interruption between a commit and its merge
-        status = "complete" if self.n_done == len(self.members) else "running"
+        status = "complete" if self.n_done == len(self.members) else "failed" if self.failed else "running"
         if status == "complete":
             drop_checkpoint(self.run_dir)
-        meta = write_meta(self.run_dir, self.exp, self.fingerprint, status, self.members, self.wall)
+        meta = write_meta(self.run_dir, self.exp, self.fingerprint, status, self.members, self.wall, failed=self.failed)
         self.meta_written = True
         self.diverged = list(meta["diverged"])
         if status == "complete" and report:
@@ -402,7 +525,8 @@ class _Run:
         return RunSummary(run_dir=self.run_dir, name=self.exp.name, fingerprint=self.fingerprint,
                           members_total=len(self.members), members_run=self.members_run,
                           members_skipped=self.skipped, units_run=self.units_run, diverged=self.diverged,
-                          wall_s=time.perf_counter() - t0, report=self.report_path, figures=self.figures)
+                          wall_s=time.perf_counter() - t0, report=self.report_path, figures=self.figures,
+                          failed=list(self.failed), retries=self.retried)
 
 
 def _callback(progress: Callable[[RunProgress], Any] | bool | None) -> Callable[[RunProgress], Any] | None:
@@ -414,7 +538,7 @@ def _callback(progress: Callable[[RunProgress], Any] | bool | None) -> Callable[
 def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: bool = True,
                    progress: Callable[[RunProgress], Any] | bool | None = None, executor: Executor | None = None,
                    data: Dataset | None = None, download: bool = False, max_members: int | None = None,
-                   report: bool = True, checkpoint_every: float | None = 5.0,
+                   report: bool = True, checkpoint_every: float | None = 5.0, retries: int = 2,
                    threads: int | None = None) -> RunSummary:
     """Train every member of ``exp`` and write the run directory ``out_dir`` (see the module docstring).
 
@@ -424,7 +548,9 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
     - ``progress``: None/False (quiet), True (a tqdm bar on stderr, hidden when it is not a
       terminal), or a callable receiving :class:`RunProgress` events. An exception raised by the
       callable (e.g. ``KeyboardInterrupt``) stops the run; finished members stay recorded.
-    - ``executor``: None (in this process) or an object with ``map(fn, items)``.
+    - ``executor``: None (in this process), an executor of :mod:`initlab.lab.executors`
+      (``ProcessPool(workers)``, ``RayExecutor(address)``, or ``make_executor(name, ...)``), or any
+      object with ``map(fn, items)``.
     - ``data``: an already loaded :class:`~initlab.lab.data.Dataset` (default: ``load_dataset(exp.data)``,
       loaded only when some member is still to run); ``download``: let the loader fetch missing
       MNIST files.
@@ -434,23 +560,28 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
     - ``report``: write figures and report.html once every member is done.
     - ``checkpoint_every``: seconds between checkpoints of a training group (taken at log steps, and
       always at the last one; 0 = every log step, None = none); an interrupted group continues from
-      its last checkpoint, bit-identical to an uninterrupted run. In-process only: an ``executor``
-      trains each group from step 0.
+      its last checkpoint, bit-identical to an uninterrupted run. Units on a pool or a cluster send
+      their checkpoints to this process, which saves them (a ``map`` executor trains from step 0).
+    - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this
+      process an exception stops the run).
     - ``threads``: torch threads for the run (None: :func:`~initlab.lab._threads.choose_threads`'s
       policy: physical cores that are idle); the previous count is restored afterwards.
     """
     with using_threads(choose_threads(threads)):
         return _run_experiment(exp, out_dir, resume, progress, executor, data, download, max_members, report,
-                               checkpoint_every)
+                               checkpoint_every, retries)
 
 
 def _run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], resume: bool,
                     progress: Callable[[RunProgress], Any] | bool | None, executor: Executor | None,
                     data: Dataset | None, download: bool, max_members: int | None, report: bool,
-                    checkpoint_every: float | None) -> RunSummary:
+                    checkpoint_every: float | None, retries: int = 2) -> RunSummary:
     t0 = time.perf_counter()
     _check_arguments(exp, out_dir, resume, progress, executor, data, download, max_members, report, checkpoint_every)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InitlabError(f"run_experiment: retries: expected an integer >= 0, got {type(retries).__name__} {retries!r:.60}")
     run = _Run(exp, Path(out_dir), bool(resume), max_members)
+    run.retries = retries
     run.checkpoint_every = None if checkpoint_every is None else float(checkpoint_every)
     loaded: list[Dataset | None] = [data]
 

@@ -11,7 +11,8 @@ Layout (``run_dir/``)::
     tb/<scenario>/seed<k>/   TensorBoard events of one member (initlab.lab.report.tensorboard)
     figures/*.png, report.html   (initlab.lab.report)
     parts/<scenario>/seed<k>/   a finished member's own results (metrics.csv, first_pass.csv,
-                       values.npz with the first-pass arrays, member.json)
+                       values.npz with the first-pass arrays, histograms.json with the weight
+                       histograms of its TensorBoard log, member.json)
     checkpoints/group-<hash>.pt   the training state of a group that has not finished (removed
                        when the run completes)
     run.lock           held (an OS file lock) while a process writes here
@@ -62,7 +63,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["member_dir", "member_log_dir", "tb_dir", "read_run_meta", "config_differences", "check_out_dir", "lock",
            "check_out_path", "done_members", "first_pass_columns", "commit_member", "merge", "write_meta", "clear_results",
-           "read_part_csv", "read_part_values", "checkpoint_path", "save_checkpoint", "load_checkpoint",
+           "read_part_csv", "read_part_values", "read_part_histograms", "checkpoint_path", "save_checkpoint", "load_checkpoint",
            "drop_checkpoint", "METRICS_COLUMNS", "FIRST_PASS_LEAD"]
 
 FIRST_PASS_LEAD = ("scenario", "seed", "scheme")
@@ -324,10 +325,12 @@ def first_pass_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int, result: GroupResult,
-                   unit_index: int) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+                   unit_index: int, histograms: Sequence[tuple[int, dict[str, Any]]] = ()
+                   ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Write one member's results as ``parts/<scenario>/seed<k>/`` (atomically, all files at once).
 
-    ``unit_index``: the member's group in the run's plan (as run.json lists the groups).
+    ``unit_index``: the member's group in the run's plan (as run.json lists the groups);
+    ``histograms``: (step, {tag: raw histogram}) pairs of its TensorBoard log.
     Returns the member's first-pass arrays and metrics rows (for its TensorBoard log)."""
     key = (scenario.name, int(seed))
     metrics = [{c: r[c] for c in METRICS_COLUMNS} for r in result.metrics
@@ -350,6 +353,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
         (tmp / "first_pass.csv").write_text(csv_text(first_pass, first_pass_columns(first_pass)), encoding="utf-8")
         with open(tmp / "values.npz", "wb") as f:
             np.savez_compressed(f, **values)
+        (tmp / "histograms.json").write_text(json.dumps([[int(st), h] for st, h in histograms]), encoding="utf-8")
         (tmp / "member.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return values, metrics
 
@@ -377,6 +381,18 @@ def read_part_values(part: Path) -> dict[str, np.ndarray]:
             return {k: np.asarray(z[k]) for k in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise _corrupt(path, part, e) from None
+
+
+def read_part_histograms(part: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A member's weight histograms (``histograms.json``; none for a part written without it)."""
+    path = part / "histograms.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise _corrupt(path, part, e) from None
+    return [(int(st), h) for st, h in raw]
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -451,9 +467,11 @@ def drop_checkpoint(run_dir: Path, keys: Sequence[tuple[str, int]] | None = None
 
 
 def write_meta(run_dir: Path, exp: Experiment, fingerprint: str, status: str, members: Sequence[tuple[str, int]],
-                wall_s: float, groups: Sequence[Sequence[tuple[str, int]]] | None = None) -> dict[str, Any]:
-    """Write ``run.json``: the run's status, members done and diverged, training time, and the groups
-    its members train in (``groups``, kept from the previous run.json when None)."""
+                wall_s: float, groups: Sequence[Sequence[tuple[str, int]]] | None = None,
+                failed: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Write ``run.json``: the run's status, members done and diverged, training time, the groups
+    its members train in (``groups``, kept from the previous run.json when None) and the units that
+    failed in this call (``failed``: members, attempts, error; only when there are any)."""
     old = read_run_meta(run_dir)
     diverged, done = [], 0
     for sc, seed in members:
@@ -476,6 +494,8 @@ def write_meta(run_dir: Path, exp: Experiment, fingerprint: str, status: str, me
     }
     if meta["groups"] is None:
         del meta["groups"]
+    if failed:
+        meta["failed"] = [dict(f) for f in failed]
     atomic_write_text(run_dir / "run.json", json.dumps(meta, indent=1) + "\n")
     return meta
 

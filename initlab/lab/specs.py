@@ -166,6 +166,7 @@ class TrainSpec:
     momentum: float = 0.0
     layer_stats: bool = False
     jacobian: bool = False
+    histograms_every: int = 1  # weight histograms in TensorBoard every that many log steps (0: none)
 
     def __post_init__(self) -> None:
         opt = as_str(self.optimizer, "train.optimizer", nonempty=True).strip().lower()
@@ -185,6 +186,7 @@ class TrainSpec:
         _set(self, "momentum", momentum)
         _set(self, "layer_stats", as_bool(self.layer_stats, "train.layer_stats"))
         _set(self, "jacobian", as_bool(self.jacobian, "train.jacobian"))
+        _set(self, "histograms_every", as_int(self.histograms_every, "train.histograms_every", minimum=0))
 
 
 def _device(value: Any) -> str:

@@ -18,12 +18,26 @@ tag                    kind       value (step)
 ``test/acc``                      (step 0 = before training, then every log_every steps)
 ``<tag>``              scalar     any other metric of :mod:`initlab.lab.metrics` (its ``tag``;
                                   ``test/<tag>`` for held-out rows, ``<tag>_<k>`` per component)
+``weights/<layer>``    histogram  weight layer's values at step 0 and every
+                                  ``train.histograms_every`` log steps (and the last step)
 =====================  =========  ======================================================
 
+HParams: each member's log carries its hyperparameters (scenario, activation, scheme, depth,
+width, seed, optimiser, learning rate, batch size, steps, scheme parameters) with ``test/acc``,
+``test/loss``, ``acc`` and ``loss`` as the metrics, so TensorBoard's HParams tab shows the grid
+as a table and parallel coordinates.
+
+Live logs: during a run, :class:`MemberLog` writes a member's events as its unit trains (flushed
+at each log step), from the events the unit reports (:mod:`initlab.lab.executors`), whichever
+executor runs it. A member whose unit is (re)started has its live log written again from the start.
+When the member is recorded, its live log is replaced by the canonical one, written by
+:func:`write_member_events` from the recorded part (hyperparameters, first pass, histograms by step,
+then the metrics rows sorted), so a finished member's log is the same file, wall times aside, however
+its unit was interrupted, retried or resumed, and on any executor.
+
 As in the study, ``loss`` and ``acc`` are the training-batch values; the held-out values sit
-under ``test/``. A member's directory is built under a temporary name and renamed into place
-(see :func:`initlab.lab._io.atomic_dir`), so an interrupted run never leaves a log with
-duplicated or missing events: the directory exists completely or not at all.
+under ``test/``. :func:`write_member_events` (a member's log from its recorded part) builds the directory under a
+temporary name and renames it into place (see :func:`initlab.lab._io.atomic_dir`).
 
 tensorboard and torch.utils.tensorboard are imported inside the functions.
 """
@@ -40,7 +54,10 @@ from .._io import atomic_dir
 from ..metrics import tensorboard_tag
 from ..rundir import member_log_dir
 
-__all__ = ["write_member_events", "member_log_dir", "first_pass_tags"]
+__all__ = ["write_member_events", "member_log_dir", "first_pass_tags", "MemberLog", "HPARAM_METRICS"]
+
+#: the scalar tags the HParams view shows beside each member's hyperparameters
+HPARAM_METRICS = ("test/acc", "test/loss", "acc", "loss")
 
 
 def _layer_numbers(values: Mapping[str, np.ndarray]) -> list[int]:
@@ -72,40 +89,85 @@ def _pop_var(a: np.ndarray) -> float:
     return float(a.var()) if a.size else math.nan
 
 
+class MemberLog:
+    """One member's TensorBoard log, written as the member trains: hyperparameters, the first pass,
+    metrics rows and weight histograms, each flushed to disk by :meth:`flush`."""
+
+    def __init__(self, log_dir: str | Path, hparams: Mapping[str, Any] | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(log_dir), flush_secs=3600, max_queue=1000)
+        if hparams:
+            self._hparams(hparams)
+
+    def _hparams(self, hparams: Mapping[str, Any]) -> None:
+        from torch.utils.tensorboard import summary as tb_summary
+
+        clean = {str(k): v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
+        fw = self.writer._get_file_writer()
+        for summary in tb_summary.hparams(clean, {tag: 0.0 for tag in HPARAM_METRICS}):
+            fw.add_summary(summary)
+
+    def first_pass(self, values: Mapping[str, np.ndarray]) -> None:
+        writer = self.writer
+        if "input" in values:
+            writer.add_scalar("input_var", _pop_var(values["input"]), global_step=0)
+        for i in _layer_numbers(values):
+            mm = values.get(f"mat_mul_{i}")
+            if mm is not None:
+                writer.add_scalar(f"mat_mul_var_{i}", _pop_var(mm), global_step=0)
+                _histogram(writer, f"mat_mul_hist_{i}", mm)
+            fc = values.get(f"fc_out_{i}")
+            if fc is not None:
+                _histogram(writer, f"fc_out_{i}", fc)
+
+    def rows(self, metrics: Iterable[Mapping[str, Any]]) -> None:
+        """Metrics rows (keys step, split, metric, value); non-finite values (a diverged member) are skipped."""
+        for row in sorted(metrics, key=lambda r: (int(r["step"]), str(r["split"]), str(r["metric"]))):
+            value = float(row["value"])
+            if math.isfinite(value):
+                self.writer.add_scalar(tensorboard_tag(str(row["metric"]), str(row["split"])), value,
+                                       global_step=int(row["step"]))
+
+    def histograms(self, step: int, hists: Mapping[str, Mapping[str, Any]]) -> None:
+        """Raw histograms (``{tag: initlab.lab.training.weight_histogram(...)}``) at ``step``."""
+        for tag in sorted(hists):
+            h = hists[tag]
+            if int(h["num"]) > 0:
+                self.writer.add_histogram_raw(tag, h["min"], h["max"], h["num"], h["sum"], h["sum_squares"],
+                                              list(h["bucket_limit"]), list(h["bucket"]), global_step=int(step))
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
-                        metrics: Iterable[Mapping[str, Any]], *, replace: bool = True) -> Path:
+                        metrics: Iterable[Mapping[str, Any]], *, replace: bool = True,
+                        histograms: Iterable[tuple[int, Mapping[str, Any]]] = (),
+                        hparams: Mapping[str, Any] | None = None) -> Path:
     """Write one member's TensorBoard events into ``log_dir`` (created atomically).
 
     ``values``: first-pass arrays ``input``, ``mat_mul_<i>``, ``fc_out_<i>`` (as in
     ``GroupResult.first_pass_values``); ``metrics``: the member's rows of metrics.csv (keys
     step, split, metric, value). Non-finite metric values (a diverged member) are skipped.
-    With ``replace=True`` an existing directory is swapped for the new one.
+    ``histograms``: (step, ``{tag: raw histogram}``) pairs; ``hparams``: the member's
+    hyperparameters for the HParams view. With ``replace=True`` an existing directory is swapped
+    for the new one.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     log_dir = Path(log_dir)
     with atomic_dir(log_dir, replace=replace) as tmp:
-        writer = SummaryWriter(log_dir=str(tmp), flush_secs=3600)
+        log = MemberLog(tmp, hparams)
         try:
-            if "input" in values:
-                writer.add_scalar("input_var", _pop_var(values["input"]), global_step=0)
-            for i in _layer_numbers(values):
-                mm = values.get(f"mat_mul_{i}")
-                if mm is not None:
-                    writer.add_scalar(f"mat_mul_var_{i}", _pop_var(mm), global_step=0)
-                    _histogram(writer, f"mat_mul_hist_{i}", mm)
-                fc = values.get(f"fc_out_{i}")
-                if fc is not None:
-                    _histogram(writer, f"fc_out_{i}", fc)
-            for row in sorted(metrics, key=lambda r: (int(r["step"]), str(r["split"]), str(r["metric"]))):
-                value = float(row["value"])
-                if not math.isfinite(value):
-                    continue
-                tag = tensorboard_tag(str(row["metric"]), str(row["split"]))
-                writer.add_scalar(tag, value, global_step=int(row["step"]))
-            writer.flush()
+            log.first_pass(values)
+            for step, hists in histograms:
+                log.histograms(step, hists)
+            log.rows(metrics)
+            log.flush()
         finally:
-            writer.close()
+            log.close()
     return log_dir
 
 

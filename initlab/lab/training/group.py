@@ -4,6 +4,15 @@
 :func:`run_group` is a pure function: no file I/O, no global state (it never changes torch's
 global RNG or thread settings, and restores the denormal mode), and its inputs and outputs
 pickle, so another executor (a Ray worker, a process pool) can run it.
+
+Live reporting: ``on_log(event)`` is called at each log step with what is new since the previous
+call (a plain dict that pickles, so a worker can forward it to the driver as it trains):
+``step``; ``rows``, the metrics rows recorded since the previous event; ``first_pass`` (first
+event only), the first-pass arrays per member; ``histograms`` (when due), one
+:func:`weight_histogram` per live member and weight layer, ``{(scenario, seed): {"weights/<layer>":
+summary}}``. After the last log step, a final event (``step`` = steps) carries any rows recorded
+after it (members that diverged). Together the events hold every row of the result, in the order
+recorded.
 """
 from __future__ import annotations
 
@@ -25,7 +34,7 @@ from .first_pass import first_pass
 from .loop import TrainLoop
 from .plan import GroupSpec, check_train, first_pass_indices, init_member, resolve_device
 
-__all__ = ["GroupResult", "run_group", "run_unit"]
+__all__ = ["GroupResult", "run_group", "run_unit", "weight_histogram"]
 
 _SPLIT_RANK = {"train": 0, "test": 1}
 
@@ -115,10 +124,63 @@ def _flush_denormal_on() -> bool:
     return float(torch.tensor([1e-39], dtype=torch.float32).mul(1.0)) == 0.0
 
 
+def weight_histogram(w: Tensor) -> dict[str, Any]:
+    """A histogram of a tensor's finite values as plain numbers (TensorBoard's raw histogram fields):
+    min, max, num, sum, sum_squares, and 30 equal buckets over [min, max] (``bucket_limit``: their
+    upper edges, ``bucket``: their counts). Computed in float64 from the values alone (numpy's pairwise sums, no
+    BLAS, whose threads would change the last bits), so the same
+    weights give the same histogram on any executor."""
+    a = w.detach().to("cpu", torch.float64).flatten().numpy()
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return {"min": 0.0, "max": 0.0, "num": 0, "sum": 0.0, "sum_squares": 0.0, "bucket_limit": [0.0], "bucket": [0]}
+    lo, hi = float(a.min()), float(a.max())
+    edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo, np.nextafter(lo, np.inf)])
+    counts, _ = np.histogram(a, bins=edges)
+    return {"min": lo, "max": hi, "num": int(a.size), "sum": float(a.sum()), "sum_squares": float(np.square(a).sum()),
+            "bucket_limit": [float(x) for x in edges[1:]], "bucket": [int(c) for c in counts]}
+
+
+class _Reporter:
+    """The loop's ``progress`` callable when live events are asked for: at each log step, the rows
+    recorded since the previous event (and the first-pass arrays, then the weight histograms when due)
+    go to ``on_log``, then ``progress(step)`` is called."""
+
+    def __init__(self, on_log: Callable[[dict[str, Any]], Any], progress: Callable[[int], Any] | None,
+                 first_pass: dict, histograms_every: int, train: Any) -> None:
+        self.on_log, self.progress, self.first_pass = on_log, progress, first_pass
+        self.every = int(histograms_every) * int(train.log_every)
+        self.steps = int(train.steps)
+        self.loop: TrainLoop | None = None
+        self.sent = 0
+
+    def __call__(self, step: int) -> None:
+        self.emit(int(step), histograms=True)
+        if self.progress is not None:
+            self.progress(step)
+
+    def emit(self, step: int, histograms: bool = False) -> None:
+        loop = self.loop
+        assert loop is not None
+        event: dict[str, Any] = {"step": step, "rows": [dict(r) for r in loop.metrics[self.sent:]]}
+        self.sent = len(loop.metrics)
+        if self.first_pass is not None:
+            event["first_pass"], self.first_pass = self.first_pass, None
+        if histograms and self.every > 0 and loop.alive and (step % self.every == 0 or step == self.steps):
+            keys = [m.key for m in loop.alive]
+            hists: dict[tuple[str, int], dict[str, Any]] = {k: {} for k in keys}
+            for layer in loop.engine.layers():
+                for i, k in enumerate(keys):
+                    hists[k][f"weights/{layer.name}"] = weight_histogram(layer.weight[i])
+            event["histograms"] = hists
+        self.on_log(event)
+
+
 def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] | None = None,
               dtype: torch.dtype = torch.float32, flush_denormal: bool = True,
               checkpoint: Callable[[dict[str, Any]], Any] | None = None,
-              resume: dict[str, Any] | None = None) -> GroupResult:
+              resume: dict[str, Any] | None = None, on_log: Callable[[dict[str, Any]], Any] | None = None,
+              histograms_every: int = 1) -> GroupResult:
     """Train every member of ``spec`` on ``data`` at once; return metrics and first-pass statistics.
 
     Steps: build and initialise each member (:func:`~initlab.lab.training.plan.init_member`), run
@@ -137,21 +199,23 @@ def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] 
     of CPU tensors, numbers and lists, a snapshot the caller may keep or save); ``resume=state``
     continues from such a state instead of step 0 (the members are still built, initialised and
     probed, which is deterministic), and gives results bit-identical to an uninterrupted call.
+    ``on_log(event)``: live events at each log step (see the module docstring), with weight
+    histograms every ``histograms_every`` log steps and at the last step (0: none).
     Pure: no file I/O and no global state; the arguments and the result pickle.
     """
     previous = _flush_denormal_on()
     if flush_denormal != previous:
         torch.set_flush_denormal(flush_denormal)
     try:
-        return _run_group(spec, data, progress, dtype, checkpoint, resume)
+        return _run_group(spec, data, progress, dtype, checkpoint, resume, on_log, histograms_every)
     finally:
         if flush_denormal != previous:
             torch.set_flush_denormal(previous)
 
 
 def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | None, dtype: torch.dtype,
-               checkpoint: Callable[[dict[str, Any]], Any] | None = None, resume: dict[str, Any] | None = None
-               ) -> GroupResult:
+               checkpoint: Callable[[dict[str, Any]], Any] | None = None, resume: dict[str, Any] | None = None,
+               on_log: Callable[[dict[str, Any]], Any] | None = None, histograms_every: int = 1) -> GroupResult:
     t0 = time.perf_counter()
     device = _check_inputs(spec, data)
     models, first_pass_rows, fp_values = _init_members(spec, data)
@@ -161,9 +225,14 @@ def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | 
     engine = build_engine(plan, models, x_train, y_train, device, dtype)
     members = [spec.members[i] for i in plan.order]
     t2 = time.perf_counter()
-    loop = TrainLoop(engine, members, x_test, y_test, int(data.x_train.shape[0]), spec.train, device, progress,
-                     checkpoint)
+    reporter = None if on_log is None else _Reporter(on_log, progress, fp_values, histograms_every, spec.train)
+    loop = TrainLoop(engine, members, x_test, y_test, int(data.x_train.shape[0]), spec.train, device,
+                     progress if reporter is None else reporter, checkpoint)
+    if reporter is not None:
+        reporter.loop = loop
     metrics, diverged, eval_s = loop.run(resume)
+    if reporter is not None and reporter.sent < len(metrics):
+        reporter.emit(int(spec.train.steps))
     t3 = time.perf_counter()
     rank = {m.key: i for i, m in enumerate(spec.members)}
     metrics.sort(key=lambda r: (rank[(r["scenario"], r["seed"])], r["step"], _SPLIT_RANK[r["split"]], sort_key(r["metric"])))

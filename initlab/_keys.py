@@ -1,0 +1,229 @@
+"""Which random stream a tensor is sampled from, and which of its elements a process holds.
+
+Every element the CPU sampler writes is a function of ``(base, name, global index)``
+(:mod:`initlab._philox`):
+
+* under :func:`keyed` (``init_model`` opens it around its writes) ``base`` is one draw from the
+  caller's generator per call and ``name`` the parameter's fully qualified name; the global index
+  is the element's position in the parameter's row-major order, also when a scheme fills a view
+  of it (MultiheadAttention's in_proj blocks) or the parameter is a DTensor whose local shard
+  holds only some of its elements. So values do not depend on the order of the writes, on which
+  other layers exist (a pipeline stage builds only its own) or on the process and its mesh;
+* a tensor that is not a parameter of the model (a scratch tensor a scheme samples into) is
+  keyed by the number of such tensors sampled so far in the call;
+* outside :func:`keyed` (``variance_scaling_(t, generator=g)`` on its own) ``base`` is one draw
+  from ``g`` and ``name`` is empty.
+
+DTensors (``torch.distributed.tensor``): the local shard's global indices follow from the
+global shape, the device mesh and the placements (``Shard(d)`` splits dimension ``d`` like
+``torch.chunk``, the last shards possibly shorter or empty; ``Replicate`` keeps it whole), so a
+shard is filled with no communication. ``Partial`` and ``_StridedShard`` placements are refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._errors import InitlabError
+
+__all__ = ["keyed", "resolve", "is_dtensor", "local", "call_base", "Target", "shard_runs"]
+
+
+def _dtensor_type() -> type | None:
+    mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this process holds: a DTensor's local shard, else ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def call_base(generator: torch.Generator | None) -> int:
+    """One 64-bit draw from ``generator`` (torch's default generator when None)."""
+    dev = generator.device if generator is not None else "cpu"
+    hi, lo = torch.randint(0, 1 << 32, (2,), generator=generator, device=dev).tolist()
+    return (int(hi) << 32) | int(lo)
+
+
+@dataclass
+class _Context:
+    base: int
+    params: dict[int, tuple[str, Tensor]]  # storage address of the local data -> (name, parameter)
+    temps: int = 0
+
+
+@dataclass
+class Target:
+    """What the sampler writes: ``local`` (a plain tensor), its stream ``(base, name)`` and the
+    global indices of its elements in row-major order, as runs ``starts[k] .. starts[k] + lens[k] - 1``."""
+
+    local: Tensor
+    base: int
+    name: str
+    starts: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    lens: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+
+
+_current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("initlab_keys", default=None)
+
+
+def _address(t: Tensor) -> int | None:
+    if isinstance(t, nn.parameter.UninitializedParameter) or t.is_meta or t.numel() == 0:
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def keyed(model: nn.Module, generator: torch.Generator | None) -> Iterator[int]:
+    """Key every tensor sampled inside by ``(one draw of generator, parameter name, index)``;
+    yields the draw."""
+    params: dict[int, tuple[str, Tensor]] = {}
+    for name, p in model.named_parameters():
+        addr = _address(local(p))
+        if addr is not None:
+            params.setdefault(addr, (name, p))
+    ctx = _Context(call_base(generator), params)
+    token = _current.set(ctx)
+    try:
+        with _sharding_hooks_off(model):
+            yield ctx.base
+    finally:
+        _current.reset(token)
+
+
+@contextlib.contextmanager
+def _sharding_hooks_off(model: nn.Module) -> Iterator[None]:
+    """FSDP2 modules' forward hooks set aside while ``init_model`` traces the model with
+    ``torch.fx`` (tracing calls each block's hooks: an all-gather, and a block that then believes
+    it is the root, so the model's first real forward fails)."""
+    saved = []
+    for m in model.modules():
+        if hasattr(m, "_get_fsdp_state") and (m._forward_pre_hooks or m._forward_hooks):
+            saved.append((m, m._forward_pre_hooks, m._forward_hooks))
+            m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
+    try:
+        yield
+    finally:
+        for m, pre, post in saved:
+            m._forward_pre_hooks, m._forward_hooks = pre, post
+
+
+def _merge(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs with the adjacent ones joined (row after row of a row shard is one run)."""
+    keep = lens > 0
+    starts, lens = starts[keep], lens[keep]
+    if starts.size <= 1:
+        return starts, lens
+    new = np.ones(starts.size, dtype=bool)
+    new[1:] = starts[1:] != starts[:-1] + lens[:-1]
+    first = np.flatnonzero(new)
+    ends = np.add.reduceat(lens, first)
+    return starts[first], ends
+
+
+def _runs(offsets: list[np.ndarray], base: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of global indices ``base + sum_d offsets[d][i_d]`` over the local elements in
+    row-major order (``offsets[d]``: dimension d's contribution for each local index)."""
+    if not offsets:
+        return np.array([base], dtype=np.int64), np.ones(1, dtype=np.int64)
+    last = offsets[-1]
+    if last.size == 0 or any(o.size == 0 for o in offsets):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    cut = np.flatnonzero(np.diff(last) != 1) + 1
+    seg_start = last[np.concatenate(([0], cut))]
+    seg_len = np.diff(np.concatenate(([0], cut, [last.size])))
+    lead = np.array([base], dtype=np.int64)
+    for o in offsets[:-1]:
+        lead = (lead[:, None] + o[None, :]).ravel()
+    starts = (lead[:, None] + seg_start[None, :]).ravel()
+    return _merge(starts, np.tile(seg_len, lead.size).astype(np.int64))
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def shard_indices(shape: tuple[int, ...], mesh: object, placements: tuple[object, ...]) -> list[np.ndarray]:
+    """For each dimension of a DTensor of global ``shape``, the global indices this process holds."""
+    idx = [np.arange(s, dtype=np.int64) for s in shape]
+    coord = mesh.get_coordinate()  # type: ignore[attr-defined]
+    if coord is None:  # this rank is not in the mesh: it holds nothing
+        return [np.zeros(0, dtype=np.int64) for _ in shape]
+    for mdim, p in enumerate(placements):
+        if p.is_partial():  # type: ignore[attr-defined]
+            raise InitlabError(f"cannot initialise a DTensor with a Partial placement ({p}); "
+                               "use Shard or Replicate")
+        if not p.is_shard():  # type: ignore[attr-defined]
+            continue
+        if type(p).__name__ != "Shard":
+            raise InitlabError(f"cannot initialise a DTensor with placement {p!r} (mesh dim {mdim}); "
+                               "supported: Shard(d) and Replicate")
+        d, n, c = p.dim, mesh.size(mdim), coord[mdim]  # type: ignore[attr-defined]
+        size = idx[d].size
+        per = -(-size // n) if size else 0  # torch.chunk: ceil(size / n) each, the last ones short
+        idx[d] = idx[d][min(size, c * per): min(size, (c + 1) * per)]
+    return idx
+
+
+def shard_runs(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of the global row-major indices of a DTensor's local elements."""
+    shape = tuple(t.shape)
+    idx = shard_indices(shape, t.device_mesh, tuple(t.placements))  # type: ignore[attr-defined]
+    strides = _row_major_strides(shape)
+    return _runs([i * s for i, s in zip(idx, strides)])
+
+
+def _view_runs(t: Tensor, p: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of ``t``'s elements in ``p``'s row-major order when ``t`` views the contiguous ``p``."""
+    if not p.is_contiguous():
+        return None
+    offs = [np.arange(s, dtype=np.int64) * st for s, st in zip(t.shape, t.stride())]
+    return _runs(offs, t.storage_offset() - p.storage_offset())
+
+
+def _whole(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(1, dtype=np.int64), np.array([t.numel()], dtype=np.int64)
+
+
+def resolve(tensor: Tensor, generator: torch.Generator | None) -> Target:
+    """The :class:`Target` the sampler fills for ``tensor`` (a plain tensor or a DTensor)."""
+    dt = is_dtensor(tensor)
+    loc = tensor.to_local() if dt else tensor
+    ctx = _current.get()
+    if ctx is None:
+        starts, lens = shard_runs(tensor) if dt else _whole(loc)
+        return Target(loc, call_base(generator), "", starts, lens)
+    hit = ctx.params.get(_address(loc) or -1)
+    if hit is not None:
+        name, p = hit
+        if dt and is_dtensor(p) and tuple(p.shape) == tuple(tensor.shape):
+            return Target(loc, ctx.base, name, *shard_runs(tensor))
+        if not dt and not is_dtensor(p):
+            runs = _view_runs(loc, p)
+            if runs is not None:
+                return Target(loc, ctx.base, name, *runs)
+            return Target(loc, ctx.base, f"{name}@{loc.storage_offset()}", *_whole(loc))
+    ctx.temps += 1
+    starts, lens = shard_runs(tensor) if dt else _whole(loc)
+    return Target(loc, ctx.base, f"#{ctx.temps}", starts, lens)
