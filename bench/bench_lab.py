@@ -21,6 +21,13 @@ before both timings. Run from the repository root:
 
     python bench/bench_lab.py                 # the full classic preset
     python bench/bench_lab.py --steps 200     # a quick run
+
+Two ratios against the peer's time (goals on 2 quiet cores): **training alone** (``run_group`` on
+every group: init, first pass, training, periodic metrics; goal >= 10x) and **end to end**
+(``run_experiment`` of the same experiment into a fresh directory: training, first pass,
+TensorBoard logs, figures and the HTML report, including the first import of matplotlib and
+pandas in this process; goal >= 5x). The Python start-up and ``import torch``/``initlab``, which
+every command pays, are not in either time.
 """
 from __future__ import annotations
 
@@ -249,12 +256,31 @@ def _time_peer(members: list[Any], data: Any, train: Any, samples: int) -> tuple
     return t_peer, peer
 
 
+def _time_end_to_end(exp: Any, data: Any) -> float:
+    """Wall time of ``run_experiment`` into a fresh directory (train, TensorBoard, figures, report)."""
+    import tempfile
+
+    from initlab.lab.run import run_experiment
+
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        summary = run_experiment(exp, out, data=data, resume=False)
+        t_e2e = time.perf_counter() - t
+        report = summary.report is not None and os.path.exists(summary.report)
+    print(f"end to end (run_experiment: train, first pass, TensorBoard, {len(summary.figures)} figures, "
+          f"report {'written' if report else 'MISSING'}): {t_e2e:.2f} s")
+    return t_e2e
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="classic", help="preset name or TOML path (default: classic)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps (quick mode)")
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds (0..N-1)")
     p.add_argument("--skip-peer", action="store_true", help="time the ensemble only")
+    p.add_argument("--skip-end-to-end", action="store_true", help="do not time run_experiment")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat (ensemble, end to end, peer) this many times, interleaved; ratios are per-round medians")
     args = p.parse_args(argv)
 
     from initlab.lab.data import load_dataset
@@ -287,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         run_group(g, data, flush_denormal=False)
     t_ens_denormal = time.perf_counter() - t
     print(f"ensemble with flush_denormal=False: {t_ens_denormal:.2f} s end to end, {samples / t_ens_denormal:,.0f} training samples/s")
+    t_e2e = float("nan") if args.skip_end_to_end else _time_end_to_end(exp, data)
     if args.skip_peer:
         return 0
 
@@ -296,9 +323,31 @@ def main(argv: list[str] | None = None) -> int:
         e = [ens_acc[(sc.name, s)] for s in train.seeds]
         q = [peer[(sc.name, s)]["test_acc"] for s in train.seeds]
         print(f"  {sc.name:<28} ensemble {statistics.fmean(e):.3f}   peer {statistics.fmean(q):.3f}")
-    print(f"\nspeed-up: {t_peer / t_ens:.1f}x end to end (goal >= 5x on 2 cores); "
-          f"{t_peer / t_ens_denormal:.1f}x with flush_denormal=False")
+    print(f"\nround 1: training alone {t_peer / t_ens:.1f}x ({t_peer / t_ens_denormal:.1f}x with flush_denormal=False), "
+          f"end to end {t_peer / t_e2e:.1f}x")
+    rounds = [(t_ens, t_e2e, t_peer)]
+    for k in range(2, args.rounds + 1):  # interleaved repeats: a load that changes hits every side alike
+        print(f"\n-- round {k} --")
+        r_ens = _time_ensemble(groups, data, samples)[0]
+        r_e2e = float("nan") if args.skip_end_to_end else _time_end_to_end(exp, data)
+        rounds.append((r_ens, r_e2e, _time_peer(members, data, train, samples)[0]))
+        print(f"round {k}: training alone {rounds[-1][2] / r_ens:.1f}x, end to end {rounds[-1][2] / r_e2e:.1f}x")
+    _print_ratios(rounds)
     return 0
+
+
+def _print_ratios(rounds: list[tuple[float, float, float]]) -> None:
+    """Median over rounds of each round's ratios (each ratio pairs measurements taken minutes apart)."""
+    train = statistics.median(p / e for e, _, p in rounds)
+    e2e = statistics.median(p / e for _, e, p in rounds)
+    print(f"\ntraining alone (run_group) vs peer: {train:.1f}x (goal >= 10x on 2 quiet cores); median of "
+          f"{len(rounds)} round(s)")
+    print(f"end to end (run_experiment with TensorBoard, figures, report) vs peer: {e2e:.1f}x "
+          f"(goal >= 5x on 2 quiet cores); median of {len(rounds)} round(s)")
+    print("times (s), ensemble / end to end / peer: "
+          + "; ".join(f"{e:.1f} / {x:.1f} / {p:.1f}" for e, x, p in rounds))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cpus")
 
 
 if __name__ == "__main__":

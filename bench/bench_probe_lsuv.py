@@ -1,7 +1,7 @@
 """Benchmarks of the diagnostics, each measured against its peer in the same process.
 
 1. ``initlab.probe`` with moments only vs a plain forward + backward of the same model and batch
-   (goal: ratio <= 1.3).
+   (goal: ratio <= 1.5 on the study MLP, see the README benchmark table).
 2. ``initlab.lsuv_`` vs the PyPI package ``lsuv`` (0.3.0, ``lsuv_with_singlebatch``) on the same
    model, initial weights and batch, an MLP and a small CNN: both must leave every layer in the
    same variance band, and initlab should be >= 2x faster. Skipped, with a message, when ``lsuv``
@@ -87,7 +87,7 @@ def bench_probe(repeat: int, quick: bool) -> None:
 
         t = interleaved({"plain": plain, "probe": probed}, repeat)
         print(f"{name:45s} plain {1e3 * t['plain']:8.2f} ms   probe {1e3 * t['probe']:8.2f} ms   "
-              f"ratio {t['probe'] / t['plain']:.2f}x (goal <= 1.3x; "
+              f"ratio {t['probe'] / t['plain']:.2f}x (goal <= 1.5x; "
               f"probe overhead {1e3 * (t['probe'] - t['plain']):.2f} ms per call)")
         with_hist = interleaved({"hist": lambda model=model, x=x, y=y: initlab.probe(model, x, target=y, bins=64)}, max(3, repeat // 3))
         print(f"{'':45s} with 64-bin histograms {1e3 * with_hist['hist']:8.2f} ms "

@@ -146,7 +146,7 @@ class AuditResult:
 
     def table(self) -> str:
         cols = [("#", "index"), ("layer", "layer"), ("act", "activation"), ("fan_in", "fan_in"),
-                ("pre_var", "pre_var"), ("predicted", "predicted_pre_var"), ("post_var", "post_var"),
+                ("pre_var", "pre_var"), ("pre_sq", "pre_sq_mean"), ("predicted", "predicted_pre_sq_mean"), ("post_var", "post_var"),
                 ("saturated", "saturated_frac"), ("dead", "dead_frac")]
         if self.probe.backward:
             cols += [("grad_var", "grad_pre_var"), ("predicted", "predicted_grad_pre_var")]
@@ -399,11 +399,11 @@ def _theory_findings(rows: Sequence[dict[str, Any]]) -> list[Finding]:
     """Layers whose measured pre-activation variance is far from the variance recursion's."""
     out = []
     for r in rows:
-        m, p = r["pre_var"], r["predicted_pre_var"]
+        m, p = r["pre_sq_mean"], r["predicted_pre_sq_mean"]
         if all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (m, p)) and \
                 not (1.0 / THEORY_RATIO <= m / p <= THEORY_RATIO):
             out.append(Finding("info", r["layer"],
-                               f"{_label(r)}: measured pre-activation variance {fmt(m)} is {m / p:.2g}x the "
+                               f"{_label(r)}: measured pre-activation second moment {fmt(m)} is {m / p:.2g}x the "
                                f"variance recursion's {fmt(p)} (correlated inputs, shifted means, or a "
                                "structure the recursion does not model)", "", "theory_mismatch"))
     return out
@@ -420,7 +420,7 @@ def theory_rows(result: ProbeResult) -> list[dict[str, Any]]:
     for i, r in enumerate(result.rows):
         row, notes = dict(r), []
         if i > 0 and why[i]:
-            row["predicted_pre_var"] = row["predicted_post_sq_mean"] = float("nan")
+            row["predicted_pre_sq_mean"] = row["predicted_post_sq_mean"] = float("nan")
             notes.append(why[i])
         if result.backward and (i == len(result.rows) - 1 or why[i + 1]):
             row["predicted_grad_pre_var"] = float("nan")

@@ -78,13 +78,13 @@ def test_predictions_empty_where_theory_does_not_apply():
     assert all(r["predicted_grad_pre_var"] == r["grad_pre_var"] for r in raw)
     rows = json.loads(res.to_json())
     assert all(math.isnan(r["predicted_grad_pre_var"]) for r in initlab._audit.theory_rows(res.probe))
-    assert [math.isnan(r["predicted_pre_var"]) for r in initlab._audit.theory_rows(res.probe)] == [False, True, True]
+    assert [math.isnan(r["predicted_pre_sq_mean"]) for r in initlab._audit.theory_rows(res.probe)] == [False, True, True]
     assert "after a normalisation (BatchNorm2d)" in rows["theory"][1]
     assert "after norm" in str(res) and "no prediction because" in str(res)
     # negative control: a plain MLP keeps its predictions (all but the readout's gradient, its anchor)
     mlp = audit(_mlp([32, 64, 64, 4]), torch.randn(64, 32))
     tr = initlab._audit.theory_rows(mlp.probe)
-    assert all(math.isfinite(r["predicted_pre_var"]) for r in tr)
+    assert all(math.isfinite(r["predicted_pre_sq_mean"]) for r in tr)
     assert [math.isfinite(r["predicted_grad_pre_var"]) for r in tr] == [True, True, False]
 
 

@@ -16,7 +16,7 @@ from initlab._probe import COLUMNS
 
 REQUIRED = ("layer", "kind", "fan_in", "fan_out", "pre_mean", "pre_var", "pre_sq_mean", "post_mean", "post_var",
             "post_sq_mean", "saturated_frac", "dead_frac", "grad_pre_var", "weight_grad_var",
-            "predicted_pre_var", "predicted_grad_pre_var")
+            "predicted_pre_sq_mean", "predicted_grad_pre_var")
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -307,7 +307,7 @@ def test_norm_between_layer_and_functional_activation():
     assert res["fc"]["post_var"] == pytest.approx(ref.var(unbiased=False).item(), rel=1e-5)
     # the recursion restarts after the norm: layer "out" is predicted from its measured input
     r = res["out"]
-    assert r["predicted_pre_var"] == pytest.approx(r["fan_in"] * r["weight_var"] * r["input_sq_mean"], rel=1e-6)
+    assert r["predicted_pre_sq_mean"] == pytest.approx(r["fan_in"] * r["weight_var"] * r["input_sq_mean"], rel=1e-6)
 
 
 def test_histograms_and_tensorboard_fields(tmp_path):
@@ -366,7 +366,7 @@ def test_predictions_follow_a_wide_random_network():
     res = probe(m, x, loss=lambda out: (out * g).sum())
     fwd_tol = (0.02, 0.08, 0.31)
     for r, tol in zip(res.rows, fwd_tol):
-        assert r["pre_var"] == pytest.approx(r["predicted_pre_var"], rel=tol), r["layer"]
+        assert r["pre_sq_mean"] == pytest.approx(r["predicted_pre_sq_mean"], rel=tol), r["layer"]
         assert r["grad_pre_var"] == pytest.approx(r["predicted_grad_pre_var"], rel=0.25), r["layer"]
     # the readout's gradient anchors the backward recursion
     assert res.rows[-1]["predicted_grad_pre_var"] == res.rows[-1]["grad_pre_var"]
@@ -376,10 +376,35 @@ def test_predictions_follow_a_wide_random_network():
             lin.weight.mul_(1.5)
     res2 = probe(m, x)
     for r, r2, tol in zip(res.rows, res2.rows, fwd_tol):
-        assert abs(r2["pre_var"] / r["predicted_pre_var"] - 1) > tol, r["layer"]
+        assert abs(r2["pre_sq_mean"] / r["predicted_pre_sq_mean"] - 1) > tol, r["layer"]
     # ... while the new probe's own predictions follow the new weights
     for r2, tol in zip(res2.rows, fwd_tol):
-        assert r2["pre_var"] == pytest.approx(r2["predicted_pre_var"], rel=tol), r2["layer"]
+        assert r2["pre_sq_mean"] == pytest.approx(r2["predicted_pre_sq_mean"], rel=tol), r2["layer"]
+
+
+def test_readout_prediction_is_the_second_moment_not_the_variance():
+    """On a 10-unit readout after ReLU the realised mean of W x is not negligible (its square is
+    ~E[x]^2 / E[x^2] / 10 = 3% of E[h^2]): the recursion predicts E[(W x)^2], so over independent
+    draws ``pre_sq_mean / predicted_pre_sq_mean`` averages 1, while ``pre_var`` (which subtracts that
+    mean) is measurably lower: the negative control shows the check can tell the two apart."""
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    sq, var = [], []
+    for seed in range(60):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(64, 100), nn.ReLU(), nn.Linear(100, 10))
+        for lin in (m[0], m[2]):
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        r = probe(m, x).rows[-1]
+        sq.append(r["pre_sq_mean"] / r["predicted_pre_sq_mean"])
+        var.append(r["pre_var"] / r["predicted_pre_sq_mean"])
+    sq_a, var_a = np.asarray(sq), np.asarray(var)
+    se = sq_a.std(ddof=1) / math.sqrt(len(sq_a))
+    assert abs(sq_a.mean() - 1) < 4 * se, (sq_a.mean(), se)
+    # negative control: the variance is low by E[mean^2] / E[h^2], about 1/pi / 10, on every draw
+    diff = sq_a - var_a
+    assert (diff >= 0).all() and diff.mean() > 4 * diff.std(ddof=1) / math.sqrt(len(diff))
+    assert 0.01 < diff.mean() < 0.08, diff.mean()
 
 
 def test_sigmoid_prediction_uses_per_example_lengths():
@@ -393,7 +418,7 @@ def test_sigmoid_prediction_uses_per_example_lengths():
         nn.init.normal_(lin.weight)
         nn.init.zeros_(lin.bias)
     r = probe(m, x).rows
-    assert r[0]["predicted_pre_var"] == pytest.approx(r[0]["pre_var"], rel=0.05)
+    assert r[0]["predicted_pre_sq_mean"] == pytest.approx(r[0]["pre_sq_mean"], rel=0.05)
     assert r[0]["predicted_post_sq_mean"] == pytest.approx(r[0]["post_sq_mean"], rel=0.05)
 
 
@@ -438,7 +463,7 @@ def test_attention_and_embedding_layers():
     res = probe(m, torch.randint(0, 50, (4, 7)), target=torch.randn(4, 7, 3))
     assert res.layers == ["emb", "attn", "fc"]
     assert res["attn"]["activation"] == "relu"
-    assert res["emb"]["predicted_pre_var"] == pytest.approx(m.emb.weight.var(unbiased=False).item(), rel=1e-6)
+    assert res["emb"]["predicted_pre_sq_mean"] == pytest.approx(m.emb.weight.var(unbiased=False).item(), rel=1e-6)
     assert all(math.isfinite(r["grad_pre_var"]) for r in res.rows)
 
 
@@ -460,7 +485,7 @@ def test_several_inputs_bilinear_and_a_shared_layer():
     assert res.layers == ["bil", "fc"]
     first = m.fc(torch.tanh(m.bil(a, b))).detach()
     assert res["fc"]["pre_bias_var"] == pytest.approx(first.var(unbiased=False).item(), rel=1e-5)
-    assert math.isnan(res["bil"]["predicted_pre_var"])  # the recursion does not model Bilinear
+    assert math.isnan(res["bil"]["predicted_pre_sq_mean"])  # the recursion does not model Bilinear
     assert math.isfinite(res["bil"]["grad_pre_var"])
     with pytest.raises(InitlabError, match="NaN"):
         probe(m, (a, torch.full((32, 3), float("nan"))))
@@ -530,3 +555,20 @@ def test_cached_graph_follows_a_replaced_activation():
     res = probe(m, x)
     assert res["0"]["activation"] == "tanh"
     assert res["0"]["post_var"] == pytest.approx(torch.tanh(m[0](x)).var(unbiased=False).item(), rel=1e-5)
+
+
+def test_length_summary_equal_groups_match_the_group_by_group_means():
+    """The equal-split shortcut of the per-example length summary gives the same bits as the
+    general path (numpy's row-wise mean sums each group as its own mean does)."""
+    from initlab._probe import _length_summary
+
+    rng = np.random.default_rng(0)
+    for n in (256, 512, 250, 17):
+        a = rng.gamma(2.0, 0.1, n)
+        got = _length_summary(a, 16)
+        groups = np.array([g.mean() for g in np.array_split(np.sort(a), 16)])
+        want = groups * (float(np.mean(a)) / float(groups.mean()))
+        assert np.array_equal(got, want), n
+    # negative control: unsorted groups give other means
+    a = rng.gamma(2.0, 0.1, 256)
+    assert not np.array_equal(_length_summary(a, 16), a.reshape(16, -1).mean(axis=1))

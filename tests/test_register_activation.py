@@ -123,10 +123,10 @@ def test_probe_measures_and_predicts_it(registered):
     assert rows[0]["post_var"] == pytest.approx(float(h.var(unbiased=False)), rel=1e-6)
     # the recursion through squareplus: E[phi(h)^2] of the first layer's Gaussian pre-activation
     # matches the measurement, and feeds the next layer's prediction
-    assert rows[0]["predicted_pre_var"] == pytest.approx(rows[0]["pre_var"], rel=0.02)
+    assert rows[0]["predicted_pre_sq_mean"] == pytest.approx(rows[0]["pre_sq_mean"], rel=0.02)
     assert rows[0]["predicted_post_sq_mean"] == pytest.approx(rows[0]["post_sq_mean"], rel=0.02)
     for prev, r in zip(rows, rows[1:]):
-        assert r["predicted_pre_var"] == pytest.approx(
+        assert r["predicted_pre_sq_mean"] == pytest.approx(
             r["fan_in"] * r["weight_var"] * prev["predicted_post_sq_mean"], rel=1e-9)
     # not zero on the negative half-line, not bounded: no dead or saturated units to count
     assert all(math.isnan(r["dead_frac"]) and math.isnan(r["saturated_frac"]) for r in rows)

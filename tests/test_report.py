@@ -54,8 +54,8 @@ def make_run(root: Path, *, final_acc: dict[str, list[float]], pre_var_rule: str
                 fp.append(dict(scenario=sc.name, seed=seed, scheme=sc.scheme, index=i, layer=str(2 * (i - 1)),
                                kind="Linear", activation=sc.activation if i < 3 else "none", fan_in=fi, fan_out=fo,
                                input_mean=x_mean if i == 1 else 0.5, input_var=x_var if i == 1 else 0.1,
-                               input_sq_mean=sq if i == 1 else 0.35, weight_var=wv, bias_var=0.0, pre_var=pv,
-                               predicted_pre_var=FAN_IN * wv * sq if i == 1 else 1.1,
+                               input_sq_mean=sq if i == 1 else 0.35, weight_var=wv, bias_var=0.0, pre_var=pv, pre_sq_mean=pv,
+                               predicted_pre_sq_mean=FAN_IN * wv * sq if i == 1 else 1.1,
                                post_mean=0.5, post_var=0.2 if sc.scheme == "normal" else 0.01,
                                saturated_frac=(sat if sc.scheme == "normal" else 0.0) if sc.activation == "sigmoid" else float("nan"),
                                dead_frac=0.0 if sc.activation == "relu" else float("nan")))
@@ -204,7 +204,7 @@ def test_report_is_self_contained(tmp_path):
         assert t != "link"
     assert "@import" not in text and "url(" not in text
     assert re.search(r"<table>.*Final test accuracy", text, re.S)
-    assert "Var(Wx) predicted" in text
+    assert "E[(Wx)\u00b2] predicted" in text
     assert 'id="render-status"' in text
 
 

@@ -94,7 +94,7 @@ def test_first_pass_csv_has_predicted_next_to_measured(smoke_run, smoke):
     out, _ = smoke_run
     fp = pd.read_csv(out / "first_pass.csv")
     assert list(fp.columns[:3]) == ["scenario", "seed", "scheme"]
-    for col in ("index", "layer", "fan_in", "weight_var", "pre_var", "predicted_pre_var", "post_mean",
+    for col in ("index", "layer", "fan_in", "weight_var", "pre_var", "pre_sq_mean", "predicted_pre_sq_mean", "post_mean",
                 "saturated_frac", "dead_frac"):
         assert col in fp.columns, col
     n_layers = len(smoke.model.widths) - 1
@@ -102,7 +102,7 @@ def test_first_pass_csv_has_predicted_next_to_measured(smoke_run, smoke):
     assert not fp.duplicated(["scenario", "seed", "index"]).any()
     l1 = fp[fp["index"] == 1]
     # layer 1: Var(W x) = fan_in Var(w) E[x^2] for zero-mean weights, to within sampling error
-    ratio = l1.pre_var / l1.predicted_pre_var
+    ratio = l1.pre_sq_mean / l1.predicted_pre_sq_mean
     assert np.allclose(ratio, 1.0, atol=0.1), ratio.tolist()
     schemes = dict(zip(fp.scenario, fp.scheme))
     assert schemes == {s.name: s.scheme for s in smoke.scenarios}

@@ -68,7 +68,7 @@ def test_layer1_variance_follows_the_second_moment_not_the_variance(classic, bat
     assert abs(mean - variance_rule) > 5 * se
     # the probe's own prediction is the second-moment rule, with each draw's realised Var(w)
     # (784 x 100 entries: its relative SE is sqrt(2 / 78400) = 0.5%)
-    assert l1["predicted_pre_var"].mean() == pytest.approx(second_moment_rule, rel=0.01)
+    assert l1["predicted_pre_sq_mean"].mean() == pytest.approx(second_moment_rule, rel=0.01)
 
 
 def test_sigmoid_saturates_with_normal_and_not_with_xavier(classic, batch):

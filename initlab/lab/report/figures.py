@@ -232,7 +232,7 @@ def variance_vs_depth(table: pandas.DataFrame, path: str | Path) -> Path:
         ax.plot([], [], "--", color="gray", label="theory (variance recursion)")
         ax.set_yscale("log")
         ax.set_xlabel("weight layer l (1 = first)")
-        ax.set_ylabel("Var(h_l) at init (log scale)")
+        ax.set_ylabel("E[h_l\u00b2] at init (log scale)")
         ax.set_title(f"{act}: pre-activation variance by layer", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -342,7 +342,7 @@ def _variance_table(data: RunData) -> pandas.DataFrame | None:
     import pandas as pd
 
     fp = data.first_pass
-    if fp is None or fp.empty or "pre_var" not in fp or "predicted_pre_var" not in fp:
+    if fp is None or fp.empty or "pre_sq_mean" not in fp or "predicted_pre_sq_mean" not in fp:
         return None
     deepest: dict[tuple[str, str], str] = {}
     for sc in data.scenarios:
@@ -353,7 +353,8 @@ def _variance_table(data: RunData) -> pandas.DataFrame | None:
     for (act, scheme), sc in deepest.items():
         d = fp[fp["scenario"] == sc]
         parts.append(pd.DataFrame({"activation": act or "all", "scheme": scheme or sc, "layer": d["index"],
-                                   "seed": d["seed"], "measured": d["pre_var"], "predicted": d["predicted_pre_var"]}))
+                                   "seed": d["seed"], "measured": d["pre_sq_mean"],
+                                   "predicted": d["predicted_pre_sq_mean"]}))
     return pd.concat(parts, ignore_index=True) if parts else None
 
 

@@ -188,14 +188,14 @@ def _depth_finding(data: RunData) -> list[Finding]:
 
 def _recursion_finding(data: RunData) -> list[Finding]:
     fp = data.first_pass
-    if fp.empty or "predicted_pre_var" not in fp or "pre_var" not in fp:
+    if fp.empty or "predicted_pre_sq_mean" not in fp or "pre_sq_mean" not in fp:
         return []
-    d = fp[np.isfinite(fp["predicted_pre_var"].astype(float)) & np.isfinite(fp["pre_var"].astype(float))
-           & (fp["predicted_pre_var"].astype(float) > 0)]
+    d = fp[np.isfinite(fp["predicted_pre_sq_mean"].astype(float)) & np.isfinite(fp["pre_sq_mean"].astype(float))
+           & (fp["predicted_pre_sq_mean"].astype(float) > 0)]
     if d.empty:
         return []
-    g = d.groupby(["scenario", "index"], sort=False)[["pre_var", "predicted_pre_var"]].mean()
-    ratio = g["pre_var"] / g["predicted_pre_var"]
+    g = d.groupby(["scenario", "index"], sort=False)[["pre_sq_mean", "predicted_pre_sq_mean"]].mean()
+    ratio = g["pre_sq_mean"] / g["predicted_pre_sq_mean"]
     err = (np.log(ratio)).abs()
     worst = err.idxmax()
     r_worst = float(ratio.loc[worst])
@@ -203,7 +203,7 @@ def _recursion_finding(data: RunData) -> list[Finding]:
     ok_first = g.index.get_level_values("index") == 1
     first_err = float(np.exp(err[ok_first].max()) - 1) if ok_first.any() else math.nan
     text = (f"The variance recursion (initlab.theory, fed with the batch's E[x\u00b2] and each layer's weight variance) "
-            f"predicts the mean measured pre-activation variance of every layer of every scenario within a factor "
+            f"predicts the mean measured pre-activation second moment E[(Wx)\u00b2] of every layer of every scenario within a factor "
             f"{num(1 + within)}; the largest gap is {label(worst[0], data.info)}, layer {int(worst[1])} "
             f"(measured/predicted = {num(r_worst)}).")
     if math.isfinite(first_err):

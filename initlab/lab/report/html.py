@@ -181,20 +181,20 @@ def _first_pass_section(data: RunData) -> str:
         return ""
     out = ["<h2>First pass: variance per layer</h2>\n<table>\n<thead><tr><th>Scenario</th><th>Layer (module)</th>"
            "<th>Activation</th><th class=\"num\">fan_in</th><th class=\"num\">Var(w)</th>"
-           "<th class=\"num\">E[input\u00b2]</th><th class=\"num\">Var(Wx) measured</th>"
-           "<th class=\"num\">Var(Wx) predicted</th><th class=\"num\">measured / predicted</th>"
+           "<th class=\"num\">E[input\u00b2]</th><th class=\"num\">E[(Wx)\u00b2] measured</th>"
+           "<th class=\"num\">E[(Wx)\u00b2] predicted</th><th class=\"num\">measured / predicted</th>"
            "<th class=\"num\">output mean</th></tr></thead>\n<tbody>\n"]
     for r in fp_rows:
         out.append(f"<tr><td>{_e(r['scenario'])}</td><td>{r['index']} ({_e(r['layer'])})</td><td>{_e(r['activation'])}</td>"
                    f"<td class=\"num\">{r['fan_in'] if r['fan_in'] is not None else 'n/a'}</td>"
                    f"<td class=\"num\">{_e(num(r['weight_var'].mean))}</td>"
                    f"<td class=\"num\">{_e(num(r['input_sq_mean'].mean))}</td>"
-                   f"<td class=\"num\">{_e(mean_sd(r['pre_var']))}</td><td class=\"num\">{_e(mean_sd(r['predicted_pre_var']))}</td>"
+                   f"<td class=\"num\">{_e(mean_sd(r['pre_sq_mean']))}</td><td class=\"num\">{_e(mean_sd(r['predicted_pre_sq_mean']))}</td>"
                    f"<td class=\"num\">{_e(num(r['ratio']))}</td><td class=\"num\">{_e(num(r['post_mean'].mean))}</td></tr>\n")
-    out.append("</tbody>\n</table>\n<p class=\"note\">Var(Wx) is the pre-activation variance without bias on each "
+    out.append("</tbody>\n</table>\n<p class=\"note\">E[(Wx)\u00b2] is the pre-activation second moment without bias on each "
                "member's first-pass batch (mean \u00b1 std over seeds). Predicted: the variance recursion of "
-               "initlab.theory, Var(W\u2081x) = fan_in\u00b7Var(w)\u00b7E[x\u00b2] and then "
-               "Var(W\u2097h) = fan_in\u00b7Var(w)\u00b7E[\u03c6(z)\u00b2] for Gaussian z of the previous layer's "
+               "initlab.theory, E[(W\u2081x)\u00b2] = fan_in\u00b7Var(w)\u00b7E[x\u00b2] and then "
+               "E[(W\u2097h)\u00b2] = fan_in\u00b7Var(w)\u00b7E[\u03c6(z)\u00b2] for Gaussian z of the previous layer's "
                "variance. Full table with all columns: first_pass.csv.</p>\n")
     return "".join(out)
 

@@ -50,15 +50,15 @@ def first_pass_rows(data: RunData) -> list[dict[str, Any]]:
         d = fp[fp["scenario"] == sc]
         for idx in sorted(d["index"].unique()):
             e = d[d["index"] == idx]
-            meas = Stat.of(col(e, "pre_var").astype(float))
-            pred = Stat.of(col(e, "predicted_pre_var").astype(float))
+            meas = Stat.of(col(e, "pre_sq_mean").astype(float))
+            pred = Stat.of(col(e, "predicted_pre_sq_mean").astype(float))
             rows.append({
                 "scenario": sc, "index": int(idx), "layer": str(e["layer"].iloc[0]) if "layer" in e else str(idx),
                 "activation": str(e["activation"].iloc[0]) if "activation" in e else "",
                 "fan_in": int(e["fan_in"].iloc[0]) if "fan_in" in e and np.isfinite(float(e["fan_in"].iloc[0])) else None,
                 "weight_var": Stat.of(col(e, "weight_var").astype(float)),
                 "input_sq_mean": Stat.of(col(e, "input_sq_mean").astype(float)),
-                "pre_var": meas, "predicted_pre_var": pred,
+                "pre_sq_mean": meas, "predicted_pre_sq_mean": pred,
                 "ratio": (meas.mean / pred.mean) if pred.n and pred.mean > 0 and meas.n else math.nan,
                 "post_mean": Stat.of(col(e, "post_mean").astype(float)),
                 "saturated": Stat.of(col(e, "saturated_frac").astype(float)),
