@@ -352,21 +352,25 @@ def _chunk_runs(starts: np.ndarray, lens: np.ndarray, lo: int, hi: int) -> tuple
     return s, n
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] = (0, 0)
+_pools: dict[str, tuple[tuple[int, int], ThreadPoolExecutor]] = {}
 _pool_lock = threading.Lock()
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_key
+def thread_pool(prefix: str, workers: int) -> ThreadPoolExecutor:
+    """The process's thread pool named ``prefix`` with ``workers`` threads, made once and reused (a forked
+    child, or a new size, gets a new one)."""
     key = (os.getpid(), workers)  # a forked child must not reuse the parent's (absent) threads
     with _pool_lock:
-        if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[0] == os.getpid():
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="initlab-sample")
-            _pool_key = key
-        return _pool
+        old = _pools.get(prefix)
+        if old is None or old[0] != key:
+            if old is not None and old[0][0] == os.getpid():
+                old[1].shutdown(wait=False)
+            _pools[prefix] = (key, ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix))
+        return _pools[prefix][1]
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    return thread_pool("initlab-sample", workers)
 
 
 def workers_for(n: int) -> int:

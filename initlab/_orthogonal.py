@@ -6,15 +6,13 @@ Tensor samplers beside :mod:`initlab._engine`'s variance scaling; the scheme reg
 """
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch import Tensor
 
-from ._engine import _check_generator, _check_tensor, _sample_, check_gain
+from ._engine import _check_generator, _check_tensor, _sample_, check_gain, thread_pool
 from ._errors import InitlabError, is_out_of_memory, memory_error
 
 __all__ = ["orthogonal_", "orthogonal_many_", "delta_orthogonal_", "identity_"]
@@ -113,21 +111,8 @@ def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator
     return tensor
 
 
-_qr_pool: ThreadPoolExecutor | None = None
-_qr_pool_key: tuple[int, int] = (0, 0)
-_qr_lock = threading.Lock()
-
-
 def _qr_executor(workers: int) -> ThreadPoolExecutor:
-    global _qr_pool, _qr_pool_key
-    key = (os.getpid(), workers)  # a forked child must not reuse the parent's (absent) threads
-    with _qr_lock:
-        if _qr_pool is None or _qr_pool_key != key:
-            if _qr_pool is not None and _qr_pool_key[0] == os.getpid():
-                _qr_pool.shutdown(wait=False)
-            _qr_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="initlab-qr")
-            _qr_pool_key = key
-        return _qr_pool
+    return thread_pool("initlab-qr", workers)
 
 
 def _one_thread_q(a: Tensor, rows: int, cols: int, threads: int) -> Tensor:

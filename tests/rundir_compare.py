@@ -2,6 +2,8 @@
 present) byte for byte, and every TensorBoard event (tag, step, value, histogram) of every member."""
 from __future__ import annotations
 
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -39,3 +41,19 @@ def compare_run_dirs(a: Path, b: Path) -> tuple[int, list[str]]:
         if ea.get(member) != eb.get(member):
             diffs.append(f"{member} (TensorBoard events)")
     return compared, diffs
+
+
+class KillOnce:
+    """A progress callable that SIGKILLs the worker process (on this machine) of the first unit to reach ``at_step``."""
+
+    def __init__(self, at_step: int = 10) -> None:
+        self.at_step, self.workers, self.killed = at_step, {}, []
+
+    def __call__(self, ev) -> None:
+        if ev.event == "unit_start":
+            self.workers[ev.unit] = ev.worker
+        elif ev.event == "step" and ev.step >= self.at_step and not self.killed:
+            pid = int(self.workers[ev.unit].split("@")[0])
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            self.killed.append(pid)

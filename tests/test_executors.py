@@ -18,7 +18,7 @@ from initlab.lab.executors import InProcess, ProcessPool, RayExecutor, make_exec
 from initlab.lab.metrics import Metric, register_metric, unregister_metric
 from initlab.lab.run import read_run_meta, run_experiment
 
-from rundir_compare import compare_run_dirs, tb_events
+from rundir_compare import KillOnce, compare_run_dirs, tb_events
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 2  # 5 members -> 3 units, so that two workers train at once
@@ -48,22 +48,6 @@ def reference(tmp_path_factory):
     summary = run_experiment(small(), out, max_members=MAX_MEMBERS, report=False)
     assert summary.complete
     return out
-
-
-class KillOnce:
-    """A progress callable that SIGKILLs the worker process of the first unit to reach ``at_step``."""
-
-    def __init__(self, at_step: int = 10) -> None:
-        self.at_step, self.workers, self.killed = at_step, {}, []
-
-    def __call__(self, ev) -> None:
-        if ev.event == "unit_start":
-            self.workers[ev.unit] = ev.worker
-        elif ev.event == "step" and ev.step >= self.at_step and not self.killed:
-            pid = int(self.workers[ev.unit].split("@")[0])
-            assert pid != os.getpid()
-            os.kill(pid, signal.SIGKILL)
-            self.killed.append(pid)
 
 
 def test_process_pool_gives_the_in_process_run_directory_after_a_killed_worker(tmp_path, reference):

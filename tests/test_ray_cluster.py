@@ -23,7 +23,7 @@ from initlab.lab.config import load_experiment, with_overrides  # noqa: E402
 from initlab.lab.executors import RayExecutor  # noqa: E402
 from initlab.lab.run import run_experiment  # noqa: E402
 
-from rundir_compare import compare_run_dirs  # noqa: E402
+from rundir_compare import KillOnce, compare_run_dirs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 2
@@ -118,22 +118,6 @@ def fixed_threads():
 
 def small():
     return with_overrides(load_experiment("smoke"), {"train.steps": 40, "train.log_every": 10})
-
-
-class KillOnce:
-    """SIGKILL the worker process of the first unit to reach ``at_step`` (both nodes are on this machine)."""
-
-    def __init__(self, at_step: int = 10) -> None:
-        self.at_step, self.workers, self.killed = at_step, {}, []
-
-    def __call__(self, ev) -> None:
-        if ev.event == "unit_start":
-            self.workers[ev.unit] = ev.worker
-        elif ev.event == "step" and ev.step >= self.at_step and not self.killed:
-            pid = int(self.workers[ev.unit].split("@")[0])
-            assert pid != os.getpid()
-            os.kill(pid, signal.SIGKILL)
-            self.killed.append(pid)
 
 
 def test_ray_cluster_gives_the_in_process_run_directory_after_a_killed_worker(cluster, tmp_path):
