@@ -57,3 +57,10 @@ class KillOnce:
             assert pid != os.getpid()
             os.kill(pid, signal.SIGKILL)
             self.killed.append(pid)
+
+
+def small():
+    """The smoke study, shortened: 5 members, 40 steps, a log step every 10."""
+    from initlab.lab.config import load_experiment, with_overrides
+
+    return with_overrides(load_experiment("smoke"), {"train.steps": 40, "train.log_every": 10})

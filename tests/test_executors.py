@@ -13,33 +13,17 @@ import pytest
 import torch
 
 from initlab._errors import InitlabError
-from initlab.lab.config import load_experiment, with_overrides
+from initlab.lab.config import with_overrides
 from initlab.lab.executors import InProcess, ProcessPool, RayExecutor, make_executor
 from initlab.lab.metrics import Metric, register_metric, unregister_metric
 from initlab.lab.run import read_run_meta, run_experiment
 
-from rundir_compare import KillOnce, compare_run_dirs, tb_events
+from rundir_compare import KillOnce, compare_run_dirs, small, tb_events
+
+pytestmark = pytest.mark.usefixtures("fixed_threads")
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 2  # 5 members -> 3 units, so that two workers train at once
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    """One torch thread count for every run here (the default follows the machine's idle cores, which change
-    between runs; results are bit-identical between runs with the same count)."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "2"
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
-
-
-def small():
-    """The smoke study, shortened: 5 members, 40 steps, a log step every 10."""
-    return with_overrides(load_experiment("smoke"), {"train.steps": 40, "train.log_every": 10})
 
 
 @pytest.fixture(scope="module")

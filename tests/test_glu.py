@@ -10,6 +10,8 @@ from torch import nn
 import initlab
 from initlab._activations import GLU_SECOND_MOMENT
 
+from test_auto_depth import _pre_activation_moments
+
 WIDTH, DEPTH, N = 128, 30, 256
 
 
@@ -41,14 +43,7 @@ def _mlp(depth: int = DEPTH) -> nn.Sequential:
 
 
 def _moments(model: nn.Sequential) -> list[float]:
-    x = torch.randn(N, WIDTH, generator=torch.Generator().manual_seed(1))
-    out = []
-    with torch.no_grad():
-        for m in model:
-            x = m(x)
-            if isinstance(m, nn.Linear):
-                out.append(float(x.double().square().mean()))
-    return out
+    return _pre_activation_moments(model, torch.randn(N, WIDTH, generator=torch.Generator().manual_seed(1)))
 
 
 def test_auto_links_glu_and_uses_its_gain():

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("fixed_threads")]
 
-from initlab.lab.config import load_experiment, with_overrides  # noqa: E402
+from initlab.lab.config import with_overrides  # noqa: E402
 from initlab.lab.executors import RayExecutor  # noqa: E402
 from initlab.lab.run import run_experiment  # noqa: E402
 
-from rundir_compare import KillOnce, compare_run_dirs  # noqa: E402
+from rundir_compare import KillOnce, compare_run_dirs, small  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_MEMBERS = 2
@@ -101,23 +101,6 @@ def cluster():
         ray.shutdown()
     finally:
         _stop(temp_dir)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fixed_threads():
-    """One torch thread count for every run here (the default follows the machine's idle cores, which change
-    between runs; results are bit-identical between runs with the same count)."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "2"
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
-
-
-def small():
-    return with_overrides(load_experiment("smoke"), {"train.steps": 40, "train.log_every": 10})
 
 
 def test_ray_cluster_gives_the_in_process_run_directory_after_a_killed_worker(cluster, tmp_path):
