@@ -56,7 +56,7 @@ import math
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -108,27 +108,64 @@ _LOSSES = ("cross_entropy", "mse")
 # --------------------------------------------------------------------------- results
 
 
-@dataclass
+class _Built:
+    """A :class:`ProbeResult` attribute that exists once the table is built (on first use)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        obj._build()
+        return getattr(obj, self.slot)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj._build()
+        setattr(obj, self.slot, value)
+
+
 class ProbeResult:
     """What :func:`probe` measured: ``rows`` (one dict per weight layer, forward order, keys
     :data:`COLUMNS`), ``histograms[layer][kind]`` (kind in "pre", "post", "grad_pre"; only with
-    ``bins``), the batch's moments, the loss (None without backward) and whether the model was traced."""
+    ``bins``), the batch's moments, the loss (None without backward) and whether the model was traced.
 
-    rows: list[dict[str, Any]]
-    histograms: dict[str, dict[str, Histogram]] = field(default_factory=dict)
-    input_mean: float = float("nan")
-    input_var: float = float("nan")
-    input_sq_mean: float = float("nan")
-    loss: float | None = None
-    traced: bool = False
-    backward: bool = False
-    notes: list[str] = field(default_factory=list)
+    The probe call itself only moves the raw sums to the host; ``rows``, ``notes`` and ``theory``
+    (statistics, fans, predictions of the variance recursion) are built from them on first use."""
+
+    #: one dict per weight layer, forward order, keys :data:`COLUMNS`
+    rows = _Built()
+    notes = _Built()
     #: per row, why the variance recursion does not predict it from the layers before ("" where it
     #: does): the recursion restarts there from a measurement (after a norm, a residual merge,
     #: attention...), so a prediction there is the measurement's echo, not a test of the theory
-    theory: list[str] = field(default_factory=list)
-    #: samples in the batch (its first dimension)
-    batch_size: int = 0
+    theory = _Built()
+
+    def __init__(self, rows: list[dict[str, Any]] | None = None,
+                 histograms: dict[str, dict[str, Histogram]] | None = None, input_mean: float = float("nan"),
+                 input_var: float = float("nan"), input_sq_mean: float = float("nan"), loss: float | None = None,
+                 traced: bool = False, backward: bool = False, notes: list[str] | None = None,
+                 theory: list[str] | None = None, batch_size: int = 0,
+                 pending: "Callable[[ProbeResult], None] | None" = None) -> None:
+        self._pending = pending
+        self._rows = [] if rows is None else rows
+        self._notes = [] if notes is None else notes
+        self._theory = [] if theory is None else theory
+        self.histograms = {} if histograms is None else histograms
+        self.input_mean, self.input_var, self.input_sq_mean = input_mean, input_var, input_sq_mean
+        self.loss, self.traced, self.backward = loss, traced, backward
+        #: samples in the batch (its first dimension)
+        self.batch_size = batch_size
+
+    def _build(self) -> None:
+        """Build the table from the raw sums (once)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending(self)
+
+    def __repr__(self) -> str:
+        return (f"ProbeResult({len(self.rows)} layers, backward={self.backward}, traced={self.traced}, "
+                f"loss={self.loss!r})")
 
     def frame(self) -> "pandas.DataFrame":
         """The rows as a tidy pandas DataFrame (pandas is imported here, not at import time)."""
@@ -174,26 +211,48 @@ class ProbeResult:
 # --------------------------------------------------------------------------- the model's layers
 
 
-# model -> (ids and types of its submodules, their names, the weight layers' links without the module
-# references, which would keep the model alive): tracing costs milliseconds per call
-_LINKS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, tuple[str, ...], list[tuple[str, Any]]]]" = \
-    weakref.WeakKeyDictionary()
+class _Plan:
+    """What probing one model needs that depends only on its structure, worked out once per
+    structure: the weight layers' links to their activations (without module references, which
+    would keep the model alive), for each layer the module whose output is its post-activation
+    and whether the activation is applied to it, and the layers' fans (per weight shape)."""
+
+    __slots__ = ("signature", "names", "links", "posts", "traced", "fans")
+
+    def __init__(self, signature: Any, names: tuple[str, ...], links: list[tuple[str, Any]]) -> None:
+        self.signature, self.names, self.links = signature, names, links
+        self.posts = {name: _resolve_post_source(link, names) for name, link in links}
+        self.traced = any(bool(getattr(link, "traced", False)) for _, link in links)
+        self.fans: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {}
+
+    def layer_fans(self, name: str, module: nn.Module) -> tuple[int, int]:
+        """``initlab.fans`` of the layer's output weight (the layer's settings are part of the plan's
+        key; a weight of another shape is counted again)."""
+        w = output_weight(module)
+        shape = tuple(w.shape) if w is not None else ()
+        hit = self.fans.get(name)
+        if hit is None or hit[0] != shape:
+            hit = self.fans[name] = (shape, _layer_fans(module))
+        return hit[1]
 
 
-def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[str, nn.Module, Any]]:
-    """``(name, module, link)`` for every supported weight layer, via ``initlab._graph.find_activations``
-    (links read from the cache have ``module`` None; the module comes beside them):
-    ``named`` is ``dict(model.named_modules())``. The graph is traced once per model and cached,
-    keyed by the model and checked against the identity of every submodule (a replaced or added
-    submodule traces again)."""
+# model -> its plan: tracing costs milliseconds per call
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module, named: dict[str, nn.Module]) -> _Plan:
+    """The model's :class:`_Plan`, traced once per model (``initlab._graph.find_activations``) and
+    cached, keyed by the model and checked against the identity, type and plain settings of every
+    submodule (a replaced, added or re-configured submodule plans again). ``named`` is
+    ``dict(model.named_modules())``."""
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # the submodules, and their settings (a slope baked into the traced graph as a constant)
     signature = (tuple(map(id, named.values())), tuple(map(type, named.values())),
                  tuple(map(plain_settings, named.values())))
-    cached = _LINKS.get(model)
-    if cached is not None and cached[0] == signature and tuple(named) == cached[1]:
-        return [(name, named[name], _fresh(link, named)) for name, link in cached[2]]
+    cached = _PLANS.get(model)
+    if cached is not None and cached.signature == signature and tuple(named) == cached.names:
+        return cached
     links = dict(find_activations(model))
     for name, link in list(links.items()):
         if isinstance(link.module, nn.MultiheadAttention):
@@ -208,10 +267,9 @@ def _weight_layers(model: nn.Module, named: dict[str, nn.Module]) -> list[tuple[
         raise InitlabError(
             f"model {type(model).__name__} has no supported weight layer; supported layers: {names}"
         )
-    # the cached links drop their module references, which would keep the model alive
-    bare = [(name, replace(link, module=None)) for name, link in links.items()]
-    _LINKS[model] = (signature, tuple(named), bare)
-    return [(name, link.module, link) for name, link in links.items()]
+    plan = _PLANS[model] = _Plan(signature, tuple(named), [(name, replace(link, module=None))
+                                                           for name, link in links.items()])
+    return plan
 
 
 def _fresh(link: Any, named: dict[str, nn.Module]) -> Any:
@@ -333,15 +391,15 @@ class _Layer:
         self.post_apply = False  # whether act.fn is applied to the output of the module feeding the activation
 
 
-def _resolve_post_source(layer: _Layer, modules: dict[str, nn.Module]) -> tuple[str | None, bool]:
-    """(module name to hook for the post-activation or None for the layer itself, apply act.fn?)."""
-    link = layer.link
-    if layer.act is None:
+def _resolve_post_source(link: Any, modules: Any) -> tuple[str | None, bool]:
+    """(module name to hook for the post-activation or None for the layer itself, apply act.fn?)
+    for a layer's link; ``modules`` holds the model's module names."""
+    if link.activation is None:
         return None, False
     node = getattr(link, "activation_node", None)
     if node is not None and node in modules:
         return node, False
-    through = [t for t in getattr(link, "through", ()) if t in modules and t != layer.name]
+    through = [t for t in getattr(link, "through", ()) if t in modules and t != link.name]
     if through:
         return through[-1], True
     return None, True
@@ -407,9 +465,9 @@ class _Probe:
     """One probe pass: the layers' scratch, the hooks that fill it, the tensors measured already
     and the backward pass's results."""
 
-    def __init__(self, layers: dict[str, _Layer], modules: dict[str, nn.Module], bins: int | None,
-                 backward: bool) -> None:
-        self.layers, self.modules, self.bins, self.backward = layers, modules, bins, backward
+    def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool) -> None:
+        self.plan, self.modules, self.bins, self.backward = plan, modules, bins, backward
+        self.layers = {name: _Layer(name, modules[name], _fresh(link, modules)) for name, link in plan.links}
         self.order: list[_Layer] = []
         self.histograms: dict[str, dict[str, Histogram]] = defaultdict(dict)
         self.queues: dict[str, deque[_Layer]] = defaultdict(deque)  # hooked module -> layers waiting for it
@@ -455,13 +513,14 @@ class _Probe:
                     self._run_backward(loss_fn(out), grad_params)  # a user's loss raises its own error
 
     def _install(self, handles: list[Any]) -> None:
-        sources: set[str] = set()
-        for layer in self.layers.values():
-            src, apply_fn = _resolve_post_source(layer, self.modules)
+        sources: dict[str, None] = {}
+        posts = self.plan.posts
+        for name, layer in self.layers.items():
+            src, apply_fn = posts[name]
             layer.post_apply = apply_fn
             handles.append(layer.module.register_forward_hook(partial(self._on_layer, layer, src, apply_fn)))
             if src is not None:
-                sources.add(src)
+                sources[src] = None
         for src in sources:
             handles.append(self.modules[src].register_forward_hook(partial(self._on_source, src)))
 
@@ -684,17 +743,14 @@ def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> Non
         row[f"{p}_sq_mean"] = row[f"{p}_var"] + row[f"{p}_mean"] ** 2
 
 
-def _param_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int], module: nn.Module) -> None:
+def _param_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
     """The input's, the weight's, the weight gradient's and the pre-activation gradient's moments."""
     if "in" in c:
         m, var = v["in_sum"] / c["in"], v["in_dev"] / c["in"]
         row.update(input_mean=m, input_var=var, input_sq_mean=var + m * m)
     if "w" in c:
         m, sq = v["w_sum"] / c["w"], v["w_sq"] / c["w"]
-        if m * m > 0.99 * sq:  # E[w^2] - E[w]^2 would lose digits: two passes instead
-            row["weight_var"] = float(moments(as_float(output_weight(module)))[1])
-        else:
-            row["weight_var"] = max(sq - m * m, 0.0)
+        row["weight_var"] = v["w_var"] if "w_var" in v else max(sq - m * m, 0.0)  # two passes where needed
     if "wg" in c:
         m, sq = v["wg_sum"] / c["wg"], v["wg_sq"] / c["wg"]
         row["weight_grad_var"] = max(sq - m * m, 0.0)
@@ -721,14 +777,14 @@ def _post_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int], layer
 
 
 def _row(i: int, layer: _Layer, v: dict[str, Any], notes: list[str]) -> dict[str, Any]:
-    fan_in, fan_out = _layer_fans(layer.module)
+    fan_in, fan_out = v["fans"]
     row: dict[str, Any] = dict.fromkeys(COLUMNS, float("nan"))
     row.update(index=i + 1, layer=layer.name, kind=type(layer.module).__name__,
                activation=layer.act.name if layer.act is not None else READOUT,
                fan_in=fan_in, fan_out=fan_out,
                units=math.prod(layer.shape[1:]) if len(layer.shape) > 1 else math.prod(layer.shape))
     _pre_stats(row, v, layer.counts)
-    _param_stats(row, v, layer.counts, layer.module)
+    _param_stats(row, v, layer.counts)
     _post_stats(row, v, layer.counts, layer, notes)
     return row
 
@@ -748,9 +804,11 @@ def _link_inputs(order: list[_Layer], rows: list[dict[str, Any]]) -> None:
                        input_sq_mean=s_row[f"{p}_sq_mean"])
 
 
-def _collect(state: _Probe, batch_sums: Tensor) -> tuple[list[dict[str, Any]], float | None, list[str], np.ndarray]:
-    """Move every layer's raw sums to the host in one transfer and turn them into statistics:
-    ``(rows, loss, notes, the batch's sums)``."""
+def _fetch(state: _Probe, batch_sums: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Move every layer's raw sums to the host in one transfer: ``(the batch's sums and the loss,
+    every layer's values)``. What the table needs from the model later (fans, a weight variance
+    that needs two passes) is read now, so the table reflects the model as it was probed; the
+    device tensors are released."""
     transfer = _Transfer()
     transfer.vector(-1, "batch", batch_sums)
     if state.loss_value is not None:
@@ -758,10 +816,30 @@ def _collect(state: _Probe, batch_sums: Tensor) -> tuple[list[dict[str, Any]], f
     for i, layer in enumerate(state.order):
         _queue_layer(transfer, i, layer, state.grads)
     extra, vals = transfer.fetch(len(state.order))
-    notes: list[str] = []
-    rows = [_row(i, layer, vals[i], notes) for i, layer in enumerate(state.order)]
-    _link_inputs(state.order, rows)
-    return rows, extra.get("loss"), notes, extra["batch"]
+    for layer, v in zip(state.order, vals):
+        layer.parts = {}
+        v["fans"] = state.plan.layer_fans(layer.name, layer.module)
+        c = layer.counts
+        if "w" in c and (v["w_sum"] / c["w"]) ** 2 > 0.99 * v["w_sq"] / c["w"]:
+            # E[w^2] - E[w]^2 would lose digits: two passes instead
+            v["w_var"] = float(moments(as_float(output_weight(layer.module)))[1])
+    state.grads = {}
+    return extra, vals
+
+
+def _table(order: list[_Layer], vals: list[dict[str, Any]], modules: dict[str, nn.Module],
+           sample_sq: np.ndarray | None, result: ProbeResult) -> None:
+    """Build ``result``'s rows, notes and predictions from the host values of :func:`_fetch`."""
+    with np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
+        notes: list[str] = []
+        rows = [_row(i, layer, vals[i], notes) for i, layer in enumerate(order)]
+        _link_inputs(order, rows)
+        for row in rows:
+            if row.pop("_input_is_batch", False):
+                row.update(input_mean=result.input_mean, input_var=result.input_var,
+                           input_sq_mean=result.input_sq_mean)
+        result._rows, result._notes = rows, notes + result._notes
+        _fill_predictions(result, order, modules, sample_sq)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -826,27 +904,20 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         raise InitlabError(f"target must be a torch.Tensor, got {type(target).__name__}")
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    found = _weight_layers(model, modules)
-    state = _Probe({name: _Layer(name, mod, link) for name, mod, link in found}, modules, bins, loss_fn is not None)
+    state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None)
     if x0.is_floating_point():
         state.remember(x0, None, "batch")
     state.run(model, inputs, loss_fn)
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
-        rows, loss_f, notes, batch_host = _collect(state, batch_sums)
+        extra, vals = _fetch(state, batch_sums)
+        in_mean, in_var, in_sq, sample_sq = _input_moments(extra["batch"], xf, sample_size)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]
-    if missing:
-        notes.append("not called by the forward pass (no row): " + ", ".join(missing))
-    in_mean, in_var, in_sq, sample_sq = _input_moments(batch_host, xf, sample_size)
-    for row in rows:
-        if row.pop("_input_is_batch", False):
-            row.update(input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq)
-    result = ProbeResult(rows=rows, histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var,
-                         input_sq_mean=in_sq, loss=loss_f, traced=any(bool(getattr(link, "traced", False))
-                                                                       for _, _, link in found),
-                         backward=state.backward, notes=notes, batch_size=int(x0.shape[0]) if x0.dim() else 1)
-    _fill_predictions(result, state.order, modules, sample_sq if x0.dim() > 1 else None)
-    return result
+    notes = ["not called by the forward pass (no row): " + ", ".join(missing)] if missing else []
+    return ProbeResult(histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq,
+                       loss=extra.get("loss"), traced=state.plan.traced,
+                       backward=state.backward, notes=notes, batch_size=int(x0.shape[0]) if x0.dim() else 1,
+                       pending=partial(_table, state.order, vals, modules, sample_sq if x0.dim() > 1 else None))
 
 
 # --------------------------------------------------------------------------- theory
