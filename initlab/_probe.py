@@ -211,19 +211,37 @@ class ProbeResult:
 # --------------------------------------------------------------------------- the model's layers
 
 
+_MISSING = object()
+
+
 class _Plan:
     """What probing one model needs that depends only on its structure, worked out once per
     structure: the weight layers' links to their activations (without module references, which
     would keep the model alive), for each layer the module whose output is its post-activation
     and whether the activation is applied to it, and the layers' fans (per weight shape)."""
 
-    __slots__ = ("signature", "names", "links", "posts", "traced", "fans")
+    __slots__ = ("signature", "names", "settings", "links", "posts", "traced", "fans", "refresh")
 
-    def __init__(self, signature: Any, names: tuple[str, ...], links: list[tuple[str, Any]]) -> None:
-        self.signature, self.names, self.links = signature, names, links
+    def __init__(self, signature: Any, names: tuple[str, ...], settings: list[tuple[int, tuple[Any, ...]]],
+                 links: list[tuple[str, Any]]) -> None:
+        self.signature, self.names, self.settings, self.links = signature, names, settings, links
         self.posts = {name: _resolve_post_source(link, names) for name, link in links}
         self.traced = any(bool(getattr(link, "traced", False)) for _, link in links)
         self.fans: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {}
+        # layers whose activation module has parameters or buffers (a PReLU's slope), read per call
+        self.refresh: set[str] = set()
+
+    def current(self, signature: Any, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
+        """Whether the plan still fits: the same submodules (identity, type, name) with the same plain
+        settings (``negative_slope``, ``stride``...; compared attribute by attribute)."""
+        if signature != self.signature or names != self.names:
+            return False
+        for i, items in self.settings:
+            d = vars(mods[i])
+            for k, v in items:
+                if d.get(k, _MISSING) != v:
+                    return False
+        return True
 
     def layer_fans(self, name: str, module: nn.Module) -> tuple[int, int]:
         """``initlab.fans`` of the layer's output weight (the layer's settings are part of the plan's
@@ -248,10 +266,10 @@ def _plan(model: nn.Module, named: dict[str, nn.Module]) -> _Plan:
     if not isinstance(model, nn.Module):
         raise InitlabError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     # the submodules, and their settings (a slope baked into the traced graph as a constant)
-    signature = (tuple(map(id, named.values())), tuple(map(type, named.values())),
-                 tuple(map(plain_settings, named.values())))
+    mods = tuple(named.values())
+    signature = (tuple(map(id, mods)), tuple(map(type, mods)))
     cached = _PLANS.get(model)
-    if cached is not None and cached.signature == signature and tuple(named) == cached.names:
+    if cached is not None and cached.current(signature, tuple(named), mods):
         return cached
     links = dict(find_activations(model))
     for name, link in list(links.items()):
@@ -267,8 +285,11 @@ def _plan(model: nn.Module, named: dict[str, nn.Module]) -> _Plan:
         raise InitlabError(
             f"model {type(model).__name__} has no supported weight layer; supported layers: {names}"
         )
-    plan = _PLANS[model] = _Plan(signature, tuple(named), [(name, replace(link, module=None))
-                                                           for name, link in links.items()])
+    # (the plan holds no module: the cache would keep the model alive)
+    settings = [(i, items) for i, m in enumerate(mods) if (items := plain_settings(m))]
+    plan = _PLANS[model] = _Plan(signature, tuple(named), settings,
+                                 [(name, replace(link, module=None)) for name, link in links.items()])
+    plan.refresh = {name for name, link in links.items() if _fresh(link, named) is not link}
     return plan
 
 
@@ -467,7 +488,9 @@ class _Probe:
 
     def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool) -> None:
         self.plan, self.modules, self.bins, self.backward = plan, modules, bins, backward
-        self.layers = {name: _Layer(name, modules[name], _fresh(link, modules)) for name, link in plan.links}
+        refresh = plan.refresh
+        self.layers = {name: _Layer(name, modules[name], _fresh(link, modules) if name in refresh else link)
+                       for name, link in plan.links}
         self.order: list[_Layer] = []
         self.histograms: dict[str, dict[str, Histogram]] = defaultdict(dict)
         self.queues: dict[str, deque[_Layer]] = defaultdict(deque)  # hooked module -> layers waiting for it
@@ -702,22 +725,24 @@ class _Transfer:
 
 def _queue_layer(transfer: _Transfer, i: int, layer: _Layer, grads: dict[int, Tensor]) -> None:
     """Queue a layer's raw sums, and its weight's (and weight gradient's) sums and its bias."""
+    scalars, s_index = transfer.scalars, transfer.s_index
     for key, t in layer.parts.items():
         if t.dim() == 0:
-            transfer.scalar(i, key, t)
+            scalars.append(t)
+            s_index.append((i, key))
         else:
             transfer.vector(i, key, t)
     w = output_weight(layer.module)
     if w is not None and not w.is_meta:
         wf = flat(as_float(w))
-        transfer.scalar(i, "w_sum", wf.sum())
-        transfer.scalar(i, "w_sq", torch.dot(wf, wf))
+        scalars += (wf.sum(), torch.dot(wf, wf))
+        s_index += ((i, "w_sum"), (i, "w_sq"))
         layer.counts["w"] = wf.numel()
         g = grads.get(id(w))
         if g is not None:
             gf = flat(as_float(g))
-            transfer.scalar(i, "wg_sum", gf.sum())
-            transfer.scalar(i, "wg_sq", torch.dot(gf, gf))
+            scalars += (gf.sum(), torch.dot(gf, gf))
+            s_index += ((i, "wg_sum"), (i, "wg_sq"))
             layer.counts["wg"] = gf.numel()
     b = output_bias(layer.module)
     if b is not None and not b.is_meta:
@@ -898,8 +923,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
     xf, sample_size, batch_sums = _batch_sums(x0)
-    if not bool(torch.isfinite(batch_sums).all()) or len(inputs) > 1:
-        as_inputs(batch)  # the detailed check (raises for NaN/inf)
+    if len(inputs) > 1:
+        as_inputs(batch)  # the detailed check (raises for NaN/inf); one input is checked on its sums below
     if target is not None and not isinstance(target, Tensor):
         raise InitlabError(f"target must be a torch.Tensor, got {type(target).__name__}")
     loss_fn = _make_loss(loss, target)
@@ -911,6 +936,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
         extra, vals = _fetch(state, batch_sums)
+        if not np.isfinite(extra["batch"]).all():  # NaN and inf propagate into the sums
+            as_inputs(batch)  # the detailed check (raises for NaN/inf)
         in_mean, in_var, in_sq, sample_sq = _input_moments(extra["batch"], xf, sample_size)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]
     notes = ["not called by the forward pass (no row): " + ", ".join(missing)] if missing else []
