@@ -85,10 +85,15 @@ def bench_probe(repeat: int, quick: bool) -> None:
         def probed(model: nn.Module = model, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
             initlab.probe(model, x, target=y)
 
-        t = interleaved({"plain": plain, "probe": probed}, repeat)
+        def tabled(model: nn.Module = model, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+            len(initlab.probe(model, x, target=y).rows)  # the table (statistics, predictions) is built on first use
+
+        t = interleaved({"plain": plain, "probe": probed, "table": tabled}, repeat)
         print(f"{name:45s} plain {1e3 * t['plain']:8.2f} ms   probe {1e3 * t['probe']:8.2f} ms   "
               f"ratio {t['probe'] / t['plain']:.2f}x (goal <= 1.5x; "
               f"probe overhead {1e3 * (t['probe'] - t['plain']):.2f} ms per call)")
+        print(f"{'':45s} probe and its table (rows, predictions) {1e3 * t['table']:8.2f} ms "
+              f"({t['table'] / t['plain']:.2f}x)")
         with_hist = interleaved({"hist": lambda model=model, x=x, y=y: initlab.probe(model, x, target=y, bins=64)}, max(3, repeat // 3))
         print(f"{'':45s} with 64-bin histograms {1e3 * with_hist['hist']:8.2f} ms "
               f"({with_hist['hist'] / t['plain']:.2f}x)")
