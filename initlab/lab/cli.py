@@ -49,6 +49,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 64], got {text!r}") from None
+    if not 0 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 64], got {v}")
+    return v
+
+
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make the subcommand's usage errors one line, ``initlab: error: run: argument --steps: ...``, like every
     other error of the command line (argparse prints the usage first, and names the error by the parser)."""
@@ -95,6 +105,9 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
                    help="torch threads (default: the idle physical cores; OMP_NUM_THREADS if set)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--figure-workers", metavar="N", type=_count, default=2,
+                   help="processes that import the report's modules while the run trains and draw its figures "
+                        "in parallel afterwards (default 2; 0: draw them in this process)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
@@ -279,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with _ClearErrors(f"run {str(out)!r}"), _signals_interrupt():
             summary = run_experiment(exp, out, resume=not args.fresh, progress=not args.no_progress,
                                      download=bool(args.download), executor=executor, retries=args.retries,
-                                     threads=args.threads)
+                                     threads=args.threads, figure_workers=args.figure_workers)
     except Terminated:
         print("initlab: terminated (SIGTERM); the finished work is kept: re-run the same command to resume",
               file=sys.stderr)

@@ -67,6 +67,7 @@ from .data import Dataset, load_dataset
 from .executors import Executor, InProcess, UnitTask
 from .metrics import METRICS_COLUMNS, registered
 from .report import write_report
+from .report.workers import FigureWorkers
 from .report.tensorboard import MemberLog, write_member_events
 from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
                      drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_histograms,
@@ -346,6 +347,8 @@ class _Run:
         self.live = _Live(self)
         self.failed: list[dict[str, Any]] = []
         self.retried = 0
+        self.figure_workers = 0
+        self.workers: FigureWorkers | None = None
 
     def emit(self, event: str, unit: int, step: int = 0, members: tuple = (), worker: str = "") -> None:
         if self.callback is not None:
@@ -391,6 +394,8 @@ class _Run:
             try:
                 self._start()
                 self.emit("plan", -1, 0)
+                if report and self.figure_workers and self.units:  # they import the report's modules meanwhile
+                    self.workers = FigureWorkers(self.figure_workers)
                 self._train(data() if self.units else None, executor)
                 self._finish(report)
                 self.emit("done", -1, int(self.exp.train.steps))
@@ -401,6 +406,9 @@ class _Run:
                 if isinstance(self.callback, TqdmProgress):
                     self.callback.close()
                 raise
+            finally:
+                if self.workers is not None:
+                    self.workers.close()
 
     def _start(self) -> None:
         clean_tmp(self.run_dir)
@@ -518,7 +526,12 @@ class _Run:
         self.diverged = list(meta["diverged"])
         if status == "complete" and report:
             need = self.units_run > 0 or not (self.run_dir / "report.html").is_file()
-            self.report_path = write_report(self.run_dir) if need else self.run_dir / "report.html"
+            if not need:
+                self.report_path = self.run_dir / "report.html"
+            elif self.workers is not None:
+                self.report_path = self.workers.write_report(self.run_dir)
+            else:
+                self.report_path = write_report(self.run_dir)
             self.figures = sorted((self.run_dir / "figures").glob("*.png"))
 
     def summary(self, t0: float) -> RunSummary:
@@ -539,7 +552,7 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
                    progress: Callable[[RunProgress], Any] | bool | None = None, executor: Executor | None = None,
                    data: Dataset | None = None, download: bool = False, max_members: int | None = None,
                    report: bool = True, checkpoint_every: float | None = 5.0, retries: int = 2,
-                   threads: int | None = None) -> RunSummary:
+                   threads: int | None = None, figure_workers: int = 0) -> RunSummary:
     """Train every member of ``exp`` and write the run directory ``out_dir`` (see the module docstring).
 
     - ``resume``: skip members already recorded in ``out_dir`` (True), or discard the results of
@@ -564,24 +577,32 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
       their checkpoints to this process, which saves them (a ``map`` executor trains from step 0).
     - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this
       process an exception stops the run).
+    - ``figure_workers``: 0 (draw the figures in this process after training), or how many worker
+      processes to start before training: they import the report's modules while the run trains and
+      draw the figures in parallel when it is done (:mod:`initlab.lab.report.workers`; a figure that
+      fails is named on the page as missing, the run is kept).
     - ``threads``: torch threads for the run (None: :func:`~initlab.lab._threads.choose_threads`'s
       policy: physical cores that are idle); the previous count is restored afterwards.
     """
     with using_threads(choose_threads(threads)):
         return _run_experiment(exp, out_dir, resume, progress, executor, data, download, max_members, report,
-                               checkpoint_every, retries)
+                               checkpoint_every, retries, figure_workers)
 
 
 def _run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], resume: bool,
                     progress: Callable[[RunProgress], Any] | bool | None, executor: Executor | None,
                     data: Dataset | None, download: bool, max_members: int | None, report: bool,
-                    checkpoint_every: float | None, retries: int = 2) -> RunSummary:
+                    checkpoint_every: float | None, retries: int = 2, figure_workers: int = 0) -> RunSummary:
     t0 = time.perf_counter()
     _check_arguments(exp, out_dir, resume, progress, executor, data, download, max_members, report, checkpoint_every)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise InitlabError(f"run_experiment: retries: expected an integer >= 0, got {type(retries).__name__} {retries!r:.60}")
     run = _Run(exp, Path(out_dir), bool(resume), max_members)
     run.retries = retries
+    if isinstance(figure_workers, bool) or not isinstance(figure_workers, int) or not 0 <= figure_workers <= 64:
+        raise InitlabError(f"run_experiment: figure_workers: expected an integer in [0, 64], got "
+                           f"{type(figure_workers).__name__} {figure_workers!r:.60}")
+    run.figure_workers = figure_workers
     run.checkpoint_every = None if checkpoint_every is None else float(checkpoint_every)
     loaded: list[Dataset | None] = [data]
 

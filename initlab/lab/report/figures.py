@@ -31,7 +31,7 @@ file's caption: what is plotted, and what to see.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -397,29 +397,36 @@ def _spectra_scenarios(exp: Any) -> list[str]:
     return out
 
 
-def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
-    """The figures of this module that the run's grid calls for, written into ``fig_dir``."""
+def grid_figures(data: RunData, fig_dir: str | Path, only: Collection[str] | None = None) -> dict[str, Path]:
+    """The figures of this module that the run's grid calls for (with ``only``: those of these names),
+    written into ``fig_dir``."""
     fig_dir = Path(fig_dir)
     out: dict[str, Path] = {}
+
+    def want(*names: str) -> bool:
+        return only is None or any(n in only for n in names)
+
     depths = {len(w) for w in data.models.values()}
-    if len(depths) > 1 and data.metrics is not None and not data.metrics.empty:
+    if len(depths) > 1 and data.metrics is not None and not data.metrics.empty \
+            and want("accuracy_vs_depth.png", "variance_vs_depth.png"):
         tables = {m: depth_table(data, "test", m) for m in ("acc", "loss")}
         tables = {m: t for m, t in tables.items() if not t.empty}
-        if tables:
+        if tables and want("accuracy_vs_depth.png"):
             out["accuracy_vs_depth.png"] = metric_vs_depth(
                 tables, fig_dir / "accuracy_vs_depth.png", ylabels={"acc": "final test accuracy",
                                                                   "loss": "final test loss (log scale)"})
-        var = _variance_table(data)
+        var = _variance_table(data) if want("variance_vs_depth.png") else None
         if var is not None and not var.empty:
             out["variance_vs_depth.png"] = variance_vs_depth(var, fig_dir / "variance_vs_depth.png")
-    try:
-        names = _spectra_scenarios(run_experiment_spec(data))
-        spectra = {n: list(spectra_of(data, n).values()) for n in names}
-    except InitlabError:
-        spectra = {}
-    if spectra:
-        out["jacobian_spectra.png"] = jacobian_spectra(spectra, fig_dir / "jacobian_spectra.png")
-    if data.metrics is not None and not data.metrics.empty:
+    if want("jacobian_spectra.png"):
+        try:
+            names = _spectra_scenarios(run_experiment_spec(data))
+            spectra = {n: list(spectra_of(data, n).values()) for n in names}
+        except InitlabError:
+            spectra = {}
+        if spectra:
+            out["jacobian_spectra.png"] = jacobian_spectra(spectra, fig_dir / "jacobian_spectra.png")
+    if data.metrics is not None and not data.metrics.empty and want("heatmap.png"):
         got = sw2_depth_heatmap(data)
         if got is not None:
             out["heatmap.png"] = grid_heatmap(got[0], fig_dir / "heatmap.png", **got[1])

@@ -68,6 +68,7 @@ figcaption { color: var(--muted); font-size: 13px; margin-top: 4px; }
 details summary { cursor: pointer; color: var(--accent); }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
 tr.claim-failed td { color: #b00020; background: #fdecee; }
+p.warn { color: #b00020; background: #fdecee; padding: 6px 10px; }
 tr.claim-ok td:nth-child(5) { color: #1b7f3b; }
 """
 
@@ -199,8 +200,8 @@ def _first_pass_section(data: RunData) -> str:
     return "".join(out)
 
 
-def _figures_section(figures: Mapping[str, Path]) -> str:
-    if not figures:
+def _figures_section(figures: Mapping[str, Path], missing: Mapping[str, str] | None = None) -> str:
+    if not figures and not missing:
         return ""
     captions = {**figure_captions(), **grid_captions()}
     out = ["<h2>Figures</h2>\n"]
@@ -208,6 +209,9 @@ def _figures_section(figures: Mapping[str, Path]) -> str:
         caption = captions.get(name, name)
         out.append(f"<figure>{_img_tag(Path(path), caption)}<figcaption>{_e(caption)} "
                    f"(<code>figures/{_e(name)}</code>)</figcaption></figure>\n")
+    for name, why in (missing or {}).items():
+        out.append(f"<p class=\"warn\"><strong>Figure missing:</strong> <code>figures/{_e(name)}</code> "
+                   f"({_e(captions.get(name, name))}) could not be drawn: {_e(why)}</p>\n")
     return "".join(out)
 
 
@@ -245,10 +249,11 @@ def _claims_section(rows: Sequence[Mapping[str, str]]) -> str:
 
 
 def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Finding],
-                claims: Sequence[Mapping[str, str]] = ()) -> str:
-    """The report page as a string (see the module docstring); ``claims``: the rows of claims.csv, shown first."""
+                claims: Sequence[Mapping[str, str]] = (), missing: Mapping[str, str] | None = None) -> str:
+    """The report page as a string (see the module docstring); ``claims``: the rows of claims.csv, shown
+    first; ``missing``: figures that could not be drawn (name -> why), named in the figures section."""
     return (_head(data) + _claims_section(claims) + _findings_section(found) + _summary_section(data)
-            + _first_pass_section(data) + _figures_section(figures) + _files_section(data))
+            + _first_pass_section(data) + _figures_section(figures, missing) + _files_section(data))
 
 
 def claim_rows(data: RunData) -> list[dict[str, str]]:
@@ -260,10 +265,12 @@ def claim_rows(data: RunData) -> list[dict[str, str]]:
     return evaluate_claims(claims, data)
 
 
-def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Path:
+def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True,
+                 missing: Mapping[str, str] | None = None) -> Path:
     """(Re)build ``figures/*.png`` and ``report.html`` of ``run_dir`` from its files; return the report's path.
 
-    With ``figures=False`` the existing PNGs are embedded as they are (none are redrawn).
+    With ``figures=False`` the existing PNGs are embedded as they are (none are redrawn); ``missing``
+    (name -> why) names figures that could not be drawn (their files are not embedded).
     """
     data = load_run(run_dir)
     fig_dir = data.run_dir / "figures"
@@ -272,9 +279,10 @@ def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True) -> Pa
                             models=data.models)
         figs.update(grid_figures(data, fig_dir))
     else:
-        figs = {name: fig_dir / name for name in {**figure_captions(), **grid_captions()} if (fig_dir / name).is_file()}
+        figs = {name: fig_dir / name for name in {**figure_captions(), **grid_captions()}
+                if (fig_dir / name).is_file() and name not in (missing or {})}
     rows = claim_rows(data)
     if rows:
         atomic_write_text(data.run_dir / "claims.csv", claims_csv(rows))
-    text = render_html(data, figs, findings(data), rows)
+    text = render_html(data, figs, findings(data), rows, missing)
     return atomic_write_text(data.run_dir / "report.html", text)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -395,19 +395,25 @@ def training_curves(metrics: pandas.DataFrame, scenarios: Sequence[str], metric:
 def make_figures(metrics: pandas.DataFrame, first_pass: pandas.DataFrame,
                  values: Mapping[tuple[str, int], Mapping[str, np.ndarray]], scenarios: Sequence[str],
                  fig_dir: str | Path, *, info: Info | None = None,
-                 models: Mapping[str, Sequence[int]] | None = None) -> dict[str, Path]:
-    """Write every figure of :func:`figures` that the data allows into ``fig_dir``; return name -> path."""
+                 models: Mapping[str, Sequence[int]] | None = None,
+                 only: Collection[str] | None = None) -> dict[str, Path]:
+    """Write every figure of :func:`figures` that the data allows into ``fig_dir`` (with ``only``: those
+    of these names); return name -> path."""
     fig_dir = Path(fig_dir)
     out: dict[str, Path] = {}
-    if values:
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    if values and want("layer1_histograms.png"):
         out["layer1_histograms.png"] = layer1_histograms(values, scenarios, fig_dir / "layer1_histograms.png", info=info)
-    if first_pass is not None and not first_pass.empty and "pre_sq_mean" in first_pass:
+    if first_pass is not None and not first_pass.empty and "pre_sq_mean" in first_pass and want("variance_per_layer.png"):
         out["variance_per_layer.png"] = variance_per_layer(first_pass, scenarios, fig_dir / "variance_per_layer.png",
                                                            info=info)
     if metrics is not None and not metrics.empty:
         present = list(metrics["metric"].astype(str).unique())
         for m in display_order():
             parts = component_names(m, present)
-            if m.plot and parts:
+            if m.plot and parts and want(m.plot):
                 out[m.plot] = training_curves(metrics, scenarios, parts, fig_dir / m.plot, info=info, models=models)
     return {k: out[k] for k in figures() if k in out}

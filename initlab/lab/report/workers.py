@@ -1,0 +1,277 @@
+"""The report drawn by worker processes that start while the run trains.
+
+The figures cost more than the page: matplotlib and pandas take seconds to import and each figure
+a second or more to draw, all in one thread. :class:`FigureWorkers` starts ``n`` processes
+(``python -m initlab.lab.report.workers``) before training; each imports the report's modules while
+the run trains, then waits. When the run is done, :meth:`FigureWorkers.write_report` hands each
+worker its share of the figures (every n-th name of the report's figure list; a worker draws those
+its data calls for, one by one), waits for them, and has the first worker write ``report.html``.
+Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
+
+Failures never hang the run nor lose it: a figure that raises is left out and the page says, under
+*Figures*, which figure is missing and why (one line); a worker that dies or does not answer within
+:data:`TIMEOUT_S` is killed and its figures are reported missing the same way; if no worker can
+be started, or none is left to write the page, the page is written in this process. The figures'
+bytes are the same as :func:`~initlab.lab.report.html.write_report`'s (the same code, in another
+process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["FigureWorkers", "TIMEOUT_S", "COMMAND"]
+
+#: seconds a worker may take for its share of the figures (or the page) before it is killed
+TIMEOUT_S = 600.0
+
+#: the command that starts one worker (a list, as for ``subprocess.Popen``)
+COMMAND = [sys.executable, "-m", "initlab.lab.report.workers"]
+
+
+def _names() -> list[str]:
+    from .figures import grid_captions
+    from .plots import figures
+
+    return [*figures(), *grid_captions()]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class _Worker:
+    """One worker process: its input pipe, its output lines (read by a thread into a queue, so that
+    waiting for one has a deadline) and its error output (a temporary file, which never fills up)."""
+
+    def __init__(self, command: Sequence[str]) -> None:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[3])  # the folder holding the initlab package
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, env=env)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, name="initlab-figure-worker-reader", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                self.lines.put(line)
+        except (OSError, ValueError):
+            pass
+        self.lines.put(None)
+
+    def send(self, job: dict[str, Any]) -> bool:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def answer(self, deadline: float) -> dict[str, Any] | str:
+        """The worker's next answer (a dict), or why there is none (a string)."""
+        try:
+            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except queue.Empty:
+            self.kill()
+            return f"the figure worker did not finish within {TIMEOUT_S:.0f} s"
+        if line is None:
+            self.lines.put(None)  # the end stays the end
+            code = self.proc.wait()
+            self.err.seek(0)
+            err = self.err.read().decode("utf-8", "replace").strip().splitlines()
+            return f"the figure worker stopped (exit code {code})" + (f": {err[-1]}" if err else "")
+        return json.loads(line)
+
+    def results(self, deadline: float, missing: dict[str, str]) -> tuple[set[str], str | None, str | None]:
+        """Read the worker's per-figure lines until it is done: ``(the names it finished, the one it
+        was drawing, why it stopped)``, the last two None when it finished; figures that raised are
+        added to ``missing``."""
+        done: set[str] = set()
+        current = None
+        while True:
+            answer = self.answer(deadline)
+            if isinstance(answer, str):
+                return done, current, answer
+            if answer.get("done"):
+                return done, None, None
+            if "start" in answer:
+                current = answer["start"]
+                continue
+            done.add(answer["name"])
+            current = None
+            if answer.get("error"):
+                missing[answer["name"]] = answer["error"]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        """Ask the worker to exit (end of its input), then wait; kill it if it does not."""
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self.reader.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.err.close()
+
+
+class FigureWorkers:
+    """``n`` report workers, started now (they import the report's modules while the run trains);
+    :meth:`write_report` draws the figures and the page with them, :meth:`close` ends them."""
+
+    def __init__(self, n: int = 2, command: Sequence[str] | None = None) -> None:
+        self.workers: list[_Worker] = []
+        try:
+            for _ in range(max(int(n), 1)):
+                self.workers.append(_Worker(command or COMMAND))
+        except OSError:
+            pass  # fewer workers (none: the report is written in this process)
+
+    def write_report(self, run_dir: str | os.PathLike[str]) -> Path:
+        """Draw the figures of ``run_dir`` in the workers, then write its report.html; return its path."""
+        from .html import write_report
+
+        if not self.workers:
+            return write_report(run_dir)
+        run_dir = Path(run_dir)
+        names = _names()
+        shares = [names[k::len(self.workers)] for k in range(len(self.workers))]
+        sent = [w.send({"figures": share, "run_dir": str(run_dir)}) for w, share in zip(self.workers, shares)]
+        deadline = time.monotonic() + TIMEOUT_S
+        missing: dict[str, str] = {}
+        left: list[str] = []  # figures a failed worker did not get to: drawn here
+        alive: list[_Worker] = []
+        for w, share, ok in zip(self.workers, shares, sent):
+            done, current, why = w.results(deadline, missing) if ok else (set(), None, "not reached")
+            if why is None:
+                alive.append(w)
+                continue
+            if current is not None:  # the figure it was drawing when it stopped
+                missing[current] = why
+                _drop(run_dir, current)
+            left += [n for n in share if n not in done and n != current]
+        if left:
+            missing.update(_draw(run_dir, left, None))
+        page = {"page": True, "run_dir": str(run_dir), "missing": missing}
+        for w in alive[:1]:
+            if w.send(page):
+                answer = w.answer(time.monotonic() + TIMEOUT_S)
+                if isinstance(answer, dict) and "page" in answer:
+                    return Path(answer["page"])
+                if isinstance(answer, dict) and "error" in answer:
+                    raise _error(answer["error"])
+        return write_report(run_dir, figures=False, missing=missing)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+        self.workers = []
+
+    def __enter__(self) -> FigureWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _error(message: str) -> Exception:
+    from ..._errors import InitlabError
+
+    return InitlabError(f"writing report.html: {message}")
+
+
+def _drop(run_dir: Path, name: str) -> None:
+    """Remove a figure's file left by an earlier report: the page must not show an old figure as new."""
+    path = run_dir / "figures" / name
+    if path.is_file():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- the worker side
+
+
+def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str, str]:
+    """Draw ``names`` (those the data calls for) one by one; a figure that raises is left out (its old
+    file removed) and returned as name -> why. With ``out``, one JSON line per figure as it is done."""
+    from .figures import grid_figures
+    from .load import load_run
+    from .plots import make_figures
+
+    data = load_run(run_dir)
+    fig_dir = data.run_dir / "figures"
+    missing: dict[str, str] = {}
+    for name in names:
+        error = None
+        if out is not None:
+            out.write(json.dumps({"start": name}) + "\n")
+            out.flush()
+        try:
+            make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,
+                         models=data.models, only={name})
+            grid_figures(data, fig_dir, only={name})
+        except Exception as e:  # noqa: BLE001 - one figure's failure is reported on the page
+            missing[name] = error = _one_line(e)
+            _drop(run_dir, name)
+        if out is not None:
+            out.write(json.dumps({"name": name, "error": error}) + "\n")
+            out.flush()
+    return missing
+
+
+def _page(run_dir: Path, missing: dict[str, str]) -> dict[str, Any]:
+    from .html import write_report
+
+    try:
+        return {"page": str(write_report(run_dir, figures=False, missing=missing))}
+    except Exception as e:  # noqa: BLE001 - sent back and raised in the run's process
+        return {"error": _one_line(e)}
+
+
+def main() -> int:
+    """A worker: import the report's modules, then answer one JSON job per input line until it ends."""
+    import matplotlib.backends.backend_agg  # noqa: F401 - imported now, while the run trains
+    import matplotlib.figure  # noqa: F401
+    import pandas  # noqa: F401
+
+    from . import figures, html, load, plots  # noqa: F401
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        run_dir = Path(job["run_dir"])
+        if job.get("page"):
+            answer = _page(run_dir, job.get("missing", {}))
+        else:
+            _draw(run_dir, job["figures"], sys.stdout)
+            answer = {"done": True}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The report drawn by worker processes (``run_experiment(..., figure_workers=N)``, ``initlab run``'s default):
+the same figures, byte for byte, as drawn in the run's process; and a figure whose drawing raises, a
+worker that dies and a worker that hangs each end with the run complete, every other figure drawn and
+the page naming the missing figure and why, in bounded time."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import initlab.lab.report.workers as workers
+from initlab import InitlabError
+from initlab.lab.run import run_experiment
+
+from rundir_compare import small
+
+FAULTS = Path(__file__).with_name("figure_worker_faults.py")
+FIGURES = {"layer1_histograms.png", "variance_per_layer.png", "accuracy.png", "loss.png"}
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, fixed_threads):
+    out = tmp_path_factory.mktemp("inproc") / "run"
+    run_experiment(small(), out, progress=False, figure_workers=0)
+    return out
+
+
+def _figures(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (run / "figures").glob("*.png")}
+
+
+def test_workers_draw_the_same_figures(in_process, tmp_path):
+    run_experiment(small(), tmp_path / "run", progress=False, figure_workers=2)
+    want = _figures(in_process)
+    assert set(want) >= FIGURES
+    assert _figures(tmp_path / "run") == want
+    assert "Figure missing" not in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("kind, why", [("raise", "RuntimeError: injected fault"),
+                                       ("exit", "the figure worker stopped (exit code 3)"),
+                                       ("hang", "the figure worker did not finish within 20 s")])
+def test_a_failing_figure_is_named_missing_and_the_run_is_kept(in_process, tmp_path, monkeypatch, kind, why):
+    monkeypatch.setattr(workers, "COMMAND", [sys.executable, str(FAULTS), kind, "variance_per_layer"])
+    monkeypatch.setattr(workers, "TIMEOUT_S", 20.0)
+    t0 = time.monotonic()
+    summary = run_experiment(small(), tmp_path / "run", progress=False, figure_workers=2)
+    assert time.monotonic() - t0 < 600  # no hang: the stuck worker was killed
+    run = tmp_path / "run"
+    assert summary.report == run / "report.html" and (run / "metrics.csv").is_file()
+    got, want = _figures(run), _figures(in_process)
+    assert set(got) == set(want) - {"variance_per_layer.png"}
+    assert all(got[n] == want[n] for n in got)  # the other figures drawn, the same bytes
+    page = (run / "report.html").read_text()
+    assert "Figure missing:</strong> <code>figures/variance_per_layer.png</code>" in page
+    assert why in page
+
+
+def test_stale_figure_of_an_earlier_report_is_not_shown(in_process, tmp_path, monkeypatch):
+    """A figure that fails now is removed, not left over from the report before (negative control:
+    without the removal the old PNG would be embedded)."""
+    run = tmp_path / "run"
+    run_experiment(small(), run, progress=False, figure_workers=0)
+    assert (run / "figures" / "variance_per_layer.png").is_file()
+    monkeypatch.setattr(workers, "COMMAND", [sys.executable, str(FAULTS), "raise", "variance_per_layer"])
+    with workers.FigureWorkers(2) as pool:
+        page = pool.write_report(run).read_text()
+    assert not (run / "figures" / "variance_per_layer.png").exists()
+    assert "Figure missing" in page and page.count("<figure>") == len(FIGURES) - 1
+
+
+def test_bad_figure_workers_argument(tmp_path):
+    with pytest.raises(InitlabError, match="figure_workers: expected an integer in \\[0, 64\\], got int -1"):
+        run_experiment(small(), tmp_path / "run", progress=False, figure_workers=-1)
+    assert not (tmp_path / "run").exists()
