@@ -9,11 +9,12 @@ its data calls for, one by one), waits for them, and has the first worker write 
 Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
 
 Failures never hang the run nor lose it: a figure that raises is left out and the page says, under
-*Figures*, which figure is missing and why (one line); a worker that dies or does not answer within
-:data:`TIMEOUT_S` is killed and its figures are reported missing the same way; if no worker can
-be started, or none is left to write the page, the page is written in this process. The figures'
-bytes are the same as :func:`~initlab.lab.report.html.write_report`'s (the same code, in another
-process).
+*Figures*, which figure is missing and why (one line). A worker that dies, or does not answer within
+:data:`TIMEOUT_S` to draw one figure or write the page (:data:`START_TIMEOUT_S` to start; it is
+then killed), leaves the figure it was drawing reported missing the same way, and the rest of its
+share is drawn in this process; if no worker can be started, or none is left to write the page,
+the page is written in this process. The figures' bytes are the same as
+:func:`~initlab.lab.report.html.write_report`'s (the same code, in another process).
 """
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["FigureWorkers", "TIMEOUT_S", "COMMAND"]
+__all__ = ["FigureWorkers", "TIMEOUT_S", "START_TIMEOUT_S", "COMMAND"]
 
-#: seconds a worker may take for its share of the figures (or the page) before it is killed
-TIMEOUT_S = 600.0
+#: seconds a worker may take to draw one figure or to write the page before it is killed
+TIMEOUT_S = 300.0
+
+#: seconds a worker may take to start (import the report's modules) before it is killed
+START_TIMEOUT_S = 600.0
 
 #: the command that starts one worker (a list, as for ``subprocess.Popen``)
 COMMAND = [sys.executable, "-m", "initlab.lab.report.workers"]
@@ -62,6 +66,7 @@ class _Worker:
         self.proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, text=True, env=env)
         self.lines: queue.Queue[str | None] = queue.Queue()
+        self.ready = False  # its modules imported
         self.reader = threading.Thread(target=self._read, name="initlab-figure-worker-reader", daemon=True)
         self.reader.start()
 
@@ -89,7 +94,8 @@ class _Worker:
             line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
         except queue.Empty:
             self.kill()
-            return f"the figure worker did not finish within {TIMEOUT_S:.0f} s"
+            limit = TIMEOUT_S if self.ready else START_TIMEOUT_S
+            return f"the figure worker did not {'finish' if self.ready else 'start'} within {limit:.0f} s"
         if line is None:
             self.lines.put(None)  # the end stays the end
             code = self.proc.wait()
@@ -98,18 +104,21 @@ class _Worker:
             return f"the figure worker stopped (exit code {code})" + (f": {err[-1]}" if err else "")
         return json.loads(line)
 
-    def results(self, deadline: float, missing: dict[str, str]) -> tuple[set[str], str | None, str | None]:
-        """Read the worker's per-figure lines until it is done: ``(the names it finished, the one it
-        was drawing, why it stopped)``, the last two None when it finished; figures that raised are
-        added to ``missing``."""
+    def results(self, missing: dict[str, str]) -> tuple[set[str], str | None, str | None]:
+        """Read the worker's lines until it is done (each within :data:`TIMEOUT_S`): ``(the names it
+        finished, the one it was drawing, why it stopped)``, the last two None when it finished;
+        figures that raised are added to ``missing``."""
         done: set[str] = set()
         current = None
         while True:
-            answer = self.answer(deadline)
+            answer = self.answer(time.monotonic() + (TIMEOUT_S if self.ready else START_TIMEOUT_S))
             if isinstance(answer, str):
                 return done, current, answer
             if answer.get("done"):
                 return done, None, None
+            if answer.get("ready"):
+                self.ready = True
+                continue
             if "start" in answer:
                 current = answer["start"]
                 continue
@@ -162,12 +171,11 @@ class FigureWorkers:
         names = _names()
         shares = [names[k::len(self.workers)] for k in range(len(self.workers))]
         sent = [w.send({"figures": share, "run_dir": str(run_dir)}) for w, share in zip(self.workers, shares)]
-        deadline = time.monotonic() + TIMEOUT_S
         missing: dict[str, str] = {}
         left: list[str] = []  # figures a failed worker did not get to: drawn here
         alive: list[_Worker] = []
         for w, share, ok in zip(self.workers, shares, sent):
-            done, current, why = w.results(deadline, missing) if ok else (set(), None, "not reached")
+            done, current, why = w.results(missing) if ok else (set(), None, "not reached")
             if why is None:
                 alive.append(w)
                 continue
@@ -260,6 +268,8 @@ def main() -> int:
 
     from . import figures, html, load, plots  # noqa: F401
 
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         job = json.loads(line)
         run_dir = Path(job["run_dir"])
