@@ -51,7 +51,7 @@ from torch import Tensor
 from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
-from ._keys import is_dtensor, resolve
+from ._keys import is_dtensor, is_shard_block, resolve
 from . import _philox
 
 __all__ = ["variance_scaling_", "variance_scaling", "truncated_normal_", "MODES", "DISTRIBUTIONS",
@@ -195,9 +195,10 @@ def _check_tensor(tensor: object, what: str) -> Tensor:
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
-    if what in _WHOLE_MATRIX and is_dtensor(tensor):
+    if what in _WHOLE_MATRIX and (is_dtensor(tensor) or is_shard_block(tensor)):
+        shape = "a row block" if is_shard_block(tensor) else f"of shape {tuple(tensor.shape)}"
         raise InitlabError(
-            f"{what} cannot fill a sharded (DTensor) tensor of shape {tuple(tensor.shape)}: an orthogonal matrix couples "
+            f"{what} cannot fill a sharded (DTensor) tensor ({shape}): an orthogonal matrix couples "
             "all its entries, so a shard is not computable alone (it would take the full matrix and its QR on every "
             "rank); initialise it before sharding, load a checkpoint, or use a variance-scaling scheme (normal, "
             "uniform, truncated normal: exact per shard). LSUV starts from orthogonal_ and is refused likewise")
