@@ -258,22 +258,25 @@ _GRAIN = 32768  # torch's intra-op grain size: smaller element-wise ops never le
 def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
     """``n`` uniforms on the symmetric grid ``(2k + 1) / 2^m - 1`` (m = 23 or 52 mantissa bits)
     from the words ``w``: fp32 element ``e`` takes half ``e % 2`` of its word (low half first),
-    fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32)."""
+    fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32).
+    ``w`` is overwritten."""
     if dtype == torch.float64:
         np.right_shift(w, np.uint64(12), out=w)
-        np.bitwise_or(w, np.uint64(0x3FF0000000000000), out=w)
+        np.bitwise_or(w, np.uint64(0x4000000000000000), out=w)
         f = torch.from_numpy(w.view(np.float64))
-        half_step = 2.0 ** -53
+        step = 2.0 ** -52
     else:
         h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
         np.right_shift(h, np.uint32(9), out=h)
-        np.bitwise_or(h, np.uint32(0x3F800000), out=h)
+        np.bitwise_or(h, np.uint32(0x40000000), out=h)
         f = torch.from_numpy(h.view(np.float32))
-        half_step = 2.0 ** -24
-    # [1, 2) -> 2 ((f - 1.5) + 2^-(m+1)): every step exact (1.5 and the half step are representable,
-    # f - 1.5 is exact, and so is the sum on [-0.5, 0.5)), so the grid is symmetric and never
-    # reaches -1 or 1, where erfinv is infinite
-    return f.sub_(1.5).add_(half_step).mul_(2.0)
+        step = 2.0 ** -23
+    # the mantissa bits under exponent 1 make f = 2 + 2k / 2^m in [2, 4); then (f - 3) + 2^-m,
+    # both steps exact (f - 3 is a multiple of 2^(1-m) in [-1, 1), and adding half of that step
+    # needs one more bit, which every float in (-1, 1) has), so the grid is symmetric and never
+    # reaches -1 or 1, where erfinv is infinite. Two passes (0.2 took three: [1, 2), - 1.5,
+    # + 2^-(m+1), * 2; the same numbers)
+    return f.sub_(3.0).add_(step)
 
 
 def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
