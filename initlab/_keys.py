@@ -7,7 +7,8 @@ Every element the CPU sampler writes is a function of ``(base, name, global inde
   caller's generator per call and ``name`` the parameter's fully qualified name; the global index
   is the element's position in the parameter's row-major order, also when a scheme fills a view
   of it (MultiheadAttention's in_proj blocks) or the parameter is a DTensor whose local shard
-  holds only some of its elements. So values do not depend on the order of the writes, on which
+  holds only some of its elements (a DTensor's in_proj blocks are views of its local shard,
+  :func:`row_blocks`, no redistribution). So values do not depend on the order of the writes, on which
   other layers exist (a pipeline stage builds only its own) or on the process and its mesh;
 * a tensor that is not a parameter of the model (a scratch tensor a scheme samples into) is
   keyed by the number of such tensors sampled so far in the call;
