@@ -150,6 +150,13 @@ def attention(world: int, out: list) -> None:
                 comms = run_init(got, scheme, kw)
                 compare(f"{mname} {placements} MultiheadAttention {scheme} {kw}", reference(Attention, scheme, kw),
                         got, comms, out)
+    with torch.device("meta"):
+        got = Attention()
+    fully_shard(got, mesh=meshes[0][1])
+    got.to_empty(device="cpu")
+    comms = run_init(got, "xavier_uniform", {})
+    compare("FSDP2 fully_shard MultiheadAttention (meta, to_empty) xavier_uniform",
+            reference(Attention, "xavier_uniform", {}), got, comms, out)
     got = shard(Attention(), meshes[0][1], [Shard(0)])
     try:
         initlab.init_model(got, "orthogonal", generator=torch.Generator().manual_seed(SEED))
