@@ -105,6 +105,23 @@ def throughput(n: int, rep: int, threads: int, cpu_clock: bool = False) -> None:
           f"{paired(rounds, 'initlab normal', 'torch normal_'):.2f}x")
 
 
+def philox_bound(n: int, rep: int) -> None:
+    """What bounds the one-thread sampler: numpy's Philox4x64-10 words by themselves (an fp32
+    element takes half a word), timed beside ``normal_`` by the calling thread's CPU clock."""
+    from initlab import _philox
+
+    torch.set_num_threads(1)
+    key = _philox.stream_key(0, "bench")
+    x = torch.empty(min(n, 1 << 17))  # one sampler chunk
+    rounds = timed_rounds({"words": lambda: _philox.words(key, 0, x.numel() // 2), "normal_": lambda: x.normal_()},
+                          max(rep, 20), time.thread_time)
+    per_word = min(rounds["words"]) / (x.numel() // 2) * 1e9
+    per_elem = min(rounds["normal_"]) / x.numel() * 1e9
+    print(f"\nbound at 1 thread (CPU clock, one {x.numel():,}-element chunk): numpy's Philox {per_word:.2f} ns per 64-bit "
+          f"word = {per_word / 2:.2f} ns per fp32 element, {per_word / 2 / per_elem:.0%} of torch normal_'s "
+          f"{per_elem:.2f} ns per element")
+
+
 def distribution_check(std: float) -> None:
     """KS against the exact truncated normal, and two-sample against torch's."""
     s = std / TRUNC_STD
@@ -195,6 +212,7 @@ def main() -> int:
     # at one thread every sampler runs on the calling thread, so its CPU clock measures the work
     # itself, also when other processes share the cores (the wall-clock best-of-5 then says little)
     throughput(n, rep, 1, cpu_clock=True)
+    philox_bound(n, rep)
     torch.set_num_threads(threads_before)
     distribution_check(0.02)
     if threads_before >= 2:
