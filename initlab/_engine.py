@@ -252,7 +252,6 @@ _ERF_SQRT2 = math.erf(math.sqrt(2.0))  # the mass of N(0, 1) inside [-2, 2]
 _SQRT2 = math.sqrt(2.0)
 _SHORT_RUN = 256  # runs of fewer words are gathered by the vectorised Philox (no per-run setup)
 SMALL = 1 << 18  # below this many elements the sampler runs on the calling thread alone
-_GRAIN = 32768  # torch's intra-op grain size: smaller element-wise ops never leave the calling thread
 
 
 def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
@@ -407,7 +406,10 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
                 dst.copy_(buf)
 
     def single(lo: int, hi: int) -> None:
-        before = torch.get_num_threads() if n > _GRAIN else 1  # below torch's grain size ops run on one thread
+        # always, also on tiny tensors: erfinv splits work far below torch's usual grain size
+        # (32768), so a 4096-element erfinv would wake the OpenMP team (21 ms on a busy machine
+        # with 2 threads, 0.07 ms with 1); switching costs about half a microsecond
+        before = torch.get_num_threads()
         if before != 1:
             torch.set_num_threads(1)
         try:
