@@ -445,7 +445,7 @@ def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | N
     ``generator``). Elsewhere torch's own samplers run with ``generator``."""
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
-    if tensor.device.type != "cpu" and not is_dtensor(tensor):
+    if tensor.device.type != "cpu" and not (is_dtensor(tensor) or is_shard_block(tensor)):
         t = tensor.detach()
         work = torch.float64 if t.dtype == torch.float64 else torch.float32
         if t.dtype == work and t.is_contiguous():
