@@ -57,9 +57,12 @@ def test_presets_parse_with_their_claims():
 
 
 def test_edge_of_chaos_reduced(tmp_path):
-    d = _reduced("edge-of-chaos", keep=lambda s: s["name"].startswith(("sw1-", "sw1.76-")) and
-                 s["depth"] in (10, 50), depth=lambda L: L // 5)
-    run_experiment(experiment_from_dict(d), tmp_path / "run")
+    d = _reduced("edge-of-chaos")
+    assert d["grid"]["sw2"] == [1.0, 1.4, 1.76, 2.5, 4.0] and d["grid"]["depths"] == [10, 25, 50, 100]
+    d["grid"].update(sw2=[1.0, 1.76], depths=[2, 10])
+    exp = experiment_from_dict(d)
+    assert [s.name for s in exp.scenarios] == ["tanh-sw1-d2", "tanh-sw1-d10", "tanh-sw1.76-d2", "tanh-sw1.76-d10"]
+    run_experiment(exp, tmp_path / "run")
     rows = _claims(tmp_path / "run")
     assert rows["trainable-depth-6xi_c"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     assert "not measurable" not in rows["trainable-depth-6xi_c"]["measured"]
