@@ -262,7 +262,7 @@ def residual_policy(value: Any, path: str, kind: str) -> str:
     """A residual policy of :data:`RESIDUALS` (lower case); one other than ``none`` needs ``kind = 'resmlp'``."""
     v = as_str(value, path, nonempty=True).strip().lower()
     if v not in RESIDUALS:
-        raise InitlabError(f"{path}: {unknown_choice('residual policy', v, RESIDUALS)}")
+        raise InitlabError(f"{path}: {unknown_choice('residual', v, RESIDUALS)}")
     if v != "none" and kind != "resmlp":
         raise InitlabError(f"{path}: {v!r} acts on residual branches, and model.kind = {kind!r} has none "
                            "(use kind = 'resmlp' or residual = 'none')")
