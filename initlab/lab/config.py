@@ -224,8 +224,6 @@ def _parse_scenarios(raw: Any, base: ModelSpec) -> list[Scenario]:
 def _grid_schemes(grid: Mapping[str, Any], act: str) -> list[tuple[str, Any, str]]:
     """(scheme, params, name label) of each grid column for activation ``act``: one per ``schemes`` entry
     (with ``params``), or one per ``sw2`` value (N(0, sw2 / fan_in))."""
-    if "schemes" not in grid and "sw2" not in grid:
-        raise InitlabError("grid.schemes: missing (a grid needs activations and schemes or sw2)")
     if "schemes" in grid and "sw2" in grid:
         raise InitlabError("grid.sw2: give either schemes or sw2 (which draws N(0, sw2 / fan_in)), not both")
     if "sw2" in grid:
