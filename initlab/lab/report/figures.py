@@ -359,8 +359,8 @@ def _variance_table(data: RunData) -> pandas.DataFrame | None:
 
 
 def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] | None:
-    """The (sw2, depth) grid of a run whose scenarios are drawn ``normal`` with a ``std`` (see
-    :func:`initlab.lab.studies.scenario_sw2`) and one activation: final test accuracy per cell and the
+    """The (sw2, depth) grid of a run whose scenarios have a weight variance sw2 (an ``sw2`` grid axis, or
+    ``normal`` with a ``std``: see :func:`initlab.lab.studies.scenario_sw2`) and one activation: final test accuracy per cell and the
     curve ``L = 6 xi_c(sw2)`` from :func:`initlab.theory.depth_scales` (``sb2 = model.bias_var``)."""
     import pandas as pd
 
@@ -381,7 +381,7 @@ def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] 
     ys = np.array([6.0 * depth_scales(act, float(s), exp.model.bias_var)[1] for s in xs])
     sb2 = exp.model.bias_var
     return pd.DataFrame(rows), {
-        "x": "sw2", "y": "depth", "xlabel": "\u03c3_w\u00b2 (Var(w) = \u03c3_w\u00b2 / width)",
+        "x": "sw2", "y": "depth", "xlabel": "\u03c3_w\u00b2 (Var(w) = \u03c3_w\u00b2 / fan_in)",
         "ylabel": "depth L (hidden layers)", "value_label": "final test accuracy",
         "title": f"{act}, \u03c3_b\u00b2 = {sb2:g}: final test accuracy over (\u03c3_w\u00b2, depth)",
         "curve": (xs, ys, "theory: L = 6\u00b7\u03be_c(\u03c3_w\u00b2)")}

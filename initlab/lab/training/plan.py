@@ -126,7 +126,7 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
 
     ``models.build_model(scenario.model, scenario.activation)``, then
     ``initlab.init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(seed),
-    bias="zeros", **params)``; with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
+    bias="zeros", residual=scenario.residual, **params)`` (residual ``"none"``: no policy); with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
     N(0, sigma_b^2) from the same generator. ``batch`` is passed to data-dependent schemes (``lsuv``).
     The same (scenario, seed) always gives the same weights.
     """
@@ -135,7 +135,9 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
     if batch is not None and get_scheme(scenario.scheme).needs_batch:
         params.setdefault("batch", batch)
     gen = torch.Generator().manual_seed(int(seed))
-    init_model(model, scenario.scheme, generator=gen, bias="zeros", **params)
+    residual = getattr(scenario, "residual", "none")
+    init_model(model, scenario.scheme, generator=gen, bias="zeros", residual=None if residual == "none" else residual,
+               **params)
     bias_var = float(getattr(scenario.model, "bias_var", 0.0))
     if bias_var > 0:  # sigma_b^2 (Poole et al. 2016): N(0, sigma_b^2) biases, drawn after the weights
         with torch.no_grad():
