@@ -22,7 +22,7 @@ from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
 
 __all__ = ["Member", "GroupSpec", "plan_groups", "data_seed", "minibatch_indices", "first_pass_indices",
-           "init_member", "resolve_device", "check_train", "group_memory"]
+           "init_member", "init_member_report", "resolve_device", "check_train", "group_memory"]
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,18 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
     N(0, sigma_b^2) from the same generator. ``batch`` is passed to data-dependent schemes (``lsuv``).
     The same (scenario, seed) always gives the same weights.
     """
+    return init_member_report(scenario, seed, batch=batch)[0]
+
+
+def init_member_report(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> tuple[nn.Module, Any]:
+    """:func:`init_member` and ``init_model``'s report (:class:`initlab.InitReport`; its ``extra`` holds
+    the per-layer outcome of a data-dependent scheme, e.g. the :class:`initlab.LSUVReport` under "lsuv")."""
     model = build_model(scenario.model, scenario.activation)
     params = dict(scenario.params)
     if batch is not None and get_scheme(scenario.scheme).needs_batch:
         params.setdefault("batch", batch)
     gen = torch.Generator().manual_seed(int(seed))
-    init_model(model, scenario.scheme, generator=gen, bias="zeros", **params)
+    report = init_model(model, scenario.scheme, generator=gen, bias="zeros", **params)
     bias_var = float(getattr(scenario.model, "bias_var", 0.0))
     if bias_var > 0:  # sigma_b^2 (Poole et al. 2016): N(0, sigma_b^2) biases, drawn after the weights
         with torch.no_grad():
@@ -143,7 +149,7 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
                 b = getattr(mod, "bias", None)
                 if isinstance(mod, AFFINE_LAYERS) and isinstance(b, Tensor):
                     b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype) * bias_var ** 0.5)
-    return model
+    return model, report
 
 
 # ----------------------------------------------------------------------------- memory
