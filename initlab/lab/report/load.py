@@ -119,7 +119,8 @@ def _read_first_pass(run_dir: Path) -> pandas.DataFrame:
     return first_pass
 
 
-def _read_optional(run_dir: Path, name: str, columns: tuple[str, ...]) -> pandas.DataFrame | None:
+def _read_optional(run_dir: Path, name: str, columns: tuple[str, ...],
+                   text: tuple[str, ...] = ("scenario",)) -> pandas.DataFrame | None:
     """``name`` (init.csv, layer_histograms.csv) as a frame, None when the run has no such file."""
     path = run_dir / name
     if not (path.is_file() and path.stat().st_size):
@@ -128,7 +129,8 @@ def _read_optional(run_dir: Path, name: str, columns: tuple[str, ...]) -> pandas
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; {_REBUILD}")
-    frame["scenario"] = frame["scenario"].astype(str)
+    for c in text:  # names that look like numbers (a Sequential's layer "0") stay names
+        frame[c] = frame[c].astype(str)
     return frame
 
 
@@ -189,5 +191,5 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     return RunData(run_dir=run_dir, name=str(cfg.get("name", run_dir.name)), description=str(cfg.get("description", "")),
                    config_text=config_text, metrics=metrics, first_pass=first_pass, values=values,
                    scenarios=scenarios, info=info, models=models, meta=meta, train=train,
-                   init=_read_optional(run_dir, "init.csv", INIT_COLUMNS),
+                   init=_read_optional(run_dir, "init.csv", INIT_COLUMNS, ("scenario", "source", "layer", "quantity")),
                    layer_histograms=_read_optional(run_dir, "layer_histograms.csv", HIST_COLUMNS))
