@@ -94,7 +94,8 @@ CAPTIONS: dict[str, str] = {
         "Rescaling iterations LSUV took at each weight layer to bring its output variance within the "
         "tolerance (init.csv; line = mean over seeds, band = min..max, dots = seeds). What to see: Mishkin & "
         "Matas (2016) say at most a couple per layer; a layer needing many more, or hitting max_iter, "
-        "does not fit that claim."),
+        "does not fit that claim. With zero biases one rescale is exact (Var(cWx) = c\u00b2 Var(Wx) on the "
+        "same input), so 1 per layer is what to expect here; more means biases or centring moved the output."),
     "jacobian_spectra.png": (
         "Singular values of the input-output Jacobian at initialisation: histogram of log10 s (left) and the "
         "fraction of values below s (right; line = mean over seeds, band = min..max). What to see: dynamical "
@@ -377,14 +378,18 @@ def init_iterations(table: pandas.DataFrame, path: str | Path) -> Path:
     colors = _colors(scenarios)
     fig = _new_figure(8.0, 3.8)
     ax = fig.subplots()
-    for sc in scenarios:
+    top = 1.0
+    for k, sc in enumerate(scenarios):
         d = table[table["scenario"] == sc]
         idx = np.array(sorted(int(i) for i in d["index"].unique()), dtype=float)
         per = [d[d["index"] == i]["value"].to_numpy(float) for i in idx]
-        _seed_band(ax, idx, per, colors[sc], sc)
+        shift = (k - (len(scenarios) - 1) / 2) * 0.12  # scenarios side by side when their counts coincide
+        _seed_band(ax, idx + shift, per, colors[sc], sc)
+        top = max([top] + [float(np.nanmax(v)) for v in per if np.isfinite(v).any()])
     ax.set_xlabel("weight layer (1 = first, in forward order)")
     ax.set_ylabel("rescaling iterations")
     ax.set_title("LSUV: rescaling iterations per layer (Mishkin & Matas 2016)", fontsize=10)
+    ax.set_ylim(-0.3, top + 1.0)
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
