@@ -94,8 +94,10 @@ CAPTIONS: dict[str, str] = {
         "Rescaling iterations LSUV took at each weight layer to bring its output variance within the "
         "tolerance (init.csv; line = mean over seeds, band = min..max, dots = seeds). What to see: Mishkin & "
         "Matas (2016) say at most a couple per layer; a layer needing many more, or hitting max_iter, "
-        "does not fit that claim. With zero biases one rescale is exact (Var(cWx) = c\u00b2 Var(Wx) on the "
-        "same input), so 1 per layer is what to expect here; more means biases or centring moved the output."),
+        "does not fit that claim. A Linear or Conv layer's output is linear in its weights and bias "
+        "(Var(cWx + cb) = c\u00b2 Var(Wx + b) on the same input), so one rescale lands on the target and 1 per "
+        "layer is what to expect there; more iterations come from layers whose output is not linear in "
+        "their weights (e.g. ones that normalise their weights in forward)."),
     "jacobian_spectra.png": (
         "Singular values of the input-output Jacobian at initialisation: histogram of log10 s (left) and the "
         "fraction of values below s (right; line = mean over seeds, band = min..max). What to see: dynamical "
