@@ -33,7 +33,7 @@ from .._threads import caller_threads
 from .engines import build_engine, plan_engine
 from .first_pass import first_pass
 from .loop import TrainLoop
-from .plan import GroupSpec, check_train, first_pass_indices, init_member_report, resolve_device
+from .plan import GroupSpec, check_train, first_pass_indices, init_member, resolve_device
 from .records import init_report_rows
 
 __all__ = ["GroupResult", "run_group", "run_unit", "weight_histogram"]
@@ -114,8 +114,10 @@ def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list
         fp_idx = first_pass_indices(mem.seed, n_train, int(spec.train.first_pass_batch))
         xb = data.x_train.index_select(0, fp_idx).float()
         yb = data.y_train.index_select(0, fp_idx).long()
-        model, report = init_member_report(mem.scenario, mem.seed, batch=xb)
-        init_rows.extend(init_report_rows(report, mem.scenario.name, mem.seed))
+        reports: list[Any] = []
+        model = init_member(mem.scenario, mem.seed, batch=xb, reports=reports)
+        for report in reports:
+            init_rows.extend(init_report_rows(report, mem.scenario.name, mem.seed))
         with caller_threads():  # first_pass.csv independent of --threads and of the machine's load
             rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation,
                                                  jacobian=bool(getattr(spec.train, "jacobian", False)))

@@ -121,16 +121,21 @@ def first_pass_indices(seed: int, n: int, size: int) -> Tensor:
 # ----------------------------------------------------------------------------- members
 
 
-def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> nn.Module:
+def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None,
+                reports: list[Any] | None = None) -> nn.Module:
     """Build a member's model on CPU and initialise it: the scenario's scheme, biases at zero.
 
     ``models.build_model(scenario.model, scenario.activation)``, then
     ``initlab.init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(seed),
     bias="zeros", **params)``; with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
     N(0, sigma_b^2) from the same generator. ``batch`` is passed to data-dependent schemes (``lsuv``).
-    The same (scenario, seed) always gives the same weights.
+    The same (scenario, seed) always gives the same weights. ``reports``: a list that receives
+    ``init_model``'s report (see :func:`init_member_report`).
     """
-    return init_member_report(scenario, seed, batch=batch)[0]
+    model, report = init_member_report(scenario, seed, batch=batch)
+    if reports is not None:
+        reports.append(report)
+    return model
 
 
 def init_member_report(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> tuple[nn.Module, Any]:
