@@ -11,8 +11,8 @@ call (a plain dict that pickles, so a worker can forward it to the driver as it 
 event only), the first-pass arrays per member; ``histograms`` (when due), one
 :func:`weight_histogram` per live member and weight layer, ``{(scenario, seed): {"weights/<layer>":
 summary}}``, plus the layer histograms recorded at that step (``"activations/layer<l>"``,
-``"gradients/layer<l>"``: :mod:`.records`). After the last log step, a final event (``step`` = steps) carries any rows recorded
-after it (members that diverged). Together the events hold every row of the result, in the order
+``"gradients/layer<l>"``: :mod:`.records`). After the last log step, a final event (``step`` =
+steps) carries any rows recorded after it (members that diverged). Together the events hold every row of the result, in the order
 recorded.
 """
 from __future__ import annotations
