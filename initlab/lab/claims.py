@@ -2,11 +2,12 @@
 judged with a test across seeds, and written as ``claims.csv``.
 
 A claim names a **quantity**: a registered function ``fn(data, **args)`` that reads the run
-(``data.metrics``: metrics.csv as a DataFrame, ``data.first_pass``: first_pass.csv) and returns
+(``data.metrics``: metrics.csv as a DataFrame, ``data.first_pass``: first_pass.csv, ``data.init``:
+init.csv, the init report's per-layer numbers) and returns
 one value per seed (``{seed: value}``). A new quantity is one :func:`register_quantity` call; the
 built-in ones are generic (a metric's final value or its value at a step, a first-pass column at a
 layer, its ratio between layers or scenarios, its per-layer factor, the least-squares slope of its
-log2 over layers, its mean and spread over layers).
+log2 over layers, its mean and spread over layers, the largest init-report number over layers).
 
 The verdict (:func:`judge`) compares the seeds' values, on the claim's ``scale`` (the value, or
 its log2 / log10), with the expected region: ``approx`` is ``[value - tolerance, value +
@@ -256,12 +257,25 @@ def q_layer_max_deviation(data: Any, scenario: str, column: str, target: float =
     return _over_layers(data, scenario, column, first, last, worst)
 
 
+def q_init_max(data: Any, scenario: str, quantity: str = "iterations", first: int = 1, last: int = -1,
+               source: str | None = None) -> dict[int, float]:
+    """The largest value over the layers first..last of an init-report number (init.csv), e.g. LSUV's
+    iterations per layer (Mishkin & Matas 2016)."""
+    frame = getattr(data, "init", None)
+    rows = _need(frame, "init.csv (per-layer numbers of the init report)", scenario=scenario, quantity=quantity)
+    if source is not None:
+        rows = _need(rows, f"init.csv of {scenario!r}", source=source)
+    layers = _layers(rows, first, last)
+    rows = rows[rows["index"].isin(layers)]
+    return {int(s): float(np.max(d["value"].to_numpy(dtype=np.float64))) for s, d in rows.groupby("seed")}
+
+
 for _name, _fn in (("final", q_final), ("at_step", q_at_step), ("final_difference", q_final_difference),
                    ("at_step_difference", q_at_step_difference),
                    ("first_pass", q_first_pass), ("first_pass_ratio", q_first_pass_ratio),
                    ("first_pass_slope", q_first_pass_slope),
                    ("layer_factor", q_layer_factor), ("layer_mean", q_layer_mean), ("layer_spread", q_layer_spread),
-                   ("layer_max_deviation", q_layer_max_deviation)):
+                   ("layer_max_deviation", q_layer_max_deviation), ("init_max", q_init_max)):
     register_quantity(_name, _fn)
 
 

@@ -554,7 +554,9 @@ _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("train", "momentum", "float", "SGD momentum, in [0, 1) (optimizer = 'sgd' only)"),
     ("train", "layer_stats", "bool", "record per-layer activation and back-propagated gradient statistics at each "
                                      "log step on a fixed held-out batch (MLPs): metrics act_mean_<l>, act_var_<l>, "
-                                     "grad_var_<l>, wgrad_var_<l>"),
+                                     "grad_var_<l>, wgrad_var_<l>; and fixed-bin histograms of each hidden layer's "
+                                     "activations and back-propagated gradients at step 0 and three log steps "
+                                     "(layer_histograms.csv, TensorBoard)"),
     ("train", "histograms_every", "int", "TensorBoard weight histograms every that many log steps (0 = none); "
                                           "not part of the results or the config fingerprint"),
     ("train", "jacobian", "bool", "first pass: singular values of each layer's Jacobian dh_l/dh_(l-1) "

@@ -173,7 +173,8 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TrainSpec:
     """The ``[train]`` table: optimiser (``momentum`` for SGD), learning rate, batch size, steps, logging, seeds;
-    ``layer_stats``: per-layer activation and back-propagated gradient statistics at each log step (MLPs);
+    ``layer_stats``: per-layer activation and back-propagated gradient statistics at each log step, and their
+    histograms at step 0 and three log steps (MLPs; :mod:`initlab.lab.training.records`);
     ``jacobian``: the singular values of each layer's Jacobian in the first pass."""
 
     optimizer: str = "adam"
