@@ -38,7 +38,7 @@ file's caption: what is plotted, and what to see.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -399,17 +399,17 @@ def init_iterations(table: pandas.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _record_figures(data: RunData, fig_dir: Path) -> dict[str, Path]:
-    """The figures of init.csv and layer_histograms.csv, when the run has them."""
+def _record_figures(data: RunData, fig_dir: Path, want: Callable[[str], bool]) -> dict[str, Path]:
+    """The figures of init.csv and layer_histograms.csv, when the run has them (those ``want`` accepts)."""
     out: dict[str, Path] = {}
     hist = data.layer_histograms
     if hist is not None and not hist.empty:
         for q in ("activation", "gradient"):
             t = hist[hist["quantity"] == q]
-            if not t.empty:
+            if not t.empty and want(f"{q}_densities.png"):
                 out[f"{q}_densities.png"] = layer_densities(t, fig_dir / f"{q}_densities.png", quantity=q)
     init = data.init
-    if init is not None and not init.empty:
+    if init is not None and not init.empty and want("init_iterations.png"):
         t = init[init["quantity"] == "iterations"]
         if not t.empty:
             out["init_iterations.png"] = init_iterations(t, fig_dir / "init_iterations.png")
@@ -571,5 +571,5 @@ def grid_figures(data: RunData, fig_dir: str | Path, only: Collection[str] | Non
         got = sw2_depth_heatmap(data)
         if got is not None:
             out["heatmap.png"] = grid_heatmap(got[0], fig_dir / "heatmap.png", **got[1])
-    out.update(_record_figures(data, fig_dir))
+    out.update(_record_figures(data, fig_dir, want))
     return out
