@@ -18,7 +18,7 @@ ORDER = [
     "training.group", "training",
     "rundir", "studies",
     "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
-    "report.tables", "report.html", "report",
+    "report.tables", "report.html", "report.workers", "report",
     "executors", "run", "tune.space", "tune.trial", "tune.results", "tune", "cli",
 ]
 #: third-party packages a function may import (heavy or optional: the lab and digits extras)

@@ -30,6 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from ..._errors import InitlabError
+from .figures import grid_captions, grid_figures
+from .html import write_report as _write_report
+from .load import load_run
+from .plots import figures, make_figures
+
 __all__ = ["FigureWorkers", "TIMEOUT_S", "START_TIMEOUT_S", "COMMAND"]
 
 #: seconds a worker may take to draw one figure or to write the page before it is killed
@@ -43,9 +49,6 @@ COMMAND = [sys.executable, "-m", "initlab.lab.report.workers"]
 
 
 def _names() -> list[str]:
-    from .figures import grid_captions
-    from .plots import figures
-
     return [*figures(), *grid_captions()]
 
 
@@ -163,10 +166,8 @@ class FigureWorkers:
 
     def write_report(self, run_dir: str | os.PathLike[str]) -> Path:
         """Draw the figures of ``run_dir`` in the workers, then write its report.html; return its path."""
-        from .html import write_report
-
         if not self.workers:
-            return write_report(run_dir)
+            return _write_report(run_dir)
         run_dir = Path(run_dir)
         names = _names()
         shares = [names[k::len(self.workers)] for k in range(len(self.workers))]
@@ -193,7 +194,7 @@ class FigureWorkers:
                     return Path(answer["page"])
                 if isinstance(answer, dict) and "error" in answer:
                     raise _error(answer["error"])
-        return write_report(run_dir, figures=False, missing=missing)
+        return _write_report(run_dir, figures=False, missing=missing)
 
     def close(self) -> None:
         for w in self.workers:
@@ -208,8 +209,6 @@ class FigureWorkers:
 
 
 def _error(message: str) -> Exception:
-    from ..._errors import InitlabError
-
     return InitlabError(f"writing report.html: {message}")
 
 
@@ -226,10 +225,6 @@ def _drop(run_dir: Path, name: str) -> None:
 def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str, str]:
     """Draw ``names`` (those the data calls for) one by one; a figure that raises is left out (its old
     file removed) and returned as name -> why. With ``out``, one JSON line per figure as it is done."""
-    from .figures import grid_figures
-    from .load import load_run
-    from .plots import make_figures
-
     data = load_run(run_dir)
     fig_dir = data.run_dir / "figures"
     missing: dict[str, str] = {}
@@ -252,10 +247,8 @@ def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str,
 
 
 def _page(run_dir: Path, missing: dict[str, str]) -> dict[str, Any]:
-    from .html import write_report
-
     try:
-        return {"page": str(write_report(run_dir, figures=False, missing=missing))}
+        return {"page": str(_write_report(run_dir, figures=False, missing=missing))}
     except Exception as e:  # noqa: BLE001 - sent back and raised in the run's process
         return {"error": _one_line(e)}
 
@@ -265,8 +258,6 @@ def main() -> int:
     import matplotlib.backends.backend_agg  # noqa: F401 - imported now, while the run trains
     import matplotlib.figure  # noqa: F401
     import pandas  # noqa: F401
-
-    from . import figures, html, load, plots  # noqa: F401
 
     sys.stdout.write(json.dumps({"ready": True}) + "\n")
     sys.stdout.flush()
