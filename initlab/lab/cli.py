@@ -153,6 +153,9 @@ def _add_tune(subparsers: Any) -> None:
                                                    "local Ray on 127.0.0.1)")
     p.add_argument("--data-root", metavar="DIR", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<experiment name>-tune)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the search already in --out (same search only) and start over; without it an "
+                        "interrupted search resumes")
     p.set_defaults(func=cmd_tune, device=None, download=False)
     _one_line_errors(p)
 
@@ -167,7 +170,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     params = dict(parse_param(text) for text in args.param)
     out = Path(args.out) if args.out is not None else _default_out(exp.name + "-tune")
     with _ClearErrors(f"tune {str(out)!r}"):
-        summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params)
+        summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params, fresh=args.fresh)
     print("\n".join(summary_lines(summary)))
     return 0
 

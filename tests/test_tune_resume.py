@@ -1,0 +1,172 @@
+"""``initlab tune`` interrupted and resumed: Ctrl-C mid-search stops the command cleanly (one line, exit
+130, no Ray process left), keeps the finished trials, and the same command resumes the search to the
+files of an uninterrupted search with the same seed; another search in the same directory is refused.
+
+The search is designed so that ASHA's record matters: three trials, one at a time, in grid order;
+the third (N(0, 30^2) weights) is stopped at the first rung by the records of the first two. The
+command is interrupted while the third trial starts, so the resumed search must remember those
+records: the negative control resumes a copy without ASHA's record and gets a different table.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from initlab.cli import main
+from initlab.lab.config import load_experiment
+from initlab.lab.tune import _fingerprint, search_from_dict, search_table
+from initlab.lab.tune.resume import asha_file, search_record
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOML = """
+name = "tiny-resume"
+[data]
+name = "mnist"
+limit = 600
+[model]
+widths = [784, 16, 16, 10]
+[train]
+steps = 20
+log_every = 10
+seeds = [0]
+[[scenarios]]
+name = "tanh-normal"
+activation = "tanh"
+scheme = "normal"
+[tune]
+samples = 1
+max_concurrent = 1
+grace_period = 10
+reduction_factor = 2
+[tune.params]
+"scheme.std" = "grid(0.5, 0.3, 30)"
+"""
+RESUME_LINE = "initlab: interrupted; re-run the same command to resume"
+
+
+@pytest.fixture
+def toml(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TOML)
+    return path
+
+
+def start(toml, out, *extra):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # a session of its own: Ctrl-C reaches the driver and the Ray processes it starts (one process group),
+    # and whatever the command starts can be found afterwards by its session id
+    return subprocess.Popen([sys.executable, "-m", "initlab.cli", "tune", str(toml), "--cpus", "1", "--out", str(out),
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def session_left(sid):
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(p) for p, s, stat in (line.split()[:3] for line in ps.splitlines()) if int(s) == sid
+            and not stat.startswith("Z")]
+
+
+def finish(proc, timeout=240):
+    """Wait for the command; then every process it started must be gone (killed here, and the test fails,
+    if not)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    deadline = time.monotonic() + 20
+    while session_left(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = session_left(proc.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left by the command: {left}"
+    return proc.returncode, out, err
+
+
+def trial_dirs(out):
+    return sorted(glob.glob(str(out / "ray" / "tanh-normal" / "trainable_*")), key=lambda p: Path(p).name.split("_")[2])
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k != "trial_id"} for r in csv.DictReader(f)]
+
+
+def run_to_end(toml, out, *extra):
+    rc, _, err = finish(start(toml, out, *extra))
+    assert rc == 0, err[-3000:]
+    return rows(out / "tune_results.csv")
+
+
+@pytest.mark.ray
+def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path):
+    a = tmp_path / "a"
+    proc = start(toml, a)
+    deadline = time.monotonic() + 240
+    while len(trial_dirs(a)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(trial_dirs(a)) == 3, "the third trial never started"
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    rc, out, err = finish(proc)
+    stop_s = time.monotonic() - t0
+    assert rc == 130 and err.strip().splitlines()[-1] == RESUME_LINE and "Traceback" not in err + out, err[-3000:]
+    assert stop_s < 30
+    assert not (a / "tune_results.csv").exists() and not (a / "run").exists()  # no half result
+    finished = {d: (Path(d) / "result.json").read_bytes() for d in trial_dirs(a)[:2]}
+    assert all(b.strip() for b in finished.values())
+    control, fresh = tmp_path / "control", tmp_path / "fresh"
+    shutil.copytree(a, control)
+    shutil.copytree(a, fresh)
+    asha_file(control / "ray" / "tanh-normal").unlink()  # negative control: ASHA's record lost
+
+    resumed = run_to_end(toml, a)
+    reference = run_to_end(toml, fresh, "--fresh")  # the same search started over: an uninterrupted search
+    assert {Path(d).name.split("_")[1] for d in trial_dirs(fresh)}.isdisjoint(
+        {Path(d).name.split("_")[1] for d in trial_dirs(a)})  # new trial ids: nothing of the old state kept
+    # finished trials were not run again; the unfinished one and the one not yet drawn were
+    assert {d: (Path(d) / "result.json").read_bytes() for d in trial_dirs(a)[:2]} == finished
+    assert [r["scheme.std"] for r in resumed] == ["0.5", "0.3", "30.0"]
+    assert [(r["step"], r["stopped_early"]) for r in resumed][2] == ("10", "true")
+    assert resumed == reference
+    for name in ("metrics.csv", "first_pass.csv"):
+        assert (a / "run" / name).read_bytes() == (fresh / "run" / name).read_bytes(), name
+    assert (a / "tune_search.png").stat().st_size > 10_000 and (a / "run" / "report.html").is_file()
+
+    lost = run_to_end(toml, control)
+    assert lost != reference and [(r["step"], r["stopped_early"]) for r in lost][2] == ("20", "false")
+
+    # another search on the same directory: one line, nothing touched
+    before = sorted(p.relative_to(a) for p in a.rglob("*"))
+    rc, out, err = finish(start(toml, a, "--param", "scheme.std=grid(0.5, 0.2, 30)"))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "holds another search" in err
+    assert "scheme.std grid(0.5, 0.3, 30) -> grid(0.5, 0.2, 30)" in err
+    assert sorted(p.relative_to(a) for p in a.rglob("*")) == before
+
+
+def test_another_search_in_the_directory_is_refused_even_with_fresh(toml, tmp_path, capsys):
+    exp = load_experiment(str(toml))
+    search = search_from_dict(search_table(str(toml)), exp)
+    out = tmp_path / "o"
+    out.mkdir()
+    record = search_record(_fingerprint(exp, search), exp.name, search)
+    (out / "tune.json").write_text(json.dumps(record))
+    for extra in ([], ["--fresh"]):
+        rc = main(["tune", str(toml), "--samples", "2", "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert "holds another search" in err and "samples 1 -> 2" in err and "--out" in err
+    assert sorted(p.name for p in out.iterdir()) == ["tune.json"]
