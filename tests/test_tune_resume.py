@@ -62,13 +62,28 @@ def toml(tmp_path):
     return path
 
 
-def start(toml, out, *extra):
+@pytest.fixture
+def start():
+    """``start(toml, out, *flags)``: ``initlab tune`` in a subprocess; whatever a test leaves running is
+    killed at its end."""
+    procs = []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # a session of its own: Ctrl-C reaches the driver and the Ray processes it starts (one process group),
-    # and whatever the command starts can be found afterwards by its session id
-    return subprocess.Popen([sys.executable, "-m", "initlab.cli", "tune", str(toml), "--cpus", "1", "--out", str(out),
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+
+    def run(toml, out, *extra):
+        # a session of its own: Ctrl-C reaches the driver and the Ray processes it starts (one process
+        # group), and whatever the command starts can be found afterwards by its session id
+        procs.append(subprocess.Popen([sys.executable, "-m", "initlab.cli", "tune", str(toml), "--cpus", "1",
+                                       "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, start_new_session=True))
+        return procs[-1]
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        for pid in session_left(proc.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def session_left(sid):
@@ -80,12 +95,7 @@ def session_left(sid):
 def finish(proc, timeout=240):
     """Wait for the command; then every process it started must be gone (killed here, and the test fails,
     if not)."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    out, err = proc.communicate(timeout=timeout)  # on a timeout the fixture kills what is left
     deadline = time.monotonic() + 20
     while session_left(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -105,14 +115,14 @@ def rows(path):
         return [{k: v for k, v in r.items() if k != "trial_id"} for r in csv.DictReader(f)]
 
 
-def run_to_end(toml, out, *extra):
-    rc, _, err = finish(start(toml, out, *extra))
+def to_end(proc, out):
+    rc, _, err = finish(proc)
     assert rc == 0, err[-3000:]
     return rows(out / "tune_results.csv")
 
 
 @pytest.mark.ray
-def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path):
+def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path, start):
     a = tmp_path / "a"
     proc = start(toml, a)
     deadline = time.monotonic() + 240
@@ -133,8 +143,10 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
     shutil.copytree(a, fresh)
     asha_file(control / "ray" / "tanh-normal").unlink()  # negative control: ASHA's record lost
 
-    resumed = run_to_end(toml, a)
-    reference = run_to_end(toml, fresh, "--fresh")  # the same search started over: an uninterrupted search
+    # at once (each a Ray of its own): the same command again; the same search started over (--fresh), which
+    # is an uninterrupted search; and the negative control
+    procs = [start(toml, a), start(toml, fresh, "--fresh"), start(toml, control)]
+    resumed, reference, lost = (to_end(p, out) for p, out in zip(procs, (a, fresh, control)))
     assert {Path(d).name.split("_")[1] for d in trial_dirs(fresh)}.isdisjoint(
         {Path(d).name.split("_")[1] for d in trial_dirs(a)})  # new trial ids: nothing of the old state kept
     # finished trials were not run again; the unfinished one and the one not yet drawn were
@@ -146,7 +158,6 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
         assert (a / "run" / name).read_bytes() == (fresh / "run" / name).read_bytes(), name
     assert (a / "tune_search.png").stat().st_size > 10_000 and (a / "run" / "report.html").is_file()
 
-    lost = run_to_end(toml, control)
     assert lost != reference and [(r["step"], r["stopped_early"]) for r in lost][2] == ("20", "false")
 
     # another search on the same directory: one line, nothing touched
