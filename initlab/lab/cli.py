@@ -169,8 +169,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             table[key] = flag
     params = dict(parse_param(text) for text in args.param)
     out = Path(args.out) if args.out is not None else _default_out(exp.name + "-tune")
-    with _ClearErrors(f"tune {str(out)!r}"):
-        summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params, fresh=args.fresh)
+    try:
+        with _ClearErrors(f"tune {str(out)!r}"), _signals_interrupt():
+            summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params,
+                               fresh=args.fresh)
+    except Terminated:
+        print("initlab: terminated (SIGTERM); the finished trials are kept: re-run the same command to resume",
+              file=sys.stderr)
+        return 143
     print("\n".join(summary_lines(summary)))
     return 0
 

@@ -3,8 +3,9 @@
 What is kept. Ray Tune keeps a search's state in ``out/ray/<scenario>/``: the trials, their
 statuses and checkpoints (a trial's metric rows so far), and the sampler's state (its random
 generator and how many trials it has drawn). Ctrl-C (SIGINT) is caught by Tune, which saves
-that state one last time and stops its trials; ``kill -9`` of the driver leaves the state Tune
-saved last (Tune saves it every few seconds). Running the same search on the same ``out`` then
+that state one last time and stops its trials; SIGTERM (``initlab tune`` turns it into an
+exception, and shuts Ray down) and ``kill -9`` of the driver leave the state Tune saved last
+(Tune saves it every few seconds). Running the same search on the same ``out`` then
 restores it (``Tuner.restore``): finished trials are kept and not run again; a trial that was
 running (or errored) is run again from its start (training is deterministic, so it reports
 the same values); trials not yet drawn are drawn from the saved generator, so they are the
