@@ -169,11 +169,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             table[key] = flag
     params = dict(parse_param(text) for text in args.param)
     out = Path(args.out) if args.out is not None else _default_out(exp.name + "-tune")
+    received: list[int] = []
     try:
-        with _ClearErrors(f"tune {str(out)!r}"), _signals_interrupt():
+        with _ClearErrors(f"tune {str(out)!r}"), _signals_interrupt(received):
             summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params,
                                fresh=args.fresh)
-    except Terminated:
+    except KeyboardInterrupt:  # Ray turns the Terminated raised inside its calls into a KeyboardInterrupt
+        if signal.SIGTERM not in received:
+            raise
         print("initlab: terminated (SIGTERM); the finished trials are kept: re-run the same command to resume",
               file=sys.stderr)
         return 143
@@ -219,15 +222,18 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def _signals_interrupt(received: list[int] | None = None) -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``, once:
-    a second signal is ignored while the first one unwinds (so cleanup is never cut short by a traceback)."""
+    a second signal is ignored while the first one unwinds (so cleanup is never cut short by a traceback).
+    The signal taken is appended to ``received``, when given."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     sigs = [signal.SIGINT, signal.SIGTERM]
 
     def handler(signum: int, frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
         for sig in sigs:
             signal.signal(sig, signal.SIG_IGN)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

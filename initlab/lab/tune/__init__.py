@@ -112,12 +112,17 @@ class _Ray:
     def __enter__(self) -> Any:
         ray = self.ray
         if not ray.is_initialized():
+            # ray.init replaces the SIGTERM handler with one that dumps a stack and aborts: put the caller's back
+            main = threading.current_thread() is threading.main_thread()
+            term = signal.getsignal(signal.SIGTERM) if main else None
             if self.address:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address="local", num_cpus=self.cpus, include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False)
             self.started = True
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
         return ray
 
     def __exit__(self, *exc: Any) -> None:
