@@ -115,11 +115,15 @@ class _Ray:
             # ray.init replaces the SIGTERM handler with one that dumps a stack and aborts: put the caller's back
             main = threading.current_thread() is threading.main_thread()
             term = signal.getsignal(signal.SIGTERM) if main else None
-            if self.address:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address="local", num_cpus=self.cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=False)
+            try:
+                if self.address:
+                    ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(address="local", num_cpus=self.cpus, include_dashboard=False,
+                             _node_ip_address="127.0.0.1", log_to_driver=False)
+            except BaseException:  # Ctrl-C while Ray starts: stop what it started so far
+                ray.shutdown()
+                raise
             self.started = True
             if term is not None:
                 signal.signal(signal.SIGTERM, term)
