@@ -14,7 +14,8 @@ Goals (issue #2 "Performance", issue #12 item 1, issue #13 item 3):
    sample vs before it (no OpenMP threads left spinning).
 
 Timings are the best of ``--repeat`` runs, interleaved so that every sampler sees the same
-machine load. The script prints the process CPU time over wall time of the 2-thread run: a value
+machine load; the one-thread throughput is timed again by the calling thread's CPU clock, which a
+busy machine does not inflate. The script prints the process CPU time over wall time of the 2-thread run: a value
 near 1 means the second core was busy with something else and the ratio says nothing.
 
     python bench/bench_engine.py [--numel 16777216] [--repeat 5]
@@ -32,16 +33,28 @@ import initlab
 from initlab._engine import TRUNC_STD
 
 
-def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def timed_rounds(fns: dict[str, Callable[[], object]], repeat: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Each function's time in each of ``repeat`` rounds (every round runs them all, in turn)."""
     for f in fns.values():  # warm-up
         f()
-    best = {k: float("inf") for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            times[k].append(clock() - t0)
+    return times
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeat: int,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    return {k: min(v) for k, v in timed_rounds(fns, repeat, clock).items()}
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """The median over rounds of a's time / b's time in the same round (a drifting load cancels)."""
+    return float(np.median(np.asarray(times[a]) / np.asarray(times[b])))
 
 
 def cpu_over_wall(f: Callable[[], object], repeat: int) -> float:
@@ -69,11 +82,14 @@ def samplers(x: torch.Tensor, g: torch.Generator, std: float) -> dict[str, Calla
     }
 
 
-def throughput(n: int, rep: int, threads: int) -> None:
+def throughput(n: int, rep: int, threads: int, cpu_clock: bool = False) -> None:
     torch.set_num_threads(threads)
     x = torch.empty(n)
-    t = best_of(samplers(x, torch.Generator().manual_seed(0), 0.02), rep)
-    print(f"\n{threads} thread(s)                     time (s)   Gelem/s")
+    clock = time.thread_time if cpu_clock else time.perf_counter
+    rounds = timed_rounds(samplers(x, torch.Generator().manual_seed(0), 0.02), rep, clock)
+    t = {k: min(v) for k, v in rounds.items()}
+    what = "CPU time of the calling thread" if cpu_clock else "wall time"
+    print(f"\n{threads} thread(s), {what}   time (s)   Gelem/s")
     for k, v in t.items():
         print(f"  {k:<28} {v:9.4f} {n / v / 1e9:9.3f}")
     speedup = t["torch trunc_normal_"] / t["initlab truncated_normal_"]
@@ -83,6 +99,27 @@ def throughput(n: int, rep: int, threads: int) -> None:
     print(f"  initlab truncated_normal_ time / normal_ time       : {vs_normal:6.2f}x  (goal <= 1.5x: {verdict(vs_normal <= 1.5)})")
     print(f"  initlab normal time / torch normal_ time            : {normal:6.2f}x  (goal <= 1x: {verdict(normal <= 1.0)})")
     print(f"  initlab uniform time / torch uniform_ time          : {t['initlab uniform'] / t['torch uniform_']:6.2f}x")
+    print(f"  medians of the {rep} rounds' ratios: trunc_normal_ / initlab truncated "
+          f"{paired(rounds, 'torch trunc_normal_', 'initlab truncated_normal_'):.2f}x; initlab truncated / normal_ "
+          f"{paired(rounds, 'initlab truncated_normal_', 'torch normal_'):.2f}x; initlab normal / normal_ "
+          f"{paired(rounds, 'initlab normal', 'torch normal_'):.2f}x")
+
+
+def philox_bound(n: int, rep: int) -> None:
+    """What bounds the one-thread sampler: numpy's Philox4x64-10 words by themselves (an fp32
+    element takes half a word), timed beside ``normal_`` by the calling thread's CPU clock."""
+    from initlab import _philox
+
+    torch.set_num_threads(1)
+    key = _philox.stream_key(0, "bench")
+    x = torch.empty(min(n, 1 << 17))  # one sampler chunk
+    rounds = timed_rounds({"words": lambda: _philox.words(key, 0, x.numel() // 2), "normal_": lambda: x.normal_()},
+                          max(rep, 20), time.thread_time)
+    per_word = min(rounds["words"]) / (x.numel() // 2) * 1e9
+    per_elem = min(rounds["normal_"]) / x.numel() * 1e9
+    print(f"\nbound at 1 thread (CPU clock, one {x.numel():,}-element chunk): numpy's Philox {per_word:.2f} ns per 64-bit "
+          f"word = {per_word / 2:.2f} ns per fp32 element, {per_word / 2 / per_elem:.0%} of torch normal_'s "
+          f"{per_elem:.2f} ns per element")
 
 
 def distribution_check(std: float) -> None:
@@ -172,6 +209,10 @@ def main() -> int:
           f"default threads: {threads_before}; cpu capability {torch.backends.cpu.get_cpu_capability()}")
     for th in sorted({1, threads_before}):
         throughput(n, rep, th)
+    # at one thread every sampler runs on the calling thread, so its CPU clock measures the work
+    # itself, also when other processes share the cores (the wall-clock best-of-5 then says little)
+    throughput(n, max(rep, 15), 1, cpu_clock=True)  # more rounds: the figure the README quotes
+    philox_bound(n, rep)
     torch.set_num_threads(threads_before)
     distribution_check(0.02)
     if threads_before >= 2:

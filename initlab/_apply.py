@@ -70,7 +70,7 @@ from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
-from ._keys import keyed, local
+from ._keys import keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
@@ -641,7 +641,7 @@ class _Walk:
             fans = conv1d_fans(module) if is_conv1d(module) else module_fans(module, pname)
         except InitlabError as e:
             raise InitlabError(f"layer {label!r} ({kind_name(module)} {tuple(tensor.shape)}): {e}") from e
-        parts = () if tensor.is_meta else tensor.chunk(blocks, 0) if blocks > 1 else (tensor,)
+        parts = () if tensor.is_meta else row_blocks(tensor, blocks) if blocks > 1 else (tensor,)
         per_module = getattr(choice.scheme, "for_module", None)  # torch_default: torch's rule for this module type
         own = per_module(module, pname) if per_module is not None else None
         choice = choice if own is None else LayerChoice(own, choice.label, choice.gain)

@@ -51,7 +51,7 @@ from torch import Tensor
 from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
-from ._keys import is_dtensor, resolve
+from ._keys import is_dtensor, is_shard_block, resolve
 from . import _philox
 
 __all__ = ["variance_scaling_", "variance_scaling", "truncated_normal_", "MODES", "DISTRIBUTIONS",
@@ -195,9 +195,10 @@ def _check_tensor(tensor: object, what: str) -> Tensor:
     if not tensor.is_floating_point():
         raise InitlabError(f"{what} needs a floating-point tensor (float32, float64, float16, bfloat16), "
                            f"got dtype {tensor.dtype}; random weights cannot be stored in it")
-    if what in _WHOLE_MATRIX and is_dtensor(tensor):
+    if what in _WHOLE_MATRIX and (is_dtensor(tensor) or is_shard_block(tensor)):
+        shape = "a row block" if is_shard_block(tensor) else f"of shape {tuple(tensor.shape)}"
         raise InitlabError(
-            f"{what} cannot fill a sharded (DTensor) tensor of shape {tuple(tensor.shape)}: an orthogonal matrix couples "
+            f"{what} cannot fill a sharded (DTensor) tensor ({shape}): an orthogonal matrix couples "
             "all its entries, so a shard is not computable alone (it would take the full matrix and its QR on every "
             "rank); initialise it before sharding, load a checkpoint, or use a variance-scaling scheme (normal, "
             "uniform, truncated normal: exact per shard). LSUV starts from orthogonal_ and is refused likewise")
@@ -251,28 +252,30 @@ _ERF_SQRT2 = math.erf(math.sqrt(2.0))  # the mass of N(0, 1) inside [-2, 2]
 _SQRT2 = math.sqrt(2.0)
 _SHORT_RUN = 256  # runs of fewer words are gathered by the vectorised Philox (no per-run setup)
 SMALL = 1 << 18  # below this many elements the sampler runs on the calling thread alone
-_GRAIN = 32768  # torch's intra-op grain size: smaller element-wise ops never leave the calling thread
 
 
 def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
     """``n`` uniforms on the symmetric grid ``(2k + 1) / 2^m - 1`` (m = 23 or 52 mantissa bits)
     from the words ``w``: fp32 element ``e`` takes half ``e % 2`` of its word (low half first),
-    fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32)."""
+    fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32).
+    ``w`` is overwritten."""
     if dtype == torch.float64:
         np.right_shift(w, np.uint64(12), out=w)
-        np.bitwise_or(w, np.uint64(0x3FF0000000000000), out=w)
+        np.bitwise_or(w, np.uint64(0x4000000000000000), out=w)
         f = torch.from_numpy(w.view(np.float64))
-        half_step = 2.0 ** -53
+        step = 2.0 ** -52
     else:
         h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
         np.right_shift(h, np.uint32(9), out=h)
-        np.bitwise_or(h, np.uint32(0x3F800000), out=h)
+        np.bitwise_or(h, np.uint32(0x40000000), out=h)
         f = torch.from_numpy(h.view(np.float32))
-        half_step = 2.0 ** -24
-    # [1, 2) -> 2 ((f - 1.5) + 2^-(m+1)): every step exact (1.5 and the half step are representable,
-    # f - 1.5 is exact, and so is the sum on [-0.5, 0.5)), so the grid is symmetric and never
-    # reaches -1 or 1, where erfinv is infinite
-    return f.sub_(1.5).add_(half_step).mul_(2.0)
+        step = 2.0 ** -23
+    # the mantissa bits under exponent 1 make f = 2 + 2k / 2^m in [2, 4); then (f - 3) + 2^-m,
+    # both steps exact (f - 3 is a multiple of 2^(1-m) in [-1, 1), and adding half of that step
+    # needs one more bit, which every float in (-1, 1) has), so the grid is symmetric and never
+    # reaches -1 or 1, where erfinv is infinite. Two passes (0.2 took three: [1, 2), - 1.5,
+    # + 2^-(m+1), * 2; the same numbers)
+    return f.sub_(3.0).add_(step)
 
 
 def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
@@ -403,7 +406,10 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
                 dst.copy_(buf)
 
     def single(lo: int, hi: int) -> None:
-        before = torch.get_num_threads() if n > _GRAIN else 1  # below torch's grain size ops run on one thread
+        # always, also on tiny tensors: erfinv splits work far below torch's usual grain size
+        # (32768), so a 4096-element erfinv would wake the OpenMP team (21 ms on a busy machine
+        # with 2 threads, 0.07 ms with 1); switching costs about half a microsecond
+        before = torch.get_num_threads()
         if before != 1:
             torch.set_num_threads(1)
         try:
@@ -439,7 +445,7 @@ def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | N
     ``generator``). Elsewhere torch's own samplers run with ``generator``."""
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
-    if tensor.device.type != "cpu" and not is_dtensor(tensor):
+    if tensor.device.type != "cpu" and not (is_dtensor(tensor) or is_shard_block(tensor)):
         t = tensor.detach()
         work = torch.float64 if t.dtype == torch.float64 else torch.float32
         if t.dtype == work and t.is_contiguous():

@@ -7,7 +7,8 @@ Every element the CPU sampler writes is a function of ``(base, name, global inde
   caller's generator per call and ``name`` the parameter's fully qualified name; the global index
   is the element's position in the parameter's row-major order, also when a scheme fills a view
   of it (MultiheadAttention's in_proj blocks) or the parameter is a DTensor whose local shard
-  holds only some of its elements. So values do not depend on the order of the writes, on which
+  holds only some of its elements (a DTensor's in_proj blocks are views of its local shard,
+  :func:`row_blocks`, no redistribution). So values do not depend on the order of the writes, on which
   other layers exist (a pipeline stage builds only its own) or on the process and its mesh;
 * a tensor that is not a parameter of the model (a scratch tensor a scheme samples into) is
   keyed by the number of such tensors sampled so far in the call;
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from ._errors import InitlabError
 
-__all__ = ["keyed", "resolve", "is_dtensor", "local", "call_base", "Target", "shard_runs"]
+__all__ = ["keyed", "resolve", "is_dtensor", "local", "call_base", "Target", "shard_runs", "row_blocks", "is_shard_block"]
 
 
 def _dtensor_type() -> type | None:
@@ -78,6 +80,7 @@ class Target:
     lens: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
 
 
+_SHARD_BLOCKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # row_blocks' views
 _current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("initlab_keys", default=None)
 
 
@@ -194,6 +197,49 @@ def shard_runs(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return _runs([i * s for i, s in zip(idx, strides)])
 
 
+def row_blocks(t: Tensor, blocks: int) -> tuple[Tensor, ...]:
+    """``t`` cut into ``blocks`` row blocks like ``t.chunk(blocks, 0)`` (MultiheadAttention's
+    fused in_proj: q, k, v). For a DTensor, each block is the plain view of the local shard that
+    holds the block's rows (empty where the shard holds none of them): no redistribution and no
+    collective, and :func:`resolve` maps a view's elements back to their global indices."""
+    if not is_dtensor(t):
+        return tuple(t.chunk(blocks, 0))
+    loc = t.to_local()
+    rows = shard_indices(tuple(t.shape), t.device_mesh, tuple(t.placements))[0]  # type: ignore[attr-defined]
+    n = t.shape[0]
+    per = -(-n // blocks) if n else 0  # torch.chunk's block size
+    cuts = np.searchsorted(rows, [min(n, b * per) for b in range(blocks + 1)])  # rows: ascending, contiguous
+    out = tuple(loc[int(cuts[b]): int(cuts[b + 1])] for b in range(blocks) if b * per < n or n == 0)
+    _SHARD_BLOCKS.update((id(b), b) for b in out)
+    return out
+
+
+def is_shard_block(t: object) -> bool:
+    """Whether ``t`` is a block :func:`row_blocks` cut from a DTensor's local shard."""
+    return isinstance(t, Tensor) and _SHARD_BLOCKS.get(id(t)) is t
+
+
+def _local_view_runs(t: Tensor, p: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of the global indices of ``t``'s elements when ``t`` is a sub-block view (same
+    dimensions, unit steps) of the DTensor ``p``'s contiguous local shard; else None."""
+    loc = p.to_local()
+    if not loc.is_contiguous() or t.dim() != loc.dim():
+        return None
+    lstr = _row_major_strides(tuple(loc.shape))
+    if any(n > 1 and st != ls for n, st, ls in zip(t.shape, t.stride(), lstr)):
+        return None
+    off = t.storage_offset() - loc.storage_offset()
+    begin = []
+    for ls in lstr:
+        b, off = divmod(off, ls)
+        begin.append(b)
+    if off or any(b + n > s for b, n, s in zip(begin, t.shape, loc.shape)):
+        return None
+    gshape = tuple(p.shape)
+    idx = shard_indices(gshape, p.device_mesh, tuple(p.placements))  # type: ignore[attr-defined]
+    return _runs([i[b: b + n] * st for i, b, n, st in zip(idx, begin, t.shape, _row_major_strides(gshape))])
+
+
 def _view_runs(t: Tensor, p: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     """Runs of ``t``'s elements in ``p``'s row-major order when ``t`` views the contiguous ``p``."""
     if not p.is_contiguous():
@@ -219,6 +265,13 @@ def resolve(tensor: Tensor, generator: torch.Generator | None) -> Target:
         name, p = hit
         if dt and is_dtensor(p) and tuple(p.shape) == tuple(tensor.shape):
             return Target(loc, ctx.base, name, *shard_runs(tensor))
+        if not dt and is_dtensor(p):  # a block of the local shard (row_blocks)
+            runs = _local_view_runs(loc, p)
+            if runs is None:
+                raise InitlabError(f"cannot sample a {tuple(loc.shape)} view (strides {tuple(loc.stride())}) of the "
+                                   f"local shard of DTensor parameter {name!r}: only its row blocks map to global "
+                                   "indices; sample the DTensor itself")
+            return Target(loc, ctx.base, name, *runs)
         if not dt and not is_dtensor(p):
             runs = _view_runs(loc, p)
             if runs is not None:

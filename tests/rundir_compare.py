@@ -1,5 +1,5 @@
-"""Compare two run directories as the executors promise: metrics.csv, first_pass.csv (and claims.csv where
-present) byte for byte, and every TensorBoard event (tag, step, value, histogram) of every member."""
+"""Compare two run directories as the executors promise: metrics.csv, first_pass.csv (and claims.csv,
+init.csv, layer_histograms.csv where present) byte for byte, and every TensorBoard event (tag, step, value, histogram) of every member."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-CSV_FILES = ("metrics.csv", "first_pass.csv", "claims.csv")
+CSV_FILES = ("metrics.csv", "first_pass.csv", "claims.csv", "init.csv", "layer_histograms.csv")
 
 
 def tb_events(run_dir: Path) -> dict[str, Counter]:

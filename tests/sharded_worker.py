@@ -3,7 +3,8 @@
     python tests/sharded_worker.py RANK WORLD PORT OUT_JSON
 
 Every case builds a model, shards its parameters (hand-made 1-D and 2-D meshes with Shard(0),
-Shard(1), Replicate; tensor parallel via parallelize_module; FSDP2 fully_shard of a meta build),
+Shard(1), Replicate; nn.MultiheadAttention, whose fused in_proj is written in three row blocks; tensor parallel via
+parallelize_module; FSDP2 fully_shard of a meta build),
 runs ``init_model`` under ``CommDebugMode`` and compares every parameter's ``full_tensor()``
 bitwise with the single-process ``init_model`` of the same model and seed. Results go to
 OUT_JSON (rank 0 and every rank that finds a mismatch).
@@ -69,6 +70,18 @@ class TinyTransformer(nn.Module):
         return self.head(x)
 
 
+class Attention(nn.Module):
+    # E = 10: in_proj_weight is 30 x 10, so Shard(0) cuts rows across the q/k/v blocks (2 ranks: 15 + 15;
+    # 4 ranks: 8, 8, 8, 6) and Shard(1) leaves uneven columns (4 ranks: 3, 3, 3, 1)
+    def __init__(self, e: int = 10) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn, self.head = nn.MultiheadAttention(e, 2, add_bias_kv=True, batch_first=True), nn.Linear(e, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
 def shard(model: nn.Module, mesh, placements) -> nn.Module:
     for mod in model.modules():
         for pname, p in list(mod.named_parameters(recurse=False)):
@@ -124,6 +137,37 @@ def hand_made(world: int, out: list) -> None:
                 got, comms, out)
 
 
+def attention(world: int, out: list) -> None:
+    """nn.MultiheadAttention: its fused in_proj_weight is written as three row blocks of the local shard."""
+    placement_list = [[Shard(0)], [Shard(1)], [Replicate()]]
+    meshes = [("1d", init_device_mesh("cpu", (world,)), placement_list)]
+    if world == 4:
+        meshes.append(("2d", init_device_mesh("cpu", (2, 2)), [[Shard(0), Shard(1)], [Shard(0), Shard(0)]]))
+    for mname, mesh, placements_ in meshes:
+        for placements in placements_:
+            for scheme, kw in SCHEMES + [("auto", {}), ("torch_default", {})]:
+                got = shard(Attention(), mesh, placements)
+                comms = run_init(got, scheme, kw)
+                compare(f"{mname} {placements} MultiheadAttention {scheme} {kw}", reference(Attention, scheme, kw),
+                        got, comms, out)
+    with torch.device("meta"):
+        got = Attention()
+    fully_shard(got, mesh=meshes[0][1])
+    got.to_empty(device="cpu")
+    comms = run_init(got, "xavier_uniform", {})
+    compare("FSDP2 fully_shard MultiheadAttention (meta, to_empty) xavier_uniform",
+            reference(Attention, "xavier_uniform", {}), got, comms, out)
+    got = shard(Attention(), meshes[0][1], [Shard(0)])
+    try:
+        initlab.init_model(got, "orthogonal", generator=torch.Generator().manual_seed(SEED))
+        msg = "no error"
+    except initlab.InitlabError as e:
+        msg = str(e)
+    ok = "DTensor" in msg and "'attn'" in msg and "\n" not in msg
+    out.append({"case": "orthogonal refused on a MultiheadAttention DTensor", "params": 0,
+                "mismatched": [] if ok else [msg], "collectives": 0, "fingerprint_equal": True})
+
+
 def tensor_parallel(world: int, out: list) -> None:
     mesh = init_device_mesh("cpu", (world,))
     got = parallelize_module(mlp(), mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
@@ -170,7 +214,7 @@ def main() -> int:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out: list = []
     try:
-        for part in (hand_made, tensor_parallel, fsdp2, refused):
+        for part in (hand_made, attention, tensor_parallel, fsdp2, refused):
             try:
                 part(world, out)
             except Exception:  # noqa: BLE001 - reported to the test, which fails on it

@@ -174,6 +174,61 @@ def test_cli_set_error_is_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _synthetic_run(run_dir, ratio_of, seeds=(0, 1, 2), layers=31):
+    """A run directory of the he-cnn preset's 30-layer pair whose first-pass pre_var ratio Xavier/He at layer l is
+    ``ratio_of(l, seed)`` (He: pre_var 1 + l/100 at every layer), loaded as the report loads it."""
+    import numpy as np
+
+    from initlab.lab.config import experiment_to_toml
+    from initlab.lab.report.load import load_run
+
+    exp = load_experiment("he-cnn")
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(experiment_to_toml(exp), encoding="utf-8")
+    with (run_dir / "metrics.csv").open("w", encoding="utf-8") as f:
+        f.write("scenario,seed,step,split,metric,value\n")
+        f.writelines(f"{sc},{k},300,test,acc,0.5\n" for sc in ("relu-xavier-d30", "relu-he-d30") for k in seeds)
+    rng = np.random.default_rng(0)
+    rows = ["scenario,seed,scheme,index,pre_var"]
+    for k in seeds:
+        for i in range(1, layers + 1):
+            he = 1.0 + i / 100
+            rows.append(f"relu-he-d30,{k},he_normal,{i},{he!r}")
+            rows.append(f"relu-xavier-d30,{k},xavier_normal,{i},"
+                        f"{he * ratio_of(i, k) * (1 + 1e-7 * rng.standard_normal())!r}")
+    (run_dir / "first_pass.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return load_run(run_dir), [c for c in exp.claims if c.id.startswith("variance-ratio")]
+
+
+def test_first_pass_slope_on_a_synthetic_run(tmp_path):
+    pytest.importorskip("pandas")
+
+    def he_cnn(i, k):  # He et al.'s ratio: 9/45 at layer 1, then x1/2 per layer; the readout (31): fans 3136+10
+        return 0.2 * 0.5 ** (min(i, 30) - 1) * (3136 / 3146 if i == 31 else 1.0)
+
+    data, claims = _synthetic_run(tmp_path / "good", he_cnn)
+    slope = C.q_first_pass_slope(data, "relu-xavier-d30", "pre_var", over_scenario="relu-he-d30", first=1, last=30)
+    assert slope == pytest.approx({0: -1.0, 1: -1.0, 2: -1.0}, abs=1e-6)
+    # without over_scenario: the slope of log2(pre_var) itself (He's 1 + l/100: log2 grows by ~0.012 per layer)
+    own = C.q_first_pass_slope(data, "relu-he-d30", "pre_var", first=1, last=30)[0]
+    assert 0.01 < own < 0.015
+    rows = {r["claim_id"]: r for r in C.evaluate_claims(claims, data)}
+    assert rows["variance-ratio-half-per-layer"]["verdict"] == "reproduced", rows
+    assert rows["variance-ratio-layer-1"]["verdict"] == "reproduced", rows
+    # negative control 1: x0.55 per layer (slope log2 0.55 = -0.86) is not -1
+    data, claims = _synthetic_run(tmp_path / "slower", lambda i, k: 0.2 * 0.55 ** (i - 1))
+    rows = {r["claim_id"]: r for r in C.evaluate_claims(claims, data)}
+    assert rows["variance-ratio-half-per-layer"]["verdict"] == "not reproduced", rows
+    # negative control 2: the layer-30 value right (0.2 * 2^-29) but reached in one jump, not per layer
+    data, claims = _synthetic_run(tmp_path / "jump", lambda i, k: 0.2 * (0.5 ** 29 if i >= 30 else 1.0))
+    assert C.q_first_pass_ratio(data, "relu-xavier-d30", "pre_var", layer=30, over_scenario="relu-he-d30")[0] == \
+        pytest.approx(0.2 * 0.5 ** 29, rel=1e-5)
+    rows = {r["claim_id"]: r for r in C.evaluate_claims(claims, data)}
+    assert rows["variance-ratio-half-per-layer"]["verdict"] == "not reproduced", rows
+    # fewer than two finite layers: NaN, so the claim is inconclusive, never a crash
+    assert math.isnan(C.q_first_pass_slope(data, "relu-he-d30", "pre_var", first=3, last=3)[0])
+
+
 # ----------------------------------------------------------------------------- a run with claims
 
 

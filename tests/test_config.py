@@ -194,6 +194,28 @@ BAD = [
      r"^grid\.depths\[1\]: expected an integer, got 'x'"),
     ({"model": {"widths": [784, 10]}, "grid": {"activations": ["relu"], "schemes": ["normal"], "depths": [2]}},
      r"^grid\.depth: the base model\.widths \[784, 10\] has no hidden layer"),
+    # sigma_w^2 (sw2) and the residual policy
+    ({"scenarios": [{"activation": "tanh", "sw2": -1.0}]}, r"^scenarios\[0\]\.sw2: expected a number > 0, got -1\.0$"),
+    ({"scenarios": [{"activation": "tanh", "sw2": "big"}]}, r"^scenarios\[0\]\.sw2: expected a number, got 'big'$"),
+    ({"scenarios": [{"activation": "tanh", "sw2": 1.0, "scheme": "normal"}]},
+     r"^scenarios\[0\]\.scheme: give either sw2 \(which draws N\(0, sw2 / fan_in\)\) or scheme/params, not both$"),
+    ({"scenarios": [{"activation": "tanh", "sw2": 1.0, "params": {"std": 1}}]}, r"^scenarios\[0\]\.params: give either sw2"),
+    ({"grid": {"activations": ["tanh"], "sw2": [1.0, 0.0]}}, r"^grid\.sw2\[1\]: expected a number > 0, got 0\.0$"),
+    ({"grid": {"activations": ["tanh"], "sw2": []}}, r"^grid\.sw2: expected a non-empty list$"),
+    ({"grid": {"activations": ["tanh"], "sw2": 1.76}}, r"^grid\.sw2: expected a list of numbers, got 1\.76$"),
+    ({"grid": {"activations": ["tanh"], "sw2": [1.0], "schemes": ["normal"]}},
+     r"^grid\.sw2: give either schemes or sw2 \(which draws N\(0, sw2 / fan_in\)\), not both$"),
+    ({"grid": {"activations": ["tanh"], "sw2": [1.0], "params": {"std": 1}}}, r"^grid\.params: sw2 sets the scheme"),
+    ({"grid": {"activations": ["tanh"], "sw": [1.0]}}, r"^grid\.sw: unknown key 'sw'; did you mean 'sw2'\?"),
+    ({"model": {"kind": "resmlp", "widths": [784, 8, 8, 10]}, "scenarios": [{"activation": "relu", "scheme": "he_normal", "residual": "fixpu"}]},
+     r"^scenarios\[0\]\.residual: unknown residual 'fixpu'; did you mean 'fixup'\? "
+     r"Valid residuals: fixup, gpt2, none, skipinit$"),
+    ({"model": {"kind": "resmlp", "widths": [784, 8, 8, 10]}, "scenarios": [{"activation": "relu", "scheme": "he_normal", "residual": 1}]},
+     r"^scenarios\[0\]\.residual: expected a string, got 1$"),
+    ({"scenarios": [{"activation": "relu", "scheme": "he_normal", "residual": "fixup"}]},
+     r"^scenarios\[0\]\.residual: 'fixup' acts on residual branches, and model\.kind = 'mlp' has none"),
+    ({"model": {"kind": "resmlp", "widths": [784, 8, 8, 10]}, "grid": {"activations": ["relu"], "schemes": ["he_normal"], "residual": "gpt"}},
+     r"^grid\.residual: unknown residual 'gpt'; did you mean 'gpt2'\?"),
 ]
 
 
@@ -236,6 +258,65 @@ def test_grid_without_depths_keeps_the_base_model_and_adds_to_explicit_scenarios
                               "grid": {"activations": ["logistic"], "schemes": ["normal"]}})
     assert [s.name for s in e.scenarios] == ["base", "sigmoid-normal"]  # aliases resolve to table names
     assert e.scenarios[1].model == e.model
+
+
+def test_sw2_axis_and_key_name_the_scenarios_and_read_back():
+    from initlab.lab.studies import scenario_sw2
+
+    e = experiment_from_dict({"model": {"widths": [784, 64, 10]},
+                              "scenarios": [{"activation": "tanh", "sw2": 2.5},
+                                            {"activation": "tanh", "scheme": "normal", "params": {"std": 0.125},
+                                             "name": "old-style"}],
+                              "grid": {"activations": ["tanh"], "sw2": [1, 1.76], "depths": [2, 10]}})
+    assert [s.name for s in e.scenarios] == ["tanh-sw2.5", "old-style", "tanh-sw1-d2", "tanh-sw1-d10",
+                                             "tanh-sw1.76-d2", "tanh-sw1.76-d10"]
+    sc = e.scenarios[4]
+    assert sc.scheme == "xavier_caffe" and dict(sc.params) == {"distribution": "normal", "gain": 1.76 ** 0.5}
+    assert sc.model.widths == (784, 64, 64, 10)
+    # read back from the axis, and the old reading (normal with std: sw2 = std^2 * width) still works
+    assert scenario_sw2(e) == {"tanh-sw2.5": 2.5, "old-style": 1.0, "tanh-sw1-d2": 1.0, "tanh-sw1-d10": 1.0,
+                               "tanh-sw1.76-d2": 1.76, "tanh-sw1.76-d10": 1.76}
+    assert experiment_from_dict(tomllib.loads(experiment_to_toml(e))) == e  # the canonical TOML keeps them
+    other = experiment_from_dict({"model": {"widths": [784, 64, 10]}, "grid": {"activations": ["tanh"],
+                                                                               "sw2": [1, 1.75], "depths": [2]}})
+    assert config_fingerprint(other) != config_fingerprint(experiment_from_dict(
+        {"model": {"widths": [784, 64, 10]}, "grid": {"activations": ["tanh"], "sw2": [1, 1.76], "depths": [2]}}))
+
+
+def test_sw2_draws_sigma_w2_over_fan_in_at_every_layer():
+    """Var(W_ij) = sw2 / fan_in (Poole et al. 2016), the first layer (fan_in 784) too. The sample variance of n
+    normals has relative standard error sqrt(2 / n): checked within 4 of them."""
+    import torch
+
+    from initlab.lab.training.plan import init_member
+
+    e = experiment_from_dict({"model": {"widths": [784, 64, 64, 10]},
+                              "scenarios": [{"activation": "tanh", "sw2": 1.76}]})
+    model = init_member(e.scenarios[0], seed=3)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for lin in linears:
+        w = lin.weight.detach().double()
+        n, fan_in = w.numel(), w.shape[1]
+        assert abs(w.var().item() / (1.76 / fan_in) - 1) < 4 * (2 / n) ** 0.5, (fan_in, w.var().item())
+        assert abs(w.mean().item()) < 4 * (1.76 / fan_in / n) ** 0.5
+    # negative control: the first layer is not drawn with the hidden width's variance sw2 / 64
+    w1 = linears[0].weight.detach().double()
+    assert abs(w1.var().item() / (1.76 / 64) - 1) > 4 * (2 / w1.numel()) ** 0.5
+
+
+def test_residual_key_round_trips_and_changes_the_fingerprint():
+    base = {"model": {"kind": "resmlp", "widths": [784, 8, 8, 8, 10]}}
+    plain = experiment_from_dict(dict(base, scenarios=[{"activation": "relu", "scheme": "he_normal", "name": "a"}]))
+    fixup = experiment_from_dict(dict(base, scenarios=[{"activation": "relu", "scheme": "he_normal", "name": "a",
+                                                        "residual": "Fixup"}]))
+    assert plain.scenarios[0].residual == "none" and fixup.scenarios[0].residual == "fixup"
+    assert "residual" not in experiment_to_dict(plain)["scenarios"][0]  # written only when set
+    assert experiment_to_dict(fixup)["scenarios"][0]["residual"] == "fixup"
+    assert experiment_from_dict(tomllib.loads(experiment_to_toml(fixup))) == fixup
+    assert config_fingerprint(fixup) != config_fingerprint(plain)
+    grid = experiment_from_dict(dict(base, grid={"activations": ["relu"], "schemes": ["he_normal"],
+                                                 "residual": "skipinit"}))
+    assert [(s.name, s.residual) for s in grid.scenarios] == [("relu-he_normal-skipinit", "skipinit")]
 
 
 def test_scenario_depth_and_width_overrides():

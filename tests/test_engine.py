@@ -180,6 +180,36 @@ def test_bit_identical_for_any_thread_count(distribution):
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
+@pytest.mark.parametrize("numel", [4096, 3 * CHUNK])
+def test_sampling_never_wakes_the_openmp_team(numel, monkeypatch):
+    # erfinv splits even a 4096-element tensor over torch's threads (torch's grain size is not its
+    # threshold), so every torch op of the sampler must run with one intra-op thread
+    seen = []
+    real = torch.erfinv
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "erfinv", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        variance_scaling_(torch.empty(numel), 1.0, "fan_in", "normal", generator=gen(5), fans=(100, 100))
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1} and after == 2
+    # negative control: the spy sees the caller's thread count where it is not set
+    seen.clear()
+    torch.set_num_threads(2)
+    try:
+        torch.erfinv(torch.zeros(3))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
+
+
 def test_chunks_are_independent_streams():
     x = truncated_normal_(torch.empty(4 * CHUNK), generator=gen()).view(4, CHUNK)
     r = np.corrcoef(x.numpy().astype(np.float64))

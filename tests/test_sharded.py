@@ -1,7 +1,7 @@
 """Sharded parameters initialised exactly: real processes (gloo on 127.0.0.1), world sizes 2 and 4.
 
 Each rank (tests/sharded_worker.py) shards models over 1-D and 2-D meshes (Shard(0), Shard(1),
-Replicate, uneven shards, a layer straddling a sampler chunk), through tensor parallelism and FSDP2,
+Replicate, uneven shards, a layer straddling a sampler chunk, nn.MultiheadAttention's fused in_proj), through tensor parallelism and FSDP2,
 initialises them under CommDebugMode and compares every parameter's full_tensor() bitwise with the
 single-process init of the same seed; the fingerprint must agree too.
 """
@@ -61,6 +61,9 @@ def test_sharded_init_is_bitwise_the_single_process_init(world, tmp_path):
         cases = [row["case"] for row in rows]
         assert any("FSDP2" in c for c in cases) and any("tensor parallel" in c for c in cases)
         assert any("Shard(1)" in c for c in cases) and any("Replicate" in c for c in cases)
+        mha = [c for c in cases if "MultiheadAttention" in c]
+        assert all(any(p in c for c in mha) for p in ("[Shard(dim=0)]", "[Shard(dim=1)]", "[Replicate()]")), mha
+        assert any("orthogonal refused on a MultiheadAttention" in c for c in cases)
         if world == 4:
             assert any(c.startswith("2d") for c in cases)
         for row in rows:

@@ -46,7 +46,7 @@ def _claims(run_dir):
 
 
 def test_presets_parse_with_their_claims():
-    for name, n_claims in (("edge-of-chaos", 1), ("isometry", 4), ("fixup", 3)):
+    for name, n_claims in (("edge-of-chaos", 1), ("isometry", 4), ("fixup", 5)):
         exp = load_experiment(name)
         assert len(exp.claims) == n_claims and exp.scenarios
         for c in exp.claims:  # every claim names a registered quantity and scenarios of its preset
@@ -57,9 +57,12 @@ def test_presets_parse_with_their_claims():
 
 
 def test_edge_of_chaos_reduced(tmp_path):
-    d = _reduced("edge-of-chaos", keep=lambda s: s["name"].startswith(("sw1-", "sw1.76-")) and
-                 s["depth"] in (10, 50), depth=lambda L: L // 5)
-    run_experiment(experiment_from_dict(d), tmp_path / "run")
+    d = _reduced("edge-of-chaos")
+    assert d["grid"]["sw2"] == [1.0, 1.4, 1.76, 2.5, 4.0] and d["grid"]["depths"] == [10, 25, 50, 100]
+    d["grid"].update(sw2=[1.0, 1.76], depths=[2, 10])
+    exp = experiment_from_dict(d)
+    assert [s.name for s in exp.scenarios] == ["tanh-sw1-d2", "tanh-sw1-d10", "tanh-sw1.76-d2", "tanh-sw1.76-d10"]
+    run_experiment(exp, tmp_path / "run")
     rows = _claims(tmp_path / "run")
     assert rows["trainable-depth-6xi_c"]["verdict"] in ("reproduced", "not reproduced", "inconclusive")
     assert "not measurable" not in rows["trainable-depth-6xi_c"]["measured"]
@@ -94,6 +97,33 @@ def test_fixup_reduced(tmp_path):
     (tmp_path / "run" / "config.toml").write_text(experiment_to_toml(experiment_from_dict(d)), encoding="utf-8")
     write_report(tmp_path / "run", figures=False)
     assert _claims(tmp_path / "run")["he-he-growth"]["verdict"] == "not reproduced"
+
+
+def test_fixup_scenario_reduced_starts_with_zero_branch_outputs(tmp_path):
+    """The preset's fixup scenario (50 blocks, 1 seed, 2 steps): in the first pass every branch's last layer
+    (indices 3, 5, ..., 101) has weight variance 0 and every first layer (2, 4, ..., 100) He's 2/64 times
+    1/50 (Fixup's L^(-1/2) on the std); the stream's growth claim holds exactly; a changed residual is refused."""
+    from initlab._errors import InitlabError
+
+    d = _reduced("fixup", keep=lambda s: s["name"] == "fixup", steps=2, seeds=(0,))
+    d["claims"] = [c for c in d["claims"] if c["id"].startswith("fixup")]
+    exp = experiment_from_dict(d)
+    assert exp.scenarios[0].residual == "fixup" and len(exp.scenarios[0].model.widths) - 2 == 51
+    run_experiment(exp, tmp_path / "run", report=False)
+    fp = pd.read_csv(tmp_path / "run" / "first_pass.csv")
+    assert sorted(fp["index"]) == list(range(1, 103))  # stem, 50 x (first, last), readout
+    last, first = fp[fp["index"].isin(range(3, 102, 2))], fp[fp["index"].isin(range(2, 101, 2))]
+    assert (last["weight_var"] == 0).all() and (last["bias_var"] == 0).all()
+    # the sample variance of 64 x 64 normals: relative standard error sqrt(2 / 4096); within 4 of them
+    assert ((first["weight_var"] / (2 / 64 / 50) - 1).abs() < 4 * (2 / 4096) ** 0.5).all()
+    assert (first["weight_var"] > 0).all()  # negative control: the first layers are not zero
+    write_report(tmp_path / "run", figures=False)
+    rows = _claims(tmp_path / "run")
+    assert rows["fixup-no-growth"]["verdict"] == "reproduced" and rows["fixup-no-growth"]["measured"] == "0"
+    # the residual policy is part of the run's fingerprint: the same run without it is refused
+    d["scenarios"][0]["residual"] = "none"
+    with pytest.raises(InitlabError, match="holds another experiment"):
+        run_experiment(experiment_from_dict(d), tmp_path / "run", report=False)
 
 
 # ----------------------------------------------------------------------------- the quantities

@@ -2,10 +2,12 @@
 judged with a test across seeds, and written as ``claims.csv``.
 
 A claim names a **quantity**: a registered function ``fn(data, **args)`` that reads the run
-(``data.metrics``: metrics.csv as a DataFrame, ``data.first_pass``: first_pass.csv) and returns
+(``data.metrics``: metrics.csv as a DataFrame, ``data.first_pass``: first_pass.csv, ``data.init``:
+init.csv, the init report's per-layer numbers) and returns
 one value per seed (``{seed: value}``). A new quantity is one :func:`register_quantity` call; the
 built-in ones are generic (a metric's final value or its value at a step, a first-pass column at a
-layer, its ratio between layers or scenarios, its per-layer factor, its mean and spread over layers).
+layer, its ratio between layers or scenarios, its per-layer factor, the least-squares slope of its
+log2 over layers, its mean and spread over layers, the largest init-report number over layers).
 
 The verdict (:func:`judge`) compares the seeds' values, on the claim's ``scale`` (the value, or
 its log2 / log10), with the expected region: ``approx`` is ``[value - tolerance, value +
@@ -205,6 +207,35 @@ def q_layer_factor(data: Any, scenario: str, column: str, first: int = 1, last: 
     return _over_layers(data, scenario, column, first, last, factor)
 
 
+def q_first_pass_slope(data: Any, scenario: str, column: str, over_scenario: str | None = None, first: int = 1,
+                       last: int = -1) -> dict[int, float]:
+    """The least-squares slope over layers first..last of log2 of a first-pass column (of its ratio
+    scenario / over_scenario, layer by layer, when ``over_scenario`` is given), seed by seed: the log2 factor
+    per layer (-1: halves at every layer).
+
+    Per seed, with y_l = log2(v_l) (or log2(v_l / u_l)) at the layer indices l: slope = sum (l - mean l)(y_l -
+    mean y) / sum (l - mean l)^2. NaN when fewer than two layers have a finite, positive value."""
+    num = _need(data.first_pass, "first_pass.csv", scenario=scenario)
+    if column not in num:
+        raise InitlabError(f"first_pass.csv has no column {column!r}")
+    layers = _layers(num, first, last)
+    den = None if over_scenario is None else _need(data.first_pass, "first_pass.csv", scenario=str(over_scenario))
+    out = {}
+    for seed, d in num.groupby("seed"):
+        v = d[d["index"].isin(layers)].set_index("index")[column].astype(np.float64)
+        if den is not None:
+            u = den[(den["seed"] == seed) & den["index"].isin(layers)].set_index("index")[column].astype(np.float64)
+            v = (v / u).dropna()
+        with np.errstate(all="ignore"):
+            y = np.where(v.to_numpy() > 0, np.log2(v.to_numpy()), np.nan)
+        x = v.index.to_numpy(dtype=np.float64)
+        ok = np.isfinite(y)
+        x, y = x[ok], y[ok]
+        out[int(seed)] = (float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+                          if x.size >= 2 else math.nan)
+    return out
+
+
 def q_layer_mean(data: Any, scenario: str, column: str, first: int = 1, last: int = -1) -> dict[int, float]:
     """The mean of a first-pass column over the layers first..last."""
     return _over_layers(data, scenario, column, first, last, lambda v: float(v.mean()) if v.size else math.nan)
@@ -226,11 +257,25 @@ def q_layer_max_deviation(data: Any, scenario: str, column: str, target: float =
     return _over_layers(data, scenario, column, first, last, worst)
 
 
+def q_init_max(data: Any, scenario: str, quantity: str = "iterations", first: int = 1, last: int = -1,
+               source: str | None = None) -> dict[int, float]:
+    """The largest value over the layers first..last of an init-report number (init.csv), e.g. LSUV's
+    iterations per layer (Mishkin & Matas 2016)."""
+    frame = getattr(data, "init", None)
+    rows = _need(frame, "init.csv (per-layer numbers of the init report)", scenario=scenario, quantity=quantity)
+    if source is not None:
+        rows = _need(rows, f"init.csv of {scenario!r}", source=source)
+    layers = _layers(rows, first, last)
+    rows = rows[rows["index"].isin(layers)]
+    return {int(s): float(np.max(d["value"].to_numpy(dtype=np.float64))) for s, d in rows.groupby("seed")}
+
+
 for _name, _fn in (("final", q_final), ("at_step", q_at_step), ("final_difference", q_final_difference),
                    ("at_step_difference", q_at_step_difference),
                    ("first_pass", q_first_pass), ("first_pass_ratio", q_first_pass_ratio),
+                   ("first_pass_slope", q_first_pass_slope),
                    ("layer_factor", q_layer_factor), ("layer_mean", q_layer_mean), ("layer_spread", q_layer_spread),
-                   ("layer_max_deviation", q_layer_max_deviation)):
+                   ("layer_max_deviation", q_layer_max_deviation), ("init_max", q_init_max)):
     register_quantity(_name, _fn)
 
 

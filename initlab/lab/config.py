@@ -35,7 +35,9 @@ An experiment file::
     activation = "sigmoid"
     scheme = "normal"
     params = {}                    # scheme parameters, e.g. { std = 0.5 }
+    # or sw2 = 1.76 instead of scheme/params: W ~ N(0, sw2 / fan_in) (name part "sw1.76")
     # widths = [...] or depth = 5 / width = 200: this scenario's model
+    # residual = "none"            # none | skipinit | fixup | gpt2 (kind = "resmlp"): init_model(residual=...)
 
     [grid]                # ... and/or a grid: the cartesian product, activation-major
     activations = ["tanh", "relu"]
@@ -43,6 +45,8 @@ An experiment file::
     depths = [2, 5, 10]            # optional: number of hidden layers
     widths = [100]                 # optional: hidden width
     params = {}                    # optional: scheme parameters for every grid scenario
+    # sw2 = [1.0, 1.76, 4.0]       # instead of schemes/params: one column per sigma_w^2, W ~ N(0, sw2 / fan_in)
+    # residual = "fixup"           # optional: the residual policy of every grid scenario
 
     [tune]                # optional: the search of `initlab tune` (initlab.lab.tune.space); ignored here
 
@@ -64,7 +68,8 @@ from typing import Any
 from .._errors import InitlabError, unknown_choice
 from ._checks import (activation_name, as_int, as_ints, as_list, as_params, as_str, as_table, check_keys,
                       scheme_and_params)
-from .specs import N_CLASSES, NAME_RE, OPTIMIZERS, Claim, DataSpec, Experiment, ModelSpec, Scenario, TrainSpec
+from .specs import (N_CLASSES, NAME_RE, OPTIMIZERS, Claim, DataSpec, Experiment, ModelSpec, Scenario, TrainSpec,
+                    residual_policy, sw2_scheme)
 
 try:
     import tomllib
@@ -98,8 +103,8 @@ _DATA_KEYS = ("name", "root", "standardize", "test_fraction", "split_seed", "lim
 _MODEL_KEYS = ("kind", "widths", "hidden", "bias", "channels", "kernel", "bias_var", "pool")
 _TRAIN_KEYS = ("optimizer", "lr", "batch_size", "steps", "log_every", "first_pass_batch", "device", "seeds",
                "momentum", "layer_stats", "jacobian", "histograms_every")
-_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width", "channels")
-_GRID_KEYS = ("activations", "schemes", "depths", "widths", "params")
+_SCENARIO_KEYS = ("name", "activation", "scheme", "params", "widths", "depth", "width", "channels", "sw2", "residual")
+_GRID_KEYS = ("activations", "schemes", "sw2", "depths", "widths", "params", "residual")
 _CLAIM_KEYS = tuple(f.name for f in fields(Claim))
 #: keys written to the canonical config only when they differ from their default (older configs stay as they were)
 _OPTIONAL = {"model": {"bias_var": 0.0, "pool": True},
@@ -132,13 +137,37 @@ def _resolve_widths(base: ModelSpec, path: str, widths: Any = None, depth: Any =
     return (base.widths[0], *([w] * d), base.widths[-1])
 
 
-def _auto_name(activation: str, scheme: str, depth: int | None, width: int | None) -> str:
+def _auto_name(activation: str, scheme: str, depth: int | None, width: int | None, residual: str = "none") -> str:
     name = f"{activation}-{scheme}"
+    if residual != "none":
+        name += f"-{residual}"
     if depth is not None:
         name += f"-d{depth}"
     if width is not None:
         name += f"-w{width}"
     return name
+
+
+def _sw2_label(sw2: float) -> str:
+    """The scheme part of an automatic scenario name drawn with ``sw2``: ``sw1.76``."""
+    return f"sw{sw2:g}"
+
+
+def _scheme_of(item: Mapping[str, Any], path: str, activation: str) -> tuple[str, Any, str]:
+    """(scheme, params, name label) of a scenario: its ``scheme`` and ``params``, or its ``sw2``
+    (N(0, sw2 / fan_in), :func:`initlab.lab.specs.sw2_scheme`)."""
+    if "sw2" in item:
+        for key in ("scheme", "params"):
+            if key in item:
+                raise InitlabError(f"{path}.{key}: give either sw2 (which draws N(0, sw2 / fan_in)) or "
+                                   "scheme/params, not both")
+        scheme, params = sw2_scheme(item["sw2"], f"{path}.sw2")
+        return scheme, params, _sw2_label(float(item["sw2"]))
+    if "scheme" not in item:
+        raise InitlabError(f"{path}.scheme: missing (each scenario needs an activation and a scheme or sw2)")
+    params = as_params(item.get("params", {}), f"{path}.params")
+    scheme, params = scheme_and_params(item["scheme"], params, f"{path}.scheme", activation)
+    return scheme, params, scheme
 
 
 def _parse_model(raw: Mapping[str, Any], data: DataSpec) -> ModelSpec:
@@ -156,13 +185,13 @@ def _parse_model(raw: Mapping[str, Any], data: DataSpec) -> ModelSpec:
     return ModelSpec(**kw)
 
 
-def _scenario_name(item: Mapping[str, Any], path: str, activation: str, scheme: str) -> str:
+def _scenario_name(item: Mapping[str, Any], path: str, activation: str, scheme: str, residual: str) -> str:
     if "name" in item:
         name = as_str(item["name"], f"{path}.name", nonempty=True)
     else:
         name = _auto_name(activation, scheme,
                           as_int(item["depth"], f"{path}.depth") if "depth" in item else None,
-                          as_int(item["width"], f"{path}.width") if "width" in item else None)
+                          as_int(item["width"], f"{path}.width") if "width" in item else None, residual)
     if not NAME_RE.match(name):
         raise InitlabError(f"{path}.name: expected letters, digits and _ . + = - (it names files and folders), "
                            f"got {name!r}")
@@ -172,20 +201,19 @@ def _scenario_name(item: Mapping[str, Any], path: str, activation: str, scheme: 
 def _parse_scenario(item: Any, path: str, base: ModelSpec) -> Scenario:
     item = as_table(item, path)
     check_keys(item, _SCENARIO_KEYS, path)
-    for key in ("activation", "scheme"):
-        if key not in item:
-            raise InitlabError(f"{path}.{key}: missing (each scenario needs an activation and a scheme)")
-    params = as_params(item.get("params", {}), f"{path}.params")
+    if "activation" not in item:
+        raise InitlabError(f"{path}.activation: missing (each scenario needs an activation and a scheme or sw2)")
     activation = activation_name(item["activation"], f"{path}.activation")
-    scheme, params = scheme_and_params(item["scheme"], params, f"{path}.scheme", activation)
+    scheme, params, label = _scheme_of(item, path, activation)
+    residual = residual_policy(item.get("residual", "none"), f"{path}.residual", base.kind)
     widths = _resolve_widths(base, path, item.get("widths"), item.get("depth"), item.get("width"))
-    name = _scenario_name(item, path, activation, scheme)
+    name = _scenario_name(item, path, activation, label, residual)
     model = replace(base, widths=widths)
     if "channels" in item:
         if base.kind != "cnn":
             raise InitlabError(f"{path}.channels: only used with model.kind = 'cnn' (kind is {base.kind!r})")
         model = replace(model, channels=as_ints(item["channels"], f"{path}.channels", minimum=1))
-    return Scenario(name, activation, scheme, params, model)
+    return Scenario(name, activation, scheme, params, model, residual)
 
 
 def _parse_scenarios(raw: Any, base: ModelSpec) -> list[Scenario]:
@@ -193,28 +221,51 @@ def _parse_scenarios(raw: Any, base: ModelSpec) -> list[Scenario]:
     return [_parse_scenario(item, f"scenarios[{i}]", base) for i, item in enumerate(items)]
 
 
+def _grid_schemes(grid: Mapping[str, Any], act: str) -> list[tuple[str, Any, str]]:
+    """(scheme, params, name label) of each grid column for activation ``act``: one per ``schemes`` entry
+    (with ``params``), or one per ``sw2`` value (N(0, sw2 / fan_in))."""
+    if "schemes" in grid and "sw2" in grid:
+        raise InitlabError("grid.sw2: give either schemes or sw2 (which draws N(0, sw2 / fan_in)), not both")
+    if "sw2" in grid:
+        if "params" in grid:
+            raise InitlabError("grid.params: sw2 sets the scheme and its parameters; remove params")
+        values = as_list(grid["sw2"], "grid.sw2", "numbers")
+        if not values:
+            raise InitlabError("grid.sw2: expected a non-empty list")
+        return [(*sw2_scheme(v, f"grid.sw2[{i}]"), _sw2_label(float(v))) for i, v in enumerate(values)]
+    params = as_params(grid.get("params", {}), "grid.params")
+    schemes = as_list(grid["schemes"], "grid.schemes", "strings")
+    if not schemes:
+        raise InitlabError("grid.schemes: expected a non-empty list")
+    out = []
+    for i, raw in enumerate(schemes):
+        scheme, sparams = scheme_and_params(raw, params, f"grid.schemes[{i}]", act)
+        out.append((scheme, sparams, scheme))
+    return out
+
+
 def _parse_grid(raw: Any, base: ModelSpec) -> list[Scenario]:
     grid = as_table(raw, "grid")
     check_keys(grid, _GRID_KEYS, "grid")
-    for key in ("activations", "schemes"):
-        if key not in grid:
-            raise InitlabError(f"grid.{key}: missing (a grid needs activations and schemes)")
-    params = as_params(grid.get("params", {}), "grid.params")
+    if "activations" not in grid:
+        raise InitlabError("grid.activations: missing (a grid needs activations and schemes or sw2)")
+    if "schemes" not in grid and "sw2" not in grid:
+        raise InitlabError("grid.schemes: missing (a grid needs activations and schemes or sw2)")
     acts = [activation_name(a, f"grid.activations[{i}]")
             for i, a in enumerate(as_list(grid["activations"], "grid.activations", "strings"))]
-    schemes = as_list(grid["schemes"], "grid.schemes", "strings")
-    if not acts or not schemes:
-        raise InitlabError(f"grid.{'activations' if not acts else 'schemes'}: expected a non-empty list")
+    if not acts:
+        raise InitlabError("grid.activations: expected a non-empty list")
+    residual = residual_policy(grid.get("residual", "none"), "grid.residual", base.kind)
     depths: list[int | None] = list(as_ints(grid["depths"], "grid.depths", minimum=1)) if "depths" in grid else [None]
     widths: list[int | None] = list(as_ints(grid["widths"], "grid.widths", minimum=1)) if "widths" in grid else [None]
     out = []
     for act in acts:
-        for i, raw_scheme in enumerate(schemes):
-            scheme, sparams = scheme_and_params(raw_scheme, params, f"grid.schemes[{i}]", act)
+        for scheme, sparams, label in _grid_schemes(grid, act):
             for d in depths:
                 for w in widths:
                     model = replace(base, widths=_resolve_widths(base, "grid", None, d, w))
-                    out.append(Scenario(_auto_name(act, scheme, d, w), act, scheme, sparams, model))
+                    out.append(Scenario(_auto_name(act, label, d, w, residual), act, scheme, sparams, model,
+                                        residual))
     return out
 
 
@@ -278,6 +329,8 @@ def _scenario_dict(s: Scenario, base: ModelSpec) -> dict[str, Any]:
         item["channels"] = list(s.model.channels)
     if s.params:
         item["params"] = {k: _plain(v) for k, v in s.params}
+    if s.residual != "none":  # written only when set: older configs keep their form and fingerprint
+        item["residual"] = s.residual
     return item
 
 
@@ -501,7 +554,9 @@ _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("train", "momentum", "float", "SGD momentum, in [0, 1) (optimizer = 'sgd' only)"),
     ("train", "layer_stats", "bool", "record per-layer activation and back-propagated gradient statistics at each "
                                      "log step on a fixed held-out batch (MLPs): metrics act_mean_<l>, act_var_<l>, "
-                                     "grad_var_<l>, wgrad_var_<l>"),
+                                     "grad_var_<l>, wgrad_var_<l>; and fixed-bin histograms of each hidden layer's "
+                                     "activations and back-propagated gradients at step 0 and three log steps "
+                                     "(layer_histograms.csv, TensorBoard)"),
     ("train", "histograms_every", "int", "TensorBoard weight histograms every that many log steps (0 = none); "
                                           "not part of the results or the config fingerprint"),
     ("train", "jacobian", "bool", "first pass: singular values of each layer's Jacobian dh_l/dh_(l-1) "
@@ -514,11 +569,19 @@ _MEANINGS: tuple[tuple[str, str, str, str], ...] = (
     ("scenarios", "depth", "int", "this scenario's number of hidden layers (of the model's width)"),
     ("scenarios", "width", "int", "this scenario's hidden width"),
     ("scenarios", "channels", "list of int", "cnn only: this scenario's convolution channels (else the model's)"),
-    ("grid", "activations", "list of string", "one scenario per activation x scheme x depth x width"),
-    ("grid", "schemes", "list of string", "schemes of the grid"),
+    ("scenarios", "sw2", "float", "instead of scheme and params: the weight variance sigma_w^2 > 0, W ~ N(0, "
+                                  "sigma_w^2 / fan_in) (Poole et al. 2016), i.e. scheme xavier_caffe with gain = "
+                                  "sqrt(sigma_w^2), distribution normal; the default name reads sw<value>"),
+    ("scenarios", "residual", "string", "none | skipinit | fixup | gpt2: the residual-branch policy applied after the "
+                                        "scheme (initlab.init_model(..., residual=...); kind = 'resmlp' only)"),
+    ("grid", "activations", "list of string", "one scenario per activation x scheme (or sw2) x depth x width"),
+    ("grid", "schemes", "list of string", "schemes of the grid (or sw2)"),
+    ("grid", "sw2", "list of float", "instead of schemes and params: weight variances sigma_w^2, one grid column "
+                                     "each, W ~ N(0, sigma_w^2 / fan_in); names <activation>-sw<value>-..."),
     ("grid", "depths", "list of int", "optional: numbers of hidden layers"),
     ("grid", "widths", "list of int", "optional: hidden widths"),
     ("grid", "params", "table", "optional: scheme parameters of every grid scenario"),
+    ("grid", "residual", "string", "optional: the residual policy of every grid scenario (as in [[scenarios]])"),
     ("claims", "id", "string", "the claim's id (a row of claims.csv)"),
     ("claims", "source", "string", "the citation: paper, figure or equation"),
     ("claims", "claim", "string", "the claim in words"),

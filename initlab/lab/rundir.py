@@ -8,18 +8,25 @@ Layout (``run_dir/``)::
     metrics.csv        scenario, seed, step, split, metric, value (see initlab.lab.metrics)
     first_pass.csv     the probe table (initlab.probe) per scenario x seed x weight layer:
                        scenario, seed, scheme, then the probe's columns
+    init.csv           the init reports' per-layer numbers (e.g. LSUV's iterations per layer), when a scheme
+                       reports any: scenario, seed, source, index, layer, quantity, value
+    layer_histograms.csv   fixed-bin histograms of activations and back-propagated gradients per hidden layer,
+                       at step 0 and a few log steps (train.layer_stats): scenario, seed, step, quantity, layer,
+                       lo, hi, count (initlab.lab.training.records)
     tb/<scenario>/seed<k>/   TensorBoard events of one member (initlab.lab.report.tensorboard)
     figures/*.png, report.html   (initlab.lab.report)
     parts/<scenario>/seed<k>/   a finished member's own results (metrics.csv, first_pass.csv,
                        values.npz with the first-pass arrays, histograms.json with the weight
-                       histograms of its TensorBoard log, member.json)
+                       histograms of its TensorBoard log, init.csv and layer_histograms.csv
+                       when it has such rows, member.json)
     checkpoints/group-<hash>.pt   the training state of a group that has not finished (removed
                        when the run completes)
     run.lock           held (an OS file lock) while a process writes here
 
 Completion is recorded per member: :func:`commit_member` writes ``parts/<scenario>/seed<k>/``
 under a temporary name and renames it into place, so a member is either completely recorded or
-not at all; :func:`merge` rebuilds metrics.csv and first_pass.csv from the parts, atomically,
+not at all; :func:`merge` rebuilds metrics.csv, first_pass.csv (and init.csv,
+layer_histograms.csv when any member has rows) from the parts, atomically,
 in experiment order. :func:`check_out_dir` refuses a directory that holds another experiment
 (or anything else) and :func:`check_out_path` one that cannot be written; :func:`lock` lets one
 process write at a time. Every file is written atomically (:mod:`initlab.lab._io`), with the
@@ -54,6 +61,7 @@ from .config import config_fingerprint, experiment_to_dict, load_experiment
 from .metrics import METRICS_COLUMNS
 from .specs import Experiment, Scenario
 from .training import GroupResult
+from .training.records import HIST_COLUMNS, INIT_COLUMNS
 
 try:
     import fcntl
@@ -339,6 +347,10 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
                   for r in result.first_pass if (r.get("scenario"), int(r.get("seed", -1))) == key]
     values = {k: np.asarray(v) for k, v in result.first_pass_values.get(key, {}).items()}
     diverged = [d for d in result.diverged if (d["scenario"], int(d["seed"])) == key]
+    records = {name: ([r for r in rows if (r["scenario"], int(r["seed"])) == key], cols)
+               for name, rows, cols in (("init.csv", getattr(result, "init", None) or [], INIT_COLUMNS),
+                                        ("layer_histograms.csv", getattr(result, "layer_histograms", None) or [],
+                                         HIST_COLUMNS))}
     meta = {
         "scenario": scenario.name, "seed": int(seed), "scheme": str(scenario.scheme),
         "activation": str(scenario.activation), "fingerprint": fingerprint,
@@ -354,6 +366,9 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
         with open(tmp / "values.npz", "wb") as f:
             np.savez_compressed(f, **values)
         (tmp / "histograms.json").write_text(json.dumps([[int(st), h] for st, h in histograms]), encoding="utf-8")
+        for name, (rows, cols) in records.items():
+            if rows:
+                (tmp / name).write_text(csv_text(rows, cols), encoding="utf-8")
         (tmp / "member.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return values, metrics
 
@@ -405,12 +420,17 @@ def _write_if_changed(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+_RECORDS = (("init.csv", INIT_COLUMNS), ("layer_histograms.csv", HIST_COLUMNS))
+
+
 def merge(run_dir: Path, members: Sequence[tuple[str, int]]) -> tuple[int, int]:
     """Rebuild metrics.csv and first_pass.csv from the finished members' parts, in ``members`` order
-    (each file rewritten only when its content changes)."""
+    (each file rewritten only when its content changes), and init.csv and layer_histograms.csv when
+    some member has such rows."""
     metrics: list[dict[str, str]] = []
     fp_rows: list[dict[str, str]] = []
     fp_cols: list[str] = []
+    records: dict[str, list[dict[str, str]]] = {name: [] for name, _ in _RECORDS}
     for sc, seed in members:
         part = member_dir(run_dir, sc, seed)
         if not (part / "member.json").is_file():
@@ -422,8 +442,14 @@ def merge(run_dir: Path, members: Sequence[tuple[str, int]]) -> tuple[int, int]:
             if c not in fp_cols:
                 fp_cols.append(c)
         fp_rows.extend(rows)
+        for name, _ in _RECORDS:
+            if (part / name).is_file():
+                records[name].extend(read_part_csv(part, name)[1])
     _write_if_changed(run_dir / "metrics.csv", csv_text(metrics, METRICS_COLUMNS))
     _write_if_changed(run_dir / "first_pass.csv", csv_text(fp_rows, fp_cols or list(FIRST_PASS_LEAD)))
+    for name, cols in _RECORDS:
+        if records[name]:
+            _write_if_changed(run_dir / name, csv_text(records[name], cols))
     return len(metrics), len(fp_rows)
 
 
@@ -506,6 +532,6 @@ def clear_results(run_dir: Path) -> None:
         p = run_dir / name
         if p.is_dir():
             shutil.rmtree(p)
-    for name in ("metrics.csv", "first_pass.csv", "report.html", "run.json"):
+    for name in ("metrics.csv", "first_pass.csv", "init.csv", "layer_histograms.csv", "report.html", "run.json"):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from .._errors import InitlabError, unknown_choice
+from .._residual import POLICIES
 from ._checks import (activation_name, as_bool, as_int, as_ints, as_number, as_params, as_str, fail,
                       scheme_and_params)
 
 __all__ = ["DataSpec", "ModelSpec", "TrainSpec", "Scenario", "Claim", "Experiment", "DATASETS", "DATASET_SHAPES",
-           "N_CLASSES", "MODEL_KINDS", "OPTIMIZERS", "CLAIM_EXPECT", "CLAIM_SCALES", "CLAIM_TESTS", "image_shape",
+           "N_CLASSES", "MODEL_KINDS", "OPTIMIZERS", "RESIDUALS", "SW2_SCHEME", "sw2_scheme", "scheme_sw2", "residual_policy", "CLAIM_EXPECT", "CLAIM_SCALES", "CLAIM_TESTS", "image_shape",
            "NAME_RE"]
 
 DATASETS = ("mnist", "mnist_idx", "gaussian", "digits")
@@ -36,12 +37,17 @@ DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
 N_CLASSES = 10
 MODEL_KINDS = ("mlp", "cnn", "resmlp")
 OPTIMIZERS = ("adam", "sgd")
+#: a scenario's residual-branch policy (``initlab.init_model(..., residual=...)``; "none": no policy)
+RESIDUALS = ("none", *POLICIES)
 #: how a claim's measured value must relate to its expected ``value`` (see :class:`Claim`)
 CLAIM_EXPECT = ("approx", "above", "below")
 #: the scale a claim compares in: the value itself, or its base-2 / base-10 logarithm
 CLAIM_SCALES = ("linear", "log2", "log10")
 #: the statistical test of a claim across seeds (see :mod:`initlab.lab.claims`)
 CLAIM_TESTS = ("t95", "every_seed")
+#: the weight variance sigma_w^2 of mean-field theory (Poole et al. 2016; Schoenholz et al. 2017),
+#: W_ij ~ N(0, sigma_w^2 / fan_in), is this registry scheme (Var = gain^2 / fan_in) with gain = sqrt(sigma_w^2), normal
+SW2_SCHEME = "xavier_caffe"
 #: a scenario name: it names files and folders
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,119}$")
 
@@ -53,6 +59,21 @@ def image_shape(n_inputs: int) -> tuple[int, int, int]:
         raise InitlabError(f"model.widths[0]: a CNN needs square single-channel images, "
                            f"{n_inputs} inputs is not a square number")
     return (1, s, s)
+
+
+def sw2_scheme(sw2: Any, path: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """(scheme, params) drawing W_ij ~ N(0, sw2 / fan_in): :data:`SW2_SCHEME` with gain = sqrt(sw2), normal.
+    The realised variance is sw2 / fan_in at every weight layer (the first one too: sw2 / inputs)."""
+    sw2 = as_number(sw2, path, positive=True)
+    return SW2_SCHEME, (("distribution", "normal"), ("gain", math.sqrt(sw2)))
+
+
+def scheme_sw2(scheme: str, params: Any) -> float | None:
+    """The sigma_w^2 of a scheme drawing N(0, sigma_w^2 / fan_in) (the inverse of :func:`sw2_scheme`), else None."""
+    p = dict(params)
+    if scheme != SW2_SCHEME or p.get("distribution", "uniform") != "normal":
+        return None
+    return round(float(p.get("gain", 1.0)) ** 2, 10)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -152,7 +173,8 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TrainSpec:
     """The ``[train]`` table: optimiser (``momentum`` for SGD), learning rate, batch size, steps, logging, seeds;
-    ``layer_stats``: per-layer activation and back-propagated gradient statistics at each log step (MLPs);
+    ``layer_stats``: per-layer activation and back-propagated gradient statistics at each log step, and their
+    histograms at step 0 and three log steps (MLPs; :mod:`initlab.lab.training.records`);
     ``jacobian``: the singular values of each layer's Jacobian in the first pass."""
 
     optimizer: str = "adam"
@@ -210,13 +232,16 @@ def _seeds(seeds: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Scenario:
-    """One initialisation scenario: an activation, a scheme (+ parameters) and its fully resolved model."""
+    """One initialisation scenario: an activation, a scheme (+ parameters), its fully resolved model and a
+    residual-branch policy (``residual``: ``none``, or ``skipinit`` / ``fixup`` / ``gpt2`` of
+    :func:`initlab.init_model`, applied after the scheme; residual models only)."""
 
     name: str
     activation: str
     scheme: str
     params: tuple[tuple[str, Any], ...] = ()
     model: ModelSpec = field(default_factory=ModelSpec)
+    residual: str = "none"
 
     def __post_init__(self) -> None:
         where = f"scenario {self.name!r}"
@@ -231,6 +256,18 @@ class Scenario:
         _set(self, "params", params)
         if not isinstance(self.model, ModelSpec):
             raise fail(f"{where}.model", "a ModelSpec", self.model)
+        _set(self, "residual", residual_policy(self.residual, f"{where}.residual", self.model.kind))
+
+
+def residual_policy(value: Any, path: str, kind: str) -> str:
+    """A residual policy of :data:`RESIDUALS` (lower case); one other than ``none`` needs ``kind = 'resmlp'``."""
+    v = as_str(value, path, nonempty=True).strip().lower()
+    if v not in RESIDUALS:
+        raise InitlabError(f"{path}: {unknown_choice('residual', v, RESIDUALS)}")
+    if v != "none" and kind != "resmlp":
+        raise InitlabError(f"{path}: {v!r} acts on residual branches, and model.kind = {kind!r} has none "
+                           "(use kind = 'resmlp' or residual = 'none')")
+    return v
 
 
 @dataclass(frozen=True)

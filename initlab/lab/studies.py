@@ -6,8 +6,9 @@
   theory's, trainable iff ``L <= multiple * xi_c(sw2)`` (``xi_c`` from
   :func:`initlab.theory.depth_scales` with the run's activation and ``sb2 = model.bias_var``). A
   cell is trainable when its final test accuracy is above the midpoint between chance (0.1) and the
-  best cell's accuracy, seed by seed. ``sw2`` of a scenario is read from its scheme: ``normal``
-  with ``std``: ``sw2 = std^2 * width`` (the hidden width), so ``Var(w) = sw2 / width``.
+  best cell's accuracy, seed by seed. ``sw2`` of a scenario is read from its scheme (:func:`scenario_sw2`):
+  the ``sw2`` axis of a grid or scenario (``Var(w) = sw2 / fan_in``, :func:`initlab.lab.specs.sw2_scheme`),
+  or ``normal`` with ``std``: ``sw2 = std^2 * width`` (the hidden width), so ``Var(w) = sw2 / width``.
 * ``jacobian_spread`` (Pennington, Schoenholz & Ganguli 2017): the standard deviation of
   ``log10 s`` over the singular values ``s`` of the Jacobian of the hidden stack (from the first
   hidden layer's output to the last hidden layer's output) at initialisation, on examples of the
@@ -35,7 +36,7 @@ from ..theory import depth_scales, jacobian_spectrum
 from .claims import register_quantity
 from .config import experiment_from_dict, read_toml
 from .data import load_dataset
-from .specs import Experiment
+from .specs import Experiment, scheme_sw2
 from .training.plan import init_member
 
 __all__ = ["scenario_sw2", "run_experiment_spec", "depth_scale_agreement", "jacobian_spread", "steps_to",
@@ -50,11 +51,16 @@ def run_experiment_spec(data: Any) -> Experiment:
 
 
 def scenario_sw2(exp: Experiment) -> dict[str, float]:
-    """``{scenario: sw2}`` for the scenarios drawn ``normal`` with a ``std``: ``sw2 = std^2 * width``."""
+    """``{scenario: sw2}`` for the scenarios with a weight variance sigma_w^2: those of an ``sw2`` axis or key
+    (N(0, sw2 / fan_in), read back by :func:`initlab.lab.specs.scheme_sw2`), and those drawn ``normal`` with a
+    ``std``: ``sw2 = std^2 * width`` (the hidden width)."""
     out = {}
     for sc in exp.scenarios:
         params = dict(sc.params)
-        if sc.scheme == "normal" and "std" in params and len(sc.model.widths) >= 3:
+        sw2 = scheme_sw2(sc.scheme, sc.params)
+        if sw2 is not None:
+            out[sc.name] = sw2
+        elif sc.scheme == "normal" and "std" in params and len(sc.model.widths) >= 3:
             out[sc.name] = round(float(params["std"]) ** 2 * sc.model.widths[1], 10)
     return out
 
@@ -71,7 +77,8 @@ def depth_scale_agreement(data: Any, multiple: float = 6.0, metric: str = "acc",
     exp = run_experiment_spec(data)
     sw2 = scenario_sw2(exp)
     if len(set(sw2.values())) < 2:
-        raise InitlabError("depth_scale_agreement needs scenarios drawn 'normal' with at least two values of std")
+        raise InitlabError("depth_scale_agreement needs scenarios with at least two values of sw2 (a [grid] sw2 "
+                           "axis, or 'normal' with std)")
     by_name = {sc.name: sc for sc in exp.scenarios}
     finals = final_values(data.metrics, split, metric)
     out: dict[int, float] = {}

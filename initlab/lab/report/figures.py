@@ -18,6 +18,13 @@ Five figures, each a function on plain tables, so a preset, a test or a notebook
   (columns) the histogram of a layer's values (activations or back-propagated gradients), pooled
   over seeds, so saturation or collapse shows where and when it happens (Glorot & Bengio 2010,
   Figs. 6-8).
+* :func:`layer_densities` (``activation_densities.png``, ``gradient_densities.png``): from
+  ``layer_histograms.csv`` (``train.layer_stats``), per scenario (rows) one panel at initialisation and
+  one at the end of training (columns), per hidden layer the density of the activations h_l =
+  phi(z_l) or of the back-propagated gradients dC/dz_l on the held-out statistics batch, mean over
+  seeds, layers coloured from low (dark) to high (bright): Glorot & Bengio (2010), Figs. 6-7.
+* :func:`init_iterations` (``init_iterations.png``): from ``init.csv``, the rescaling iterations LSUV
+  (Mishkin & Matas 2016) took at each layer, one line per scenario (mean over seeds, band min..max).
 * :func:`jacobian_spectra` (``jacobian_spectra.png``): the singular values ``s`` of the
   input-output Jacobian (:func:`initlab.theory.jacobian_spectrum`) as histograms of ``log10 s``
   and as empirical distribution functions (band over seeds): dynamical isometry (Pennington,
@@ -48,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
 __all__ = ["metric_vs_depth", "grid_heatmap", "variance_vs_depth", "layer_histograms", "jacobian_spectra",
+           "layer_densities", "pooled_densities", "init_iterations",
            "grid_figures", "grid_captions", "depth_table", "sw2_depth_heatmap", "CAPTIONS"]
 
 #: file name -> caption (what is plotted, then what to see)
@@ -70,6 +78,26 @@ CAPTIONS: dict[str, str] = {
         "Histograms of each layer's values (rows: layers, columns: training steps), pooled over seeds; the "
         "title gives the standard deviation. What to see: layers that saturate (mass at the bounds) or "
         "collapse (a spike at 0), and whether that changes during training."),
+    "activation_densities.png": (
+        "Density of the activations h_l = \u03c6(z_l) of each hidden layer (colour: layer 1 dark to the top layer "
+        "bright) on the fixed held-out batch of the per-layer statistics, mean density over seeds; left: at "
+        "initialisation (step 0), right: after the last training step; one row per scenario (Glorot & Bengio "
+        "2010, Fig. 6). What to see: curves that narrow going up (activations shrinking layer by layer) or "
+        "pile up at the bounds (saturation), and how training changes them."),
+    "gradient_densities.png": (
+        "Density of the back-propagated gradients dC/dz_l (C: the batch's mean cross-entropy) of each hidden "
+        "layer (colour: layer 1 dark to the top layer bright) on the same batch, mean density over seeds; left: at "
+        "initialisation, right: after the last training step; one row per scenario (Glorot & Bengio 2010, "
+        "Fig. 7). What to see: under the standard init the lower layers' curves are narrower (gradients "
+        "vanishing going down); under the normalised init the layers overlap."),
+    "init_iterations.png": (
+        "Rescaling iterations LSUV took at each weight layer to bring its output variance within the "
+        "tolerance (init.csv; line = mean over seeds, band = min..max, dots = seeds). What to see: Mishkin & "
+        "Matas (2016) say at most a couple per layer; a layer needing many more, or hitting max_iter, "
+        "does not fit that claim. A Linear or Conv layer's output is linear in its weights and bias "
+        "(Var(cWx + cb) = c\u00b2 Var(Wx + b) on the same input), so one rescale lands on the target and 1 per "
+        "layer is what to expect there; more iterations come from layers whose output is not linear in "
+        "their weights (e.g. ones that normalise their weights in forward)."),
     "jacobian_spectra.png": (
         "Singular values of the input-output Jacobian at initialisation: histogram of log10 s (left) and the "
         "fraction of values below s (right; line = mean over seeds, band = min..max). What to see: dynamical "
@@ -275,6 +303,119 @@ def layer_histograms(snapshots: Mapping[int, Mapping[int, np.ndarray]], path: st
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- layer densities over training
+
+
+def _seed_density(d: pandas.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(bin edges, density) of one seed's histogram rows of one layer."""
+    d = d.sort_values("lo")
+    lo, hi, c = d["lo"].to_numpy(float), d["hi"].to_numpy(float), d["count"].to_numpy(float)
+    total = c.sum()
+    return np.append(lo, hi[-1]), (c / (total * (hi - lo)) if total > 0 else np.zeros_like(c))
+
+
+def pooled_densities(table: pandas.DataFrame) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int]:
+    """Layer -> (edges, density) of one (scenario, step) of ``layer_histograms.csv`` rows: the mean over seeds
+    of each seed's density (a step function, 0 outside its bins) on the union of their bin edges, so seeds
+    whose bins differ still pool; also the number of seeds."""
+    seeds = sorted(int(s) for s in table["seed"].unique())
+    out = {}
+    for layer, d in table.groupby("layer"):
+        per = [_seed_density(d[d["seed"] == s]) for s in seeds if (d["seed"] == s).any()]
+        grid = np.unique(np.concatenate([e for e, _ in per]))
+        mids = (grid[:-1] + grid[1:]) / 2
+        total = np.zeros_like(mids)
+        for edges, dens in per:
+            i = np.searchsorted(edges, mids, side="right") - 1
+            ok = (i >= 0) & (i < dens.size)
+            total += np.where(ok, dens[np.clip(i, 0, max(dens.size - 1, 0))], 0.0)
+        out[int(layer)] = (grid, total / max(len(per), 1))
+    return out, len(seeds)
+
+
+_DENSITY_X = {"activation": "activation h_l = \u03c6(z_l)", "gradient": "back-propagated gradient dC/dz_l"}
+
+
+def layer_densities(table: pandas.DataFrame, path: str | Path, *, quantity: str = "activation") -> Path:
+    """``table``: ``layer_histograms.csv`` rows of one quantity. One row of panels per scenario: the first
+    step (initialisation) and the last; per layer the density (mean over seeds, :func:`pooled_densities`)
+    as a line at the bin centres, layers coloured from low (dark) to high (bright)."""
+    from matplotlib import colormaps
+
+    scenarios = list(dict.fromkeys(table["scenario"]))
+    steps = sorted(int(s) for s in table["step"].unique())
+    if not scenarios or not steps:
+        raise InitlabError("layer_densities: no histogram rows to draw")
+    cols = [steps[0], steps[-1]] if len(steps) > 1 else steps
+    layers = sorted(int(v) for v in table["layer"].unique())
+    cmap = colormaps["viridis"]
+    color = {k: cmap(i / max(len(layers) - 1, 1) * 0.9) for i, k in enumerate(layers)}
+    fig = _new_figure(4.6 * len(cols) + 0.6, 2.9 * len(scenarios) + 0.6)
+    axes = fig.subplots(len(scenarios), len(cols), squeeze=False)
+    for ri, sc in enumerate(scenarios):
+        for ci, step in enumerate(cols):
+            ax = axes[ri][ci]
+            d = table[(table["scenario"] == sc) & (table["step"] == step)]
+            dens, n_seeds = pooled_densities(d)
+            for layer, (edges, y) in sorted(dens.items()):
+                ax.plot((edges[:-1] + edges[1:]) / 2, y, color=color.get(layer, "gray"), linewidth=1.4,
+                        label=f"layer {layer}")
+            when = "initialisation (step 0)" if step == 0 else f"after training (step {step})"
+            ax.set_title(f"{sc}: {when}, mean of {n_seeds} seeds", fontsize=9)
+            ax.set_xlabel(_DENSITY_X.get(quantity, quantity), fontsize=8)
+            ax.set_ylabel("density (per unit of x)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 3))
+            ax.grid(True, alpha=0.3)
+            if ri == 0 and ci == 0 and dens:
+                ax.legend(fontsize=7, loc="upper right")
+    _margins(fig, top=0.35, left=0.75, bottom=0.55, hspace=0.7, wspace=0.3)
+    return _save(fig, path)
+
+
+def init_iterations(table: pandas.DataFrame, path: str | Path) -> Path:
+    """``table``: ``init.csv`` rows of the quantity "iterations": one line per scenario over the layer index
+    (mean over seeds, band min..max, dots = seeds)."""
+    scenarios = list(dict.fromkeys(table["scenario"]))
+    colors = _colors(scenarios)
+    fig = _new_figure(8.0, 3.8)
+    ax = fig.subplots()
+    top = 1.0
+    for k, sc in enumerate(scenarios):
+        d = table[table["scenario"] == sc]
+        idx = np.array(sorted(int(i) for i in d["index"].unique()), dtype=float)
+        per = [d[d["index"] == i]["value"].to_numpy(float) for i in idx]
+        shift = (k - (len(scenarios) - 1) / 2) * 0.12  # scenarios side by side when their counts coincide
+        _seed_band(ax, idx + shift, per, colors[sc], sc)
+        top = max([top] + [float(np.nanmax(v)) for v in per if np.isfinite(v).any()])
+    ax.set_xlabel("weight layer (1 = first, in forward order)")
+    ax.set_ylabel("rescaling iterations")
+    ax.set_title("LSUV: rescaling iterations per layer (Mishkin & Matas 2016)", fontsize=10)
+    ax.set_ylim(-0.3, top + 1.0)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    _margins(fig, top=0.4, left=0.75)
+    return _save(fig, path)
+
+
+def _record_figures(data: RunData, fig_dir: Path) -> dict[str, Path]:
+    """The figures of init.csv and layer_histograms.csv, when the run has them."""
+    out: dict[str, Path] = {}
+    hist = data.layer_histograms
+    if hist is not None and not hist.empty:
+        for q in ("activation", "gradient"):
+            t = hist[hist["quantity"] == q]
+            if not t.empty:
+                out[f"{q}_densities.png"] = layer_densities(t, fig_dir / f"{q}_densities.png", quantity=q)
+    init = data.init
+    if init is not None and not init.empty:
+        t = init[init["quantity"] == "iterations"]
+        if not t.empty:
+            out["init_iterations.png"] = init_iterations(t, fig_dir / "init_iterations.png")
+    return out
+
+
 # ----------------------------------------------------------------------------- Jacobian spectra
 
 
@@ -359,8 +500,8 @@ def _variance_table(data: RunData) -> pandas.DataFrame | None:
 
 
 def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] | None:
-    """The (sw2, depth) grid of a run whose scenarios are drawn ``normal`` with a ``std`` (see
-    :func:`initlab.lab.studies.scenario_sw2`) and one activation: final test accuracy per cell and the
+    """The (sw2, depth) grid of a run whose scenarios have a weight variance sw2 (an ``sw2`` grid axis, or
+    ``normal`` with a ``std``: see :func:`initlab.lab.studies.scenario_sw2`) and one activation: final test accuracy per cell and the
     curve ``L = 6 xi_c(sw2)`` from :func:`initlab.theory.depth_scales` (``sb2 = model.bias_var``)."""
     import pandas as pd
 
@@ -381,7 +522,7 @@ def sw2_depth_heatmap(data: RunData) -> tuple[pandas.DataFrame, dict[str, Any]] 
     ys = np.array([6.0 * depth_scales(act, float(s), exp.model.bias_var)[1] for s in xs])
     sb2 = exp.model.bias_var
     return pd.DataFrame(rows), {
-        "x": "sw2", "y": "depth", "xlabel": "\u03c3_w\u00b2 (Var(w) = \u03c3_w\u00b2 / width)",
+        "x": "sw2", "y": "depth", "xlabel": "\u03c3_w\u00b2 (Var(w) = \u03c3_w\u00b2 / fan_in)",
         "ylabel": "depth L (hidden layers)", "value_label": "final test accuracy",
         "title": f"{act}, \u03c3_b\u00b2 = {sb2:g}: final test accuracy over (\u03c3_w\u00b2, depth)",
         "curve": (xs, ys, "theory: L = 6\u00b7\u03be_c(\u03c3_w\u00b2)")}
@@ -423,4 +564,5 @@ def grid_figures(data: RunData, fig_dir: str | Path) -> dict[str, Path]:
         got = sw2_depth_heatmap(data)
         if got is not None:
             out["heatmap.png"] = grid_heatmap(got[0], fig_dir / "heatmap.png", **got[1])
+    out.update(_record_figures(data, fig_dir))
     return out

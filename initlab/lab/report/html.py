@@ -214,7 +214,10 @@ def _figures_section(figures: Mapping[str, Path]) -> str:
 def _files_section(data: RunData) -> str:
     return ("<h2>Files and TensorBoard</h2>\n<p>This directory holds <code>config.toml</code> (the resolved "
             "configuration), <code>metrics.csv</code> (scenario, seed, step, split, metric, value), "
-            "<code>first_pass.csv</code> (the probe table per scenario, seed and layer), <code>figures/</code> and "
+            "<code>first_pass.csv</code> (the probe table per scenario, seed and layer), when the run has them "
+            "<code>init.csv</code> (the init report's per-layer numbers, e.g. LSUV's iterations) and "
+            "<code>layer_histograms.csv</code> (activation and gradient histograms per layer over training), "
+            "<code>figures/</code> and "
             "TensorBoard logs, one run per scenario and seed:</p>\n"
             f"<pre>tensorboard --logdir {_e(os.path.join(str(data.run_dir), 'tb'))}</pre>\n"
             "<p>Regenerate this page from the CSV files with:</p>\n"

@@ -16,6 +16,7 @@ from .._io import slug
 from ..config import read_toml
 from ..metrics import METRICS_COLUMNS
 from ..rundir import FIRST_PASS_LEAD, read_part_values, read_run_meta
+from ..training.records import HIST_COLUMNS, INIT_COLUMNS
 
 #: what to do about a corrupt merged CSV file
 _REBUILD = "re-run the same `initlab run` command to rebuild it from parts/"
@@ -42,6 +43,8 @@ class RunData:
     models: dict[str, tuple[int, ...]] = field(default_factory=dict)  # scenario -> model widths
     meta: dict[str, Any] = field(default_factory=dict)  # run.json
     train: dict[str, Any] = field(default_factory=dict)  # steps, batch size, ... from the config
+    init: pandas.DataFrame | None = None  # init.csv (the init reports' per-layer numbers), when the run has it
+    layer_histograms: pandas.DataFrame | None = None  # layer_histograms.csv, when the run has it
 
 
 def _read_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -116,6 +119,21 @@ def _read_first_pass(run_dir: Path) -> pandas.DataFrame:
     return first_pass
 
 
+def _read_optional(run_dir: Path, name: str, columns: tuple[str, ...],
+                   text: tuple[str, ...] = ("scenario",)) -> pandas.DataFrame | None:
+    """``name`` (init.csv, layer_histograms.csv) as a frame, None when the run has no such file."""
+    path = run_dir / name
+    if not (path.is_file() and path.stat().st_size):
+        return None
+    frame = _read_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; {_REBUILD}")
+    for c in text:  # names that look like numbers (a Sequential's layer "0") stay names
+        frame[c] = frame[c].astype(str)
+    return frame
+
+
 def _scenarios(cfg: dict[str, Any], in_csv: list[str]
                ) -> tuple[list[str], dict[str, tuple[str, str]], dict[str, tuple[int, ...]]]:
     """Scenario order, (activation, scheme) and widths from the resolved config, else from the CSVs."""
@@ -157,8 +175,8 @@ def _read_values(run_dir: Path, metrics: pandas.DataFrame, scenarios: list[str]
 def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     """Read a run directory written by :func:`initlab.lab.run.run_experiment`.
 
-    Needs ``config.toml`` and ``metrics.csv``; ``first_pass.csv``, ``run.json`` and the first-pass
-    arrays (``parts/<scenario>/seed<k>/values.npz``) are used when present. Raises
+    Needs ``config.toml`` and ``metrics.csv``; ``first_pass.csv``, ``init.csv``, ``layer_histograms.csv``,
+    ``run.json`` and the first-pass arrays (``parts/<scenario>/seed<k>/values.npz``) are used when present. Raises
     :class:`InitlabError` when the directory is not a run directory or a file cannot be read.
     """
     run_dir = Path(run_dir)
@@ -172,4 +190,6 @@ def load_run(run_dir: str | os.PathLike[str]) -> RunData:
     train = cfg.get("train", {}) if isinstance(cfg.get("train"), dict) else {}
     return RunData(run_dir=run_dir, name=str(cfg.get("name", run_dir.name)), description=str(cfg.get("description", "")),
                    config_text=config_text, metrics=metrics, first_pass=first_pass, values=values,
-                   scenarios=scenarios, info=info, models=models, meta=meta, train=train)
+                   scenarios=scenarios, info=info, models=models, meta=meta, train=train,
+                   init=_read_optional(run_dir, "init.csv", INIT_COLUMNS, ("scenario", "source", "layer", "quantity")),
+                   layer_histograms=_read_optional(run_dir, "layer_histograms.csv", HIST_COLUMNS))

@@ -19,7 +19,8 @@ member alone (tests check the loss sequence against a plain ``nn.Sequential`` lo
 
 The package, by stage: :mod:`.plan` (members, groups, seeds, batch order, initial models,
 device), :mod:`.activations` (the activation kernels the stacked engine fuses),
-:mod:`.engines` (stacked MLP, vmap, per-member), :mod:`.loop` (the step loop: data order,
+:mod:`.engines` (stacked MLP, vmap, per-member), :mod:`.records` (per-layer records: the init
+report's numbers, layer histograms over training), :mod:`.loop` (the step loop: data order,
 metrics, divergence; its docstring has the rules), :mod:`.first_pass` (probe rows and arrays of
 the initial models) and :mod:`.group` (:func:`run_group`, one unit of work, and its picklable
 form :func:`run_unit`).

@@ -10,15 +10,16 @@ call (a plain dict that pickles, so a worker can forward it to the driver as it 
 ``step``; ``rows``, the metrics rows recorded since the previous event; ``first_pass`` (first
 event only), the first-pass arrays per member; ``histograms`` (when due), one
 :func:`weight_histogram` per live member and weight layer, ``{(scenario, seed): {"weights/<layer>":
-summary}}``. After the last log step, a final event (``step`` = steps) carries any rows recorded
-after it (members that diverged). Together the events hold every row of the result, in the order
+summary}}``, plus the layer histograms recorded at that step (``"activations/layer<l>"``,
+``"gradients/layer<l>"``: :mod:`.records`). After the last log step, a final event (``step`` =
+steps) carries any rows recorded after it (members that diverged). Together the events hold every row of the result, in the order
 recorded.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from .engines import build_engine, plan_engine
 from .first_pass import first_pass
 from .loop import TrainLoop
 from .plan import GroupSpec, check_train, first_pass_indices, init_member, resolve_device
+from .records import init_report_rows
 
 __all__ = ["GroupResult", "run_group", "run_unit", "weight_histogram"]
 
@@ -55,7 +57,11 @@ class GroupResult:
     - ``diverged``: dicts scenario, seed, step (first step whose minibatch loss was not finite);
     - ``wall_s``: seconds for the whole call; ``timings``: its parts ("init_first_pass", "setup",
       "train": the training steps, "eval": the test evaluations); ``engine``: "stacked", "vmap"
-      or "per-member" (see :mod:`initlab.lab.training.engines`); ``device``: where it trained.
+      or "per-member" (see :mod:`initlab.lab.training.engines`); ``device``: where it trained;
+    - ``init``: the init report's per-layer rows of each member (``init.csv``: scenario, seed, source,
+      index, layer, quantity, value; e.g. LSUV's iterations per layer; :mod:`.records`);
+    - ``layer_histograms``: the fixed-bin histograms of activations and back-propagated gradients per
+      hidden layer at step 0 and a few log steps (``train.layer_stats``, stacked MLPs; :mod:`.records`).
     """
 
     metrics: list[dict[str, Any]]
@@ -66,6 +72,8 @@ class GroupResult:
     engine: str = ""
     device: str = "cpu"
     timings: dict[str, float] | None = None
+    init: list[dict[str, Any]] = field(default_factory=list)
+    layer_histograms: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _dataset_tensors(data: Dataset, flatten: bool, device: torch.device, dtype: torch.dtype
@@ -97,15 +105,19 @@ def _check_inputs(spec: GroupSpec, data: Dataset) -> torch.device:
     return device
 
 
-def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list[dict[str, Any]], dict]:
-    """Build, initialise and probe every member on CPU (reproducible whatever the device)."""
+def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list[dict[str, Any]], dict, list]:
+    """Build, initialise and probe every member on CPU (reproducible whatever the device); also the
+    init reports' per-layer rows."""
     n_train = int(data.x_train.shape[0])
-    models, rows_all, values_all = [], [], {}
+    models, rows_all, values_all, init_rows = [], [], {}, []
     for mem in spec.members:
         fp_idx = first_pass_indices(mem.seed, n_train, int(spec.train.first_pass_batch))
         xb = data.x_train.index_select(0, fp_idx).float()
         yb = data.y_train.index_select(0, fp_idx).long()
-        model = init_member(mem.scenario, mem.seed, batch=xb)
+        reports: list[Any] = []
+        model = init_member(mem.scenario, mem.seed, batch=xb, reports=reports)
+        for report in reports:
+            init_rows.extend(init_report_rows(report, mem.scenario.name, mem.seed))
         with caller_threads():  # first_pass.csv independent of --threads and of the machine's load
             rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation,
                                                  jacobian=bool(getattr(spec.train, "jacobian", False)))
@@ -116,7 +128,7 @@ def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list
         rows_all.extend(rows)
         values_all[mem.key] = values
         models.append(model)
-    return models, rows_all, values_all
+    return models, rows_all, values_all, init_rows
 
 
 def _flush_denormal_on() -> bool:
@@ -173,6 +185,10 @@ class _Reporter:
                 for i, k in enumerate(keys):
                     hists[k][f"weights/{layer.name}"] = weight_histogram(layer.weight[i])
             event["histograms"] = hists
+        if histograms and self.every > 0:  # the layer histograms recorded at this step
+            for sc, seed, st, tags in loop.hist_tb:
+                if st == step:
+                    event.setdefault("histograms", {}).setdefault((sc, seed), {}).update(tags)
         self.on_log(event)
 
 
@@ -218,7 +234,7 @@ def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | 
                on_log: Callable[[dict[str, Any]], Any] | None = None, histograms_every: int = 1) -> GroupResult:
     t0 = time.perf_counter()
     device = _check_inputs(spec, data)
-    models, first_pass_rows, fp_values = _init_members(spec, data)
+    models, first_pass_rows, fp_values, init_rows = _init_members(spec, data)
     t1 = time.perf_counter()
     plan = plan_engine(models, [m.scenario.activation for m in spec.members])
     x_train, y_train, x_test, y_test = _dataset_tensors(data, plan.flatten, device, dtype)
@@ -237,9 +253,11 @@ def _run_group(spec: GroupSpec, data: Dataset, progress: Callable[[int], Any] | 
     rank = {m.key: i for i, m in enumerate(spec.members)}
     metrics.sort(key=lambda r: (rank[(r["scenario"], r["seed"])], r["step"], _SPLIT_RANK[r["split"]], sort_key(r["metric"])))
     diverged.sort(key=lambda r: rank[(r["scenario"], r["seed"])])
+    hist_rows = sorted(loop.hist_rows, key=lambda r: (rank[(r["scenario"], r["seed"])], r["step"]))
     return GroupResult(metrics=metrics, first_pass=first_pass_rows, first_pass_values=fp_values, diverged=diverged,
                        wall_s=time.perf_counter() - t0, engine=engine.kind, device=str(device),
-                       timings={"init_first_pass": t1 - t0, "setup": t2 - t1, "train": t3 - t2 - eval_s, "eval": eval_s})
+                       timings={"init_first_pass": t1 - t0, "setup": t2 - t1, "train": t3 - t2 - eval_s, "eval": eval_s},
+                       init=init_rows, layer_histograms=hist_rows)
 
 
 def run_unit(item: tuple[GroupSpec, Dataset]) -> GroupResult:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,8 +36,9 @@ from ..metrics import ENGINE_METRICS, LogView, registered, values_by_name
 from ..specs import OPTIMIZERS, TrainSpec
 from .engines import Engine
 from .plan import Member, data_seed
+from .records import histogram_rows, histogram_steps
 
-__all__ = ["TrainLoop", "make_optimizer", "mlp_layer_stats"]
+__all__ = ["TrainLoop", "make_optimizer", "mlp_layer_stats", "mlp_layer_values"]
 
 
 def make_optimizer(name: str, params: list[Tensor], lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
@@ -73,6 +75,28 @@ def _sync_each_step(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _mlp_pass(layers: Sequence[Any], biases: Sequence[Tensor | None], m: int, activation: Any, xs: Tensor,
+              y: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Member ``m`` of a stacked MLP on ``(xs, y)`` in float64 on the CPU, from detached copies of its weights:
+    (h_l per layer (the logits last), z_l with its gradient dL/dz_l, W_l with dL/dW_l), L the mean cross-entropy."""
+    act = activation_module(activation)
+    ws = [lay.weight[m].detach().double().cpu().requires_grad_(True) for lay in layers]
+    h, zs, hs = xs, [], []
+    for i, w in enumerate(ws):
+        b = biases[i]
+        z = h @ w + (b[m].detach().double().cpu() if b is not None else 0.0)
+        z.retain_grad()
+        zs.append(z)
+        h = act(z) if i < len(ws) - 1 else z
+        hs.append(h.detach())
+    torch.nn.functional.cross_entropy(h, y.cpu()).backward()
+    return hs, zs, ws
+
+
+def _stacked_mlp(layers: Sequence[Any], biases: Sequence[Tensor | None] | None) -> bool:
+    return biases is not None and len(biases) == len(layers) and all(lay.weight.dim() == 3 for lay in layers)
+
+
 def mlp_layer_stats(layers: Sequence[Any], biases: Sequence[Tensor | None] | None, members: Sequence[Member],
                     x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """Per member and weight layer l of a stacked MLP (weights (M, in, out), biases (M, 1, out)), on the batch
@@ -81,24 +105,31 @@ def mlp_layer_stats(layers: Sequence[Any], biases: Sequence[Tensor | None] | Non
     """
     M, L = len(members), len(layers)
     out = {k: torch.full((M, L), math.nan, dtype=torch.float64) for k in ("act_mean", "act_var", "grad_var", "wgrad_var")}
-    if biases is None or len(biases) != L or any(lay.weight.dim() != 3 for lay in layers):
+    if not _stacked_mlp(layers, biases):
         return out
     xs = x.reshape(x.shape[0], -1).detach().double().cpu()
     for m, mem in enumerate(members):
-        act = activation_module(mem.scenario.activation)
-        ws = [lay.weight[m].detach().double().cpu().requires_grad_(True) for lay in layers]
-        h, zs = xs, []
-        for i, w in enumerate(ws):
-            b = biases[i]
-            z = h @ w + (b[m].detach().double().cpu() if b is not None else 0.0)
-            z.retain_grad()
-            zs.append(z)
-            h = act(z) if i < L - 1 else z
-            out["act_mean"][m, i], out["act_var"][m, i] = float(h.detach().mean()), float(h.detach().var(unbiased=False))
-        torch.nn.functional.cross_entropy(h, y.cpu()).backward()
-        for i, (z, w) in enumerate(zip(zs, ws)):
+        hs, zs, ws = _mlp_pass(layers, biases, m, mem.scenario.activation, xs, y)  # type: ignore[arg-type]
+        for i, (h, z, w) in enumerate(zip(hs, zs, ws)):
+            out["act_mean"][m, i], out["act_var"][m, i] = float(h.mean()), float(h.var(unbiased=False))
             out["grad_var"][m, i] = float(z.grad.var(unbiased=False))  # type: ignore[union-attr]
             out["wgrad_var"][m, i] = float(w.grad.var(unbiased=False))  # type: ignore[union-attr]
+    return out
+
+
+def mlp_layer_values(layers: Sequence[Any], biases: Sequence[Tensor | None] | None, members: Sequence[Member],
+                     x: Tensor, y: Tensor) -> list[dict[str, list[np.ndarray]]] | None:
+    """Per member of a stacked MLP, on ``(x, y)``: ``{"activation": [h_1, ..., h_(L-1)], "gradient":
+    [dL/dz_1, ..., dL/dz_(L-1)]}`` (hidden layers, float64 arrays; see :func:`mlp_layer_stats`); None for
+    other models."""
+    if not _stacked_mlp(layers, biases):
+        return None
+    xs = x.reshape(x.shape[0], -1).detach().double().cpu()
+    out = []
+    for m, mem in enumerate(members):
+        hs, zs, _ = _mlp_pass(layers, biases, m, mem.scenario.activation, xs, y)  # type: ignore[arg-type]
+        out.append({"activation": [h.numpy() for h in hs[:-1]],
+                    "gradient": [z.grad.detach().numpy() for z in zs[:-1]]})  # type: ignore[union-attr]
     return out
 
 
@@ -137,12 +168,17 @@ class TrainLoop:
         self.pending_nan: dict[int, list[Member]] = {}  # log step -> members whose NaN rows are due there
         self.train_names = list(ENGINE_METRICS)  # the train metrics recorded so far (NaN rows after divergence)
         self.eval_s = 0.0
+        # layer histograms (records.py): the steps due, the rows so far, TensorBoard's [scenario, seed, step, {tag: ...}]
+        self.hist_steps = histogram_steps(self.steps, self.log_every) if self.layer_stats else set()
+        self.hist_rows: list[dict[str, Any]] = []
+        self.hist_tb: list[list[Any]] = []
 
     # --- the run
     def run(self, state: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
         """Train to the last step, from the start or from ``state`` (a :meth:`state` of this group at a log step)."""
         if state is None:
             self._evaluate(0)
+            self._record_histograms(0)
             self._report(0)
         else:
             self.restore(state)
@@ -212,6 +248,7 @@ class TrainLoop:
                                                       "acc": self.win_acc[:w].mean(0).tolist()})
             self._record_computed(step)
         self._evaluate(step)
+        self._record_histograms(step)
         self._flush_nan(step)
         self.last_log, self.w = step, 0
         if self.checkpoint is not None:
@@ -235,6 +272,8 @@ class TrainLoop:
             "diverged": list(self.diverged),
             "pending_nan": [[s, [list(m.key) for m in ms]] for s, ms in sorted(self.pending_nan.items())],
             "train_names": list(self.train_names),
+            "hist_rows": list(self.hist_rows),
+            "hist_tb": [list(h) for h in self.hist_tb],
         }
 
     def restore(self, st: dict[str, Any]) -> None:
@@ -266,6 +305,7 @@ class TrainLoop:
         self.metrics, self.diverged = list(st["metrics"]), list(st["diverged"])
         self.pending_nan = {int(s): [by_key[(str(k[0]), int(k[1]))] for k in ks] for s, ks in st["pending_nan"]}
         self.train_names = list(st["train_names"])
+        self.hist_rows, self.hist_tb = list(st.get("hist_rows", [])), [list(h) for h in st.get("hist_tb", [])]
 
     # --- rows
     def _record(self, step: int, split: str, mems: Sequence[Member], values: dict[str, list[float]]) -> None:
@@ -296,6 +336,18 @@ class TrainLoop:
                 if name not in self.train_names:
                     self.train_names.append(name)
             self._record(step, "train", self.alive, values)
+
+    def _record_histograms(self, step: int) -> None:
+        """At a due step, the live members' layer histograms (:mod:`.records`) on the per-layer statistics' batch."""
+        if step not in self.hist_steps or not self.alive:
+            return
+        with torch.enable_grad():
+            values = mlp_layer_values(tuple(self.engine.layers()), getattr(self.engine, "b", None), self.alive,
+                                      self.probe_x, self.probe_y)
+        for m, v in zip(self.alive, values or ()):
+            rows, tb = histogram_rows(v, m.scenario.name, int(m.seed), step)
+            self.hist_rows.extend(rows)
+            self.hist_tb.append([m.scenario.name, int(m.seed), step, tb])
 
     def _evaluate(self, step: int) -> None:
         n_test = int(self.x_test.shape[0])

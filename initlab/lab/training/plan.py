@@ -22,7 +22,7 @@ from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
 
 __all__ = ["Member", "GroupSpec", "plan_groups", "data_seed", "minibatch_indices", "first_pass_indices",
-           "init_member", "resolve_device", "check_train", "group_memory"]
+           "init_member", "init_member_report", "resolve_device", "check_train", "group_memory"]
 
 
 @dataclass(frozen=True)
@@ -121,21 +121,34 @@ def first_pass_indices(seed: int, n: int, size: int) -> Tensor:
 # ----------------------------------------------------------------------------- members
 
 
-def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> nn.Module:
+def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None,
+                reports: list[Any] | None = None) -> nn.Module:
     """Build a member's model on CPU and initialise it: the scenario's scheme, biases at zero.
 
     ``models.build_model(scenario.model, scenario.activation)``, then
     ``initlab.init_model(model, scenario.scheme, generator=torch.Generator().manual_seed(seed),
-    bias="zeros", **params)``; with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
+    bias="zeros", residual=scenario.residual, **params)`` (residual ``"none"``: no policy); with ``model.bias_var`` = sigma_b^2 > 0 the biases are then drawn
     N(0, sigma_b^2) from the same generator. ``batch`` is passed to data-dependent schemes (``lsuv``).
-    The same (scenario, seed) always gives the same weights.
+    The same (scenario, seed) always gives the same weights. ``reports``: a list that receives
+    ``init_model``'s report (see :func:`init_member_report`).
     """
+    model, report = init_member_report(scenario, seed, batch=batch)
+    if reports is not None:
+        reports.append(report)
+    return model
+
+
+def init_member_report(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -> tuple[nn.Module, Any]:
+    """:func:`init_member` and ``init_model``'s report (:class:`initlab.InitReport`; its ``extra`` holds
+    the per-layer outcome of a data-dependent scheme, e.g. the :class:`initlab.LSUVReport` under "lsuv")."""
     model = build_model(scenario.model, scenario.activation)
     params = dict(scenario.params)
     if batch is not None and get_scheme(scenario.scheme).needs_batch:
         params.setdefault("batch", batch)
     gen = torch.Generator().manual_seed(int(seed))
-    init_model(model, scenario.scheme, generator=gen, bias="zeros", **params)
+    residual = getattr(scenario, "residual", "none")
+    report = init_model(model, scenario.scheme, generator=gen, bias="zeros",
+                        residual=None if residual == "none" else residual, **params)
     bias_var = float(getattr(scenario.model, "bias_var", 0.0))
     if bias_var > 0:  # sigma_b^2 (Poole et al. 2016): N(0, sigma_b^2) biases, drawn after the weights
         with torch.no_grad():
@@ -143,7 +156,7 @@ def init_member(scenario: Scenario, seed: int, *, batch: Tensor | None = None) -
                 b = getattr(mod, "bias", None)
                 if isinstance(mod, AFFINE_LAYERS) and isinstance(b, Tensor):
                     b.copy_(torch.randn(b.shape, generator=gen, dtype=b.dtype) * bias_var ** 0.5)
-    return model
+    return model, report
 
 
 # ----------------------------------------------------------------------------- memory
