@@ -259,9 +259,9 @@ class _Replay:
         def renamed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             return [{**r, "scenario": name} for r in rows]
 
-        _, first_pass, values = _init_members(unit, data)
+        _, first_pass, values, init_rows = _init_members(unit, data)
         return GroupResult(metrics=renamed(saved["metrics"]), first_pass=first_pass, first_pass_values=values,
-                           diverged=renamed(saved["diverged"]), wall_s=0.0)
+                           diverged=renamed(saved["diverged"]), wall_s=0.0, init=init_rows)
 
 
 def _write_run_dir(exp: Experiment, trials: Sequence[dict[str, Any]], out: Path, data: Dataset) -> Path:
