@@ -19,7 +19,7 @@ ORDER = [
     "rundir", "studies",
     "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",
     "report.tables", "report.html", "report.workers", "report",
-    "executors", "run", "tune.space", "tune.trial", "tune.results", "tune", "cli",
+    "executors", "run", "tune.space", "tune.trial", "tune.results", "tune.resume", "tune", "cli",
 ]
 #: third-party packages a function may import (heavy or optional: the lab and digits extras)
 LATE = {"pandas", "matplotlib", "tensorboard", "torch.utils.tensorboard", "tqdm", "sklearn", "ray", "tomli_w", "tomli"}

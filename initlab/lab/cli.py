@@ -166,6 +166,9 @@ def _add_tune(subparsers: Any) -> None:
                                                    "local Ray on 127.0.0.1)")
     p.add_argument("--data-root", metavar="DIR", default=None, help="folder with the MNIST IDX files")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<experiment name>-tune)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the search already in --out (same search only) and start over; without it an "
+                        "interrupted search resumes")
     p.set_defaults(func=cmd_tune, device=None, download=False)
     _one_line_errors(p)
 
@@ -179,8 +182,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
             table[key] = flag
     params = dict(parse_param(text) for text in args.param)
     out = Path(args.out) if args.out is not None else _default_out(exp.name + "-tune")
-    with _ClearErrors(f"tune {str(out)!r}"):
-        summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params)
+    received: list[int] = []
+    try:
+        with _ClearErrors(f"tune {str(out)!r}"), _signals_interrupt(received):
+            summary = run_tune(exp, table, out, address=args.address, cpus=args.cpus, params=params,
+                               fresh=args.fresh)
+    except KeyboardInterrupt:  # Ray turns the Terminated raised inside its calls into a KeyboardInterrupt
+        if signal.SIGTERM not in received:
+            raise
+        print("initlab: terminated (SIGTERM); the finished trials are kept: re-run the same command to resume",
+              file=sys.stderr)
+        return 143
     print("\n".join(summary_lines(summary)))
     return 0
 
@@ -223,15 +235,18 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def _signals_interrupt(received: list[int] | None = None) -> Iterator[None]:
     """While the block runs, SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``, once:
-    a second signal is ignored while the first one unwinds (so cleanup is never cut short by a traceback)."""
+    a second signal is ignored while the first one unwinds (so cleanup is never cut short by a traceback).
+    The signal taken is appended to ``received``, when given."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     sigs = [signal.SIGINT, signal.SIGTERM]
 
     def handler(signum: int, frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
         for sig in sigs:
             signal.signal(sig, signal.SIG_IGN)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()

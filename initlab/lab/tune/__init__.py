@@ -24,10 +24,13 @@ best ``1 / reduction_factor`` of the trials that reached the rung before it.
 - ``tune_search.png``: the search figure; ``tune.json``: the search (for resuming);
   ``ray/``: Tune's own experiment state.
 
-Resuming: running the same search on the same ``out`` continues Tune's unfinished searches
-(``Tuner.restore``) and rewrites the table and the run directory; another search or
-experiment in ``out`` is refused. Every file is written atomically, so an interruption never
-leaves a half-written table.
+Interrupted and resumed (see :mod:`initlab.lab.tune.resume`): Ctrl-C stops the search within
+seconds, keeps what finished (Tune's state in ``ray/``) and raises ``KeyboardInterrupt``;
+running the same search on the same ``out`` (after Ctrl-C or ``kill -9``) resumes it: finished
+trials are not run again, unfinished ones are, and the files are then written as by an
+uninterrupted search. Another search or experiment in ``out`` is refused (``fresh=True``
+restarts the same search). Every file is written atomically, so an interruption never leaves a
+half-written table.
 
 Ray runs locally (``ray.init(address="local")`` on 127.0.0.1 without the dashboard, shut down
 at the end) or on a cluster (``address``: ``auto``, ``ray://HOST:PORT``, or ``RAY_ADDRESS``);
@@ -36,11 +39,15 @@ trials' checkpoints under ``out/ray``). Ray is imported only here, when a search
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import math
 import json
+import logging
+import math
 import os
 import pickle
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -55,6 +62,8 @@ from ..specs import Experiment, Scenario
 from ..training import GroupResult, GroupSpec
 from ..training.group import _init_members
 from . import trial
+from .resume import asha_file, asha_scheduler, check_out, clear_search, expected_trials, search_record, \
+    unfinished_trials
 from .results import critical_value, sigma_w2, write_figure, write_table
 from .space import Dist, Search, parse_dist, parse_param, search_from_dict, trial_scenario
 
@@ -93,27 +102,6 @@ def _fingerprint(exp: Experiment, search: Search) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _check_out(out: Path, fp: str) -> None:
-    """``out`` is new, empty, or holds this very search (then it resumes)."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise InitlabError(f"output path {str(out)!r} exists and is not a directory; choose another --out directory")
-    meta = out / "tune.json"
-    if meta.is_file():
-        try:
-            old = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint")
-        except (OSError, ValueError, AttributeError):
-            old = None
-        if old != fp:
-            raise InitlabError(f"output directory {str(out)!r} holds another search (fingerprint {str(old)[:12]}, "
-                               f"now {fp[:12]}); use another --out directory, or delete that one to start over")
-        return
-    if any(out.iterdir()):
-        raise InitlabError(f"output directory {str(out)!r} is not empty and holds no initlab search (no tune.json); "
-                           "choose another --out directory")
-
-
 class _Ray:
     """``with _Ray(address, cpus):`` Ray connected for the block; started (and shut down) here unless the
     caller already connected it."""
@@ -124,12 +112,21 @@ class _Ray:
     def __enter__(self) -> Any:
         ray = self.ray
         if not ray.is_initialized():
-            if self.address:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
-            else:
-                ray.init(address="local", num_cpus=self.cpus, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=False)
+            # ray.init replaces the SIGTERM handler with one that dumps a stack and aborts: put the caller's back
+            main = threading.current_thread() is threading.main_thread()
+            term = signal.getsignal(signal.SIGTERM) if main else None
+            try:
+                if self.address:
+                    ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(address="local", num_cpus=self.cpus, include_dashboard=False,
+                             _node_ip_address="127.0.0.1", log_to_driver=False)
+            except BaseException:  # Ctrl-C while Ray starts: stop what it started so far
+                ray.shutdown()
+                raise
             self.started = True
+            if term is not None:
+                signal.signal(signal.SIGTERM, term)
         return ray
 
     def __exit__(self, *exc: Any) -> None:
@@ -145,9 +142,10 @@ def _tuner(tune: Any, sc: Scenario, exp: Experiment, search: Search, data: Datas
         {"cpu": search.cpus_per_trial})
     if path.is_dir() and tune.Tuner.can_restore(str(path)):
         return tune.Tuner.restore(str(path), trainable=fn, resume_unfinished=True, resume_errored=True)
+    asha_file(path).unlink(missing_ok=True)  # a record left by a search that Tune never saved
     grace = search.grace_period or exp.train.log_every
-    scheduler = tune.schedulers.ASHAScheduler(time_attr="step", max_t=int(exp.train.steps), grace_period=grace,
-                                              reduction_factor=search.reduction_factor)
+    scheduler = asha_scheduler(tune, time_attr="step", max_t=int(exp.train.steps), grace_period=grace,
+                               reduction_factor=search.reduction_factor)
     sampler = tune.search.basic_variant.BasicVariantGenerator(random_state=search.seed,
                                                               max_concurrent=search.max_concurrent)
     return tune.Tuner(
@@ -155,6 +153,56 @@ def _tuner(tune: Any, sc: Scenario, exp: Experiment, search: Search, data: Datas
         tune_config=tune.TuneConfig(metric="objective", mode=search.mode, scheduler=scheduler, search_alg=sampler,
                                     num_samples=search.samples),
         run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), verbose=0))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Hold back Tune's lines on how to resume from Python, and its warnings that a trial stopped before
+    its first report has no results yet (``initlab tune`` says what to do)."""
+    logs = [logging.getLogger(name) for name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
+def _fit(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether Tune's Ctrl-C handler stopped it. During a search Tune catches the first
+    SIGINT itself (it saves the search's state, stops the trials and returns) and then puts back the
+    handler it found; it leaves its own handler installed after a search that ran to the end. So the
+    handler found before is put back here, and finding it already back means a Ctrl-C stopped the search.
+    Tune's own log lines (how to resume from Python) are held back: the caller says what to do."""
+    main = threading.current_thread() is threading.main_thread()
+    catches = main and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        with _quiet():
+            results = tuner.fit()
+    finally:
+        stopped = catches and signal.getsignal(signal.SIGINT) is before
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+    return results, stopped
+
+
+def _search(tune: Any, sc: Scenario, exp: Experiment, search: Search, data: Dataset, path: Path) -> Any:
+    """The finished search of one base scenario (run, resumed, or restored as it is). Stopped before its
+    end: ``KeyboardInterrupt`` after Ctrl-C, else a one-line InitlabError; what finished is kept."""
+    with _quiet():
+        tuner = _tuner(tune, sc, exp, search, data, path)
+    results, interrupted = _fit(tuner)
+    with _quiet():
+        left = unfinished_trials(tune, path, search)
+    if left and interrupted:
+        raise KeyboardInterrupt
+    if left:
+        raise InitlabError(f"tune {sc.name!r}: stopped with {left} of {expected_trials(search)} trials unfinished; "
+                           f"the search is kept in {str(path)!r}: run the same command to resume")
+    return results
 
 
 def _value_text(key: str, v: Any) -> str:
@@ -211,9 +259,9 @@ class _Replay:
         def renamed(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             return [{**r, "scenario": name} for r in rows]
 
-        _, first_pass, values = _init_members(unit, data)
+        _, first_pass, values, init_rows = _init_members(unit, data)
         return GroupResult(metrics=renamed(saved["metrics"]), first_pass=first_pass, first_pass_values=values,
-                           diverged=renamed(saved["diverged"]), wall_s=0.0)
+                           diverged=renamed(saved["diverged"]), wall_s=0.0, init=init_rows)
 
 
 def _write_run_dir(exp: Experiment, trials: Sequence[dict[str, Any]], out: Path, data: Dataset) -> Path:
@@ -242,35 +290,32 @@ def search_table(name_or_path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def run_tune(exp: Experiment, search: Search | Mapping[str, Any], out_dir: str | os.PathLike[str], *,
              address: str | None = None, data: Dataset | None = None, cpus: int | None = None,
-             params: Mapping[str, Dist] | None = None) -> TuneSummary:
+             params: Mapping[str, Dist] | None = None, fresh: bool = False) -> TuneSummary:
     """Run the search (see the module docstring) and write ``out_dir``.
 
     ``search``: a :class:`Search`, or a ``[tune]`` table (a dict) checked against ``exp`` with ``params``
     (``{"scheme.factor": Dist(...)}``, replacing the table's entries); ``address``: a Ray cluster
-    (default ``RAY_ADDRESS``, else a local Ray); ``cpus``: at most this many CPUs for a local Ray.
+    (default ``RAY_ADDRESS``, else a local Ray); ``cpus``: at most this many CPUs for a local Ray;
+    ``fresh``: discard what an earlier run of this same search left in ``out_dir`` and start over
+    (another search there is refused either way; see :mod:`initlab.lab.tune.resume`).
     """
     if not isinstance(exp, Experiment):
         raise InitlabError(f"run_tune: exp: expected an Experiment, got {type(exp).__name__}")
     if not isinstance(search, Search):
         search = search_from_dict(search, exp, params)
     out = Path(out_dir)
-    fp = _fingerprint(exp, search)
-    _check_out(out, fp)
+    record = search_record(_fingerprint(exp, search), exp.name, search)
+    if check_out(out, record) and fresh:
+        clear_search(out)
     data = data if data is not None else load_dataset(exp.data)
     address = address or os.environ.get("RAY_ADDRESS") or None
     with _Ray(address, cpus) as ray:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "tune.json", json.dumps({"fingerprint": fp, "experiment": exp.name,
-                                                         "search": {k: str(d) for k, d in search.params}}) + "\n")
+        atomic_write_text(out / "tune.json", json.dumps(record) + "\n")
         trials: list[dict[str, Any]] = []
         for sc in exp.scenarios:
             path = (out / "ray" / sc.name).resolve()
-            results = _tuner(ray.tune, sc, exp, search, data, path).fit()
-            unfinished = len(results) - results.num_terminated - results.num_errors
-            if unfinished:
-                raise InitlabError(f"tune {sc.name!r}: interrupted with {unfinished} of {len(results)} trials "
-                                   f"unfinished; the search is kept in {str(path)!r}: run the same command to resume")
-            trials += _trial_rows(results, sc, exp, search)
+            trials += _trial_rows(_search(ray.tune, sc, exp, search, data, path), sc, exp, search)
     table = write_table(out / "tune_results.csv", trials, search)
     by_base = {sc.name: [t for t in trials if t["base"] == sc.name] for sc in exp.scenarios}
     figure = write_figure(out / "tune_search.png", by_base, {sc.name: sc for sc in exp.scenarios}, search)
