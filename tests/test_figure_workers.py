@@ -67,3 +67,12 @@ def test_bad_figure_workers_argument(tmp_path):
     with pytest.raises(InitlabError, match="figure_workers: expected an integer in \\[0, 64\\], got int -1"):
         run_experiment(small(), tmp_path / "run", progress=False, figure_workers=-1)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_figure_workers_flag_is_checked(capsys):
+    from initlab.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["run", "smoke", "--figure-workers", "-1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--figure-workers" in err and "expected an integer in [0, 64], got -1" in err and len(err.splitlines()) == 1
