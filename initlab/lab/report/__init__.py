@@ -5,8 +5,9 @@ first-pass arrays under ``parts/`` (for the histograms), redraws ``figures/*.png
 ``report.html``. The package, by stage: :mod:`.load` (the files, as :class:`RunData`),
 :mod:`.stats` (seed statistics and number formats), :mod:`.labels` (scenario names and
 comparison groups), :mod:`.findings`, :mod:`.tables`, :mod:`.plots` (the figures),
-:mod:`.tensorboard` (a member's TensorBoard log) and :mod:`.html` (the page and
-:func:`write_report`).
+:mod:`.tensorboard` (a member's TensorBoard log), :mod:`.html` (the page and
+:func:`write_report`) and :mod:`.workers` (the figures and the page drawn by worker processes
+that import these modules while a run trains: ``initlab run --figure-workers``).
 
 pandas, matplotlib and tensorboard are imported inside the functions that use them.
 """
