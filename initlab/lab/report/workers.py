@@ -9,7 +9,8 @@ its data calls for, one by one), waits for them, and has the first worker write 
 Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
 
 Failures never hang the run nor lose it: a figure that raises is left out and the page says, under
-*Figures*, which figure is missing and why (one line). A worker that dies, or does not answer within
+*Figures*, which figure is missing and why (one line); an ``OSError`` (a full disk) is raised in the
+run's process, as when the figures are drawn there. A worker that dies, or does not answer within
 :data:`TIMEOUT_S` to draw one figure or write the page (:data:`START_TIMEOUT_S` to start; it is
 then killed), leaves the figure it was drawing reported missing the same way, and the rest of its
 share is drawn in this process; if no worker can be started, or none is left to write the page,
@@ -127,6 +128,8 @@ class _Worker:
                 continue
             done.add(answer["name"])
             current = None
+            if answer.get("oserror"):
+                raise OSError(*answer["oserror"])
             if answer.get("error"):
                 missing[answer["name"]] = answer["error"]
 
@@ -192,6 +195,8 @@ class FigureWorkers:
                 answer = w.answer(time.monotonic() + TIMEOUT_S)
                 if isinstance(answer, dict) and "page" in answer:
                     return Path(answer["page"])
+                if isinstance(answer, dict) and "oserror" in answer:
+                    raise OSError(*answer["oserror"])
                 if isinstance(answer, dict) and "error" in answer:
                     raise _error(answer["error"])
         return _write_report(run_dir, figures=False, missing=missing)
@@ -206,6 +211,10 @@ class FigureWorkers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _os_error(e: OSError) -> list[Any]:
+    return [e.errno, e.strerror or str(e), None if e.filename is None else str(e.filename)]
 
 
 def _error(message: str) -> Exception:
@@ -237,6 +246,12 @@ def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str,
             make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,
                          models=data.models, only={name})
             grid_figures(data, fig_dir, only={name})
+        except OSError as e:  # a full disk, a folder not writable: the run's error, as in one process
+            if out is None:
+                raise
+            out.write(json.dumps({"name": name, "oserror": _os_error(e)}) + "\n")
+            out.flush()
+            continue
         except Exception as e:  # noqa: BLE001 - one figure's failure is reported on the page
             missing[name] = error = _one_line(e)
             _drop(run_dir, name)
@@ -249,6 +264,8 @@ def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str,
 def _page(run_dir: Path, missing: dict[str, str]) -> dict[str, Any]:
     try:
         return {"page": str(_write_report(run_dir, figures=False, missing=missing))}
+    except OSError as e:
+        return {"oserror": _os_error(e)}
     except Exception as e:  # noqa: BLE001 - sent back and raised in the run's process
         return {"error": _one_line(e)}
 
