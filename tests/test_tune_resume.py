@@ -4,7 +4,9 @@ files of an uninterrupted search with the same seed; another search in the same 
 
 The search is designed so that ASHA's record matters: two trials, one at a time, in grid order;
 the second (N(0, 30^2) weights, a saturated tanh net) is stopped at the first rung (step 10) by the
-first one's record there. The command is interrupted when the second trial starts, so the resumed
+first one's record there (the net is wide and the batches large so that the ten steps before that rung
+take seconds, not milliseconds: the interrupt lands inside the trial on a fast machine too). The command is
+interrupted when the second trial starts, so the resumed
 search must remember that record: the negative control resumes a copy without ASHA's record, and
 its second trial trains to the end.
 """
@@ -36,8 +38,9 @@ name = "tiny-resume"
 name = "mnist"
 limit = 600
 [model]
-widths = [784, 16, 16, 10]
+widths = [784, 1024, 1024, 10]
 [train]
+batch_size = 480
 steps = 20
 log_every = 10
 seeds = [0]
