@@ -1,6 +1,8 @@
 """The lab's thread policy (initlab.lab._threads) and ``initlab run --threads``."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -66,13 +68,49 @@ def test_cli_threads_flag_is_checked(capsys):
     assert "--threads" in err and len(err.splitlines()) == 1
 
 
-def test_caller_threads_restores_the_outer_count():
-    from initlab.lab._threads import caller_threads
+def test_one_thread_restores_the_outer_count():
+    from initlab.lab._threads import one_thread
     before = torch.get_num_threads()
-    with caller_threads() as n:
-        assert n == before
-    with using_threads(1):
-        with caller_threads() as n:
-            assert n == before and torch.get_num_threads() == before
-        assert torch.get_num_threads() == 1
+    with using_threads(2):
+        with one_thread() as n:
+            assert n == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+
+
+def _members_under(n_threads, wrap):
+    from initlab.lab import training
+    from initlab.lab.config import experiment_from_dict
+    from initlab.lab.data import load_dataset
+    from initlab.lab.training.plan import plan_groups
+    exp = experiment_from_dict({
+        "name": "threads", "data": {"name": "mnist", "limit": 1200},
+        "model": {"widths": [784, 512, 512, 10]},
+        "train": {"steps": 1, "log_every": 1, "first_pass_batch": 200, "seeds": [0]},
+        "scenarios": [{"name": "auto", "activation": "gelu", "scheme": "auto"}]})
+    spec = plan_groups(exp)[0]
+    data = load_dataset(exp.data)
+    with using_threads(n_threads), wrap():
+        models, rows, _, _ = training.group._init_members(spec, data)
+    return [p.detach().clone() for p in models[0].parameters()], rows
+
+
+def test_member_init_and_first_pass_are_the_same_bits_for_any_thread_count(monkeypatch):
+    """auto's correction pass and the first pass are forward passes whose sums torch splits by thread
+    count: the lab runs them on one thread, so a unit gives the same bits in this process (any --threads)
+    and in a worker that starts with another count. Negative control: without that, 1 and 2 threads differ."""
+    import contextlib
+
+    from initlab.lab import training
+    if torch.get_num_threads() < 2 and (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two cores to see a thread-count difference")
+    p1, r1 = _members_under(1, contextlib.nullcontext)
+    p2, r2 = _members_under(2, contextlib.nullcontext)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+    assert repr(r1) == repr(r2)  # repr: exact floats, and NaN equals NaN
+    # negative control: the same work on the caller's threads differs in the last bits
+    monkeypatch.setattr(training.group, "one_thread", contextlib.nullcontext)
+    monkeypatch.setattr(training.plan, "one_thread", contextlib.nullcontext)
+    q1, s1 = _members_under(1, contextlib.nullcontext)
+    q2, s2 = _members_under(2, contextlib.nullcontext)
+    assert not (all(torch.equal(a, b) for a, b in zip(q1, q2, strict=True)) and repr(s1) == repr(s2))

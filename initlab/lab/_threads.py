@@ -22,7 +22,7 @@ import torch
 
 from .._errors import InitlabError
 
-__all__ = ["choose_threads", "using_threads", "caller_threads", "usable_cpus", "physical_cores", "idle_cpus"]
+__all__ = ["choose_threads", "using_threads", "one_thread", "usable_cpus", "physical_cores", "idle_cpus"]
 
 # below this many floating-point operations per parallel op, an extra thread costs more than it saves
 MIN_FLOPS_PER_THREAD = 2e6
@@ -125,14 +125,12 @@ def using_threads(n: int) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def caller_threads() -> Iterator[int]:
-    """The caller's thread count (the one before the outermost :func:`using_threads`) for the block.
-
-    The lab's first pass runs under it: its statistics are sums whose last bits depend on how
-    torch splits them over threads, and first_pass.csv must not depend on ``--threads`` or on
-    how busy the machine was. Training is bit-identical for any count and keeps the policy's."""
-    if not _outer:
-        yield torch.get_num_threads()
-        return
-    with using_threads(_outer[0]) as n:
+def one_thread() -> Iterator[int]:
+    """One torch thread for the block: the lab's data-dependent initialisation (``auto``'s correction
+    pass, LSUV) and its first pass run under it. Their forward passes and statistics are sums whose
+    last bits depend on how torch splits them over threads, and the run directory must not depend on
+    ``--threads``, on how busy the machine was, or on which executor ran the unit (a Ray worker starts
+    with one thread, a local process with the machine's count). Training is bit-identical for any count
+    and keeps the policy's. The cost is one batch through each model on one core."""
+    with using_threads(1) as n:
         yield n

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..._errors import InitlabError
 from ..data import Dataset
 from ..metrics import sort_key
-from .._threads import caller_threads
+from .._threads import one_thread
 from .engines import build_engine, plan_engine
 from .first_pass import first_pass
 from .loop import TrainLoop
@@ -118,7 +118,7 @@ def _init_members(spec: GroupSpec, data: Dataset) -> tuple[list[nn.Module], list
         model = init_member(mem.scenario, mem.seed, batch=xb, reports=reports)
         for report in reports:
             init_rows.extend(init_report_rows(report, mem.scenario.name, mem.seed))
-        with caller_threads():  # first_pass.csv independent of --threads and of the machine's load
+        with one_thread():  # first_pass.csv independent of --threads, the load and the executor
             rows, values, input_var = first_pass(model, xb, yb, mem.scenario.activation,
                                                  jacobian=bool(getattr(spec.train, "jacobian", False)))
         for r in rows:

@@ -18,6 +18,7 @@ from ..._apply import init_model
 from ..._errors import InitlabError, unknown_choice
 from ..._layers import AFFINE_LAYERS
 from ..._schemes import get_scheme
+from .._threads import one_thread
 from ..models import build_model
 from ..specs import OPTIMIZERS, Experiment, ModelSpec, Scenario, TrainSpec
 
@@ -147,8 +148,9 @@ def init_member_report(scenario: Scenario, seed: int, *, batch: Tensor | None = 
         params.setdefault("batch", batch)
     gen = torch.Generator().manual_seed(int(seed))
     residual = getattr(scenario, "residual", "none")
-    report = init_model(model, scenario.scheme, generator=gen, bias="zeros",
-                        residual=None if residual == "none" else residual, **params)
+    with one_thread():  # auto's correction pass and LSUV run forward passes: the same bits on any executor
+        report = init_model(model, scenario.scheme, generator=gen, bias="zeros",
+                            residual=None if residual == "none" else residual, **params)
     bias_var = float(getattr(scenario.model, "bias_var", 0.0))
     if bias_var > 0:  # sigma_b^2 (Poole et al. 2016): N(0, sigma_b^2) biases, drawn after the weights
         with torch.no_grad():
