@@ -106,20 +106,17 @@ def choose_threads(requested: int | None = None, *, workers: int = 1, flops: flo
     return max(1, n)
 
 
-_outer: list[int] = []  # the caller's thread count under each active using_threads
 
 
 @contextlib.contextmanager
 def using_threads(n: int) -> Iterator[int]:
     """``torch.set_num_threads(n)`` for the block; the previous count is restored afterwards."""
     previous = torch.get_num_threads()
-    _outer.append(previous)
     if n != previous:
         torch.set_num_threads(n)
     try:
         yield n
     finally:
-        _outer.pop()
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
 

@@ -34,7 +34,7 @@ from .engines import build_engine, plan_engine
 from .first_pass import first_pass
 from .loop import TrainLoop
 from .plan import GroupSpec, check_train, first_pass_indices, init_member, resolve_device
-from .records import init_report_rows
+from .records import init_report_rows, tb_histogram
 
 __all__ = ["GroupResult", "run_group", "run_unit", "weight_histogram"]
 
@@ -145,12 +145,11 @@ def weight_histogram(w: Tensor) -> dict[str, Any]:
     a = w.detach().to("cpu", torch.float64).flatten().numpy()
     a = a[np.isfinite(a)]
     if not a.size:
-        return {"min": 0.0, "max": 0.0, "num": 0, "sum": 0.0, "sum_squares": 0.0, "bucket_limit": [0.0], "bucket": [0]}
+        return tb_histogram(a, np.zeros(1), np.zeros(0))
     lo, hi = float(a.min()), float(a.max())
     edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo, np.nextafter(lo, np.inf)])
     counts, _ = np.histogram(a, bins=edges)
-    return {"min": lo, "max": hi, "num": int(a.size), "sum": float(a.sum()), "sum_squares": float(np.square(a).sum()),
-            "bucket_limit": [float(x) for x in edges[1:]], "bucket": [int(c) for c in counts]}
+    return tb_histogram(a, edges, counts)
 
 
 class _Reporter:

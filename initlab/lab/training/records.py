@@ -93,8 +93,9 @@ def histogram_edges(arrays: Sequence[np.ndarray], bins: int = HIST_BINS) -> np.n
     return np.linspace(lo, hi, int(bins) + 1)
 
 
-def _summary(a: np.ndarray, edges: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
-    """TensorBoard's raw histogram fields of the values ``a`` on the fixed bins."""
+def tb_histogram(a: np.ndarray, edges: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
+    """TensorBoard's raw histogram fields (min, max, num, sum, sum_squares, ``bucket_limit``: the bins'
+    upper edges, ``bucket``: their counts) of the finite float64 values ``a`` on the bins ``edges``."""
     if not a.size:
         return {"min": 0.0, "max": 0.0, "num": 0, "sum": 0.0, "sum_squares": 0.0, "bucket_limit": [0.0], "bucket": [0]}
     return {"min": float(a.min()), "max": float(a.max()), "num": int(a.size), "sum": float(a.sum()),
@@ -117,7 +118,7 @@ def histogram_rows(values: Mapping[str, Sequence[np.ndarray]], scenario: str, se
         edges = histogram_edges(arrays)
         for layer, a in enumerate(arrays, start=1):
             counts, _ = np.histogram(a, bins=edges)
-            tb[f"{quantity}s/layer{layer}"] = _summary(a, edges, counts)
+            tb[f"{quantity}s/layer{layer}"] = tb_histogram(a, edges, counts)
             for b, c in enumerate(counts):
                 rows.append({"scenario": scenario, "seed": int(seed), "step": int(step), "quantity": quantity,
                              "layer": layer, "lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(c)})
