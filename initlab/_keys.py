@@ -143,20 +143,28 @@ def _merge(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _runs(offsets: list[np.ndarray], base: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Runs of global indices ``base + sum_d offsets[d][i_d]`` over the local elements in
-    row-major order (``offsets[d]``: dimension d's contribution for each local index)."""
+    row-major order (``offsets[d]``: dimension d's contribution for each local index). Built from
+    the last dimension outwards, a dimension that continues the runs inside it (a contiguous
+    block) joins them, so the cost is about one entry per run, not one per row."""
     if not offsets:
         return np.array([base], dtype=np.int64), np.ones(1, dtype=np.int64)
-    last = offsets[-1]
-    if last.size == 0 or any(o.size == 0 for o in offsets):
+    if any(o.size == 0 for o in offsets):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    last = offsets[-1]
     cut = np.flatnonzero(np.diff(last) != 1) + 1
-    seg_start = last[np.concatenate(([0], cut))]
-    seg_len = np.diff(np.concatenate(([0], cut, [last.size])))
-    lead = np.array([base], dtype=np.int64)
-    for o in offsets[:-1]:
-        lead = (lead[:, None] + o[None, :]).ravel()
-    starts = (lead[:, None] + seg_start[None, :]).ravel()
-    return _merge(starts, np.tile(seg_len, lead.size).astype(np.int64))
+    starts = last[np.concatenate(([0], cut))].astype(np.int64)
+    lens = np.diff(np.concatenate(([0], cut, [last.size]))).astype(np.int64)
+    for o in reversed(offsets[:-1]):
+        if o.size == 1:
+            starts = starts + o[0]
+            continue
+        if starts.size == 1 and np.all(np.diff(o) == lens[0]):  # the rows follow each other
+            starts, lens = starts + o[0], lens * o.size
+            continue
+        starts = (o[:, None] + starts[None, :]).ravel()
+        lens = np.tile(lens, o.size)
+    starts = starts + base
+    return _merge(starts, lens)
 
 
 def _row_major_strides(shape: tuple[int, ...]) -> list[int]:

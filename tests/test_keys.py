@@ -130,3 +130,37 @@ def test_uniform_grid_is_symmetric_and_never_reaches_plus_or_minus_one(dtype):
     assert torch.isfinite(out).all() and out.min().item() == -out.max().item()
     # negative control: the grid point -1 would give an infinite weight
     assert torch.isinf(torch.erfinv(torch.tensor(-1.0, dtype=dtype)))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_runs_equal_the_brute_force_index_list(seed):
+    """``_runs`` folds contiguous dimensions into one run; its runs, expanded, are exactly the
+    global indices of the local elements in row-major order (views, shards, size-1 dims)."""
+    rng = np.random.default_rng(seed)
+    dims = int(rng.integers(1, 5))
+    shape = [int(rng.integers(1, 6)) for _ in range(dims)]
+    strides = []
+    acc = 1
+    for s in reversed(shape):  # a contiguous parent, then a random slice of each dimension
+        strides.append(acc)
+        acc *= s
+    strides = strides[::-1]
+    offsets = []
+    for s, st in zip(shape, strides):
+        lo = int(rng.integers(0, s))
+        hi = int(rng.integers(lo + 1, s + 1))
+        step = int(rng.choice([1, 1, 2]))
+        offsets.append(np.arange(lo, hi, step, dtype=np.int64) * st)
+    base = int(rng.integers(0, 100))
+    starts, lens = _keys._runs(offsets, base)
+    got = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lens)]) if starts.size else np.zeros(0)
+    grids = np.meshgrid(*offsets, indexing="ij")
+    want = base + sum(g.ravel() for g in grids)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(starts[1:] != starts[:-1] + lens[:-1])  # adjacent runs are joined
+
+
+def test_runs_of_a_contiguous_parameter_are_one_run_without_per_row_work():
+    offsets = [np.arange(s, dtype=np.int64) * st for s, st in zip((512, 256, 1, 1), (256, 1, 1, 1))]
+    starts, lens = _keys._runs(offsets)
+    assert starts.tolist() == [0] and lens.tolist() == [512 * 256]
