@@ -65,12 +65,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._activations import Activation
+from ._activations import Activation, is_activation_module
 from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
-from ._keys import keyed, local, row_blocks
+from ._keys import _sharding_hooks_off, keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
@@ -103,7 +103,6 @@ Selector = str | Callable[[str, nn.Module], bool]
 # --------------------------------------------------------------------------------------------
 # the report
 
-@dataclass
 class InitReport:
     """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
     recurrent layers and modules handled by a convention), and ``params``, one per parameter;
@@ -116,14 +115,70 @@ class InitReport:
     entries; None on the meta device). ``params``: dicts with keys name (fully qualified), module,
     kind, shape, action (None when left as it was) and why. ``traced`` is False when the model could not be traced
     with torch.fx and activations were found in module registration order (``note`` says why).
+
+    A scheme that does not choose by activation (a named scheme, a function) writes without
+    tracing the model: the ``activation`` column is found when ``rows``, ``traced``, ``note`` or
+    the table are first read, by the same :func:`~initlab._graph.find_activations` an eager trace
+    runs, so the rows are the same. Until then the report holds the model. If the model changed
+    in between (a module replaced or added, its training mode, or a parameter of a module other
+    than a weight layer written, e.g. a PReLU slope trained), the column stays empty, ``traced``
+    is False and ``note`` says why: the rows never describe a model other than the one written.
     """
 
-    rows: list[dict[str, Any]]
-    traced: bool = True
-    scheme: str = "auto"
-    note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    params: list[dict[str, Any]] = field(default_factory=list)
+    def __init__(self, rows: list[dict[str, Any]], traced: bool = True, scheme: str = "auto", note: str = "",
+                 extra: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None) -> None:
+        self._rows, self._traced, self._note = rows, traced, note
+        self.scheme = scheme
+        self.extra: dict[str, Any] = {} if extra is None else extra
+        self.params: list[dict[str, Any]] = [] if params is None else params
+        self._pending: _DeferredTrace | None = None
+        self._stale = False  # the deferred trace found the model changed: no activations, a note
+
+    def _resolve(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._traced, self._note, self._stale = pending.fill(self._rows)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        self._resolve()
+        return self._rows
+
+    @rows.setter
+    def rows(self, value: list[dict[str, Any]]) -> None:
+        self._pending, self._rows = None, value
+
+    @property
+    def traced(self) -> bool:
+        self._resolve()
+        return self._traced
+
+    @traced.setter
+    def traced(self, value: bool) -> None:
+        self._resolve()
+        self._traced = value
+
+    @property
+    def note(self) -> str:
+        self._resolve()
+        return self._note
+
+    @note.setter
+    def note(self, value: str) -> None:
+        self._resolve()
+        self._note = value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InitReport):
+            return NotImplemented
+        return (self.rows, self.traced, self.scheme, self.note, self.extra, self.params) == \
+            (other.rows, other.traced, other.scheme, other.note, other.extra, other.params)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it was
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._resolve()  # a copy or a pickle carries the rows, not the model
+        return self.__dict__.copy()
 
     @property
     def untouched(self) -> list[str]:
@@ -138,7 +193,7 @@ class InitReport:
         raise KeyError(name)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._rows)  # the rows are there; only their activation column may wait
 
     def __iter__(self):
         return iter(self.rows)
@@ -188,14 +243,17 @@ class InitReport:
         """The table users see: one line per parameter tensor (:meth:`param_rows`; the module rows
         when there are no parameter rows), then what was left untouched and why."""
         rows = self.param_rows() if self.params else self.rows
+        self._resolve()
         cells = [[
             r["name"] or "<model>", r["kind"], "x".join(map(str, r["shape"])) if r["shape"] else "-",
             _fmt(r["fan_in"]), _fmt(r["fan_out"]), r["activation"] or "-", r["scheme"],
             _fmt(r.get("gain")), _fmt(r["target_std"]), _fmt(r["realised_std"]),
         ] for r in rows]
         lines = [f"init_model: scheme={self.scheme}, {len(self.rows)} modules"]
-        if not self.traced:
-            lines.append(f"note: {self.note or 'tracing failed'}; activations were found in module "
+        if self._stale:
+            lines.append(f"note: {self._note}")
+        elif not self._traced:
+            lines.append(f"note: {self._note or 'tracing failed'}; activations were found in module "
                          "registration order (functional activations are invisible)")
         res = self.extra.get("residual")
         if res:
@@ -227,6 +285,65 @@ def _row(name: str, module: nn.Module, shape: tuple[int, ...], fan_in: float | N
     return {"name": name, "kind": kind_name(module), "shape": shape, "fan_in": fan_in, "fan_out": fan_out,
             "activation": None if act is None else act.label, "scheme": scheme, "target_std": target,
             "realised_std": None, "gain": gain, "bias": bias, "why": why}
+
+
+# --------------------------------------------------------------------------------------------
+# the deferred trace: a scheme that does not choose by activation writes without one
+
+_STALE = ("the model changed between init_model and the first read of this report (a module replaced, its "
+          "training mode, or an activation's parameter), so the activation column was not filled; read the "
+          "report right after init_model, or call initlab.find_activations(model)")
+
+
+def _trace_inputs(model: nn.Module) -> tuple[Any, ...]:
+    """What :func:`find_activations` reads that is commonly changed after ``init_model``: every
+    module (name, identity, type, training mode) and the parameters of activation modules
+    (identity, in-place version: a PReLU slope). Weight values, norms and buffers are not read."""
+    out = []
+    for name, m in model.named_modules():
+        own = m._parameters
+        ps = tuple((id(p), p._version) for p in own.values() if p is not None) \
+            if own and not is_weight_layer(m) and is_activation_module(m) else ()
+        out.append((name, id(m), type(m), m.training, ps))
+    return tuple(out)
+
+
+class _DeferredTrace:
+    """The activation column of a report written without a trace: ``fill`` traces the model
+    (:func:`find_activations`, FSDP hooks set aside as under ``init_model``) and fills the rows
+    of the weight layers, unless :func:`_trace_inputs` changed since the writes."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[int, str]]) -> None:
+        self.model: nn.Module | None = model
+        self.layers = layers  # (index into the report's rows, the weight layer's module name)
+        self.seen = _trace_inputs(model)
+
+    def fill(self, rows: list[dict[str, Any]]) -> tuple[bool, str, bool]:
+        """(traced, note, stale) after filling ``rows``' activation column."""
+        model, self.model = self.model, None  # the report no longer holds the model
+        if model is None or _trace_inputs(model) != self.seen:
+            return False, _STALE, True
+        with _sharding_hooks_off(model):
+            links = find_activations(model)
+        for i, name in self.layers:
+            link = links.get(name)
+            rows[i]["activation"] = None if link is None or link.activation is None else link.activation.label
+        return _trace_facts(links)
+
+
+def _trace_facts(links: dict[str, LayerLink]) -> tuple[bool, str, bool]:
+    """(traced, note, stale) of a set of links: traced unless a link fell back to module order."""
+    return all(link.traced for link in links.values()), \
+        next((link.note for link in links.values() if not link.traced), ""), False
+
+
+def _needs_trace(scheme: Any, policy: str | None, targets: list[tuple[str, nn.Module, str]]) -> bool:
+    """Whether ``init_model`` must trace before writing: a scheme that chooses by activation
+    (``for_layer``: auto, lsuv), a residual policy, or an activation module whose parameters a
+    convention writes (an eager trace reads them before that write)."""
+    if getattr(scheme, "for_layer", None) is not None or policy:
+        return True
+    return any(what == "conv" and is_activation_module(m) for _, m, what in targets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,26 +523,40 @@ def _std_sample(t: Tensor) -> Tensor | None:
     """The sample std of the first ``STD_SAMPLE`` entries (row-major): a view of a contiguous
     tensor; of a non-contiguous one, only its leading rows are copied."""
     d = local(t).detach()  # a DTensor: its local shard (no collective)
-    if d.is_meta or d.numel() < 2:
+    n = d.numel()
+    if n < 2 or d.is_meta:
         return None
-    if not d.is_contiguous() and d.dim() > 1:
-        per_row = max(1, d.numel() // d.shape[0])
-        d = d[: -(-STD_SAMPLE // per_row)]
-    flat = d.reshape(-1)[:STD_SAMPLE]
+    if n <= STD_SAMPLE and d.is_contiguous():
+        flat = d.view(-1)
+    else:
+        if not d.is_contiguous() and d.dim() > 1:
+            per_row = max(1, n // d.shape[0])
+            d = d[: -(-STD_SAMPLE // per_row)]
+        flat = d.reshape(-1)[:STD_SAMPLE]
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     return torch.std(flat)
 
 
-def _to_floats(stds: list[Tensor | None]) -> list[float | None]:
-    """One host transfer per device for all the measured stds."""
+def _constant_std(t: Tensor) -> float | None:
+    """The sample std of a tensor just filled with one constant (a norm's ones or kept zeros):
+    0.0, as :func:`_std_sample` measures it (None where that gives None)."""
+    d = local(t)
+    return None if d.numel() < 2 or d.is_meta else 0.0
+
+
+def _to_floats(stds: list[Tensor | float | None]) -> list[float | None]:
+    """One host transfer per device and dtype for all the measured stds (a float32 std converts
+    to the same Python float as its float64 cast)."""
     out: list[float | None] = [None] * len(stds)
-    by_device: dict[torch.device, list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, s in enumerate(stds):
-        if s is not None:
-            by_device.setdefault(s.device, []).append(i)
-    for idx in by_device.values():
-        values = torch.stack([stds[i].double() for i in idx]).tolist()  # type: ignore[union-attr]
+        if isinstance(s, float):
+            out[i] = s
+        elif s is not None:
+            groups.setdefault((s.device, s.dtype), []).append(i)
+    for idx in groups.values():
+        values = torch.stack([stds[i] for i in idx]).tolist()  # type: ignore[misc]
         for i, v in zip(idx, values):
             out[i] = float(v)
     return out
@@ -487,6 +618,7 @@ class _Planned:
     tied_to: str | None = None
     computed: str | None = None  # a weight computed from others (initlab._reparam): sampled into a scratch tensor
     underlying: list[Tensor] = field(default_factory=list)
+    checked: list[Any] | None = None  # what the scheme's check returned per part (its write takes it)
 
 
 def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
@@ -507,8 +639,7 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
     check = getattr(p.choice.scheme, "check", None)
     try:
         if check is not None:
-            for part in p.parts:
-                check(part, p.fans, generator)
+            p.checked = [check(part, p.fans, generator) for part in p.parts]
         block_shape = (p.tensor.shape[0] // p.blocks, *p.tensor.shape[1:])
         p.target = _scheme_target(p.choice.scheme, p.fans[0], p.fans[1], block_shape)
     except InitlabError as e:
@@ -582,7 +713,7 @@ class _Walk:
     def __init__(self, generator: torch.Generator | None, bias_mode: str | float, undo: Undo) -> None:
         self.generator, self.bias_mode, self.undo = generator, bias_mode, undo
         self.rows: list[dict[str, Any]] = []
-        self.stds: list[Tensor | None] = []
+        self.stds: list[Tensor | float | None] = []
         self.reset: dict[str, bool] = {}  # other modules: whether reset_parameters() ran
         self.planned: dict[str, list[_Planned]] = {}
         self.scheme: Any = None  # the resolved scheme (recurrent layers' input weights use it)
@@ -592,8 +723,9 @@ class _Walk:
         self.fate: dict[int, str] = {}  # id(parameter) -> what init_model does to it
         self.pads: list[nn.Embedding] = []  # tied Embeddings whose padding row is zeroed last
         self.calibration: dict[str, Any] = {}  # auto's correction pass: the batch it ran on, the factors
+        self.layers: list[tuple[int, str]] = []  # rows of weight layers: (row index, module name)
 
-    def _add(self, row: dict[str, Any], std: Tensor | None) -> None:
+    def _add(self, row: dict[str, Any], std: Tensor | float | None) -> None:
         self.rows.append(row)
         self.stds.append(std)
 
@@ -697,7 +829,7 @@ class _Walk:
         has_w = isinstance(w, Tensor)
         label = "kept zeros (zero-init residual)" if zero else "ones/zeros"
         self._add(_row(name, module, tuple(w.shape) if has_w else (), scheme=label,
-                       target=0.0 if has_w else None), _std_sample(w) if has_w else None)
+                       target=0.0 if has_w else None), _constant_std(w) if has_w else None)
 
     def position(self, name: str, module: nn.Module) -> None:
         """A position Embedding: truncated normal, std 0.02 (see initlab._conventions)."""
@@ -756,13 +888,18 @@ class _Walk:
 
     def _weight(self, p: _Planned) -> None:
         shape = tuple(p.tensor.shape)
+        self.layers.append((len(self.rows), p.name))
         if p.tied_to is not None:
             if isinstance(p.module, nn.Embedding) and p.module.padding_idx is not None:
                 self.pads.append(p.module)
             self._add(_row(p.label, p.module, shape, p.fans[0], p.fans[1], p.act, f"tied with {p.tied_to}"), None)
             return
         try:
-            returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]
+            write = getattr(p.choice.scheme, "write", None)
+            if write is not None and p.checked is not None:  # checked in plan: write without checking again
+                returned = [write(part, c) for part, c in zip(p.parts, p.checked)]
+            else:
+                returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]
             self._filled_in_place(p, returned)
         except InitlabError as e:
             raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {shape}): {e}") from e
@@ -968,11 +1105,13 @@ def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]
 
 
 def _report(walk: _Walk, links: dict[str, LayerLink], label: str, params: list[dict[str, Any]],
-            residual: tuple[str | None, int, str]) -> InitReport:
-    """The report; ``extra`` says how auto's correction pass ran and where residual branches came from."""
-    traced = all(link.traced for link in links.values())
-    note = next((link.note for link in links.values() if not link.traced), "")
+            residual: tuple[str | None, int, str], untraced: nn.Module | None = None) -> InitReport:
+    """The report; ``extra`` says how auto's correction pass ran and where residual branches came from.
+    ``untraced``: the model, written without a trace (its activation column is found on first read)."""
+    traced, note, _ = _trace_facts(links)
     report = InitReport(walk.finish(), traced, label, note, params=params)
+    if untraced is not None:
+        report._pending = _DeferredTrace(untraced, walk.layers)
     if walk.calibration:
         report.extra["calibration"] = walk.calibration
     if residual[0]:
@@ -1048,7 +1187,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         walk = _Walk(generator, bias_mode, undo)
         walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)
-        links = find_activations(model)
+        links = find_activations(model) if (trace := _needs_trace(scheme_obj, policy, targets)) else {}  # else: lazily
         # choices first, outside no_grad (a gain may be computed with autograd)
         sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
         choices = _choices(targets, links, scheme_obj, label, sq)
@@ -1064,7 +1203,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
                 walk.calibrate(model, links, batch)
             if policy:
                 walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
-            report = _report(walk, links, label, params, (policy, len(branches), found_by))
+            report = _report(walk, links, label, params, (policy, len(branches), found_by), None if trace else model)
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop

@@ -115,12 +115,23 @@ def check_gain(g: object) -> float:
 _REACH = {"normal": 10.0, "truncated_normal": 2.0 / 0.87962566103423978 + 1e-6, "uniform": math.sqrt(3.0) + 1e-6}
 
 
+_FINFO: dict[torch.dtype, torch.finfo] = {}
+
+
+def _finfo(dtype: torch.dtype) -> torch.finfo:
+    """``torch.finfo`` of a floating dtype (float32's for any other), made once per dtype."""
+    info = _FINFO.get(dtype)
+    if info is None:
+        info = _FINFO[dtype] = torch.finfo(dtype) if dtype.is_floating_point else torch.finfo(torch.float32)
+    return info
+
+
 def check_std(std: float, dtype: torch.dtype, distribution: str = "normal", *, mean: float = 0.0,
               what: str = "std", how: str = "") -> float:
     """``std`` if weights of that std (and ``mean``) can be stored in ``dtype``: every value finite
     (no inf or NaN) and the std above the smallest normal number (else the values are zeros and
     denormals). Raises an :class:`InitlabError` naming the value and the range otherwise."""
-    info = torch.finfo(dtype) if dtype.is_floating_point else torch.finfo(torch.float32)
+    info = _finfo(dtype)
     name = str(dtype).replace("torch.", "")
     reach = _REACH.get(distribution, 10.0)
     how = f" ({how})" if how else ""
@@ -160,7 +171,10 @@ def check_distribution(distribution: object) -> str:
 
 def fan_for(mode: str, fan_in: float, fan_out: float) -> float:
     """The ``n`` of ``Var = scale / n`` for a mode."""
-    mode = check_mode(mode)
+    return _fan_for(check_mode(mode), fan_in, fan_out)
+
+
+def _fan_for(mode: str, fan_in: float, fan_out: float) -> float:
     if mode == "fan_in":
         return float(fan_in)
     if mode == "fan_out":
@@ -252,50 +266,63 @@ _ERF_SQRT2 = math.erf(math.sqrt(2.0))  # the mass of N(0, 1) inside [-2, 2]
 _SQRT2 = math.sqrt(2.0)
 _SHORT_RUN = 256  # runs of fewer words are gathered by the vectorised Philox (no per-run setup)
 SMALL = 1 << 18  # below this many elements the sampler runs on the calling thread alone
+_SHIFT32, _EXP32 = np.uint32(9), np.uint32(0x40000000)
+_SHIFT64, _EXP64 = np.uint64(12), np.uint64(0x4000000000000000)
+_GRID = {"f": (np.float32(3.0), np.float32(2.0 ** -23)), "d": (np.float64(3.0), np.float64(2.0 ** -52))}
 
 
 def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
     """``n`` uniforms on the symmetric grid ``(2k + 1) / 2^m - 1`` (m = 23 or 52 mantissa bits)
     from the words ``w``: fp32 element ``e`` takes half ``e % 2`` of its word (low half first),
     fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32).
-    ``w`` is overwritten."""
+    ``w`` is overwritten (the result shares its memory)."""
     if dtype == torch.float64:
-        np.right_shift(w, np.uint64(12), out=w)
-        np.bitwise_or(w, np.uint64(0x4000000000000000), out=w)
-        f = torch.from_numpy(w.view(np.float64))
-        step = 2.0 ** -52
+        np.right_shift(w, _SHIFT64, out=w)
+        np.bitwise_or(w, _EXP64, out=w)
+        f = w.view(np.float64)
     else:
         h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
-        np.right_shift(h, np.uint32(9), out=h)
-        np.bitwise_or(h, np.uint32(0x40000000), out=h)
-        f = torch.from_numpy(h.view(np.float32))
-        step = 2.0 ** -23
+        np.right_shift(h, _SHIFT32, out=h)
+        np.bitwise_or(h, _EXP32, out=h)
+        f = h.view(np.float32)
     # the mantissa bits under exponent 1 make f = 2 + 2k / 2^m in [2, 4); then (f - 3) + 2^-m,
     # both steps exact (f - 3 is a multiple of 2^(1-m) in [-1, 1), and adding half of that step
     # needs one more bit, which every float in (-1, 1) has), so the grid is symmetric and never
     # reaches -1 or 1, where erfinv is infinite. Two passes (0.2 took three: [1, 2), - 1.5,
-    # + 2^-(m+1), * 2; the same numbers)
-    return f.sub_(3.0).add_(step)
+    # + 2^-(m+1), * 2; the same numbers). Exact in any IEEE implementation: numpy's in-place
+    # ufuncs cost a microsecond a call, torch's four
+    three, step = _GRID[f.dtype.char]
+    np.subtract(f, three, out=f)
+    np.add(f, step, out=f)
+    return torch.from_numpy(f)
+
+
+def _scale(x: np.ndarray, s: float) -> None:
+    """``x *= s`` in ``x``'s precision (``s`` rounded to it first, as torch's ``mul_`` by a Python
+    number does), one correctly rounded product per element."""
+    np.multiply(x, x.dtype.type(s), out=x)
 
 
 def _transform(v: Tensor, out: Tensor, kind: str, a: float) -> None:
-    """``out = F^-1(v)`` for ``v`` uniform on (-1, 1): uniform ``a v``; normal
-    ``a sqrt(2) erfinv(v)``; truncated normal ``a sqrt(2) erfinv(erf(sqrt 2) v)`` (the normal of
-    std ``a`` conditioned on [-2a, 2a], exactly: the inverse CDF of the truncated law)."""
+    """``out = F^-1(v)`` for ``v`` uniform on (-1, 1) (a CPU tensor, overwritten): uniform ``a v``;
+    normal ``a sqrt(2) erfinv(v)``; truncated normal ``a sqrt(2) erfinv(erf(sqrt 2) v)`` (the normal
+    of std ``a`` conditioned on [-2a, 2a], exactly: the inverse CDF of the truncated law)."""
     if kind == "uniform":
-        if a < torch.finfo(out.dtype).max / 2:
+        if a < _finfo(out.dtype).max / 2:
             torch.mul(v, a, out=out)
         else:
             torch.mul(v, a / 2, out=out).mul_(2.0)
         return
     if kind == "truncated":
-        v.mul_(_ERF_SQRT2)
+        _scale(v.numpy(), _ERF_SQRT2)
     torch.erfinv(v, out=out)
     s = a * _SQRT2
-    if math.isfinite(s) and s < torch.finfo(out.dtype).max / 16:
-        out.mul_(s)
+    o = out.numpy()
+    if math.isfinite(s) and s < _finfo(out.dtype).max / 16:
+        _scale(o, s)
     else:  # a sqrt(2) would overflow the buffer's dtype
-        out.mul_(a).mul_(_SQRT2)
+        _scale(o, a)
+        _scale(o, _SQRT2)
 
 
 def _words_for(key: tuple[int, int], starts: np.ndarray, lens: np.ndarray, per: int) -> tuple[np.ndarray, list[int]]:
@@ -322,18 +349,26 @@ def _words_for(key: tuple[int, int], starts: np.ndarray, lens: np.ndarray, per: 
     return (parts[0] if len(parts) == 1 else np.concatenate(parts)), firsts
 
 
+def _fill_run(buf: Tensor, kind: str, a: float, key: tuple[int, int], start: int) -> None:
+    """Fill the 1-d contiguous fp32/fp64 CPU tensor ``buf`` with the elements at global indices
+    ``start .. start + buf.numel() - 1`` (one run: the words are drawn in one call)."""
+    per = 1 if buf.dtype == torch.float64 else 2
+    n = buf.numel()
+    w0 = start // per
+    w = _philox.words(key, w0, -(-(start + n) // per) - w0)
+    _transform(_unit_grid(w, start - w0 * per, n, buf.dtype), buf, kind, a)
+
+
 def _fill_runs(buf: Tensor, kind: str, a: float, key: tuple[int, int], starts: np.ndarray, lens: np.ndarray) -> None:
     """Fill the 1-d contiguous fp32/fp64 CPU tensor ``buf`` with the elements at global indices
     ``starts[k] .. starts[k] + lens[k] - 1``, run after run."""
+    if starts.size == 1:
+        _fill_run(buf, kind, a, key, int(starts[0]))
+        return
     per = 1 if buf.dtype == torch.float64 else 2
     w, firsts = _words_for(key, starts, lens, per)
     if per == 1:
-        v = _unit_grid(w, 0, buf.numel(), buf.dtype)
-        _transform(v, buf, kind, a)
-        return
-    if len(firsts) == 1:
-        v = _unit_grid(w, firsts[0], buf.numel(), buf.dtype)
-        _transform(v, buf, kind, a)
+        _transform(_unit_grid(w, 0, buf.numel(), buf.dtype), buf, kind, a)
         return
     # several runs: each run's words hold whole pairs; keep the elements the runs ask for
     v = _unit_grid(w, 0, 2 * w.size, buf.dtype)
@@ -397,11 +432,12 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
         scratch = None if flat.dtype == work else torch.empty(min(CHUNK, n), dtype=work)
         for i in range(lo, hi):
             s, e = i * CHUNK, min(n, (i + 1) * CHUNK)
-            dst = flat[s:e]
+            dst = flat[s:e] if nchunks > 1 else flat
             buf = dst if scratch is None else scratch[: e - s]
-            runs = (np.array([s], dtype=np.int64), np.array([e - s], dtype=np.int64)) if whole else \
-                _chunk_runs(starts, lens, s, e)
-            _fill_runs(buf, kind, a, key, *runs)
+            if whole:
+                _fill_run(buf, kind, a, key, s)
+            else:
+                _fill_runs(buf, kind, a, key, *_chunk_runs(starts, lens, s, e))
             if scratch is not None:
                 dst.copy_(buf)
 
@@ -435,14 +471,14 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
         wait(futures)
 
 
-@torch.no_grad()
 def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | None) -> Tensor:
     """Fill ``tensor`` in place from the distribution ``kind`` with parameter ``a``.
 
     On the CPU (and for a DTensor's local shard on any device) element ``i`` of the tensor's
     logical row-major order is a function of (stream key, i) alone; the key is
     :func:`initlab._keys.resolve`'s (a parameter's name under ``init_model``, else one draw of
-    ``generator``). Elsewhere torch's own samplers run with ``generator``."""
+    ``generator``). Elsewhere torch's own samplers run with ``generator``. Every write goes to a
+    detached tensor (or a scratch one), so autograd records nothing without a ``no_grad`` block."""
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
     if tensor.device.type != "cpu" and not (is_dtensor(tensor) or is_shard_block(tensor)):
@@ -558,7 +594,7 @@ def planned_std(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in", distri
     distribution = check_distribution(distribution)
     gen = _check_generator(generator, tensor)
     f = _check_fans(fans) if fans is not None else _fans(tensor)
-    n = fan_for(mode, f[0], f[1])
+    n = _fan_for(mode, f[0], f[1])
     if n <= 0 or not math.isfinite(n):
         if tensor.numel() == 0:
             return None, distribution, gen

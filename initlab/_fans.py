@@ -110,6 +110,9 @@ def _axes_fans(shape: tuple[int, ...], in_axis: Axes | None, out_axis: Axes | No
     nd = len(shape)
     if nd < 2:
         raise _no_fans(shape)
+    if in_axis is None and out_axis is None and batch_axis == ():  # PyTorch's (out, in, *kernel)
+        receptive = math.prod(shape[2:])
+        return shape[1] * receptive, shape[0] * receptive
     ia = _norm_axes(1 if in_axis is None else in_axis, nd, "in_axis")
     oa = _norm_axes(0 if out_axis is None else out_axis, nd, "out_axis")
     ba = _norm_axes(batch_axis, nd, "batch_axis")

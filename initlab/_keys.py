@@ -256,6 +256,13 @@ def _view_runs(t: Tensor, p: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     return _runs(offs, t.storage_offset() - p.storage_offset())
 
 
+def _same_view(t: Tensor, p: Tensor) -> bool:
+    """Whether the plain tensor ``t`` is, or views all of, the contiguous plain tensor ``p`` in its
+    order (``p.detach()``, ``p.data``): then :func:`_view_runs` gives one run of all its elements."""
+    return (t is p or (t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset())) \
+        and p.is_contiguous()
+
+
 def _whole(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(1, dtype=np.int64), np.array([t.numel()], dtype=np.int64)
 
@@ -281,6 +288,8 @@ def resolve(tensor: Tensor, generator: torch.Generator | None) -> Target:
                                    "indices; sample the DTensor itself")
             return Target(loc, ctx.base, name, *runs)
         if not dt and not is_dtensor(p):
+            if _same_view(loc, p):  # the parameter itself: all of it, in order (what _view_runs gives)
+                return Target(loc, ctx.base, name, *_whole(loc))
             runs = _view_runs(loc, p)
             if runs is not None:
                 return Target(loc, ctx.base, name, *runs)

@@ -38,22 +38,30 @@ def stream_key(base: int, name: str, attempt: int = 0) -> tuple[int, int]:
     return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
-def _bitgen() -> np.random.Philox:
-    bg = getattr(_tls, "philox", None)
-    if bg is None:
-        bg = _tls.philox = np.random.Philox(0)
-    return bg
+def _bitgen() -> tuple[np.random.Philox, dict, np.ndarray, np.ndarray]:
+    """This thread's Philox bit generator and the state dict it is set from (its counter and key
+    arrays are overwritten in place: setting a state then builds no arrays)."""
+    got = getattr(_tls, "philox", None)
+    if got is None:
+        ctr, key = np.zeros(4, dtype=np.uint64), np.zeros(2, dtype=np.uint64)
+        state = {"bit_generator": "Philox", "state": {"counter": ctr, "key": key},
+                 "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+        got = _tls.philox = (np.random.Philox(0), state, ctr, key)
+    return got
 
 
 def words(key: tuple[int, int], start: int, count: int) -> np.ndarray:
     """Words ``start .. start + count - 1`` of the stream ``key`` (uint64), by numpy's Philox."""
-    bg = _bitgen()
+    bg, state, ctr, k = _bitgen()
     block, skip = divmod(start, 4)
     # numpy's Philox increments its counter before each block: start from block - 1 (mod 2^256)
-    ctr = [block - 1, 0, 0, 0] if block else [_MASK64] * 4
-    bg.state = {"bit_generator": "Philox",
-                "state": {"counter": np.array(ctr, dtype=np.uint64), "key": np.array(key, dtype=np.uint64)},
-                "buffer": np.zeros(4, dtype=np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
+    if block:
+        ctr[0] = block - 1
+        ctr[1:] = 0
+    else:
+        ctr[:] = _MASK64
+    k[0], k[1] = key
+    bg.state = state  # copied into the generator (buffer empty: buffer_pos 4)
     if skip:
         bg.random_raw(skip, output=False)
     return bg.random_raw(count)

@@ -45,8 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from ._activations import Activation
-from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, check_distribution, check_gain,
-                      check_mode, check_scale, check_std, is_number, planned_std, target_std, variance_scaling_)
+from ._engine import (TRUNC_VAR, _check_fans, _check_generator, _check_tensor, _sample_, _sample_scaled_,
+                      check_distribution, check_gain, check_mode, check_scale, check_std, is_number, planned_std,
+                      target_std, variance_scaling_)
 from ._errors import InitlabError, one_line_usage_errors, unknown_choice
 from ._fans import fans as _fans
 from ._fans import shape_of
@@ -102,6 +103,8 @@ class Scheme:
             raise, without writing. ``init_model`` runs every check before its first write and then
             keeps no copy of the weights (it holds Ctrl-C back instead); the tensors of any other
             scheme are copied first, so that a failure part-way can be undone.
+        write: for a scheme with ``check``, ``write(tensor, checked)`` writes what calling the scheme
+            writes, from what ``check`` returned for that tensor (``init_model`` then checks once).
     """
 
     name: str
@@ -118,6 +121,7 @@ class Scheme:
     fit: Callable[..., Any] | None = field(default=None, repr=False)
     check: Callable[[Tensor, "Fans | None", "torch.Generator | None"], Any] | None = field(default=None, repr=False)
     for_module: Callable[[nn.Module, str], "Scheme | None"] | None = field(default=None, repr=False)
+    write: Callable[[Tensor, Any], Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -184,7 +188,14 @@ def _vs(scale: float, mode: str, distribution: str) -> Scheme:
         std=lambda fi, fo, shp: target_std(scale, mode, (fi, fo)),
         scale=scale, mode=mode, distribution=distribution,
         check=lambda t, f, g: planned_std(t, scale, mode, distribution, generator=g, fans=f),
+        write=_write_planned,
     )
+
+
+def _write_planned(t: Tensor, planned: tuple[float | None, str, torch.Generator | None]) -> Tensor:
+    """``variance_scaling_``'s write from what :func:`planned_std` returned for ``t``."""
+    std, distribution, gen = planned
+    return t if std is None else _sample_scaled_(t, std, distribution, gen)
 
 
 def _plain(init: _Init, std: _Std | None) -> Scheme:
@@ -610,7 +621,8 @@ def _fixed_var(var: float, distribution: str) -> Scheme:
     return Scheme(name="torch_default", init=lambda t, f, g: variance_scaling_(t, var, "fan_in", distribution,
                                                                                   generator=g, fans=one),
                   std=lambda fi, fo, shp: math.sqrt(var), scale=var, mode="fan_in", distribution=distribution,
-                  check=lambda t, f, g: planned_std(t, var, "fan_in", distribution, generator=g, fans=one))
+                  check=lambda t, f, g: planned_std(t, var, "fan_in", distribution, generator=g, fans=one),
+                  write=_write_planned)
 
 
 def _torch_default_for(module: nn.Module, pname: str) -> Scheme | None:
