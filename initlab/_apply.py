@@ -69,7 +69,7 @@ from ._activations import Activation, is_activation_module
 from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
-from ._engine import needs_scratch, truncated_normal_
+from ._engine import batched, needs_scratch, truncated_normal_
 from ._keys import _sharding_hooks_off, keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
@@ -619,6 +619,7 @@ class _Planned:
     computed: str | None = None  # a weight computed from others (initlab._reparam): sampled into a scratch tensor
     underlying: list[Tensor] = field(default_factory=list)
     checked: list[Any] | None = None  # what the scheme's check returned per part (its write takes it)
+    written: bool = False  # sampled by Walk._presample
 
 
 def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
@@ -800,8 +801,21 @@ class _Walk:
                     out += [(f"layer {name!r}'s bias", b) for b in init_biases(module)]
         return out
 
+    def _presample(self) -> None:
+        """The engine's checked in-place writes, first and together (:func:`initlab._engine.batched`:
+        the small tensors fill in parallel, whole); :meth:`_weight` then only reports them."""
+        with batched():
+            for ps in self.planned.values():
+                for p in ps:
+                    write = getattr(p.choice.scheme, "write", None)
+                    if p.safe and p.tied_to is None and write is not None and p.checked is not None:
+                        for part, c in zip(p.parts, p.checked):
+                            write(part, c)
+                        p.written = True
+
     def write(self, targets: list[tuple[str, nn.Module, str]]) -> None:
         with torch.no_grad():
+            self._presample()
             biases: set[int] = set()
             for name, module, what in targets:
                 if what == "norm":
@@ -896,7 +910,9 @@ class _Walk:
             return
         try:
             write = getattr(p.choice.scheme, "write", None)
-            if write is not None and p.checked is not None:  # checked in plan: write without checking again
+            if p.written:
+                returned = []
+            elif write is not None and p.checked is not None:  # checked in plan: write without checking again
                 returned = [write(part, c) for part, c in zip(p.parts, p.checked)]
             else:
                 returned = [p.choice.scheme(part, fans=p.fans, generator=self.generator) for part in p.parts]

@@ -37,11 +37,14 @@ generator and torch's own ``normal_`` / ``uniform_``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
@@ -459,13 +462,57 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
         single(0, nchunks)
         return
     bounds = [nchunks * w // workers for w in range(workers + 1)]
-    pool = _executor(workers)
-    futures = [pool.submit(single, bounds[w], bounds[w + 1]) for w in range(workers)]
+    _run_parallel([lambda w=w: single(bounds[w], bounds[w + 1]) for w in range(workers)], workers)
+
+
+_batch: contextvars.ContextVar[list[tuple[Any, ...]] | None] = contextvars.ContextVar("initlab_batch", default=None)
+
+
+@contextlib.contextmanager
+def batched() -> Iterator[None]:
+    """Inside, every CPU tensor the sampler fills in place is only prepared (its key and runs,
+    on the calling thread); all are filled when the block ends, with the small ones (below
+    :data:`SMALL` elements) spread over ``torch.get_num_threads()`` threads as whole tensors,
+    which no per-tensor call can do without a thread hand-off per tensor. The values are the
+    same (each element is a function of its key and index). Nothing is written when the block
+    raises; nothing inside it may read what it samples."""
+    jobs: list[tuple[Any, ...]] = []
+    token = _batch.set(jobs)
+    try:
+        yield
+    finally:
+        _batch.reset(token)
+    _fill_all(jobs)
+
+
+def _fill_all(jobs: list[tuple[Any, ...]]) -> None:
+    """Fill the jobs :func:`batched` collected: the large ones chunk-parallel, one after the
+    other; the small ones as balanced groups of whole tensors, one group per thread."""
+    small = [j for j in jobs if j[0].numel() < SMALL]
+    for j in jobs:
+        if j[0].numel() >= SMALL:
+            _fill_chunks(*j)
+    workers = workers_for(sum(j[0].numel() for j in small))
+    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
+        for j in small:
+            _fill_chunks(*j)
+        return
+    groups: list[list[tuple[Any, ...]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for j in sorted(small, key=lambda j: -j[0].numel()):  # largest first, to the least loaded group
+        w = load.index(min(load))
+        groups[w].append(j)
+        load[w] += j[0].numel()
+    _run_parallel([lambda g=g: [_fill_chunks(*j) for j in g] for g in groups], workers)
+
+
+def _run_parallel(tasks: list[Any], workers: int) -> None:
+    """Run ``tasks`` on the sampler's pool; never return (even on Ctrl-C) while one still runs."""
+    futures = [_executor(workers).submit(t) for t in tasks]
     try:
         for f in futures:
             f.result()
     finally:
-        # never return (even on Ctrl-C) while a worker still writes into the tensor
         for f in futures:
             f.cancel()
         wait(futures)
@@ -499,6 +546,10 @@ def _sample_(tensor: Tensor, kind: str, a: float, generator: torch.Generator | N
     direct = t.is_contiguous() and t.device.type == "cpu"
     buf = t if direct else _scratch(t, work, "cpu")  # allocated before anything is written
     key = _philox.stream_key(target.base, target.name)
+    jobs = _batch.get()
+    if jobs is not None and direct:  # filled when the batch ends
+        jobs.append((buf.view(-1), kind, a, key, target.starts, target.lens, work))
+        return tensor
     _fill_chunks(buf.view(-1), kind, a, key, target.starts, target.lens, work)
     if not direct:
         t.copy_(buf)
