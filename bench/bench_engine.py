@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import initlab
-from initlab._engine import TRUNC_STD
+from initlab._engine import TRUNC_STD, batched
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], repeat: int,
@@ -172,13 +172,20 @@ def small_tensors(rep: int, threads: int) -> None:
     torch.set_num_threads(threads)
     ws = [torch.empty(64, 64) for _ in range(2000)]
     g = torch.Generator().manual_seed(0)
+    def batch() -> None:  # what init_model does: one batch, the small tensors spread over the threads
+        with batched():
+            for w in ws:
+                initlab.variance_scaling_(w, 1.0, "fan_in", "normal", generator=g)
     t = best_of({
         "torch normal_ loop": lambda: [w.normal_(0.0, 0.1, generator=g) for w in ws],
         "initlab loop": lambda: [initlab.variance_scaling_(w, 1.0, "fan_in", "normal", generator=g) for w in ws],
+        "initlab batch": batch,
     }, rep)
     r = t["initlab loop"] / t["torch normal_ loop"]
+    rb = t["initlab batch"] / t["torch normal_ loop"]
     print(f"\n2000 tensors of 64x64 at {threads} thread(s): torch {t['torch normal_ loop'] * 1e3:.1f} ms, initlab "
-          f"{t['initlab loop'] * 1e3:.1f} ms -> {r:.2f}x")
+          f"{t['initlab loop'] * 1e3:.1f} ms -> {r:.2f}x; in one batch (init_model) {t['initlab batch'] * 1e3:.1f} ms "
+          f"-> {rb:.2f}x")
     a, b = torch.randn(256, 256), torch.randn(256, 256)
 
     def small_op() -> float:

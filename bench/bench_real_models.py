@@ -8,6 +8,9 @@ vit_b_16. Columns: ``construct`` = the model's constructor (allocation and its o
 ``auto`` = ``init_model(model, "auto")`` on the built model; ``he`` = ``init_model(model,
 "he_normal")``; ``bare`` = a plain ``torch.nn.init`` loop over the same layers (``kaiming_normal_``
 on every weight layer, zero biases, norms 1/0). Goals: auto/construct <= 1.5, he/bare <= 1.1.
+``he_normal`` does not choose by activation, so it writes without tracing the model and its report
+finds the activation column when first read; ``he+read`` also reads ``report.rows`` (the trace),
+for what a caller who prints the report waits.
 
 Part 2 (default), on the harness's small architectures (``tests/test_real_models.py``): per
 architecture ``construct``, ``meta+init`` = building on the meta device, ``to_empty()`` and
@@ -76,7 +79,7 @@ def full(repeat: int, only: str) -> None:
     ensure_torchvision()
     gen = torch.Generator().manual_seed(0)
     print(f"{'model':20} {'params':>11} {'construct':>10} {'auto':>9} {'he':>9} {'bare':>9} "
-          f"{'auto/construct':>15} {'he/bare':>8}")
+          f"{'auto/construct':>15} {'he/bare':>8} {'he+read':>9} {'he+read/bare':>13}")
     for name in FULL:
         if only and not any(s in name for s in only.split(",")):
             continue
@@ -90,8 +93,10 @@ def full(repeat: int, only: str) -> None:
         t_auto = median_time(lambda model=model: initlab.init_model(model, "auto", generator=gen), repeat)
         t_he = median_time(lambda model=model: initlab.init_model(model, "he_normal", generator=gen), repeat)
         t_bare = median_time(lambda model=model: bare_init(model, gen), repeat)
+        t_read = median_time(lambda model=model: initlab.init_model(model, "he_normal", generator=gen).rows, repeat)
         print(f"{name:20} {n:>11,} {t_con * 1e3:>8.0f}ms {t_auto * 1e3:>7.0f}ms {t_he * 1e3:>7.0f}ms "
-              f"{t_bare * 1e3:>7.0f}ms {t_auto / t_con:>14.2f}x {t_he / t_bare:>7.2f}x")
+              f"{t_bare * 1e3:>7.0f}ms {t_auto / t_con:>14.2f}x {t_he / t_bare:>7.2f}x {t_read * 1e3:>7.0f}ms "
+              f"{t_read / t_bare:>12.2f}x")
 
 
 def harness(repeat: int, only: str) -> None:
