@@ -32,8 +32,9 @@ layout, or on how the parameter is sharded (a DTensor's local shard computes onl
 elements, with no communication); on its own, ``variance_scaling_(t, generator=g)`` keys by one
 draw of ``g``. Work is cut into chunks of ``2**17`` elements (peak scratch: one chunk per
 thread), spread over ``torch.get_num_threads()`` threads for tensors of at least ``SMALL``
-elements and run on the calling thread below that. Other devices sample with the caller's
-generator and torch's own ``normal_`` / ``uniform_``.
+elements and run on the calling thread below that; under :func:`batched` (``init_model``'s
+writes) the small tensors are filled together, whole, spread over those threads. Other devices
+sample with the caller's generator and torch's own ``normal_`` / ``uniform_``.
 """
 from __future__ import annotations
 
