@@ -486,31 +486,40 @@ def batched() -> Iterator[None]:
     _fill_all(jobs)
 
 
+_TINY = 1 << 14  # a tensor this small is mostly Python per call: its own thread would only contend for the GIL
+
+
 def _fill_all(jobs: list[tuple[Any, ...]]) -> None:
     """Fill the jobs :func:`batched` collected: the large ones chunk-parallel, one after the
-    other; the small ones as balanced groups of whole tensors, one group per thread."""
-    small = [j for j in jobs if j[0].numel() < SMALL]
+    other; the small ones as balanced groups of whole tensors, one group per thread, the calling
+    thread taking one group and every tiny tensor (below ``_TINY`` elements)."""
     for j in jobs:
         if j[0].numel() >= SMALL:
             _fill_chunks(*j)
+    small = [j for j in jobs if _TINY <= j[0].numel() < SMALL]
+    tiny = [j for j in jobs if j[0].numel() < _TINY]
     workers = workers_for(sum(j[0].numel() for j in small))
     if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        for j in small:
+        for j in small + tiny:
             _fill_chunks(*j)
         return
-    groups: list[list[tuple[Any, ...]]] = [[] for _ in range(workers)]
-    load = [0] * workers
+    groups: list[list[tuple[Any, ...]]] = [list(tiny)] + [[] for _ in range(workers - 1)]
+    load = [sum(j[0].numel() for j in tiny)] + [0] * (workers - 1)
     for j in sorted(small, key=lambda j: -j[0].numel()):  # largest first, to the least loaded group
         w = load.index(min(load))
         groups[w].append(j)
         load[w] += j[0].numel()
-    _run_parallel([lambda g=g: [_fill_chunks(*j) for j in g] for g in groups], workers)
+    _run_parallel([lambda g=g: [_fill_chunks(*j) for j in g] for g in groups[1:]], workers,  # the pool of that size
+                  here=lambda: [_fill_chunks(*j) for j in groups[0]])
 
 
-def _run_parallel(tasks: list[Any], workers: int) -> None:
-    """Run ``tasks`` on the sampler's pool; never return (even on Ctrl-C) while one still runs."""
+def _run_parallel(tasks: list[Any], workers: int, here: Any = None) -> None:
+    """Run ``tasks`` on the sampler's pool (and ``here`` on the calling thread meanwhile); never
+    return (even on Ctrl-C) while one still runs."""
     futures = [_executor(workers).submit(t) for t in tasks]
     try:
+        if here is not None:
+            here()
         for f in futures:
             f.result()
     finally:

@@ -10,14 +10,16 @@ from torch import nn
 
 from initlab import _apply, _engine
 from initlab._apply import init_model
-from initlab._engine import SMALL, batched, variance_scaling_
+from initlab._engine import _TINY, SMALL, batched, variance_scaling_
 
 
 def many_small() -> nn.Module:
     torch.manual_seed(0)
-    layers = [nn.Conv2d(16, 16, 3) for _ in range(30)] + [nn.Linear(96, 96, bias=False) for _ in range(30)]
+    layers = [nn.Conv2d(16, 16, 3) for _ in range(30)] + [nn.Linear(160, 160, bias=False) for _ in range(12)]
     m = nn.Sequential(*layers)
-    assert sum(p.numel() for p in m.parameters() if p.dim() > 1) > SMALL  # the small ones go parallel
+    sizes = [p.numel() for p in m.parameters() if p.dim() > 1]
+    assert sum(n for n in sizes if n >= _TINY) > SMALL  # the small ones go parallel (the tiny ones stay on the caller)
+    assert any(n < _TINY for n in sizes) and max(sizes) < SMALL
     return m
 
 
@@ -44,11 +46,13 @@ def init(threads: int, *, batch: bool = True, scheme: str = "he_normal", seed: i
 def test_batched_equals_one_call_per_tensor_at_any_thread_count(scheme, monkeypatch):
     groups = []
     real = _engine._run_parallel
-    monkeypatch.setattr(_engine, "_run_parallel", lambda tasks, workers: groups.append(len(tasks)) or real(tasks, workers))
+    monkeypatch.setattr(_engine, "_run_parallel",
+                        lambda tasks, workers, here=None: groups.append((len(tasks), here is not None)) or
+                        real(tasks, workers, here))
     ref = init(1, batch=False, scheme=scheme)
     assert groups == []  # one thread, one call per tensor: no pool
     two = init(2, scheme=scheme)
-    assert groups == [2]  # the small tensors went to two threads as two groups
+    assert groups == [(1, True)]  # the small tensors went to two threads: a pool thread and the calling one
     one = init(1, scheme=scheme)
     for a, b, c in zip(ref, one, two, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
