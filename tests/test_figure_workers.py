@@ -19,6 +19,8 @@ from rundir_compare import small
 
 FAULTS = Path(__file__).with_name("figure_worker_faults.py")
 FIGURES = {"layer1_histograms.png", "variance_per_layer.png", "accuracy.png", "loss.png"}
+#: the workers' time limit per figure in these tests: each figure of this small run takes about a second to draw
+TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_workers_draw_the_same_figures(in_process, tmp_path):
 
 @pytest.mark.parametrize("kind, why", [("raise", "RuntimeError: injected fault"),
                                        ("exit", "the figure worker stopped (exit code 3)"),
-                                       ("hang", "the figure worker did not finish within 20 s")])
+                                       ("hang", f"the figure worker did not finish within {TIMEOUT_S:.0f} s")])
 def test_a_failing_figure_is_named_missing(in_process, tmp_path, monkeypatch, kind, why):
     """The report of a finished run, rebuilt by workers one of which fails on variance_per_layer.png:
     the page names it missing and why, every other figure is drawn (the same bytes), and the figure's
@@ -51,7 +53,7 @@ def test_a_failing_figure_is_named_missing(in_process, tmp_path, monkeypatch, ki
     shutil.copytree(in_process, run)
     assert (run / "figures" / "variance_per_layer.png").is_file()
     monkeypatch.setattr(workers, "COMMAND", [sys.executable, str(FAULTS), kind, "variance_per_layer"])
-    monkeypatch.setattr(workers, "TIMEOUT_S", 20.0)
+    monkeypatch.setattr(workers, "TIMEOUT_S", TIMEOUT_S)
     t0 = time.monotonic()
     with workers.FigureWorkers(2) as pool:
         page = pool.write_report(run).read_text()
