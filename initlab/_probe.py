@@ -243,10 +243,9 @@ class _Plan:
                     return False
         return True
 
-    def layer_fans(self, name: str, module: nn.Module) -> tuple[int, int]:
-        """``initlab.fans`` of the layer's output weight (the layer's settings are part of the plan's
-        key; a weight of another shape is counted again)."""
-        w = output_weight(module)
+    def layer_fans(self, name: str, module: nn.Module, w: Tensor | None) -> tuple[int, int]:
+        """``initlab.fans`` of the layer's output weight ``w`` (the layer's settings are part of the
+        plan's key; a weight of another shape is counted again)."""
         shape = tuple(w.shape) if w is not None else ()
         hit = self.fans.get(name)
         if hit is None or hit[0] != shape:
@@ -391,10 +390,10 @@ def saturation_band(act: Activation) -> tuple[float, float]:
 
 
 class _Layer:
-    """Per-layer scratch: raw device sums written by the hooks (``parts``) and their element counts,
-    reduced to statistics on the host once, after the pass."""
+    """Per-layer scratch: the element counts of the raw device sums the hooks queued for the transfer
+    (:class:`_Sink`), reduced to statistics on the host once, after the pass."""
 
-    __slots__ = ("name", "module", "link", "act", "order", "cdim", "parts", "counts", "shape", "post_shape",
+    __slots__ = ("name", "module", "link", "act", "order", "cdim", "counts", "shape", "post_shape",
                  "in_shape", "in_ref", "post_apply")
 
     def __init__(self, name: str, module: nn.Module, link: Any) -> None:
@@ -402,7 +401,6 @@ class _Layer:
         self.act: Activation | None = link.activation
         self.order = -1
         self.cdim = 0
-        self.parts: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.shape: tuple[int, ...] = ()
         self.post_shape: tuple[int, ...] = ()
@@ -471,12 +469,59 @@ def _key(t: Tensor) -> tuple[int, int, int] | None:
         return None
 
 
-def _dev_moments(f: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum, sum of squared deviations from the mean) of a flat tensor, on its device."""
-    n = f.numel()
-    s = f.sum()
-    d = torch.sub(f, s, alpha=1.0 / n)  # f - mean, in one pass
-    return s, torch.dot(d, d)
+class _Sink:
+    """Device tensors queued by the hooks for one host transfer, each filed under ``(layer index,
+    key)`` (index -1: the batch's sums and the loss): 1-d vectors, and 0-d scalars that are
+    stacked into one vector at the end."""
+
+    __slots__ = ("vectors", "v_index", "scalars", "s_index")
+
+    def __init__(self) -> None:
+        self.vectors: list[Tensor] = []
+        self.v_index: list[tuple[int, str, int]] = []
+        self.scalars: list[Tensor] = []
+        self.s_index: list[tuple[int, str]] = []
+
+    def vector(self, i: int, key: str, t: Tensor) -> None:
+        if t.dim() != 1:
+            t = t.reshape(-1)
+        self.vectors.append(t)
+        self.v_index.append((i, key, t.numel()))
+
+    def scalar(self, i: int, key: str, t: Tensor) -> None:
+        self.scalars.append(t)
+        self.s_index.append((i, key))
+
+    def moments(self, i: int, prefix: str, f: Tensor) -> None:
+        """(sum, sum of squared deviations from the mean) of a flat tensor, as ``prefix_sum`` and
+        ``prefix_dev``: the deviations in one pass (``f - sum / n``), then one dot product."""
+        s = f.sum()
+        d = torch.sub(f, s, alpha=1.0 / f.numel())
+        self.scalars += (s, torch.dot(d, d))
+        self.s_index += ((i, prefix + "_sum"), (i, prefix + "_dev"))
+
+    def sums(self, i: int, prefix: str, f: Tensor) -> None:
+        """(sum, sum of squares) of a flat tensor, as ``prefix_sum`` and ``prefix_sq``."""
+        self.scalars += (f.sum(), torch.dot(f, f))
+        self.s_index += ((i, prefix + "_sum"), (i, prefix + "_sq"))
+
+    def fetch(self, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(values of index -1, values of every layer)``: float64 numpy arrays for vectors, floats for
+        scalars. One concatenation and one transfer (stack and cat promote dtypes; a float32 value
+        converts to float64 exactly)."""
+        try:
+            joined = torch.cat(self.vectors + [torch.stack(self.scalars)])
+        except RuntimeError:  # a model split over devices
+            joined = torch.cat([v.cpu() for v in self.vectors] + [torch.stack([t.cpu() for t in self.scalars])])
+        host = joined.cpu().numpy().astype(np.float64)
+        vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
+        off = 0
+        for i, key, n in self.v_index:
+            vals[i][key] = host[off:off + n]
+            off += n
+        for (i, key), v in zip(self.s_index, host[off:].tolist()):
+            vals[i][key] = v
+        return vals[-1], vals[:-1]
 
 
 # --------------------------------------------------------------------------- the pass
@@ -499,6 +544,7 @@ class _Probe:
         self.known: dict[tuple[int, int, int], tuple[Any, _Layer | None, str]] = {}
         self.grads: dict[int, Tensor] = {}
         self.loss_value: Tensor | None = None
+        self.sink = _Sink()  # the raw sums, for one transfer after the pass
 
     # ---- tensors measured already
     def remember(self, t: Tensor, layer: _Layer | None, kind: str) -> None:
@@ -571,7 +617,7 @@ class _Probe:
         self.grads = {id(p): g for p, g in zip(grad_params, gs) if g is not None}
         self.loss_value = loss_t.detach()
 
-    # ---- hooks
+    # ---- hooks (every measurement reads detached tensors: no graph is recorded, without a grad-mode switch)
     def _on_layer(self, layer: _Layer, src: str | None, apply_fn: bool, mod: nn.Module, args: tuple[Any, ...],
                   out: Any) -> None:
         """Forward hook of a weight layer: its output (pre-activation), input and, when nothing
@@ -583,20 +629,23 @@ class _Probe:
             return
         layer.order = len(self.order)
         self.order.append(layer)
-        with torch.no_grad():
-            yd = self._measure_pre(layer, mod, y)
-            x = args[0] if args and isinstance(args[0], Tensor) else None
-            if x is not None and x.is_floating_point():
-                self._measure_input(layer, x)
-            self.remember(y, layer, "pre")
-            if self.bins is not None:
-                b = output_bias(mod)
-                shape = [1] * yd.dim()
-                shape[layer.cdim] = -1
-                z = yd if b is None else yd - as_float(b).reshape(shape)
-                self.histograms[layer.name]["pre"] = histogram(z, self.bins)
-            if src is None and layer.act is not None:
-                self.measure_post(layer, layer.act.fn(yd) if apply_fn else y, not apply_fn)
+        yd = self._measure_pre(layer, mod, y)
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.is_floating_point():
+            self._measure_input(layer, x)
+        self.remember(y, layer, "pre")
+        if self.bins is not None:
+            b = output_bias(mod)
+            shape = [1] * yd.dim()
+            shape[layer.cdim] = -1
+            z = yd if b is None else yd - as_float(b).reshape(shape)
+            self.histograms[layer.name]["pre"] = histogram(z, self.bins)
+        if src is None and layer.act is not None:
+            if apply_fn:
+                with torch.no_grad():  # an activation with parameters (PReLU) would record a graph
+                    self.measure_post(layer, layer.act.fn(yd), False)
+            else:
+                self.measure_post(layer, y, True)
         if src is not None:
             self.queues[src].append(layer)
         if self.backward and y.requires_grad:
@@ -609,14 +658,23 @@ class _Probe:
         layer.shape = tuple(yd.shape)
         if yd.dim() == 1:
             yd = yd.unsqueeze(0)
+        dims = yd.dim()
         cdim = layer.cdim = channel_dim(mod, yd)
-        sum_c = channel_sums(yd, cdim)
-        shape = [1] * yd.dim()
-        shape[cdim] = -1
-        # deviations from the channel means in one pass: y - sum_c / (values per channel)
-        d = flat(torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / yd.numel()))
-        layer.parts["pre_sum_c"], layer.parts["pre_dev"] = sum_c, torch.dot(d, d)
-        layer.counts["pre"] = yd.numel()
+        n = yd.numel()
+        if cdim == dims - 1:  # channels last: the channel sums broadcast as they are
+            sum_c = yd.sum(dim=0) if dims == 2 else channel_sums(yd, cdim)
+            # deviations from the channel means in one pass: y - sum_c / (values per channel)
+            d = torch.sub(yd, sum_c, alpha=sum_c.numel() / n)
+        else:
+            sum_c = channel_sums(yd, cdim)
+            shape = [1] * dims
+            shape[cdim] = -1
+            d = torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / n)
+        d = d.reshape(-1)
+        i, sink = layer.order, self.sink
+        sink.vector(i, "pre_sum_c", sum_c)
+        sink.scalar(i, "pre_dev", torch.dot(d, d))
+        layer.counts["pre"] = n
         return yd
 
     def _measure_input(self, layer: _Layer, x: Tensor) -> None:
@@ -626,7 +684,8 @@ class _Probe:
             xf = flat(as_float(x))
             s_in = xf.sum()
             dx = xf - s_in / xf.numel()
-            layer.parts["in_sum"], layer.parts["in_dev"] = s_in, torch.dot(dx, dx)
+            self.sink.scalars += (s_in, torch.dot(dx, dx))
+            self.sink.s_index += ((layer.order, "in_sum"), (layer.order, "in_dev"))
             layer.counts["in"] = xf.numel()
 
     def _on_source(self, src: str, mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -636,21 +695,21 @@ class _Probe:
         p = first_tensor(out)
         if not q or p is None:
             return
-        with torch.no_grad():
-            while q:
-                layer = q.popleft()
-                if layer.post_apply:
+        while q:
+            layer = q.popleft()
+            if layer.post_apply:
+                with torch.no_grad():  # an activation with parameters (PReLU) would record a graph
                     self.measure_post(layer, layer.act.fn(as_float(p)), False)
-                else:
-                    self.measure_post(layer, p, True)
+            else:
+                self.measure_post(layer, p, True)
 
     def _on_grad(self, layer: _Layer, g: Tensor) -> None:
         """Tensor hook on a layer output: the gradient w.r.t. the pre-activation."""
-        parts = layer.parts
-        if "grad_sum" not in parts:  # the backward pass runs without grad mode (no create_graph)
+        counts = layer.counts
+        if "grad" not in counts:  # the backward pass runs without grad mode (no create_graph)
             gf = flat(as_float(g))
-            parts["grad_sum"], parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
-            layer.counts["grad"] = gf.numel()
+            self.sink.sums(layer.order, "grad", gf)
+            counts["grad"] = gf.numel()
             if self.bins is not None:
                 with torch.no_grad():
                     self.histograms[layer.name]["grad_pre"] = histogram(gf, self.bins)
@@ -660,16 +719,16 @@ class _Probe:
         if model_tensor:  # the model's own tensor: a later layer reading it reuses these moments
             self.remember(p, layer, "post")
         p = as_float(p)
-        parts = layer.parts
-        parts["post_sum"], parts["post_dev"] = _dev_moments(flat(p))
+        i, sink = layer.order, self.sink
+        sink.moments(i, "post", flat(p))
         layer.counts["post"] = p.numel()
         layer.post_shape = tuple(p.shape)
         act = layer.act
         if act is not None and act.zero_on_negative:
-            parts["post_max_c"] = _unit_maxima(p, layer)
+            sink.vector(i, "post_max_c", _unit_maxima(p, layer))
         if act is not None and act.saturates:
             center, half = saturation_band(act)
-            parts["sat"] = torch.sub(p, center).abs_().ge_(half).sum()
+            sink.scalar(i, "sat", torch.sub(p, center).abs_().ge_(half).sum())
         if self.bins is not None:
             self.histograms[layer.name]["post"] = histogram(p, self.bins)
 
@@ -688,65 +747,25 @@ def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
 # --------------------------------------------------------------------------- statistics on the host
 
 
-class _Transfer:
-    """Device tensors queued for one host transfer: 1-d vectors first, then the 0-d scalars stacked.
-    Each is filed under ``(layer index, key)``; index -1 holds the batch's sums and the loss."""
-
-    def __init__(self) -> None:
-        self.vectors: list[Tensor] = []
-        self.v_index: list[tuple[int, str, int]] = []
-        self.scalars: list[Tensor] = []
-        self.s_index: list[tuple[int, str]] = []
-
-    def vector(self, i: int, key: str, t: Tensor) -> None:
-        self.vectors.append(t.detach().reshape(-1))
-        self.v_index.append((i, key, self.vectors[-1].numel()))
-
-    def scalar(self, i: int, key: str, t: Tensor) -> None:
-        self.scalars.append(t)
-        self.s_index.append((i, key))
-
-    def fetch(self, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """``(values of index -1, values of every layer)``: numpy arrays for vectors, floats for scalars."""
-        pieces = self.vectors + ([torch.stack(self.scalars)] if self.scalars else [])  # stack and cat promote dtypes
-        if len({p.device for p in pieces}) == 1:
-            host = torch.cat(pieces).to(torch.float64).cpu().numpy()
-        else:  # a model split over devices
-            host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
-        vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
-        off = 0
-        for i, key, n in self.v_index:
-            vals[i][key] = host[off:off + n]
-            off += n
-        for (i, key), v in zip(self.s_index, host[off:].tolist()):
-            vals[i][key] = v
-        return vals[-1], vals[:-1]
-
-
-def _queue_layer(transfer: _Transfer, i: int, layer: _Layer, grads: dict[int, Tensor]) -> None:
-    """Queue a layer's raw sums, and its weight's (and weight gradient's) sums and its bias."""
-    scalars, s_index = transfer.scalars, transfer.s_index
-    for key, t in layer.parts.items():
-        if t.dim() == 0:
-            scalars.append(t)
-            s_index.append((i, key))
-        else:
-            transfer.vector(i, key, t)
-    w = output_weight(layer.module)
+def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> tuple[int, int]:
+    """Queue the sums of a layer's output weight (and of its gradient) and its bias; returns the
+    layer's fans (read now, so the table reflects the model as it was probed)."""
+    mod = layer.module
+    w = output_weight(mod)
+    fans = plan.layer_fans(layer.name, mod, w)
     if w is not None and not w.is_meta:
         wf = flat(as_float(w))
-        scalars += (wf.sum(), torch.dot(wf, wf))
-        s_index += ((i, "w_sum"), (i, "w_sq"))
+        sink.sums(i, "w", wf)
         layer.counts["w"] = wf.numel()
         g = grads.get(id(w))
         if g is not None:
             gf = flat(as_float(g))
-            scalars += (gf.sum(), torch.dot(gf, gf))
-            s_index += ((i, "wg_sum"), (i, "wg_sq"))
+            sink.sums(i, "wg", gf)
             layer.counts["wg"] = gf.numel()
-    b = output_bias(layer.module)
+    b = output_bias(mod)
     if b is not None and not b.is_meta:
-        transfer.vector(i, "bias", b)
+        sink.vector(i, "bias", b.detach())
+    return fans
 
 
 def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
@@ -829,26 +848,26 @@ def _link_inputs(order: list[_Layer], rows: list[dict[str, Any]]) -> None:
                        input_sq_mean=s_row[f"{p}_sq_mean"])
 
 
-def _fetch(state: _Probe, batch_sums: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _fetch(state: _Probe, batch_sum: Tensor, batch_norms: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Move every layer's raw sums to the host in one transfer: ``(the batch's sums and the loss,
     every layer's values)``. What the table needs from the model later (fans, a weight variance
     that needs two passes) is read now, so the table reflects the model as it was probed; the
     device tensors are released."""
-    transfer = _Transfer()
-    transfer.vector(-1, "batch", batch_sums)
-    if state.loss_value is not None:
-        transfer.scalar(-1, "loss", state.loss_value.detach().reshape(()))
-    for i, layer in enumerate(state.order):
-        _queue_layer(transfer, i, layer, state.grads)
-    extra, vals = transfer.fetch(len(state.order))
-    for layer, v in zip(state.order, vals):
-        layer.parts = {}
-        v["fans"] = state.plan.layer_fans(layer.name, layer.module)
+    sink, order = state.sink, state.order
+    sink.scalar(-1, "batch_sum", batch_sum)
+    sink.vector(-1, "batch_norms", batch_norms)
+    loss_value = state.loss_value
+    if loss_value is not None:
+        sink.scalar(-1, "loss", loss_value if loss_value.dim() == 0 else loss_value.reshape(()))
+    fans = [_queue_params(sink, i, layer, state.grads, state.plan) for i, layer in enumerate(order)]
+    extra, vals = sink.fetch(len(order))
+    state.sink, state.grads = _Sink(), {}
+    for layer, v, f in zip(order, vals, fans):
+        v["fans"] = f
         c = layer.counts
         if "w" in c and (v["w_sum"] / c["w"]) ** 2 > 0.99 * v["w_sq"] / c["w"]:
             # E[w^2] - E[w]^2 would lose digits: two passes instead
             v["w_var"] = float(moments(as_float(output_weight(layer.module)))[1])
-    state.grads = {}
     return extra, vals
 
 
@@ -870,25 +889,28 @@ def _table(order: list[_Layer], vals: list[dict[str, Any]], modules: dict[str, n
 # --------------------------------------------------------------------------- the probe
 
 
-def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor]:
-    """``(flat float values, values per example, [sum, per-example norms])`` of the first input: the
-    batch's moments (and, as NaN and inf propagate into them, its finiteness check) in one reduction."""
-    xf = flat(as_float(x0) if x0.is_floating_point() else x0.double())
+def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
+    """``(flat float values, values per example, sum, per-example norms)`` of the first input: the
+    batch's moments (and, as NaN and inf propagate into them, its finiteness check)."""
+    xd = as_float(x0) if x0.is_floating_point() else x0.double()
+    xf = flat(xd)
     # per-example norms (their squares / size are the per-example mean squares, for the
     # recursion, which propagates each example's own length): one fused reduction
     if x0.dim() > 1:
         sample_size = xf.numel() // x0.shape[0]
-        norms = torch.linalg.vector_norm(xf.reshape(x0.shape[0], -1), dim=1)
+        rows = xd if xd.dim() == 2 and xd.is_contiguous() else xf.reshape(x0.shape[0], -1)
+        norms = torch.linalg.vector_norm(rows, dim=1)
     else:
         sample_size = xf.numel()
         norms = torch.linalg.vector_norm(xf).reshape(1)
-    return xf, sample_size, torch.cat([xf.sum().reshape(1), norms])
+    return xf, sample_size, xf.sum(), norms
 
 
-def _input_moments(batch_host: np.ndarray, xf: Tensor, sample_size: int) -> tuple[float, float, float, np.ndarray]:
+def _input_moments(batch_sum: float, norms: np.ndarray, xf: Tensor,
+                   sample_size: int) -> tuple[float, float, float, np.ndarray]:
     """``(mean, variance, E[x^2], per-example E[x^2])`` of the batch from its host sums."""
-    sample_sq = batch_host[1:] ** 2 / sample_size
-    in_mean, in_sq = float(batch_host[0]) / xf.numel(), float(sample_sq.mean())
+    sample_sq = norms ** 2 / sample_size
+    in_mean, in_sq = batch_sum / xf.numel(), float(sample_sq.mean())
     in_var = max(in_sq - in_mean * in_mean, 0.0)
     if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
         in_var = float(moments(xf)[1])
@@ -922,7 +944,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
-    xf, sample_size, batch_sums = _batch_sums(x0)
+    xf, sample_size, batch_sum, batch_norms = _batch_sums(x0)
     if len(inputs) > 1:
         as_inputs(batch)  # the detailed check (raises for NaN/inf); one input is checked on its sums below
     if target is not None and not isinstance(target, Tensor):
@@ -935,10 +957,11 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     state.run(model, inputs, loss_fn)
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
-        extra, vals = _fetch(state, batch_sums)
-        if not np.isfinite(extra["batch"]).all():  # NaN and inf propagate into the sums
+        extra, vals = _fetch(state, batch_sum, batch_norms)
+        b_sum, norms = extra["batch_sum"], extra["batch_norms"]
+        if not (math.isfinite(b_sum) and np.isfinite(norms).all()):  # NaN and inf propagate into the sums
             as_inputs(batch)  # the detailed check (raises for NaN/inf)
-        in_mean, in_var, in_sq, sample_sq = _input_moments(extra["batch"], xf, sample_size)
+        in_mean, in_var, in_sq, sample_sq = _input_moments(b_sum, norms, xf, sample_size)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]
     notes = ["not called by the forward pass (no row): " + ", ".join(missing)] if missing else []
     return ProbeResult(histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq,
