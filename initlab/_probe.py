@@ -56,6 +56,7 @@ import math
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,9 @@ COLUMNS: tuple[str, ...] = (
     "grad_pre_var", "weight_grad_var", "weight_grad_norm",
     "predicted_pre_sq_mean", "predicted_post_sq_mean", "predicted_grad_pre_var",
 )
+
+#: the dtypes measured as they are (any other is measured in float32)
+_FLOATS = (torch.float32, torch.float64)
 
 #: the ``activation`` of a readout row (no activation follows the layer)
 READOUT = "none"
@@ -220,7 +224,7 @@ class _Plan:
     would keep the model alive), for each layer the module whose output is its post-activation
     and whether the activation is applied to it, and the layers' fans (per weight shape)."""
 
-    __slots__ = ("signature", "names", "settings", "links", "posts", "traced", "fans", "refresh")
+    __slots__ = ("signature", "names", "settings", "links", "posts", "traced", "fans", "refresh", "attention")
 
     def __init__(self, signature: Any, names: tuple[str, ...], settings: list[tuple[int, tuple[Any, ...]]],
                  links: list[tuple[str, Any]]) -> None:
@@ -230,6 +234,8 @@ class _Plan:
         self.fans: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {}
         # layers whose activation module has parameters or buffers (a PReLU's slope), read per call
         self.refresh: set[str] = set()
+        # whether a submodule is an attention module (whose fused fast path would skip the hooks)
+        self.attention = False
 
     def current(self, signature: Any, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
         """Whether the plan still fits: the same submodules (identity, type, name) with the same plain
@@ -289,6 +295,7 @@ def _plan(model: nn.Module, named: dict[str, nn.Module]) -> _Plan:
     plan = _PLANS[model] = _Plan(signature, tuple(named), settings,
                                  [(name, replace(link, module=None)) for name, link in links.items()])
     plan.refresh = {name for name, link in links.items() if _fresh(link, named) is not link}
+    plan.attention = any(isinstance(m, nn.MultiheadAttention) for m in mods)
     return plan
 
 
@@ -461,14 +468,6 @@ def _make_loss(loss: object, target: Tensor | None) -> Callable[[Any], Tensor] |
     return partial(_named_loss, name, target)
 
 
-def _key(t: Tensor) -> tuple[int, int, int] | None:
-    """Identifies a tensor's values: storage address, size and version (bumped by in-place ops)."""
-    try:
-        return (t.data_ptr(), t.numel(), t._version)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
 class _Sink:
     """Device tensors queued by the hooks for one host transfer, each filed under ``(layer index,
     key)`` (index -1: the batch's sums and the loss): 1-d vectors, and 0-d scalars that are
@@ -491,14 +490,6 @@ class _Sink:
     def scalar(self, i: int, key: str, t: Tensor) -> None:
         self.scalars.append(t)
         self.s_index.append((i, key))
-
-    def moments(self, i: int, prefix: str, f: Tensor) -> None:
-        """(sum, sum of squared deviations from the mean) of a flat tensor, as ``prefix_sum`` and
-        ``prefix_dev``: the deviations in one pass (``f - sum / n``), then one dot product."""
-        s = f.sum()
-        d = torch.sub(f, s, alpha=1.0 / f.numel())
-        self.scalars += (s, torch.dot(d, d))
-        self.s_index += ((i, prefix + "_sum"), (i, prefix + "_dev"))
 
     def sums(self, i: int, prefix: str, f: Tensor) -> None:
         """(sum, sum of squares) of a flat tensor, as ``prefix_sum`` and ``prefix_sq``."""
@@ -548,13 +539,16 @@ class _Probe:
 
     # ---- tensors measured already
     def remember(self, t: Tensor, layer: _Layer | None, kind: str) -> None:
-        k = _key(t)
-        if k is not None:
-            self.known[k] = (weakref.ref(t), layer, kind)
+        try:  # the key: storage address, size and version (bumped by in-place ops)
+            self.known[(t.data_ptr(), t.numel(), t._version)] = (weakref.ref(t), layer, kind)
+        except RuntimeError:  # inference tensors have no version counter
+            pass
 
     def recall(self, t: Tensor) -> tuple[_Layer | None, str] | None:
-        k = _key(t)
-        hit = self.known.get(k) if k is not None else None
+        try:
+            hit = self.known.get((t.data_ptr(), t.numel(), t._version))
+        except RuntimeError:
+            return None
         if hit is None or hit[0]() is None:
             return None
         return hit[1], hit[2]
@@ -563,10 +557,10 @@ class _Probe:
     def run(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None) -> None:
         """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
         hooks are removed afterwards, also when the forward or the loss fails."""
-        with kept_buffers(model), hooks() as handles:
+        with kept_buffers(model, modules=self.modules), hooks() as handles:
             self._install(handles)
             grad_params = self._grad_params()
-            with torch.set_grad_enabled(self.backward), no_mha_fastpath():
+            with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext():
                 try:
                     out = model(*inputs)
                 except InitlabError:
@@ -624,7 +618,7 @@ class _Probe:
         else is hooked for it, its post-activation."""
         if layer.order >= 0:
             return  # measured at the first call
-        y = first_tensor(out)
+        y = out if isinstance(out, Tensor) else first_tensor(out)
         if y is None:
             return
         layer.order = len(self.order)
@@ -640,40 +634,44 @@ class _Probe:
             shape[layer.cdim] = -1
             z = yd if b is None else yd - as_float(b).reshape(shape)
             self.histograms[layer.name]["pre"] = histogram(z, self.bins)
-        if src is None and layer.act is not None:
+        if src is not None:
+            self.queues[src].append(layer)
+        elif layer.act is not None:
             if apply_fn:
                 with torch.no_grad():  # an activation with parameters (PReLU) would record a graph
                     self.measure_post(layer, layer.act.fn(yd), False)
             else:
                 self.measure_post(layer, y, True)
-        if src is not None:
-            self.queues[src].append(layer)
         if self.backward and y.requires_grad:
             y.register_hook(partial(self._on_grad, layer))
 
     def _measure_pre(self, layer: _Layer, mod: nn.Module, y: Tensor) -> Tensor:
         """Per-channel sums and the squared deviations from the channel means of the layer output;
         returns the output as a float tensor of at least 2 dimensions."""
-        yd = as_float(y)
-        layer.shape = tuple(yd.shape)
-        if yd.dim() == 1:
+        yd = y.detach()
+        if yd.dtype not in _FLOATS:
+            yd = yd.float()
+        layer.shape = shape = tuple(yd.shape)
+        if len(shape) == 1:
             yd = yd.unsqueeze(0)
         dims = yd.dim()
         cdim = layer.cdim = channel_dim(mod, yd)
         n = yd.numel()
+        c = yd.shape[cdim]
         if cdim == dims - 1:  # channels last: the channel sums broadcast as they are
             sum_c = yd.sum(dim=0) if dims == 2 else channel_sums(yd, cdim)
             # deviations from the channel means in one pass: y - sum_c / (values per channel)
-            d = torch.sub(yd, sum_c, alpha=sum_c.numel() / n)
+            d = torch.sub(yd, sum_c, alpha=c / n).reshape(-1)
         else:
             sum_c = channel_sums(yd, cdim)
             shape = [1] * dims
             shape[cdim] = -1
-            d = torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / n)
-        d = d.reshape(-1)
+            d = torch.sub(yd, sum_c.reshape(shape), alpha=c / n).reshape(-1)
         i, sink = layer.order, self.sink
-        sink.vector(i, "pre_sum_c", sum_c)
-        sink.scalar(i, "pre_dev", torch.dot(d, d))
+        sink.vectors.append(sum_c)
+        sink.v_index.append((i, "pre_sum_c", c))
+        sink.scalars.append(torch.dot(d, d))
+        sink.s_index.append((i, "pre_dev"))
         layer.counts["pre"] = n
         return yd
 
@@ -704,31 +702,43 @@ class _Probe:
                 self.measure_post(layer, p, True)
 
     def _on_grad(self, layer: _Layer, g: Tensor) -> None:
-        """Tensor hook on a layer output: the gradient w.r.t. the pre-activation."""
+        """Tensor hook on a layer output: the gradient w.r.t. the pre-activation (the backward pass
+        runs without grad mode and without create_graph: ``g`` records no graph)."""
         counts = layer.counts
-        if "grad" not in counts:  # the backward pass runs without grad mode (no create_graph)
-            gf = flat(as_float(g))
-            self.sink.sums(layer.order, "grad", gf)
+        if "grad" not in counts:
+            gf = (g if g.dtype in _FLOATS else g.float()).reshape(-1)
+            i, sink = layer.order, self.sink
+            sink.scalars += (gf.sum(), torch.dot(gf, gf))
+            sink.s_index += ((i, "grad_sum"), (i, "grad_sq"))
             counts["grad"] = gf.numel()
             if self.bins is not None:
                 with torch.no_grad():
-                    self.histograms[layer.name]["grad_pre"] = histogram(gf, self.bins)
+                    self.histograms[layer.name]["grad_pre"] = histogram(gf.detach(), self.bins)
 
     def measure_post(self, layer: _Layer, p: Tensor, model_tensor: bool) -> None:
         """Sums of the post-activation ``p``, the dead units' maxima and the saturated count."""
         if model_tensor:  # the model's own tensor: a later layer reading it reuses these moments
             self.remember(p, layer, "post")
-        p = as_float(p)
+        p = p.detach()
+        if p.dtype not in _FLOATS:
+            p = p.float()
+        f = p.reshape(-1)
+        n = f.numel()
+        s = f.sum()
+        d = torch.sub(f, s, alpha=1.0 / n)  # deviations from the mean, in one pass
         i, sink = layer.order, self.sink
-        sink.moments(i, "post", flat(p))
-        layer.counts["post"] = p.numel()
+        sink.scalars += (s, torch.dot(d, d))
+        sink.s_index += ((i, "post_sum"), (i, "post_dev"))
+        counts = layer.counts
+        counts["post"] = n
         layer.post_shape = tuple(p.shape)
         act = layer.act
-        if act is not None and act.zero_on_negative:
-            sink.vector(i, "post_max_c", _unit_maxima(p, layer))
-        if act is not None and act.saturates:
-            center, half = saturation_band(act)
-            sink.scalar(i, "sat", torch.sub(p, center).abs_().ge_(half).sum())
+        if act is not None:
+            if act.zero_on_negative:
+                sink.vector(i, "post_max_c", _unit_maxima(p, layer))
+            if act.saturates:
+                center, half = saturation_band(act)
+                sink.scalar(i, "sat", torch.sub(p, center).abs_().ge_(half).sum())
         if self.bins is not None:
             self.histograms[layer.name]["post"] = histogram(p, self.bins)
 
@@ -749,22 +759,23 @@ def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
 
 def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> tuple[int, int]:
     """Queue the sums of a layer's output weight (and of its gradient) and its bias; returns the
-    layer's fans (read now, so the table reflects the model as it was probed)."""
+    layer's fans (read now, so the table reflects the model as it was probed). Runs without grad
+    mode: the parameters are read as they are, no graph is recorded."""
     mod = layer.module
     w = output_weight(mod)
     fans = plan.layer_fans(layer.name, mod, w)
     if w is not None and not w.is_meta:
-        wf = flat(as_float(w))
+        wf = (w if w.dtype in _FLOATS else w.float()).reshape(-1)
         sink.sums(i, "w", wf)
         layer.counts["w"] = wf.numel()
         g = grads.get(id(w))
         if g is not None:
-            gf = flat(as_float(g))
+            gf = (g if g.dtype in _FLOATS else g.float()).reshape(-1)
             sink.sums(i, "wg", gf)
             layer.counts["wg"] = gf.numel()
     b = output_bias(mod)
     if b is not None and not b.is_meta:
-        sink.vector(i, "bias", b.detach())
+        sink.vector(i, "bias", b)
     return fans
 
 
@@ -852,7 +863,7 @@ def _fetch(state: _Probe, batch_sum: Tensor, batch_norms: Tensor) -> tuple[dict[
     """Move every layer's raw sums to the host in one transfer: ``(the batch's sums and the loss,
     every layer's values)``. What the table needs from the model later (fans, a weight variance
     that needs two passes) is read now, so the table reflects the model as it was probed; the
-    device tensors are released."""
+    device tensors are released. Called without grad mode."""
     sink, order = state.sink, state.order
     sink.scalar(-1, "batch_sum", batch_sum)
     sink.vector(-1, "batch_norms", batch_norms)
