@@ -134,8 +134,9 @@ class ProbeResult:
     :data:`COLUMNS`), ``histograms[layer][kind]`` (kind in "pre", "post", "grad_pre"; only with
     ``bins``), the batch's moments, the loss (None without backward) and whether the model was traced.
 
-    The probe call itself only moves the raw sums to the host; ``rows``, ``notes`` and ``theory``
-    (statistics, fans, predictions of the variance recursion) are built from them on first use."""
+    The probe call itself only moves the raw sums to the host; ``rows``, ``notes``, ``theory`` and
+    the batch's moments (statistics, fans, predictions of the variance recursion) are built from
+    them on first use."""
 
     #: one dict per weight layer, forward order, keys :data:`COLUMNS`
     rows = _Built()
@@ -144,6 +145,10 @@ class ProbeResult:
     #: does): the recursion restarts there from a measurement (after a norm, a residual merge,
     #: attention...), so a prediction there is the measurement's echo, not a test of the theory
     theory = _Built()
+    #: the batch's (first input's) mean, population variance and second moment E[x^2]
+    input_mean = _Built()
+    input_var = _Built()
+    input_sq_mean = _Built()
 
     def __init__(self, rows: list[dict[str, Any]] | None = None,
                  histograms: dict[str, dict[str, Histogram]] | None = None, input_mean: float = float("nan"),
@@ -156,7 +161,7 @@ class ProbeResult:
         self._notes = [] if notes is None else notes
         self._theory = [] if theory is None else theory
         self.histograms = {} if histograms is None else histograms
-        self.input_mean, self.input_var, self.input_sq_mean = input_mean, input_var, input_sq_mean
+        self._input_mean, self._input_var, self._input_sq_mean = input_mean, input_var, input_sq_mean
         self.loss, self.traced, self.backward = loss, traced, backward
         #: samples in the batch (its first dimension)
         self.batch_size = batch_size
@@ -401,7 +406,7 @@ class _Layer:
     (:class:`_Sink`), reduced to statistics on the host once, after the pass."""
 
     __slots__ = ("name", "module", "link", "act", "order", "cdim", "counts", "shape", "post_shape",
-                 "in_shape", "in_ref", "post_apply")
+                 "in_shape", "in_ref", "post_apply", "fans", "w_at")
 
     def __init__(self, name: str, module: nn.Module, link: Any) -> None:
         self.name, self.module, self.link = name, module, link
@@ -415,6 +420,8 @@ class _Layer:
         # the input is a tensor measured already: (layer, "pre" or "post"), or (None, "batch")
         self.in_ref: tuple[_Layer | None, str] | None = None
         self.post_apply = False  # whether act.fn is applied to the output of the module feeding the activation
+        self.fans = (0, 0)  # initlab.fans of the output weight, read after the pass
+        self.w_at = -1  # where the weight's sum and sum of squares are among the transfer's scalars
 
 
 def _resolve_post_source(link: Any, modules: Any) -> tuple[str | None, bool]:
@@ -496,21 +503,29 @@ class _Sink:
         self.scalars += (f.sum(), torch.dot(f, f))
         self.s_index += ((i, prefix + "_sum"), (i, prefix + "_sq"))
 
-    def fetch(self, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """``(values of index -1, values of every layer)``: float64 numpy arrays for vectors, floats for
-        scalars. One concatenation and one transfer (stack and cat promote dtypes; a float32 value
-        converts to float64 exactly)."""
+    def fetch(self) -> tuple[np.ndarray, list[float]]:
+        """One concatenation and one transfer: ``(the vectors' values one after the other, the
+        scalars' values as floats)`` (stack and cat promote dtypes; the vectors stay in their
+        float dtype, float32 converts to float64 exactly later)."""
         try:
             joined = torch.cat(self.vectors + [torch.stack(self.scalars)])
         except RuntimeError:  # a model split over devices
             joined = torch.cat([v.cpu() for v in self.vectors] + [torch.stack([t.cpu() for t in self.scalars])])
-        host = joined.cpu().numpy().astype(np.float64)
+        host = (joined if joined.is_cpu else joined.cpu()).numpy()
+        n = len(host) - len(self.scalars)
+        return host[:n], host[n:].tolist()
+
+    def unpack(self, vectors: np.ndarray, scalars: list[float],
+               n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(values of index -1, values of every layer)`` from :meth:`fetch`'s result: float64 numpy
+        arrays for vectors, floats for scalars."""
+        vectors = vectors.astype(np.float64)
         vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
         off = 0
         for i, key, n in self.v_index:
-            vals[i][key] = host[off:off + n]
+            vals[i][key] = vectors[off:off + n]
             off += n
-        for (i, key), v in zip(self.s_index, host[off:].tolist()):
+        for (i, key), v in zip(self.s_index, scalars):
             vals[i][key] = v
         return vals[-1], vals[:-1]
 
@@ -757,15 +772,16 @@ def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
 # --------------------------------------------------------------------------- statistics on the host
 
 
-def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> tuple[int, int]:
-    """Queue the sums of a layer's output weight (and of its gradient) and its bias; returns the
-    layer's fans (read now, so the table reflects the model as it was probed). Runs without grad
-    mode: the parameters are read as they are, no graph is recorded."""
+def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> None:
+    """Queue the sums of a layer's output weight (and of its gradient) and its bias, and read its
+    fans now (so the table reflects the model as it was probed). Runs without grad mode: the
+    parameters are read as they are, no graph is recorded."""
     mod = layer.module
     w = output_weight(mod)
-    fans = plan.layer_fans(layer.name, mod, w)
+    layer.fans = plan.layer_fans(layer.name, mod, w)
     if w is not None and not w.is_meta:
         wf = (w if w.dtype in _FLOATS else w.float()).reshape(-1)
+        layer.w_at = len(sink.scalars)
         sink.sums(i, "w", wf)
         layer.counts["w"] = wf.numel()
         g = grads.get(id(w))
@@ -776,7 +792,6 @@ def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], 
     b = output_bias(mod)
     if b is not None and not b.is_meta:
         sink.vector(i, "bias", b)
-    return fans
 
 
 def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
@@ -859,42 +874,68 @@ def _link_inputs(order: list[_Layer], rows: list[dict[str, Any]]) -> None:
                        input_sq_mean=s_row[f"{p}_sq_mean"])
 
 
-def _fetch(state: _Probe, batch_sum: Tensor, batch_norms: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Move every layer's raw sums to the host in one transfer: ``(the batch's sums and the loss,
-    every layer's values)``. What the table needs from the model later (fans, a weight variance
-    that needs two passes) is read now, so the table reflects the model as it was probed; the
-    device tensors are released. Called without grad mode."""
+class _Host:
+    """The probe's raw sums on the host (one transfer), unpacked into per-layer values when the
+    table is built; ``w_var``: the weight variances that needed two passes, by layer index."""
+
+    __slots__ = ("sink", "vectors", "scalars", "loss", "w_var")
+
+    def __init__(self, sink: _Sink, vectors: np.ndarray, scalars: list[float], loss: float | None) -> None:
+        self.sink, self.vectors, self.scalars, self.loss = sink, vectors, scalars, loss
+        self.w_var: dict[int, float] = {}
+
+
+def _fetch(state: _Probe) -> _Host:
+    """Move every layer's raw sums to the host in one transfer (the batch's sums are the first
+    scalar and the first vector). What the table needs from the model later (fans, a weight
+    variance that needs two passes) is read now, so the table reflects the model as it was
+    probed; the device tensors are released. Called without grad mode."""
     sink, order = state.sink, state.order
-    sink.scalar(-1, "batch_sum", batch_sum)
-    sink.vector(-1, "batch_norms", batch_norms)
-    loss_value = state.loss_value
+    loss_value, loss_at = state.loss_value, len(sink.scalars)
     if loss_value is not None:
         sink.scalar(-1, "loss", loss_value if loss_value.dim() == 0 else loss_value.reshape(()))
-    fans = [_queue_params(sink, i, layer, state.grads, state.plan) for i, layer in enumerate(order)]
-    extra, vals = sink.fetch(len(order))
-    state.sink, state.grads = _Sink(), {}
-    for layer, v, f in zip(order, vals, fans):
-        v["fans"] = f
-        c = layer.counts
-        if "w" in c and (v["w_sum"] / c["w"]) ** 2 > 0.99 * v["w_sq"] / c["w"]:
-            # E[w^2] - E[w]^2 would lose digits: two passes instead
-            v["w_var"] = float(moments(as_float(output_weight(layer.module)))[1])
-    return extra, vals
+    for i, layer in enumerate(order):
+        _queue_params(sink, i, layer, state.grads, state.plan)
+    vectors, scalars = sink.fetch()
+    sink.vectors, sink.scalars, state.grads = [], [], {}
+    host = _Host(sink, vectors, scalars, scalars[loss_at] if loss_value is not None else None)
+    for i, layer in enumerate(order):
+        at = layer.w_at
+        if at >= 0:
+            n = layer.counts["w"]
+            if (scalars[at] / n) ** 2 > 0.99 * scalars[at + 1] / n:
+                # E[w^2] - E[w]^2 would lose digits: two passes instead
+                host.w_var[i] = float(moments(as_float(output_weight(layer.module)))[1])
+    return host
 
 
-def _table(order: list[_Layer], vals: list[dict[str, Any]], modules: dict[str, nn.Module],
-           sample_sq: np.ndarray | None, result: ProbeResult) -> None:
-    """Build ``result``'s rows, notes and predictions from the host values of :func:`_fetch`."""
+def _table(order: list[_Layer], host: _Host, batch: tuple[int, int, float | None, bool], modules: dict[str, nn.Module],
+           result: ProbeResult) -> None:
+    """Build ``result``'s rows, notes, predictions and batch moments from the host values of
+    :func:`_fetch`; ``batch``: the batch's values per example, its size, its variance by two passes
+    where :func:`probe` found that the one-pass formula may lose digits (else None), and whether
+    it has examples (more than one dimension)."""
     with np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
+        extra, vals = host.sink.unpack(host.vectors, host.scalars, len(order))
+        for i, v in host.w_var.items():
+            vals[i]["w_var"] = v
+        for layer, v in zip(order, vals):
+            v["fans"] = layer.fans
+        sample_size, numel, two_pass, examples = batch
+        sample_sq = extra["batch_norms"] ** 2 / sample_size
+        in_mean, in_sq = extra["batch_sum"] / numel, float(sample_sq.mean())
+        in_var = max(in_sq - in_mean * in_mean, 0.0)
+        if in_mean * in_mean > 0.99 * in_sq and two_pass is not None:  # E[x^2] - E[x]^2 would lose digits
+            in_var = two_pass
+        result._input_mean, result._input_var, result._input_sq_mean = in_mean, in_var, in_sq
         notes: list[str] = []
         rows = [_row(i, layer, vals[i], notes) for i, layer in enumerate(order)]
         _link_inputs(order, rows)
         for row in rows:
             if row.pop("_input_is_batch", False):
-                row.update(input_mean=result.input_mean, input_var=result.input_var,
-                           input_sq_mean=result.input_sq_mean)
+                row.update(input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq)
         result._rows, result._notes = rows, notes + result._notes
-        _fill_predictions(result, order, modules, sample_sq)
+        _fill_predictions(result, order, modules, sample_sq if examples else None)
 
 
 # --------------------------------------------------------------------------- the probe
@@ -917,15 +958,17 @@ def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
     return xf, sample_size, xf.sum(), norms
 
 
-def _input_moments(batch_sum: float, norms: np.ndarray, xf: Tensor,
-                   sample_size: int) -> tuple[float, float, float, np.ndarray]:
-    """``(mean, variance, E[x^2], per-example E[x^2])`` of the batch from its host sums."""
-    sample_sq = norms ** 2 / sample_size
-    in_mean, in_sq = batch_sum / xf.numel(), float(sample_sq.mean())
-    in_var = max(in_sq - in_mean * in_mean, 0.0)
-    if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
-        in_var = float(moments(xf)[1])
-    return in_mean, in_var, in_sq, sample_sq
+def _batch_two_pass(batch: Any, b_sum: float, norms: np.ndarray, xf: Tensor) -> float | None:
+    """Check the batch's values on its sums (NaN and inf propagate into them; only then the
+    detailed check of :func:`as_inputs`, which raises), and its variance by two passes where
+    E[x^2] - E[x]^2 may lose digits (the batch's mean square is estimated here from its per-example
+    norms, with a margin over the table's exact test), else None."""
+    norms = norms.astype(np.float64)
+    n = xf.numel()
+    mean, sq = b_sum / n, float(np.dot(norms, norms)) / n
+    if not (math.isfinite(mean) and math.isfinite(sq)):
+        as_inputs(batch)
+    return float(moments(xf)[1]) if mean * mean > 0.98 * sq else None
 
 
 def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
@@ -963,22 +1006,21 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
     state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None)
+    state.sink.scalar(-1, "batch_sum", batch_sum)  # the first scalar and the first vector
+    state.sink.vector(-1, "batch_norms", batch_norms)
     if x0.is_floating_point():
         state.remember(x0, None, "batch")
     state.run(model, inputs, loss_fn)
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
-        extra, vals = _fetch(state, batch_sum, batch_norms)
-        b_sum, norms = extra["batch_sum"], extra["batch_norms"]
-        if not (math.isfinite(b_sum) and np.isfinite(norms).all()):  # NaN and inf propagate into the sums
-            as_inputs(batch)  # the detailed check (raises for NaN/inf)
-        in_mean, in_var, in_sq, sample_sq = _input_moments(b_sum, norms, xf, sample_size)
+        host = _fetch(state)
+        two_pass = _batch_two_pass(batch, host.scalars[0], host.vectors[:batch_norms.numel()], xf)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]
     notes = ["not called by the forward pass (no row): " + ", ".join(missing)] if missing else []
-    return ProbeResult(histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq,
-                       loss=extra.get("loss"), traced=state.plan.traced,
+    return ProbeResult(histograms=dict(state.histograms), loss=host.loss, traced=state.plan.traced,
                        backward=state.backward, notes=notes, batch_size=int(x0.shape[0]) if x0.dim() else 1,
-                       pending=partial(_table, state.order, vals, modules, sample_sq if x0.dim() > 1 else None))
+                       pending=partial(_table, state.order, host, (sample_size, xf.numel(), two_pass, x0.dim() > 1),
+                                       modules))
 
 
 # --------------------------------------------------------------------------- theory
