@@ -533,12 +533,39 @@ class _Sink:
 # --------------------------------------------------------------------------- the pass
 
 
+class _threads:
+    """Context manager: this thread's intra-op parallelism set to ``n`` threads, one again on exit."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        if self.n != 1:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n != 1:
+            torch.set_num_threads(1)
+
+
+def _on_one_thread(threads: int, fn: Callable[..., None], *args: Any) -> None:
+    """Run a hook's statistics on one thread, inside a pass that runs on ``threads``."""
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Probe:
     """One probe pass: the layers' scratch, the hooks that fill it, the tensors measured already
     and the backward pass's results."""
 
-    def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool) -> None:
+    def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool,
+                 threads: int = 1) -> None:
         self.plan, self.modules, self.bins, self.backward = plan, modules, bins, backward
+        # the caller's thread count, for the model's own work; the statistics run on one thread
+        self.threads = threads
         refresh = plan.refresh
         self.layers = {name: _Layer(name, modules[name], _fresh(link, modules) if name in refresh else link)
                        for name, link in plan.links}
@@ -575,7 +602,8 @@ class _Probe:
         with kept_buffers(model, modules=self.modules), hooks() as handles:
             self._install(handles)
             grad_params = self._grad_params()
-            with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext():
+            with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
+                    _threads(self.threads):
                 try:
                     out = model(*inputs)
                 except InitlabError:
@@ -596,15 +624,20 @@ class _Probe:
         for name, layer in self.layers.items():
             src, apply_fn = posts[name]
             layer.post_apply = apply_fn
-            handles.append(layer.module.register_forward_hook(partial(self._on_layer, layer, src, apply_fn)))
+            handles.append(layer.module.register_forward_hook(self._hook(self._on_layer, layer, src, apply_fn)))
             if src is not None:
                 sources[src] = None
         for src in sources:
-            handles.append(self.modules[src].register_forward_hook(partial(self._on_source, src)))
+            handles.append(self.modules[src].register_forward_hook(self._hook(self._on_source, src)))
+
+    def _hook(self, fn: Callable[..., None], *args: Any) -> Callable[..., None]:
+        """``fn`` with ``args`` bound first, run on one thread (the pass itself runs on the caller's)."""
+        return partial(fn, *args) if self.threads == 1 else partial(_on_one_thread, self.threads, fn, *args)
 
     def _grad_params(self) -> list[Tensor]:
         params = [output_weight(layer.module) for layer in self.layers.values()]
-        grad_params = list(dict.fromkeys(p for p in params if p is not None and p.requires_grad))
+        # distinct, in order (keyed by identity: a tensor's own hash is a Python call)
+        grad_params = list({id(p): p for p in params if p is not None and p.requires_grad}.values())
         if self.backward and not grad_params:
             raise InitlabError("no weight of the model requires grad, so no backward pass is possible; "
                                "call probe without target/loss, or enable requires_grad")
@@ -658,7 +691,7 @@ class _Probe:
             else:
                 self.measure_post(layer, y, True)
         if self.backward and y.requires_grad:
-            y.register_hook(partial(self._on_grad, layer))
+            y.register_hook(self._hook(self._on_grad, layer))
 
     def _measure_pre(self, layer: _Layer, mod: nn.Module, y: Tensor) -> Tensor:
         """Per-channel sums and the squared deviations from the channel means of the layer output;
@@ -996,6 +1029,19 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     """
     if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
         raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return _probe(model, batch, target, loss, bins, 1)
+    torch.set_num_threads(1)  # the statistics: small reductions, on one thread (the model's own work: on all)
+    try:
+        return _probe(model, batch, target, loss, bins, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], target: Tensor | None,
+           loss: Callable[..., Tensor] | str | None, bins: int | None, threads: int) -> ProbeResult:
+    """:func:`probe` on one thread; the model's forward and backward pass run on ``threads``."""
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
     xf, sample_size, batch_sum, batch_norms = _batch_sums(x0)
@@ -1005,7 +1051,7 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
         raise InitlabError(f"target must be a torch.Tensor, got {type(target).__name__}")
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None)
+    state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None, threads)
     state.sink.scalar(-1, "batch_sum", batch_sum)  # the first scalar and the first vector
     state.sink.vector(-1, "batch_norms", batch_norms)
     if x0.is_floating_point():
