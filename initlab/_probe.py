@@ -599,7 +599,8 @@ class _Probe:
     def run(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None) -> None:
         """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
         hooks are removed afterwards, also when the forward or the loss fails."""
-        with kept_buffers(model, modules=self.modules), hooks() as handles:
+        keep = any(m._buffers for m in self.modules.values())  # BatchNorm statistics and the like
+        with kept_buffers(model, modules=self.modules) if keep else nullcontext(), hooks() as handles:
             self._install(handles)
             grad_params = self._grad_params()
             with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
