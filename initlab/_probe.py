@@ -33,8 +33,12 @@ pre-activation and one dot product of its deviations (from which the no-bias mom
 exactly, since subtracting a per-channel constant shifts the channel means and leaves the
 deviations unchanged); means and dot products for the rest. Results stay on the device until
 one transfer at the end (no per-statistic ``.item()``), so a moments-only probe costs little
-more than the plain forward and backward pass. The layer graph of a model is traced once and
-cached (keyed by the model and its set of submodules).
+more than the plain forward and backward pass; the host work that only the table needs
+(unpacking the sums, the batch's moments, the statistics, the predictions) waits until the
+table is first read. The statistics run on one thread (the model's own forward and backward
+on the caller's threads): no parallel region is opened for a small reduction, and their bits
+do not depend on the thread count. The layer graph of a model is traced once and cached
+(keyed by the model and its set of submodules).
 
 How the post-activation is found: ``initlab._graph.find_activations`` links each layer to
 the activation that consumes its output. An activation *module* (``nn.ReLU``, also with
