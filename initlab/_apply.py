@@ -70,7 +70,7 @@ from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
 from ._engine import needs_scratch, truncated_normal_
-from ._keys import keyed, local, row_blocks
+from ._keys import is_dtensor, is_shard_block, keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
@@ -346,7 +346,21 @@ def _adapt_callable(fn: Callable[..., Any], label: str) -> Callable[[Tensor, Any
     def init(t: Tensor, fans: Any, generator: Any) -> Any:
         kw = {"fans": fans, "generator": generator}
         return fn(t, **{k: v for k, v in kw.items() if k in takes})
+    init.takes_fans = "fans" in takes  # type: ignore[attr-defined]
     return init
+
+
+def _check_block_fans(p: "_Planned") -> None:
+    """A sharded fused weight (MultiheadAttention's in_proj on a DTensor) is written block by block
+    on the local shard; a user function without ``fans=`` would take the fans of the local block
+    (the shard's rows or columns), not the layer's, so it is refused before any write."""
+    init = getattr(p.choice.scheme, "init", None)
+    if getattr(init, "takes_fans", True) or not any(is_shard_block(part) for part in p.parts):
+        return
+    raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {tuple(p.tensor.shape)}): scheme "
+                       f"{p.choice.label!r} is a function without a fans= keyword, and this sharded (DTensor) weight "
+                       "is written block by block on its local shard, so it would compute the fans of the local block; "
+                       "give it a fans= keyword (init_model passes the layer's fans) or use a named scheme")
 
 
 def _check_needs(scheme: Any, label: str, batch: Tensor | None, inc: object, exc: object) -> None:
@@ -505,6 +519,7 @@ def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
     """Run the scheme's checks on every part without writing (``Scheme.check``); a part that needs a
     scratch copy of its size could still run out of memory, so it is not safe."""
     check = getattr(p.choice.scheme, "check", None)
+    _check_block_fans(p)
     try:
         if check is not None:
             for part in p.parts:
@@ -794,9 +809,13 @@ class _Walk:
     def _plan_norms(self, targets: list[tuple[str, nn.Module, str]]) -> None:
         """Zero-initialised residual norms (torchvision's ``zero_init_residual=True``, timm's
         ``zero_init_last``; Goyal et al. 2017): a norm whose weight and bias are all zeros keeps its
-        zeros, unless every norm of the model is zero (uninitialised memory, not a choice)."""
+        zeros, unless every norm of the model is zero (uninitialised memory, not a choice). A sharded
+        (DTensor) norm always gets ones: each rank sees only its own shard, and after ``to_empty()``
+        one rank's memory may hold zeros where another's does not, so a choice made from local values
+        could differ between ranks (and deciding from the whole tensor would need a collective)."""
         ws = [(name, m.weight, getattr(m, "bias", None)) for name, m, what in targets
-              if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta]
+              if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta
+              and not is_dtensor(m.weight)]
         zero = {name for name, w, b in ws if not bool(torch.any(local(w)))
                 and (not isinstance(b, Tensor) or not bool(torch.any(local(b))))}
         self.zero_norms = zero if len(zero) < len(ws) else set()

@@ -166,6 +166,34 @@ def attention(world: int, out: list) -> None:
     ok = "DTensor" in msg and "'attn'" in msg and "\n" not in msg
     out.append({"case": "orthogonal refused on a MultiheadAttention DTensor", "params": 0,
                 "mismatched": [] if ok else [msg], "collectives": 0, "fingerprint_equal": True})
+    user_functions(meshes[0][1], out)
+
+
+def _he_with_fans(tensor, fans, generator):
+    """A user scheme with a fans= keyword: init_model passes the layer's (global) fans."""
+    return initlab.variance_scaling_(tensor, 2.0, "fan_avg", "normal", fans=fans, generator=generator)
+
+
+def user_functions(mesh, out: list) -> None:
+    """A user function on a sharded MultiheadAttention: with fans= it gets the layer's fans (so the
+    same values as on one process); without, it is refused before any write (it would see the fans
+    of the local block of the shard)."""
+    for placements in ([Shard(0)], [Shard(1)]):
+        got = shard(Attention(), mesh, placements)
+        comms = run_init(got, _he_with_fans, {})
+        compare(f"{placements} MultiheadAttention, a user function with fans=", reference(Attention, _he_with_fans, {}),
+                got, comms, out)
+        got = shard(Attention(), mesh, placements)
+        before = {n: p.to_local().clone() for n, p in got.named_parameters()}
+        try:
+            initlab.init_model(got, torch.nn.init.xavier_normal_, generator=torch.Generator().manual_seed(SEED))
+            msg = "no error"
+        except initlab.InitlabError as e:
+            msg = str(e)
+        same = all(torch.equal(p.to_local(), before[n]) for n, p in got.named_parameters())
+        ok = "fans=" in msg and "'attn'" in msg and "\n" not in msg and same
+        out.append({"case": f"{placements} a user function without fans= refused on a MultiheadAttention DTensor",
+                    "params": 0, "mismatched": [] if ok else [msg], "collectives": 0, "fingerprint_equal": True})
 
 
 def tensor_parallel(world: int, out: list) -> None:
@@ -184,6 +212,12 @@ def fsdp2(world: int, out: list) -> None:
         fully_shard(b, mesh=mesh)
     fully_shard(got, mesh=mesh)
     got.to_empty(device="cpu")
+    # to_empty's memory is whatever the allocator gives: make it zeros in one norm on rank 0 and
+    # non-zero elsewhere, which once made rank 0 alone keep that norm at zero (zero-init residual)
+    rank = torch.distributed.get_rank()
+    with torch.no_grad():
+        for name, p in got.named_parameters():
+            p.to_local().fill_(0.0 if rank == 0 and name.startswith("blocks.1.ln2.") else 7.0)
     kw = {"distribution": "truncated_normal"}
     comms = run_init(got, "he_normal", kw)
     compare("FSDP2 fully_shard tiny transformer (meta, to_empty) he_normal truncated",

@@ -64,6 +64,8 @@ def test_sharded_init_is_bitwise_the_single_process_init(world, tmp_path):
         mha = [c for c in cases if "MultiheadAttention" in c]
         assert all(any(p in c for c in mha) for p in ("[Shard(dim=0)]", "[Shard(dim=1)]", "[Replicate()]")), mha
         assert any("orthogonal refused on a MultiheadAttention" in c for c in cases)
+        assert sum("user function without fans= refused" in c for c in cases) == 2
+        assert sum("user function with fans=" in c for c in cases) == 2
         if world == 4:
             assert any(c.startswith("2d") for c in cases)
         for row in rows:
