@@ -36,8 +36,8 @@ one transfer at the end (no per-statistic ``.item()``), so a moments-only probe 
 more than the plain forward and backward pass; the host work that only the table needs
 (unpacking the sums, the batch's moments, the statistics, the predictions) waits until the
 table is first read. The statistics run on one thread (the model's own forward and backward
-on the caller's threads): no parallel region is opened for a small reduction, and their bits
-do not depend on the thread count. The layer graph of a model is traced once and cached
+on the caller's threads): no parallel region is opened for a small reduction, and the
+reductions add no dependence on the thread count. The layer graph of a model is traced once and cached
 (keyed by the model and its set of submodules).
 
 How the post-activation is found: ``initlab._graph.find_activations`` links each layer to
