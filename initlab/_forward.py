@@ -100,13 +100,14 @@ def hooks():
 
 
 @contextmanager
-def kept_buffers(model: nn.Module, keep: bool = True):
+def kept_buffers(model: nn.Module, keep: bool = True, modules: dict[str, nn.Module] | None = None):
     """Restore the model's buffers (BatchNorm running statistics and ``num_batches_tracked``...) on
     exit, also on errors and Ctrl-C: their values, and which tensor fills each slot; nothing when
-    ``keep`` is False."""
-    undo = Undo("restoring the model's buffers")
-    owners = [(name, m) for name, m in model.named_modules() if m._buffers] if keep else []
+    ``keep`` is False. ``modules``: ``dict(model.named_modules())`` where the caller has it."""
+    named = modules.items() if modules is not None else model.named_modules()
+    owners = [(name, m) for name, m in named if m._buffers] if keep else []
     if owners:
+        undo = Undo("restoring the model's buffers")
         undo.save_all([(f"buffer {name!r}", b) for name, b in model.named_buffers()])
         for name, m in owners:
             undo.save_module(m, name or "<model>", parameters=False)

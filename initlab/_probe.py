@@ -33,8 +33,12 @@ pre-activation and one dot product of its deviations (from which the no-bias mom
 exactly, since subtracting a per-channel constant shifts the channel means and leaves the
 deviations unchanged); means and dot products for the rest. Results stay on the device until
 one transfer at the end (no per-statistic ``.item()``), so a moments-only probe costs little
-more than the plain forward and backward pass. The layer graph of a model is traced once and
-cached (keyed by the model and its set of submodules).
+more than the plain forward and backward pass; the host work that only the table needs
+(unpacking the sums, the batch's moments, the statistics, the predictions) waits until the
+table is first read. The statistics run on one thread (the model's own forward and backward
+on the caller's threads): no parallel region is opened for a small reduction, and the
+reductions add no dependence on the thread count. The layer graph of a model is traced once and cached
+(keyed by the model and its set of submodules).
 
 How the post-activation is found: ``initlab._graph.find_activations`` links each layer to
 the activation that consumes its output. An activation *module* (``nn.ReLU``, also with
@@ -56,6 +60,7 @@ import math
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -99,6 +104,9 @@ COLUMNS: tuple[str, ...] = (
     "predicted_pre_sq_mean", "predicted_post_sq_mean", "predicted_grad_pre_var",
 )
 
+#: the dtypes measured as they are (any other is measured in float32)
+_FLOATS = (torch.float32, torch.float64)
+
 #: the ``activation`` of a readout row (no activation follows the layer)
 READOUT = "none"
 
@@ -130,8 +138,9 @@ class ProbeResult:
     :data:`COLUMNS`), ``histograms[layer][kind]`` (kind in "pre", "post", "grad_pre"; only with
     ``bins``), the batch's moments, the loss (None without backward) and whether the model was traced.
 
-    The probe call itself only moves the raw sums to the host; ``rows``, ``notes`` and ``theory``
-    (statistics, fans, predictions of the variance recursion) are built from them on first use."""
+    The probe call itself only moves the raw sums to the host; ``rows``, ``notes``, ``theory`` and
+    the batch's moments (statistics, fans, predictions of the variance recursion) are built from
+    them on first use."""
 
     #: one dict per weight layer, forward order, keys :data:`COLUMNS`
     rows = _Built()
@@ -140,6 +149,10 @@ class ProbeResult:
     #: does): the recursion restarts there from a measurement (after a norm, a residual merge,
     #: attention...), so a prediction there is the measurement's echo, not a test of the theory
     theory = _Built()
+    #: the batch's (first input's) mean, population variance and second moment E[x^2]
+    input_mean = _Built()
+    input_var = _Built()
+    input_sq_mean = _Built()
 
     def __init__(self, rows: list[dict[str, Any]] | None = None,
                  histograms: dict[str, dict[str, Histogram]] | None = None, input_mean: float = float("nan"),
@@ -152,7 +165,7 @@ class ProbeResult:
         self._notes = [] if notes is None else notes
         self._theory = [] if theory is None else theory
         self.histograms = {} if histograms is None else histograms
-        self.input_mean, self.input_var, self.input_sq_mean = input_mean, input_var, input_sq_mean
+        self._input_mean, self._input_var, self._input_sq_mean = input_mean, input_var, input_sq_mean
         self.loss, self.traced, self.backward = loss, traced, backward
         #: samples in the batch (its first dimension)
         self.batch_size = batch_size
@@ -220,7 +233,7 @@ class _Plan:
     would keep the model alive), for each layer the module whose output is its post-activation
     and whether the activation is applied to it, and the layers' fans (per weight shape)."""
 
-    __slots__ = ("signature", "names", "settings", "links", "posts", "traced", "fans", "refresh")
+    __slots__ = ("signature", "names", "settings", "links", "posts", "traced", "fans", "refresh", "attention")
 
     def __init__(self, signature: Any, names: tuple[str, ...], settings: list[tuple[int, tuple[Any, ...]]],
                  links: list[tuple[str, Any]]) -> None:
@@ -230,6 +243,8 @@ class _Plan:
         self.fans: dict[str, tuple[tuple[int, ...], tuple[int, int]]] = {}
         # layers whose activation module has parameters or buffers (a PReLU's slope), read per call
         self.refresh: set[str] = set()
+        # whether a submodule is an attention module (whose fused fast path would skip the hooks)
+        self.attention = False
 
     def current(self, signature: Any, names: tuple[str, ...], mods: tuple[nn.Module, ...]) -> bool:
         """Whether the plan still fits: the same submodules (identity, type, name) with the same plain
@@ -243,10 +258,9 @@ class _Plan:
                     return False
         return True
 
-    def layer_fans(self, name: str, module: nn.Module) -> tuple[int, int]:
-        """``initlab.fans`` of the layer's output weight (the layer's settings are part of the plan's
-        key; a weight of another shape is counted again)."""
-        w = output_weight(module)
+    def layer_fans(self, name: str, module: nn.Module, w: Tensor | None) -> tuple[int, int]:
+        """``initlab.fans`` of the layer's output weight ``w`` (the layer's settings are part of the
+        plan's key; a weight of another shape is counted again)."""
         shape = tuple(w.shape) if w is not None else ()
         hit = self.fans.get(name)
         if hit is None or hit[0] != shape:
@@ -290,6 +304,7 @@ def _plan(model: nn.Module, named: dict[str, nn.Module]) -> _Plan:
     plan = _PLANS[model] = _Plan(signature, tuple(named), settings,
                                  [(name, replace(link, module=None)) for name, link in links.items()])
     plan.refresh = {name for name, link in links.items() if _fresh(link, named) is not link}
+    plan.attention = any(isinstance(m, nn.MultiheadAttention) for m in mods)
     return plan
 
 
@@ -391,18 +406,17 @@ def saturation_band(act: Activation) -> tuple[float, float]:
 
 
 class _Layer:
-    """Per-layer scratch: raw device sums written by the hooks (``parts``) and their element counts,
-    reduced to statistics on the host once, after the pass."""
+    """Per-layer scratch: the element counts of the raw device sums the hooks queued for the transfer
+    (:class:`_Sink`), reduced to statistics on the host once, after the pass."""
 
-    __slots__ = ("name", "module", "link", "act", "order", "cdim", "parts", "counts", "shape", "post_shape",
-                 "in_shape", "in_ref", "post_apply")
+    __slots__ = ("name", "module", "link", "act", "order", "cdim", "counts", "shape", "post_shape",
+                 "in_shape", "in_ref", "post_apply", "fans", "w_at")
 
     def __init__(self, name: str, module: nn.Module, link: Any) -> None:
         self.name, self.module, self.link = name, module, link
         self.act: Activation | None = link.activation
         self.order = -1
         self.cdim = 0
-        self.parts: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self.shape: tuple[int, ...] = ()
         self.post_shape: tuple[int, ...] = ()
@@ -410,6 +424,8 @@ class _Layer:
         # the input is a tensor measured already: (layer, "pre" or "post"), or (None, "batch")
         self.in_ref: tuple[_Layer | None, str] | None = None
         self.post_apply = False  # whether act.fn is applied to the output of the module feeding the activation
+        self.fans = (0, 0)  # initlab.fans of the output weight, read after the pass
+        self.w_at = -1  # where the weight's sum and sum of squares are among the transfer's scalars
 
 
 def _resolve_post_source(link: Any, modules: Any) -> tuple[str | None, bool]:
@@ -463,31 +479,97 @@ def _make_loss(loss: object, target: Tensor | None) -> Callable[[Any], Tensor] |
     return partial(_named_loss, name, target)
 
 
-def _key(t: Tensor) -> tuple[int, int, int] | None:
-    """Identifies a tensor's values: storage address, size and version (bumped by in-place ops)."""
-    try:
-        return (t.data_ptr(), t.numel(), t._version)
-    except RuntimeError:  # inference tensors have no version counter
-        return None
+class _Sink:
+    """Device tensors queued by the hooks for one host transfer, each filed under ``(layer index,
+    key)`` (index -1: the batch's sums and the loss): 1-d vectors, and 0-d scalars that are
+    stacked into one vector at the end."""
 
+    __slots__ = ("vectors", "v_index", "scalars", "s_index")
 
-def _dev_moments(f: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum, sum of squared deviations from the mean) of a flat tensor, on its device."""
-    n = f.numel()
-    s = f.sum()
-    d = torch.sub(f, s, alpha=1.0 / n)  # f - mean, in one pass
-    return s, torch.dot(d, d)
+    def __init__(self) -> None:
+        self.vectors: list[Tensor] = []
+        self.v_index: list[tuple[int, str, int]] = []
+        self.scalars: list[Tensor] = []
+        self.s_index: list[tuple[int, str]] = []
+
+    def vector(self, i: int, key: str, t: Tensor) -> None:
+        if t.dim() != 1:
+            t = t.reshape(-1)
+        self.vectors.append(t)
+        self.v_index.append((i, key, t.numel()))
+
+    def scalar(self, i: int, key: str, t: Tensor) -> None:
+        self.scalars.append(t)
+        self.s_index.append((i, key))
+
+    def sums(self, i: int, prefix: str, f: Tensor) -> None:
+        """(sum, sum of squares) of a flat tensor, as ``prefix_sum`` and ``prefix_sq``."""
+        self.scalars += (f.sum(), torch.dot(f, f))
+        self.s_index += ((i, prefix + "_sum"), (i, prefix + "_sq"))
+
+    def fetch(self) -> tuple[np.ndarray, list[float]]:
+        """One concatenation and one transfer: ``(the vectors' values one after the other, the
+        scalars' values as floats)`` (stack and cat promote dtypes; the vectors stay in their
+        float dtype, float32 converts to float64 exactly later)."""
+        try:
+            joined = torch.cat(self.vectors + [torch.stack(self.scalars)])
+        except RuntimeError:  # a model split over devices
+            joined = torch.cat([v.cpu() for v in self.vectors] + [torch.stack([t.cpu() for t in self.scalars])])
+        host = (joined if joined.is_cpu else joined.cpu()).numpy()
+        n = len(host) - len(self.scalars)
+        return host[:n], host[n:].tolist()
+
+    def unpack(self, vectors: np.ndarray, scalars: list[float],
+               n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``(values of index -1, values of every layer)`` from :meth:`fetch`'s result: float64 numpy
+        arrays for vectors, floats for scalars."""
+        vectors = vectors.astype(np.float64)
+        vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
+        off = 0
+        for i, key, n in self.v_index:
+            vals[i][key] = vectors[off:off + n]
+            off += n
+        for (i, key), v in zip(self.s_index, scalars):
+            vals[i][key] = v
+        return vals[-1], vals[:-1]
 
 
 # --------------------------------------------------------------------------- the pass
+
+
+class _threads:
+    """Context manager: this thread's intra-op parallelism set to ``n`` threads, one again on exit."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        if self.n != 1:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n != 1:
+            torch.set_num_threads(1)
+
+
+def _on_one_thread(threads: int, fn: Callable[..., None], *args: Any) -> None:
+    """Run a hook's statistics on one thread, inside a pass that runs on ``threads``."""
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Probe:
     """One probe pass: the layers' scratch, the hooks that fill it, the tensors measured already
     and the backward pass's results."""
 
-    def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool) -> None:
+    def __init__(self, plan: _Plan, modules: dict[str, nn.Module], bins: int | None, backward: bool,
+                 threads: int = 1) -> None:
         self.plan, self.modules, self.bins, self.backward = plan, modules, bins, backward
+        # the caller's thread count, for the model's own work; the statistics run on one thread
+        self.threads = threads
         refresh = plan.refresh
         self.layers = {name: _Layer(name, modules[name], _fresh(link, modules) if name in refresh else link)
                        for name, link in plan.links}
@@ -499,16 +581,20 @@ class _Probe:
         self.known: dict[tuple[int, int, int], tuple[Any, _Layer | None, str]] = {}
         self.grads: dict[int, Tensor] = {}
         self.loss_value: Tensor | None = None
+        self.sink = _Sink()  # the raw sums, for one transfer after the pass
 
     # ---- tensors measured already
     def remember(self, t: Tensor, layer: _Layer | None, kind: str) -> None:
-        k = _key(t)
-        if k is not None:
-            self.known[k] = (weakref.ref(t), layer, kind)
+        try:  # the key: storage address, size and version (bumped by in-place ops)
+            self.known[(t.data_ptr(), t.numel(), t._version)] = (weakref.ref(t), layer, kind)
+        except RuntimeError:  # inference tensors have no version counter
+            pass
 
     def recall(self, t: Tensor) -> tuple[_Layer | None, str] | None:
-        k = _key(t)
-        hit = self.known.get(k) if k is not None else None
+        try:
+            hit = self.known.get((t.data_ptr(), t.numel(), t._version))
+        except RuntimeError:
+            return None
         if hit is None or hit[0]() is None:
             return None
         return hit[1], hit[2]
@@ -517,10 +603,12 @@ class _Probe:
     def run(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None) -> None:
         """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
         hooks are removed afterwards, also when the forward or the loss fails."""
-        with kept_buffers(model), hooks() as handles:
+        keep = any(m._buffers for m in self.modules.values())  # BatchNorm statistics and the like
+        with kept_buffers(model, modules=self.modules) if keep else nullcontext(), hooks() as handles:
             self._install(handles)
             grad_params = self._grad_params()
-            with torch.set_grad_enabled(self.backward), no_mha_fastpath():
+            with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
+                    _threads(self.threads):
                 try:
                     out = model(*inputs)
                 except InitlabError:
@@ -541,15 +629,20 @@ class _Probe:
         for name, layer in self.layers.items():
             src, apply_fn = posts[name]
             layer.post_apply = apply_fn
-            handles.append(layer.module.register_forward_hook(partial(self._on_layer, layer, src, apply_fn)))
+            handles.append(layer.module.register_forward_hook(self._hook(self._on_layer, layer, src, apply_fn)))
             if src is not None:
                 sources[src] = None
         for src in sources:
-            handles.append(self.modules[src].register_forward_hook(partial(self._on_source, src)))
+            handles.append(self.modules[src].register_forward_hook(self._hook(self._on_source, src)))
+
+    def _hook(self, fn: Callable[..., None], *args: Any) -> Callable[..., None]:
+        """``fn`` with ``args`` bound first, run on one thread (the pass itself runs on the caller's)."""
+        return partial(fn, *args) if self.threads == 1 else partial(_on_one_thread, self.threads, fn, *args)
 
     def _grad_params(self) -> list[Tensor]:
         params = [output_weight(layer.module) for layer in self.layers.values()]
-        grad_params = list(dict.fromkeys(p for p in params if p is not None and p.requires_grad))
+        # distinct, in order (keyed by identity: a tensor's own hash is a Python call)
+        grad_params = list({id(p): p for p in params if p is not None and p.requires_grad}.values())
         if self.backward and not grad_params:
             raise InitlabError("no weight of the model requires grad, so no backward pass is possible; "
                                "call probe without target/loss, or enable requires_grad")
@@ -571,52 +664,68 @@ class _Probe:
         self.grads = {id(p): g for p, g in zip(grad_params, gs) if g is not None}
         self.loss_value = loss_t.detach()
 
-    # ---- hooks
+    # ---- hooks (every measurement reads detached tensors: no graph is recorded, without a grad-mode switch)
     def _on_layer(self, layer: _Layer, src: str | None, apply_fn: bool, mod: nn.Module, args: tuple[Any, ...],
                   out: Any) -> None:
         """Forward hook of a weight layer: its output (pre-activation), input and, when nothing
         else is hooked for it, its post-activation."""
         if layer.order >= 0:
             return  # measured at the first call
-        y = first_tensor(out)
+        y = out if isinstance(out, Tensor) else first_tensor(out)
         if y is None:
             return
         layer.order = len(self.order)
         self.order.append(layer)
-        with torch.no_grad():
-            yd = self._measure_pre(layer, mod, y)
-            x = args[0] if args and isinstance(args[0], Tensor) else None
-            if x is not None and x.is_floating_point():
-                self._measure_input(layer, x)
-            self.remember(y, layer, "pre")
-            if self.bins is not None:
-                b = output_bias(mod)
-                shape = [1] * yd.dim()
-                shape[layer.cdim] = -1
-                z = yd if b is None else yd - as_float(b).reshape(shape)
-                self.histograms[layer.name]["pre"] = histogram(z, self.bins)
-            if src is None and layer.act is not None:
-                self.measure_post(layer, layer.act.fn(yd) if apply_fn else y, not apply_fn)
+        yd = self._measure_pre(layer, mod, y)
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.is_floating_point():
+            self._measure_input(layer, x)
+        self.remember(y, layer, "pre")
+        if self.bins is not None:
+            b = output_bias(mod)
+            shape = [1] * yd.dim()
+            shape[layer.cdim] = -1
+            z = yd if b is None else yd - as_float(b).reshape(shape)
+            self.histograms[layer.name]["pre"] = histogram(z, self.bins)
         if src is not None:
             self.queues[src].append(layer)
+        elif layer.act is not None:
+            if apply_fn:
+                with torch.no_grad():  # an activation with parameters (PReLU) would record a graph
+                    self.measure_post(layer, layer.act.fn(yd), False)
+            else:
+                self.measure_post(layer, y, True)
         if self.backward and y.requires_grad:
-            y.register_hook(partial(self._on_grad, layer))
+            y.register_hook(self._hook(self._on_grad, layer))
 
     def _measure_pre(self, layer: _Layer, mod: nn.Module, y: Tensor) -> Tensor:
         """Per-channel sums and the squared deviations from the channel means of the layer output;
         returns the output as a float tensor of at least 2 dimensions."""
-        yd = as_float(y)
-        layer.shape = tuple(yd.shape)
-        if yd.dim() == 1:
+        yd = y.detach()
+        if yd.dtype not in _FLOATS:
+            yd = yd.float()
+        layer.shape = shape = tuple(yd.shape)
+        if len(shape) == 1:
             yd = yd.unsqueeze(0)
+        dims = yd.dim()
         cdim = layer.cdim = channel_dim(mod, yd)
-        sum_c = channel_sums(yd, cdim)
-        shape = [1] * yd.dim()
-        shape[cdim] = -1
-        # deviations from the channel means in one pass: y - sum_c / (values per channel)
-        d = flat(torch.sub(yd, sum_c.reshape(shape), alpha=sum_c.numel() / yd.numel()))
-        layer.parts["pre_sum_c"], layer.parts["pre_dev"] = sum_c, torch.dot(d, d)
-        layer.counts["pre"] = yd.numel()
+        n = yd.numel()
+        c = yd.shape[cdim]
+        if cdim == dims - 1:  # channels last: the channel sums broadcast as they are
+            sum_c = yd.sum(dim=0) if dims == 2 else channel_sums(yd, cdim)
+            # deviations from the channel means in one pass: y - sum_c / (values per channel)
+            d = torch.sub(yd, sum_c, alpha=c / n).reshape(-1)
+        else:
+            sum_c = channel_sums(yd, cdim)
+            shape = [1] * dims
+            shape[cdim] = -1
+            d = torch.sub(yd, sum_c.reshape(shape), alpha=c / n).reshape(-1)
+        i, sink = layer.order, self.sink
+        sink.vectors.append(sum_c)
+        sink.v_index.append((i, "pre_sum_c", c))
+        sink.scalars.append(torch.dot(d, d))
+        sink.s_index.append((i, "pre_dev"))
+        layer.counts["pre"] = n
         return yd
 
     def _measure_input(self, layer: _Layer, x: Tensor) -> None:
@@ -626,7 +735,8 @@ class _Probe:
             xf = flat(as_float(x))
             s_in = xf.sum()
             dx = xf - s_in / xf.numel()
-            layer.parts["in_sum"], layer.parts["in_dev"] = s_in, torch.dot(dx, dx)
+            self.sink.scalars += (s_in, torch.dot(dx, dx))
+            self.sink.s_index += ((layer.order, "in_sum"), (layer.order, "in_dev"))
             layer.counts["in"] = xf.numel()
 
     def _on_source(self, src: str, mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
@@ -636,40 +746,52 @@ class _Probe:
         p = first_tensor(out)
         if not q or p is None:
             return
-        with torch.no_grad():
-            while q:
-                layer = q.popleft()
-                if layer.post_apply:
+        while q:
+            layer = q.popleft()
+            if layer.post_apply:
+                with torch.no_grad():  # an activation with parameters (PReLU) would record a graph
                     self.measure_post(layer, layer.act.fn(as_float(p)), False)
-                else:
-                    self.measure_post(layer, p, True)
+            else:
+                self.measure_post(layer, p, True)
 
     def _on_grad(self, layer: _Layer, g: Tensor) -> None:
-        """Tensor hook on a layer output: the gradient w.r.t. the pre-activation."""
-        parts = layer.parts
-        if "grad_sum" not in parts:  # the backward pass runs without grad mode (no create_graph)
-            gf = flat(as_float(g))
-            parts["grad_sum"], parts["grad_sq"] = gf.sum(), torch.dot(gf, gf)
-            layer.counts["grad"] = gf.numel()
+        """Tensor hook on a layer output: the gradient w.r.t. the pre-activation (the backward pass
+        runs without grad mode and without create_graph: ``g`` records no graph)."""
+        counts = layer.counts
+        if "grad" not in counts:
+            gf = (g if g.dtype in _FLOATS else g.float()).reshape(-1)
+            i, sink = layer.order, self.sink
+            sink.scalars += (gf.sum(), torch.dot(gf, gf))
+            sink.s_index += ((i, "grad_sum"), (i, "grad_sq"))
+            counts["grad"] = gf.numel()
             if self.bins is not None:
                 with torch.no_grad():
-                    self.histograms[layer.name]["grad_pre"] = histogram(gf, self.bins)
+                    self.histograms[layer.name]["grad_pre"] = histogram(gf.detach(), self.bins)
 
     def measure_post(self, layer: _Layer, p: Tensor, model_tensor: bool) -> None:
         """Sums of the post-activation ``p``, the dead units' maxima and the saturated count."""
         if model_tensor:  # the model's own tensor: a later layer reading it reuses these moments
             self.remember(p, layer, "post")
-        p = as_float(p)
-        parts = layer.parts
-        parts["post_sum"], parts["post_dev"] = _dev_moments(flat(p))
-        layer.counts["post"] = p.numel()
+        p = p.detach()
+        if p.dtype not in _FLOATS:
+            p = p.float()
+        f = p.reshape(-1)
+        n = f.numel()
+        s = f.sum()
+        d = torch.sub(f, s, alpha=1.0 / n)  # deviations from the mean, in one pass
+        i, sink = layer.order, self.sink
+        sink.scalars += (s, torch.dot(d, d))
+        sink.s_index += ((i, "post_sum"), (i, "post_dev"))
+        counts = layer.counts
+        counts["post"] = n
         layer.post_shape = tuple(p.shape)
         act = layer.act
-        if act is not None and act.zero_on_negative:
-            parts["post_max_c"] = _unit_maxima(p, layer)
-        if act is not None and act.saturates:
-            center, half = saturation_band(act)
-            parts["sat"] = torch.sub(p, center).abs_().ge_(half).sum()
+        if act is not None:
+            if act.zero_on_negative:
+                sink.vector(i, "post_max_c", _unit_maxima(p, layer))
+            if act.saturates:
+                center, half = saturation_band(act)
+                sink.scalar(i, "sat", torch.sub(p, center).abs_().ge_(half).sum())
         if self.bins is not None:
             self.histograms[layer.name]["post"] = histogram(p, self.bins)
 
@@ -688,65 +810,26 @@ def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
 # --------------------------------------------------------------------------- statistics on the host
 
 
-class _Transfer:
-    """Device tensors queued for one host transfer: 1-d vectors first, then the 0-d scalars stacked.
-    Each is filed under ``(layer index, key)``; index -1 holds the batch's sums and the loss."""
-
-    def __init__(self) -> None:
-        self.vectors: list[Tensor] = []
-        self.v_index: list[tuple[int, str, int]] = []
-        self.scalars: list[Tensor] = []
-        self.s_index: list[tuple[int, str]] = []
-
-    def vector(self, i: int, key: str, t: Tensor) -> None:
-        self.vectors.append(t.detach().reshape(-1))
-        self.v_index.append((i, key, self.vectors[-1].numel()))
-
-    def scalar(self, i: int, key: str, t: Tensor) -> None:
-        self.scalars.append(t)
-        self.s_index.append((i, key))
-
-    def fetch(self, n_layers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """``(values of index -1, values of every layer)``: numpy arrays for vectors, floats for scalars."""
-        pieces = self.vectors + ([torch.stack(self.scalars)] if self.scalars else [])  # stack and cat promote dtypes
-        if len({p.device for p in pieces}) == 1:
-            host = torch.cat(pieces).to(torch.float64).cpu().numpy()
-        else:  # a model split over devices
-            host = torch.cat([p.cpu() for p in pieces]).to(torch.float64).numpy()
-        vals: list[dict[str, Any]] = [{} for _ in range(n_layers + 1)]  # the last one is index -1
-        off = 0
-        for i, key, n in self.v_index:
-            vals[i][key] = host[off:off + n]
-            off += n
-        for (i, key), v in zip(self.s_index, host[off:].tolist()):
-            vals[i][key] = v
-        return vals[-1], vals[:-1]
-
-
-def _queue_layer(transfer: _Transfer, i: int, layer: _Layer, grads: dict[int, Tensor]) -> None:
-    """Queue a layer's raw sums, and its weight's (and weight gradient's) sums and its bias."""
-    scalars, s_index = transfer.scalars, transfer.s_index
-    for key, t in layer.parts.items():
-        if t.dim() == 0:
-            scalars.append(t)
-            s_index.append((i, key))
-        else:
-            transfer.vector(i, key, t)
-    w = output_weight(layer.module)
+def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> None:
+    """Queue the sums of a layer's output weight (and of its gradient) and its bias, and read its
+    fans now (so the table reflects the model as it was probed). Runs without grad mode: the
+    parameters are read as they are, no graph is recorded."""
+    mod = layer.module
+    w = output_weight(mod)
+    layer.fans = plan.layer_fans(layer.name, mod, w)
     if w is not None and not w.is_meta:
-        wf = flat(as_float(w))
-        scalars += (wf.sum(), torch.dot(wf, wf))
-        s_index += ((i, "w_sum"), (i, "w_sq"))
+        wf = (w if w.dtype in _FLOATS else w.float()).reshape(-1)
+        layer.w_at = len(sink.scalars)
+        sink.sums(i, "w", wf)
         layer.counts["w"] = wf.numel()
         g = grads.get(id(w))
         if g is not None:
-            gf = flat(as_float(g))
-            scalars += (gf.sum(), torch.dot(gf, gf))
-            s_index += ((i, "wg_sum"), (i, "wg_sq"))
+            gf = (g if g.dtype in _FLOATS else g.float()).reshape(-1)
+            sink.sums(i, "wg", gf)
             layer.counts["wg"] = gf.numel()
-    b = output_bias(layer.module)
+    b = output_bias(mod)
     if b is not None and not b.is_meta:
-        transfer.vector(i, "bias", b)
+        sink.vector(i, "bias", b)
 
 
 def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
@@ -829,70 +912,101 @@ def _link_inputs(order: list[_Layer], rows: list[dict[str, Any]]) -> None:
                        input_sq_mean=s_row[f"{p}_sq_mean"])
 
 
-def _fetch(state: _Probe, batch_sums: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Move every layer's raw sums to the host in one transfer: ``(the batch's sums and the loss,
-    every layer's values)``. What the table needs from the model later (fans, a weight variance
-    that needs two passes) is read now, so the table reflects the model as it was probed; the
-    device tensors are released."""
-    transfer = _Transfer()
-    transfer.vector(-1, "batch", batch_sums)
-    if state.loss_value is not None:
-        transfer.scalar(-1, "loss", state.loss_value.detach().reshape(()))
-    for i, layer in enumerate(state.order):
-        _queue_layer(transfer, i, layer, state.grads)
-    extra, vals = transfer.fetch(len(state.order))
-    for layer, v in zip(state.order, vals):
-        layer.parts = {}
-        v["fans"] = state.plan.layer_fans(layer.name, layer.module)
-        c = layer.counts
-        if "w" in c and (v["w_sum"] / c["w"]) ** 2 > 0.99 * v["w_sq"] / c["w"]:
-            # E[w^2] - E[w]^2 would lose digits: two passes instead
-            v["w_var"] = float(moments(as_float(output_weight(layer.module)))[1])
-    state.grads = {}
-    return extra, vals
+class _Host:
+    """The probe's raw sums on the host (one transfer), unpacked into per-layer values when the
+    table is built; ``w_var``: the weight variances that needed two passes, by layer index."""
+
+    __slots__ = ("sink", "vectors", "scalars", "loss", "w_var")
+
+    def __init__(self, sink: _Sink, vectors: np.ndarray, scalars: list[float], loss: float | None) -> None:
+        self.sink, self.vectors, self.scalars, self.loss = sink, vectors, scalars, loss
+        self.w_var: dict[int, float] = {}
 
 
-def _table(order: list[_Layer], vals: list[dict[str, Any]], modules: dict[str, nn.Module],
-           sample_sq: np.ndarray | None, result: ProbeResult) -> None:
-    """Build ``result``'s rows, notes and predictions from the host values of :func:`_fetch`."""
+def _fetch(state: _Probe) -> _Host:
+    """Move every layer's raw sums to the host in one transfer (the batch's sums are the first
+    scalar and the first vector). What the table needs from the model later (fans, a weight
+    variance that needs two passes) is read now, so the table reflects the model as it was
+    probed; the device tensors are released. Called without grad mode."""
+    sink, order = state.sink, state.order
+    loss_value, loss_at = state.loss_value, len(sink.scalars)
+    if loss_value is not None:
+        sink.scalar(-1, "loss", loss_value if loss_value.dim() == 0 else loss_value.reshape(()))
+    for i, layer in enumerate(order):
+        _queue_params(sink, i, layer, state.grads, state.plan)
+    vectors, scalars = sink.fetch()
+    sink.vectors, sink.scalars, state.grads = [], [], {}
+    host = _Host(sink, vectors, scalars, scalars[loss_at] if loss_value is not None else None)
+    for i, layer in enumerate(order):
+        at = layer.w_at
+        if at >= 0:
+            n = layer.counts["w"]
+            if (scalars[at] / n) ** 2 > 0.99 * scalars[at + 1] / n:
+                # E[w^2] - E[w]^2 would lose digits: two passes instead
+                host.w_var[i] = float(moments(as_float(output_weight(layer.module)))[1])
+    return host
+
+
+def _table(order: list[_Layer], host: _Host, batch: tuple[int, int, float | None, bool], modules: dict[str, nn.Module],
+           result: ProbeResult) -> None:
+    """Build ``result``'s rows, notes, predictions and batch moments from the host values of
+    :func:`_fetch`; ``batch``: the batch's values per example, its size, its variance by two passes
+    where :func:`probe` found that the one-pass formula may lose digits (else None), and whether
+    it has examples (more than one dimension)."""
     with np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
+        extra, vals = host.sink.unpack(host.vectors, host.scalars, len(order))
+        for i, v in host.w_var.items():
+            vals[i]["w_var"] = v
+        for layer, v in zip(order, vals):
+            v["fans"] = layer.fans
+        sample_size, numel, two_pass, examples = batch
+        sample_sq = extra["batch_norms"] ** 2 / sample_size
+        in_mean, in_sq = extra["batch_sum"] / numel, float(sample_sq.mean())
+        in_var = max(in_sq - in_mean * in_mean, 0.0)
+        if in_mean * in_mean > 0.99 * in_sq and two_pass is not None:  # E[x^2] - E[x]^2 would lose digits
+            in_var = two_pass
+        result._input_mean, result._input_var, result._input_sq_mean = in_mean, in_var, in_sq
         notes: list[str] = []
         rows = [_row(i, layer, vals[i], notes) for i, layer in enumerate(order)]
         _link_inputs(order, rows)
         for row in rows:
             if row.pop("_input_is_batch", False):
-                row.update(input_mean=result.input_mean, input_var=result.input_var,
-                           input_sq_mean=result.input_sq_mean)
+                row.update(input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq)
         result._rows, result._notes = rows, notes + result._notes
-        _fill_predictions(result, order, modules, sample_sq)
+        _fill_predictions(result, order, modules, sample_sq if examples else None)
 
 
 # --------------------------------------------------------------------------- the probe
 
 
-def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor]:
-    """``(flat float values, values per example, [sum, per-example norms])`` of the first input: the
-    batch's moments (and, as NaN and inf propagate into them, its finiteness check) in one reduction."""
-    xf = flat(as_float(x0) if x0.is_floating_point() else x0.double())
+def _batch_sums(x0: Tensor) -> tuple[Tensor, int, Tensor, Tensor]:
+    """``(flat float values, values per example, sum, per-example norms)`` of the first input: the
+    batch's moments (and, as NaN and inf propagate into them, its finiteness check)."""
+    xd = as_float(x0) if x0.is_floating_point() else x0.double()
+    xf = flat(xd)
     # per-example norms (their squares / size are the per-example mean squares, for the
     # recursion, which propagates each example's own length): one fused reduction
     if x0.dim() > 1:
         sample_size = xf.numel() // x0.shape[0]
-        norms = torch.linalg.vector_norm(xf.reshape(x0.shape[0], -1), dim=1)
+        rows = xd if xd.dim() == 2 and xd.is_contiguous() else xf.reshape(x0.shape[0], -1)
+        norms = torch.linalg.vector_norm(rows, dim=1)
     else:
         sample_size = xf.numel()
         norms = torch.linalg.vector_norm(xf).reshape(1)
-    return xf, sample_size, torch.cat([xf.sum().reshape(1), norms])
+    return xf, sample_size, xf.sum(), norms
 
 
-def _input_moments(batch_host: np.ndarray, xf: Tensor, sample_size: int) -> tuple[float, float, float, np.ndarray]:
-    """``(mean, variance, E[x^2], per-example E[x^2])`` of the batch from its host sums."""
-    sample_sq = batch_host[1:] ** 2 / sample_size
-    in_mean, in_sq = float(batch_host[0]) / xf.numel(), float(sample_sq.mean())
-    in_var = max(in_sq - in_mean * in_mean, 0.0)
-    if in_mean * in_mean > 0.99 * in_sq:  # E[x^2] - E[x]^2 would lose digits: two passes instead
-        in_var = float(moments(xf)[1])
-    return in_mean, in_var, in_sq, sample_sq
+def _batch_two_pass(batch: Any, b_sum: float, norms: np.ndarray, xf: Tensor) -> float | None:
+    """Check the batch's values on its sums (NaN and inf propagate into them; only then the
+    detailed check of :func:`as_inputs`, which raises), and its variance by two passes where
+    E[x^2] - E[x]^2 may lose digits (the batch's mean square is estimated here from its per-example
+    norms, with a margin over the table's exact test), else None."""
+    norms = norms.astype(np.float64)
+    n = xf.numel()
+    mean, sq = b_sum / n, float(np.dot(norms, norms)) / n
+    if not (math.isfinite(mean) and math.isfinite(sq)):
+        as_inputs(batch)
+    return float(moments(xf)[1]) if mean * mean > 0.98 * sq else None
 
 
 def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tensor | None = None,
@@ -920,31 +1034,44 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     """
     if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
         raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return _probe(model, batch, target, loss, bins, 1)
+    torch.set_num_threads(1)  # the statistics: small reductions, on one thread (the model's own work: on all)
+    try:
+        return _probe(model, batch, target, loss, bins, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], target: Tensor | None,
+           loss: Callable[..., Tensor] | str | None, bins: int | None, threads: int) -> ProbeResult:
+    """:func:`probe` on one thread; the model's forward and backward pass run on ``threads``."""
     inputs = as_inputs(batch, check_finite=False)
     x0 = inputs[0]
-    xf, sample_size, batch_sums = _batch_sums(x0)
+    xf, sample_size, batch_sum, batch_norms = _batch_sums(x0)
     if len(inputs) > 1:
         as_inputs(batch)  # the detailed check (raises for NaN/inf); one input is checked on its sums below
     if target is not None and not isinstance(target, Tensor):
         raise InitlabError(f"target must be a torch.Tensor, got {type(target).__name__}")
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
-    state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None)
+    state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None, threads)
+    state.sink.scalar(-1, "batch_sum", batch_sum)  # the first scalar and the first vector
+    state.sink.vector(-1, "batch_norms", batch_norms)
     if x0.is_floating_point():
         state.remember(x0, None, "batch")
     state.run(model, inputs, loss_fn)
 
     with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
-        extra, vals = _fetch(state, batch_sums)
-        if not np.isfinite(extra["batch"]).all():  # NaN and inf propagate into the sums
-            as_inputs(batch)  # the detailed check (raises for NaN/inf)
-        in_mean, in_var, in_sq, sample_sq = _input_moments(extra["batch"], xf, sample_size)
+        host = _fetch(state)
+        two_pass = _batch_two_pass(batch, host.scalars[0], host.vectors[:batch_norms.numel()], xf)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]
     notes = ["not called by the forward pass (no row): " + ", ".join(missing)] if missing else []
-    return ProbeResult(histograms=dict(state.histograms), input_mean=in_mean, input_var=in_var, input_sq_mean=in_sq,
-                       loss=extra.get("loss"), traced=state.plan.traced,
+    return ProbeResult(histograms=dict(state.histograms), loss=host.loss, traced=state.plan.traced,
                        backward=state.backward, notes=notes, batch_size=int(x0.shape[0]) if x0.dim() else 1,
-                       pending=partial(_table, state.order, vals, modules, sample_sq if x0.dim() > 1 else None))
+                       pending=partial(_table, state.order, host, (sample_size, xf.numel(), two_pass, x0.dim() > 1),
+                                       modules))
 
 
 # --------------------------------------------------------------------------- theory

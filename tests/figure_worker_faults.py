@@ -1,26 +1,30 @@
-"""A report worker with a fault, for tests/test_figure_workers.py: ``python figure_worker_faults.py KIND FUNCTION``
-runs :func:`initlab.lab.report.workers.main` with ``initlab.lab.report.plots.FUNCTION`` (a figure's drawing
-function) made to raise (KIND ``raise``), to end the process (``exit``) or to hang (``hang``)."""
+"""A report worker with faults, for tests/test_figure_workers.py: ``python figure_worker_faults.py KIND=FIGURE ...``
+runs :func:`initlab.lab.report.workers.main` with the drawing of each FIGURE (a file name of the report's figure
+list) made to raise (KIND ``raise``), to end the process (``exit``) or to hang (``hang``); the other figures are
+drawn as usual."""
 from __future__ import annotations
 
 import os
 import sys
 import time
 
-import initlab.lab.report.plots as plots
 import initlab.lab.report.workers as workers
 
-KIND, FUNCTION = sys.argv[1], sys.argv[2]
+FAULTS = dict(reversed(arg.split("=", 1)) for arg in sys.argv[1:])  # figure -> kind
+_real = workers.make_figures
 
 
-def _fault(*args, **kwargs):
-    if KIND == "exit":
+def _faulty(*args, only=None, **kwargs):
+    kind = FAULTS.get(next(iter(only))) if only is not None and len(only) == 1 else None
+    if kind == "exit":
         os._exit(3)
-    if KIND == "hang":
+    if kind == "hang":
         time.sleep(3600)
-    raise RuntimeError("injected fault")
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+    return _real(*args, only=only, **kwargs)
 
 
 if __name__ == "__main__":
-    setattr(plots, FUNCTION, _fault)
+    workers.make_figures = _faulty
     sys.exit(workers.main())

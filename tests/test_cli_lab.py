@@ -73,7 +73,7 @@ def test_same_command_again_resumes_with_nothing_to_do(cli_run):
 
 def test_default_out_dir_is_runs_name(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "smoke", "--steps", "5", "--seeds", "1", "--no-progress"]) == 0
+    assert main(["run", "smoke", "--steps", "5", "--seeds", "1", "--no-progress", "--figure-workers", "0"]) == 0
     assert (tmp_path / "runs" / "smoke" / "report.html").is_file()
     assert read_run_meta(tmp_path / "runs" / "smoke")["status"] == "complete"
     assert "tensorboard --logdir " + str(Path("runs/smoke/tb")) in capsys.readouterr().out
@@ -192,7 +192,7 @@ def test_interrupt_exits_130_and_the_same_command_resumes(tmp_path, monkeypatch,
         raise KeyboardInterrupt
 
     out = tmp_path / "o"
-    argv = ["run", "smoke", "--steps", "5", "--out", str(out), "--no-progress"]
+    argv = ["run", "smoke", "--steps", "5", "--out", str(out), "--no-progress", "--figure-workers", "0"]
     monkeypatch.setattr(ensemble, "run_group", interrupted)
     assert main(argv) == 130
     assert "re-run the same command to resume" in capsys.readouterr().err

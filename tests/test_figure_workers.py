@@ -19,6 +19,9 @@ from rundir_compare import small
 
 FAULTS = Path(__file__).with_name("figure_worker_faults.py")
 FIGURES = {"layer1_histograms.png", "variance_per_layer.png", "accuracy.png", "loss.png"}
+#: the workers' time limit per figure in these tests: each figure of this small run takes about a second to draw
+#: (at most 1.3 s on two busy cores), so a figure that is not done by then hangs
+TIMEOUT_S = 8.0
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +43,37 @@ def test_workers_draw_the_same_figures(in_process, tmp_path):
     assert "Figure missing" not in (tmp_path / "run" / "report.html").read_text()
 
 
-@pytest.mark.parametrize("kind, why", [("raise", "RuntimeError: injected fault"),
-                                       ("exit", "the figure worker stopped (exit code 3)"),
-                                       ("hang", "the figure worker did not finish within 20 s")])
-def test_a_failing_figure_is_named_missing(in_process, tmp_path, monkeypatch, kind, why):
-    """The report of a finished run, rebuilt by workers one of which fails on variance_per_layer.png:
-    the page names it missing and why, every other figure is drawn (the same bytes), and the figure's
-    file from the earlier report is removed, not shown as new."""
+#: the faults injected at once, one per worker of three (each the first figure of its worker's share of the
+#: report's figure list): figure -> (kind, what the page must say)
+FAULTS_AT = {"layer1_histograms.png": ("raise", "RuntimeError: injected fault"),
+             "variance_per_layer.png": ("exit", "the figure worker stopped (exit code 3)"),
+             "accuracy.png": ("hang", f"the figure worker did not finish within {TIMEOUT_S:.0f} s")}
+
+
+def test_failing_figures_are_named_missing(in_process, tmp_path, monkeypatch):
+    """The report of a finished run, rebuilt by three workers: one whose figure raises (it goes on), one that
+    dies and one that hangs, each at the first figure of its share: the page names each of the three figures
+    missing and why, every other figure is drawn (the same bytes), and the failed figures' files from the
+    earlier report are removed, not shown as new."""
     run = tmp_path / "run"
     shutil.copytree(in_process, run)
-    assert (run / "figures" / "variance_per_layer.png").is_file()
-    monkeypatch.setattr(workers, "COMMAND", [sys.executable, str(FAULTS), kind, "variance_per_layer"])
-    monkeypatch.setattr(workers, "TIMEOUT_S", 20.0)
+    assert all((run / "figures" / name).is_file() for name in FAULTS_AT)
+    shares = [workers._names()[k::3] for k in range(3)]
+    assert [share[0] for share in shares] == list(FAULTS_AT)  # one fault per worker, at its first figure
+    monkeypatch.setattr(workers, "COMMAND", [sys.executable, str(FAULTS), *(f"{kind}={name}" for name, (kind, _)
+                                                                            in FAULTS_AT.items())])
+    monkeypatch.setattr(workers, "TIMEOUT_S", TIMEOUT_S)
     t0 = time.monotonic()
-    with workers.FigureWorkers(2) as pool:
+    with workers.FigureWorkers(3) as pool:
         page = pool.write_report(run).read_text()
     assert time.monotonic() - t0 < 300  # no hang: the stuck worker was killed
     got, want = _figures(run), _figures(in_process)
-    assert set(got) == set(want) - {"variance_per_layer.png"}, page[page.find("Figures<"):][:600]
+    assert set(got) == set(want) - set(FAULTS_AT), page[page.find("Figures<"):][:900]
     assert all(got[n] == want[n] for n in got)
-    assert "Figure missing:</strong> <code>figures/variance_per_layer.png</code>" in page and why in page
-    assert page.count("<figure>") == len(want) - 1
+    lines = [line for line in page.splitlines() if "Figure missing:</strong>" in line]
+    for name, (_, why) in FAULTS_AT.items():
+        assert [line for line in lines if f"<code>figures/{name}</code>" in line and why in line], (name, lines)
+    assert len(lines) == len(FAULTS_AT) and page.count("<figure>") == len(want) - len(FAULTS_AT)
 
 
 def test_bad_figure_workers_argument(tmp_path):

@@ -1,16 +1,29 @@
-"""Every preset with claims runs in a reduced form (a few steps, 2 seeds, a small data set) and writes a
-claims.csv row per claim whose quantity could be measured (the verdicts of such short runs mean nothing)."""
+"""Every preset with claims runs in a reduced form (a few steps, 2 seeds, a small data set, a small first-pass
+batch, a grid of a few small cells) and writes a claims.csv row per claim whose quantity could be measured
+(the verdicts of such short runs mean nothing)."""
 from __future__ import annotations
 
 import csv
+from importlib.resources import files
 
 import pytest
 
 from initlab.lab.claims import CLAIMS_COLUMNS, VERDICTS
-from initlab.lab.config import load_experiment, preset_names, with_overrides
+from initlab.lab.config import experiment_from_dict, load_experiment, preset_names, read_toml
 from initlab.lab.run import run_experiment
 
 WITH_CLAIMS = [n for n in preset_names() if load_experiment(n).claims]
+
+#: a smaller grid for a preset whose [grid] is large (two values of each axis: what its claims need to be measured)
+GRIDS = {"edge-of-chaos": {"sw2": [1.0, 4.0], "depths": [10, 25]}}
+
+
+def reduced(name: str):
+    d = read_toml(files("initlab.lab.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8"), name)
+    d["data"]["limit"] = 300
+    d["train"].update(steps=4, log_every=2, seeds=[0, 1], first_pass_batch=8)
+    d.get("grid", {}).update(GRIDS.get(name, {}))
+    return experiment_from_dict(d)
 
 
 def test_the_presets_state_claims():
@@ -19,9 +32,8 @@ def test_the_presets_state_claims():
 
 @pytest.mark.parametrize("name", WITH_CLAIMS)
 def test_reduced_preset_measures_every_claim(name, tmp_path):
-    exp = load_experiment(name)
-    exp = with_overrides(exp, {"train.steps": 4, "train.log_every": 2, "train.seeds": [0, 1], "data.limit": 300,
-                               "train.first_pass_batch": 40})
+    exp = reduced(name)
+    assert [c.id for c in exp.claims] == [c.id for c in load_experiment(name).claims]
     summary = run_experiment(exp, tmp_path / name, report=True)
     assert summary.complete
     rows = list(csv.DictReader((tmp_path / name / "claims.csv").open(encoding="utf-8")))

@@ -85,3 +85,40 @@ def test_a_small_change_of_the_weights_fails_the_comparison():
         model[2].weight.mul_(1 + 1e-4)
     bad = _mismatches(table(initlab.probe(model, x, **kw)), REFERENCE["mlp"])
     assert any("weight_var" in b for b in bad) and any("pre_var" in b for b in bad)
+
+
+class _Threads(torch.nn.Module):
+    """An MLP that records the thread count its forward pass runs on, and can fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fail, self.seen = torch.nn.Linear(6, 5), torch.nn.Linear(5, 2), fail, []
+
+    def forward(self, x):
+        self.seen.append(torch.get_num_threads())
+        h = torch.relu(self.fc1(x))
+        if self.fail:
+            raise RuntimeError("boom")
+        return self.fc2(h)
+
+
+def test_the_model_runs_on_the_callers_threads_and_the_count_is_restored():
+    """The statistics run on one thread, the model's own pass on the caller's count, which is set
+    back afterwards, also when the forward pass fails; the table is the one of a one-thread call."""
+    before = torch.get_num_threads()
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.randint(0, 2, (16,))
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        ref = table(initlab.probe(_Threads(), x, target=y))
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        model = _Threads()
+        got = table(initlab.probe(model, x, target=y))
+        assert model.seen[-1] == 2 and torch.get_num_threads() == 2  # (the first entry: the plan's trace)
+        assert _mismatches(got, ref) == []
+        with pytest.raises(initlab.InitlabError, match="boom"):
+            initlab.probe(_Threads(fail=True), x, target=y)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -4,11 +4,11 @@ files of an uninterrupted search with the same seed; another search in the same 
 
 The search is designed so that ASHA's record matters: two trials, one at a time, in grid order;
 the second (N(0, 30^2) weights, a saturated tanh net) is stopped at the first rung (step 10) by the
-first one's record there (the net is wide and the batches large so that the ten steps before that rung
-take seconds, not milliseconds: the interrupt lands inside the trial on a fast machine too). The command is
-interrupted when the second trial starts, so the resumed
-search must remember that record: the negative control resumes a copy without ASHA's record, and
-its second trial trains to the end.
+first one's record there. The interrupted command runs with the trials' test hook
+(``initlab.lab.tune.trial.HOLD_ENV``): the second trial writes its marker and waits before it trains,
+and the command is interrupted when that marker appears, so the Ctrl-C lands inside the second trial
+however fast the (small) net trains. The resumed search must remember the first trial's record: the
+negative control resumes a copy without ASHA's record, and its second trial trains to the end.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from initlab.cli import main
 from initlab.lab.config import load_experiment
 from initlab.lab.tune import _fingerprint, search_from_dict, search_table
 from initlab.lab.tune.resume import asha_file, search_record
+from initlab.lab.tune.trial import HOLD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,9 @@ name = "tiny-resume"
 name = "mnist"
 limit = 600
 [model]
-widths = [784, 1024, 1024, 10]
+widths = [784, 64, 64, 10]
 [train]
-batch_size = 480
+batch_size = 60
 steps = 20
 log_every = 10
 seeds = [0]
@@ -68,12 +69,14 @@ def toml(tmp_path):
 
 @pytest.fixture
 def start():
-    """``start(toml, out, *flags)``: ``initlab tune`` in a subprocess; whatever a test leaves running is
-    killed at its end."""
+    """``start(toml, out, *flags, hold=None)``: ``initlab tune`` in a subprocess (with ``hold``, a folder, the
+    trials' test hook on); whatever a test leaves running is killed at its end."""
     procs = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = {k: v for k, v in os.environ.items() if k != HOLD_ENV}
+    base["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
-    def run(toml, out, *extra):
+    def run(toml, out, *extra, hold=None):
+        env = base if hold is None else {**base, HOLD_ENV: str(hold)}
         # a session of its own: Ctrl-C reaches the driver and the Ray processes it starts (one process
         # group), and whatever the command starts can be found afterwards by its session id
         procs.append(subprocess.Popen([sys.executable, "-m", "initlab.cli", "tune", str(toml), "--cpus", "1",
@@ -127,12 +130,13 @@ def to_end(proc, out):
 
 @pytest.mark.ray
 def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path, start):
-    a = tmp_path / "a"
-    proc = start(toml, a)
+    a, hold = tmp_path / "a", tmp_path / "hold"
+    hold.mkdir()
+    proc = start(toml, a, hold=hold)
     deadline = time.monotonic() + 240
-    while len(trial_dirs(a)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while not (hold / "trial-2").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(trial_dirs(a)) == 2, "the second trial never started"
+    assert (hold / "trial-2").exists() and len(trial_dirs(a)) == 2, "the second trial never started"
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     rc, out, err = finish(proc)

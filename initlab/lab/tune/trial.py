@@ -10,8 +10,10 @@ to maximise), so a trial with a diverged seed is never preferred over one withou
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,11 @@ __all__ = ["objective", "trainable", "ROWS_FILE", "TRIAL_SCENARIO"]
 ROWS_FILE = "rows.pkl"
 #: the scenario name inside a trial (the driver renames it when it writes the run directory)
 TRIAL_SCENARIO = "trial"
+#: a test hook, off unless set: with this environment variable naming a folder, each trial writes a marker
+#: file there (``trial-1``, ``trial-2``, ... in the order they start) before it trains, and every trial
+#: but the first then waits there until it is stopped, so a test can interrupt a search inside its
+#: second trial when that trial's marker appears, however fast the trials train
+HOLD_ENV = "INITLAB_TUNE_TEST_HOLD"
 
 
 def objective(rows: Sequence[Mapping[str, Any]], step: int, metric: str, seeds: Sequence[int], mode: str) -> float:
@@ -49,9 +56,25 @@ def _report(result: Mapping[str, Any], rows: dict[str, Any]) -> None:
         tune.report(dict(result), checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
+def _hold(folder: str) -> None:
+    """The test hook of :data:`HOLD_ENV`: write this trial's marker in ``folder``; wait there unless it is
+    the first."""
+    k = 1
+    while True:
+        try:
+            os.close(os.open(os.path.join(folder, f"trial-{k}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            break
+        except FileExistsError:
+            k += 1
+    while k > 1:
+        time.sleep(0.05)
+
+
 def trainable(config: dict[str, Any], *, scenario: Scenario, train: TrainSpec, data: Any, metric: str,
               mode: str) -> None:
     """Ray Tune's function trainable for one trial (``tune.with_parameters(trainable, ...)``)."""
+    if os.environ.get(HOLD_ENV):
+        _hold(os.environ[HOLD_ENV])
     sc, tr = trial_scenario(scenario, train, config, TRIAL_SCENARIO)
     seeds = [int(s) for s in tr.seeds]
     spec = GroupSpec(model=sc.model, train=tr, members=tuple(Member(sc, s) for s in seeds))
