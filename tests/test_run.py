@@ -402,3 +402,16 @@ def test_slug_is_safe_and_injective():
     assert len(set(slugs)) == len(names)
     assert all("/" not in s and not s.startswith(".") for s in slugs)
     assert Counter(slugs).most_common(1)[0][1] == 1
+
+
+@pytest.mark.parametrize("preset", ["classic", "he-cnn"])
+def test_memory_estimate_is_the_same_from_a_cpu_pass_and_a_meta_pass(preset, monkeypatch):
+    """Small models count their activations with a one-example CPU pass (the first meta-device pass
+    costs about a second per process); the estimate equals the meta pass's."""
+    from initlab.lab.training import plan
+    from initlab.lab.training.plan import group_memory, plan_groups
+    groups = plan_groups(load_experiment(preset))
+    cpu = [group_memory(g) for g in groups]
+    monkeypatch.setattr(plan, "_CPU_COUNT_BYTES", 0)
+    meta = [group_memory(g) for g in groups]
+    assert cpu == meta and all(v > 0 for v in cpu)

@@ -166,6 +166,9 @@ def init_member_report(scenario: Scenario, seed: int, *, batch: Tensor | None = 
 _EVAL_EXAMPLES = 2048  # the engines evaluate the test set in chunks of this many examples
 
 
+_CPU_COUNT_BYTES = 64 << 20  # models up to this size count their activations with a CPU pass
+
+
 def group_memory(spec: GroupSpec) -> int:
     """About how many bytes training ``spec`` takes (weights, gradients, optimiser state, checkpoints and the
     activations of a training batch, a first-pass batch and an evaluation chunk, per member), from a build of
@@ -180,12 +183,16 @@ def group_memory(spec: GroupSpec) -> int:
     sc = spec.members[0].scenario
     with torch.device("meta"):
         model = build_model(spec.model, sc.activation)
-        handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-        with torch.no_grad():
-            model(torch.empty(1, int(spec.model.widths[0])))
-        for h in handles:
-            h.remove()
     params = sum(p.numel() for p in model.parameters())
+    # a small model runs its one-example pass on the CPU (uninitialised memory, no RNG drawn): torch's
+    # first forward on the meta device loads its meta kernels, about a second once per process
+    device = "cpu" if 4 * params <= _CPU_COUNT_BYTES else "meta"
+    model = model.to_empty(device=device)
+    handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.zeros(1, int(spec.model.widths[0]), device=device))
+    for h in handles:
+        h.remove()
     t = spec.train
     rows = 3 * int(t.batch_size) + int(t.first_pass_batch) + _EVAL_EXAMPLES
     return 4 * len(spec.members) * (6 * params + rows * per_example)
