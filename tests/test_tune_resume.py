@@ -134,7 +134,10 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
     hold.mkdir()
     proc = start(toml, a, hold=hold)
     deadline = time.monotonic() + 240
-    while not (hold / "trial-2").exists() and proc.poll() is None and time.monotonic() < deadline:
+    # the held trial waits for ever: wait for its marker and for Ray's directory of it (made by the driver,
+    # not in step with the trial's own start)
+    while not ((hold / "trial-2").exists() and len(trial_dirs(a)) == 2) and proc.poll() is None \
+            and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (hold / "trial-2").exists() and len(trial_dirs(a)) == 2, "the second trial never started"
     t0 = time.monotonic()
