@@ -103,6 +103,18 @@ Selector = str | Callable[[str, nn.Module], bool]
 # --------------------------------------------------------------------------------------------
 # the report
 
+def _after_trace(attr: str, doc: str) -> property:
+    """A report attribute read and written after its deferred trace has run."""
+    def get(self: "InitReport") -> Any:
+        self._resolve()
+        return getattr(self, attr)
+
+    def put(self: "InitReport", value: Any) -> None:
+        self._resolve()
+        setattr(self, attr, value)
+    return property(get, put, doc=doc)
+
+
 class InitReport:
     """What ``init_model`` did: ``rows``, one per initialised module (one per parameter for
     recurrent layers and modules handled by a convention), and ``params``, one per parameter;
@@ -148,25 +160,8 @@ class InitReport:
     def rows(self, value: list[dict[str, Any]]) -> None:
         self._pending, self._rows = None, value
 
-    @property
-    def traced(self) -> bool:
-        self._resolve()
-        return self._traced
-
-    @traced.setter
-    def traced(self, value: bool) -> None:
-        self._resolve()
-        self._traced = value
-
-    @property
-    def note(self) -> str:
-        self._resolve()
-        return self._note
-
-    @note.setter
-    def note(self, value: str) -> None:
-        self._resolve()
-        self._note = value
+    traced = _after_trace("_traced", "False when the model could not be traced (``note`` says why)")
+    note = _after_trace("_note", "why the model was not traced, or ''")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, InitReport):

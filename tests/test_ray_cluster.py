@@ -60,9 +60,9 @@ def _cluster_pids(temp_dir: str) -> list[int]:
 
 def _stop(temp_dir: str) -> None:
     """``ray stop``, for this cluster only (``ray stop`` itself stops every Ray cluster of the machine, a
-    developer's own included): SIGTERM to each of this cluster's processes, a grace period, then SIGKILL to
+    developer's own included): SIGTERM to each of this cluster's processes, a grace period of 3 s, then SIGKILL to
     what is left."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
         for pid in _cluster_pids(temp_dir):
             try:
                 os.kill(pid, sig)
