@@ -69,7 +69,7 @@ from ._activations import Activation, is_activation_module
 from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
-from ._engine import batched, needs_scratch, truncated_normal_
+from ._engine import batched, needs_scratch, truncated_normal_, using_threads
 from ._keys import _sharding_hooks_off, is_dtensor, is_shard_block, keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
@@ -533,14 +533,8 @@ def _std_sample(t: Tensor) -> Tensor | None:
     tensor; of a non-contiguous one, only its leading rows are copied. Computed on one intra-op
     thread: the same number for any ``torch.get_num_threads()``, and no OpenMP team woken for a
     64k-entry reduction (on two busy cores that made init_model 5-10x slower)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
+    with using_threads(1):
         return _std_of(t)
-    torch.set_num_threads(1)
-    try:
-        return _std_of(t)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _std_of(t: Tensor) -> Tensor | None:

@@ -411,6 +411,28 @@ def thread_pool(prefix: str, workers: int) -> ThreadPoolExecutor:
         return _pools[prefix][1]
 
 
+class using_threads:
+    """``with using_threads(n):`` torch's intra-op thread count set to ``n`` for the block (this
+    thread's OpenMP team), the previous count put back afterwards, also on errors; nothing is
+    switched when the count is already ``n``. A class, not a generator: it is entered once per
+    sampled chunk and per hook, where a switch must cost well under a microsecond."""
+
+    __slots__ = ("n", "previous")
+
+    def __init__(self, n: int) -> None:
+        self.n, self.previous = n, 0
+
+    def __enter__(self) -> int:
+        self.previous = torch.get_num_threads()
+        if self.previous != self.n:
+            torch.set_num_threads(self.n)
+        return self.n
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.get_num_threads() != self.previous:
+            torch.set_num_threads(self.previous)
+
+
 def _executor(workers: int) -> ThreadPoolExecutor:
     return thread_pool("initlab-sample", workers)
 
@@ -449,14 +471,8 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
         # always, also on tiny tensors: erfinv splits work far below torch's usual grain size
         # (32768), so a 4096-element erfinv would wake the OpenMP team (21 ms on a busy machine
         # with 2 threads, 0.07 ms with 1); switching costs about half a microsecond
-        before = torch.get_num_threads()
-        if before != 1:
-            torch.set_num_threads(1)
-        try:
+        with using_threads(1):
             run(lo, hi)
-        finally:
-            if before != 1:
-                torch.set_num_threads(before)
 
     workers = workers_for(n)
     if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):

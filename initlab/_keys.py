@@ -252,15 +252,10 @@ def _view_runs(t: Tensor, p: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
     """Runs of ``t``'s elements in ``p``'s row-major order when ``t`` views the contiguous ``p``."""
     if not p.is_contiguous():
         return None
+    if t is p or (t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset()):
+        return _whole(t)  # the parameter itself (or p.detach(), p.data): all of it, in order, one run
     offs = [np.arange(s, dtype=np.int64) * st for s, st in zip(t.shape, t.stride())]
     return _runs(offs, t.storage_offset() - p.storage_offset())
-
-
-def _same_view(t: Tensor, p: Tensor) -> bool:
-    """Whether the plain tensor ``t`` is, or views all of, the contiguous plain tensor ``p`` in its
-    order (``p.detach()``, ``p.data``): then :func:`_view_runs` gives one run of all its elements."""
-    return (t is p or (t.shape == p.shape and t.stride() == p.stride() and t.storage_offset() == p.storage_offset())) \
-        and p.is_contiguous()
 
 
 def _whole(t: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -288,8 +283,6 @@ def resolve(tensor: Tensor, generator: torch.Generator | None) -> Target:
                                    "indices; sample the DTensor itself")
             return Target(loc, ctx.base, name, *runs)
         if not dt and not is_dtensor(p):
-            if _same_view(loc, p):  # the parameter itself: all of it, in order (what _view_runs gives)
-                return Target(loc, ctx.base, name, *_whole(loc))
             runs = _view_runs(loc, p)
             if runs is not None:
                 return Target(loc, ctx.base, name, *runs)

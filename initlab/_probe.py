@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from . import theory
 from ._activations import Activation, plain_settings, resolve_activation
+from ._engine import using_threads
 from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import module_fans
 from ._forward import as_inputs, first_tensor, forward_error, hooks, kept_buffers, locate_failure, no_mha_fastpath
@@ -537,28 +538,10 @@ class _Sink:
 # --------------------------------------------------------------------------- the pass
 
 
-class _threads:
-    """Context manager: this thread's intra-op parallelism set to ``n`` threads, one again on exit."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        if self.n != 1:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.n != 1:
-            torch.set_num_threads(1)
-
-
-def _on_one_thread(threads: int, fn: Callable[..., None], *args: Any) -> None:
-    """Run a hook's statistics on one thread, inside a pass that runs on ``threads``."""
-    torch.set_num_threads(1)
-    try:
+def _on_one_thread(fn: Callable[..., None], *args: Any) -> None:
+    """Run a hook's statistics on one thread, inside a pass that runs on more."""
+    with using_threads(1):
         fn(*args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _Probe:
@@ -608,7 +591,7 @@ class _Probe:
             self._install(handles)
             grad_params = self._grad_params()
             with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
-                    _threads(self.threads):
+                    using_threads(self.threads):
                 try:
                     out = model(*inputs)
                 except InitlabError:
@@ -637,7 +620,7 @@ class _Probe:
 
     def _hook(self, fn: Callable[..., None], *args: Any) -> Callable[..., None]:
         """``fn`` with ``args`` bound first, run on one thread (the pass itself runs on the caller's)."""
-        return partial(fn, *args) if self.threads == 1 else partial(_on_one_thread, self.threads, fn, *args)
+        return partial(fn, *args) if self.threads == 1 else partial(_on_one_thread, fn, *args)
 
     def _grad_params(self) -> list[Tensor]:
         params = [output_weight(layer.module) for layer in self.layers.values()]
@@ -1035,13 +1018,8 @@ def probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], *, target: Tenso
     if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS):
         raise InitlabError(f"bins must be a positive integer (at most {MAX_BINS:,}) or None, got {bins!r}")
     threads = torch.get_num_threads()
-    if threads == 1:
-        return _probe(model, batch, target, loss, bins, 1)
-    torch.set_num_threads(1)  # the statistics: small reductions, on one thread (the model's own work: on all)
-    try:
+    with using_threads(1):  # the statistics: small reductions, on one thread (the model's own work: on all)
         return _probe(model, batch, target, loss, bins, threads)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], target: Tensor | None,

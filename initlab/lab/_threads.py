@@ -12,14 +12,11 @@ metrics are bit-identical for any ``torch.get_num_threads()``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
+from .._engine import using_threads
 from .._errors import InitlabError
 
 __all__ = ["choose_threads", "using_threads", "one_thread", "usable_cpus", "physical_cores", "idle_cpus"]
@@ -108,26 +105,11 @@ def choose_threads(requested: int | None = None, *, workers: int = 1, flops: flo
 
 
 
-@contextlib.contextmanager
-def using_threads(n: int) -> Iterator[int]:
-    """``torch.set_num_threads(n)`` for the block; the previous count is restored afterwards."""
-    previous = torch.get_num_threads()
-    if n != previous:
-        torch.set_num_threads(n)
-    try:
-        yield n
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[int]:
+def one_thread() -> using_threads:
     """One torch thread for the block: the lab's data-dependent initialisation (``auto``'s correction
     pass, LSUV) and its first pass run under it. Their forward passes and statistics are sums whose
     last bits depend on how torch splits them over threads, and the run directory must not depend on
     ``--threads``, on how busy the machine was, or on which executor ran the unit (a Ray worker starts
     with one thread, a local process with the machine's count). Training is bit-identical for any count
     and keeps the policy's. The cost is one batch through each model on one core."""
-    with using_threads(1) as n:
-        yield n
+    return using_threads(1)
