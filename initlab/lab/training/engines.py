@@ -202,9 +202,13 @@ class StackedMLP(Engine):
                 pred=torch.empty(M, b, dtype=torch.long, device=self.device),
                 top=torch.empty(M, b, **kw),
                 hit=torch.empty(M, b, dtype=torch.bool, device=self.device),
-                n_hit=torch.empty(M, dtype=torch.long, device=self.device),
                 minus_one=torch.full((M, 1, b), -1.0, **kw),
             )
+            # each activation segment's slices of the layer buffers, sliced once
+            buf["act_fwd"] = [[(a, z[i][a.start:a.stop], buf["h"][i][a.start:a.stop]) for a in self.acts[i]]
+                              if not self.identity_layer[i] else [] for i in range(L)]
+            buf["act_bwd"] = [[(a, buf["g"][i][a.start:a.stop], zs, hs) for a, zs, hs in fwd] for i, fwd in
+                              enumerate(buf["act_fwd"])]
             self._bufs[b] = buf
         return buf
 
@@ -230,9 +234,8 @@ class StackedMLP(Engine):
                     torch.baddbmm(self.b[i].transpose(1, 2), W.transpose(1, 2), h.transpose(1, 2), out=z)
                 else:
                     torch.bmm(W.transpose(1, 2), h.transpose(1, 2), out=z)
-            if not self.identity_layer[i]:
-                for a in self.acts[i]:
-                    a.forward(z, buf["h"][i], True)
+            for a, zs, hs in buf["act_fwd"][i]:
+                a.forward_slice(zs, hs, True)
             h = buf["h"][i]
         y = buf["y"].view(M, 1, b)
         torch.log_softmax(h, 1, out=buf["logp"])  # h: logits (M, classes, b)
@@ -241,8 +244,8 @@ class StackedMLP(Engine):
         loss_out.neg_()
         torch.max(h, 1, out=(buf["top"], buf["pred"]))  # max(dim) is much faster than argmax over a middle dim
         torch.eq(buf["pred"], buf["y"].view(M, b), out=buf["hit"])
-        torch.sum(buf["hit"], 1, out=buf["n_hit"])
-        acc_out.copy_(buf["n_hit"]).div_(b)
+        torch.sum(buf["hit"], 1, dtype=acc_out.dtype, out=acc_out)  # counts, exact in float
+        acc_out.div_(b)
 
     @torch.no_grad()
     def backward(self) -> None:
@@ -254,9 +257,8 @@ class StackedMLP(Engine):
         g.scatter_add_(1, buf["y"].view(M, 1, b), buf["minus_one"])
         g.mul_(1.0 / b)
         for i in range(L - 1, -1, -1):
-            if not self.identity_layer[i]:
-                for a in self.acts[i]:
-                    a.backward(g, buf["z"][i], buf["h"][i])
+            for a, gs, zs, hs in buf["act_bwd"][i]:
+                a.backward_slice(gs, zs, hs)
             inp = buf["h"][i - 1] if i > 0 else buf["x"].view(M, b, -1)
             gz = g.transpose(1, 2) if i == L - 1 else g  # (M, b, out)
             torch.bmm(inp.transpose(1, 2), gz, out=self.gW[i])
