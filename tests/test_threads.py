@@ -132,11 +132,11 @@ def test_busy_elsewhere_counts_other_processes_not_this_one(monkeypatch):
 def test_idle_cpus_prefers_the_measurement_over_the_load_average(monkeypatch):
     monkeypatch.setattr(_threads, "usable_cpus", lambda: 4)
     monkeypatch.setattr(_threads.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
-    monkeypatch.setattr(_threads, "busy_elsewhere", lambda window=0.05: 0.2)
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: 0.2)
     assert _threads.idle_cpus() == 4          # the load average (3) would leave 1
-    monkeypatch.setattr(_threads, "busy_elsewhere", lambda window=0.05: 2.6)
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: 2.6)
     assert _threads.idle_cpus() == 1
-    monkeypatch.setattr(_threads, "busy_elsewhere", lambda window=0.05: None)  # no /proc/stat
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: None)  # no /proc/stat
     assert _threads.idle_cpus() == 1          # 4 - 3 from the load average
 
 
@@ -155,3 +155,12 @@ def test_jiffies_reads_only_the_given_cpus(tmp_path, monkeypatch):
         monkeypatch.setattr(_threads, "Path", real)
         busy = _threads.busy_elsewhere(0.02)
         assert busy is None or 0.0 <= busy <= len(os.sched_getaffinity(0)) + 0.5
+
+
+def test_busy_now_reuses_a_recent_measurement(monkeypatch):
+    values = iter([0.3, 1.7])
+    monkeypatch.setattr(_threads, "busy_elsewhere", lambda window=0.05: next(values))
+    monkeypatch.setattr(_threads, "_measured", [])
+    assert _threads.busy_now() == 0.3
+    assert _threads.busy_now() == 0.3             # measured just now: the same value
+    assert _threads.busy_now(max_age=0.0) == 1.7  # too old: measured again

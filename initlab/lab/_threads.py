@@ -22,7 +22,7 @@ from .._engine import using_threads
 from .._errors import InitlabError
 
 __all__ = ["choose_threads", "using_threads", "one_thread", "usable_cpus", "physical_cores", "idle_cpus",
-           "busy_elsewhere"]
+           "busy_elsewhere", "busy_now"]
 
 # below this many floating-point operations per parallel op, an extra thread costs more than it saves
 MIN_FLOPS_PER_THREAD = 2e6
@@ -116,12 +116,26 @@ def busy_elsewhere(window: float = 0.05) -> float | None:
     return max(0.0, share * len(cpus) - own)
 
 
+_measured: list[tuple[float, float | None]] = []  # the last (time.monotonic(), busy_elsewhere())
+
+
+def busy_now(max_age: float = 2.0) -> float | None:
+    """:func:`busy_elsewhere`, or its last value when it was measured less than ``max_age`` seconds
+    ago (the thread policy and the figure workers' priority read the same measurement)."""
+    now = time.monotonic()
+    if _measured and now - _measured[-1][0] < max_age:
+        return _measured[-1][1]
+    value = busy_elsewhere()
+    _measured[:] = [(time.monotonic(), value)]
+    return value
+
+
 def idle_cpus(load: float | None = None) -> int:
     """Usable CPUs not taken by other runnable work: ``usable - round(busy)``, at least 1, where
-    ``busy`` is ``load`` when given, else :func:`busy_elsewhere` (measured now, over 50 ms), else
+    ``busy`` is ``load`` when given, else :func:`busy_now` (measured over 50 ms), else
     the 1-minute load average (0 where the platform has none)."""
     if load is None:
-        load = busy_elsewhere()
+        load = busy_now()
     if load is None:
         try:
             load = os.getloadavg()[0]
