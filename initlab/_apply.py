@@ -563,6 +563,7 @@ def _sample_of(t: Tensor) -> Tensor | None:
 #: holds more than this share of the second moment (a constant fill), or a root mean square outside
 #: [1e-15, 1e15] (squares near the dtype's range)
 _MEAN_SHARE, _RMS_RANGE = 0.5, (1e-15, 1e15)
+_FLOATS = (torch.float32, torch.float64)
 
 
 def _std_samples(tensors: Sequence[Tensor]) -> list[float | None]:
@@ -576,7 +577,10 @@ def _std_samples(tensors: Sequence[Tensor]) -> list[float | None]:
     groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
     with using_threads(1), torch.no_grad():
         for i, t in enumerate(tensors):
-            flat = _sample_of(t)
+            d = local(t)
+            # a small contiguous fp32/fp64 tensor is reduced as it is (no view: these reductions read it in order)
+            flat = d if d.numel() <= STD_SAMPLE and not d.is_meta and d.dtype in _FLOATS and d.is_contiguous() \
+                and d.numel() >= 2 else _sample_of(d)
             if flat is not None:
                 groups.setdefault((flat.device, flat.dtype), []).append((i, flat))
         for items in groups.values():
@@ -638,22 +642,65 @@ def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
     return True
 
 
-def _init_norm(module: nn.Module, keep_weight: bool = False) -> None:
-    w, b = attr(module, "weight"), attr(module, "bias")
-    if isinstance(w, Tensor) and not keep_weight:
-        w.fill_(1.0)
-    if isinstance(b, Tensor):
-        b.zero_()
-    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-        module.reset_running_stats()
-
-
 def _norm_tensors(module: nn.Module) -> list[Tensor]:
-    """What :func:`_init_norm` writes: the norm's weight and bias, its running statistics."""
+    """What :meth:`_Fills.norm` writes: the norm's weight and bias, its running statistics."""
     out = [t for t in (attr(module, "weight"), attr(module, "bias")) if isinstance(t, Tensor)]
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
         out += [t for t in module.buffers(recurse=False)]
     return out
+
+
+class _Fills:
+    """Constant fills (norms' ones and zeros and running statistics, biases), queued and written
+    together: ``torch._foreach_zero_`` on all of them, then ``torch._foreach_add_`` of each
+    non-zero value (0 + c is c exactly), two calls where ~5 per norm layer were made. A value that
+    this would not give bit for bit (-0.0, or a constant for a half-precision tensor, which the
+    addition would round twice) is filled at once instead."""
+
+    def __init__(self) -> None:
+        self.zero: list[Tensor] = []
+        self.add: dict[float, list[Tensor]] = {}
+
+    def put(self, t: Tensor, value: float) -> None:
+        if is_dtensor(t):  # sharded: its own fill, not mixed with plain tensors in one call
+            t.fill_(value)
+        elif value == 0.0 and math.copysign(1.0, value) > 0:
+            self.zero.append(t)
+        elif value != 0.0 and (value == 1.0 or t.dtype in (torch.float32, torch.float64)):
+            self.zero.append(t)
+            self.add.setdefault(value, []).append(t)
+        else:
+            t.fill_(value)
+
+    def norm(self, module: nn.Module, keep_weight: bool = False) -> list[Tensor]:
+        """A norm's weight 1 (unless ``keep_weight``), bias 0 and running statistics reset, queued (a
+        norm type with its own ``reset_running_stats`` runs it now); returns the tensors it will write."""
+        w, b = attr(module, "weight"), attr(module, "bias")
+        out = []
+        if isinstance(w, Tensor) and not keep_weight:
+            out.append(w)
+            self.put(w, 1.0)
+        if isinstance(b, Tensor):
+            out.append(b)
+            self.put(b, 0.0)
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            stats = [module._buffers.get(k) for k in ("running_mean", "running_var", "num_batches_tracked")]
+            if type(module).reset_running_stats is not nn.modules.batchnorm._NormBase.reset_running_stats or \
+                    not all(isinstance(t, Tensor) for t in stats):
+                self.write()
+                module.reset_running_stats()
+            else:  # what it does: running mean 0, running variance 1, the counter 0
+                for t, v in zip(stats, (0.0, 1.0, 0.0)):
+                    out.append(t)
+                    self.put(t, v)
+        return out
+
+    def write(self) -> None:
+        if self.zero:
+            torch._foreach_zero_(self.zero)
+        for value, ts in self.add.items():
+            torch._foreach_add_(ts, value)
+        self.zero, self.add = [], {}
 
 
 @dataclass
@@ -818,6 +865,7 @@ class _Walk:
         self.deferred: list[tuple[int, Tensor]] = []  # rows whose std is measured with the next ones (_flush)
         self.deferred_ids: set[int] = set()
         self.memo: dict[tuple[Any, ...], Any] = {}  # _check_write's results, by what they depend on
+        self.fills = _Fills()  # constant fills of norms and biases, written together
 
     def _add(self, row: dict[str, Any], std: Tensor | float | None) -> None:
         self.rows.append(row)
@@ -928,9 +976,8 @@ class _Walk:
             biases: set[int] = set()
             for name, module, what in targets:
                 if what not in ("norm", "weight"):
-                    self._flush()  # a module's own code or a convention: it may write any tensor
+                    self._settle()  # a module's own code or a convention: it may read or write any tensor
                 if what == "norm":
-                    self._flush(module._parameters.values())
                     self.norm(name, module)
                 elif what == "other":
                     self.other(name, module)
@@ -944,14 +991,21 @@ class _Walk:
                     for p in self.planned[name]:
                         self._weight(p)
                     self._biases(name, module, biases)
-            self._flush()
+            self._settle()
             for m in self.pads:  # a tied Embedding's padding row, after its readout role wrote the weight
                 if not m.weight.is_meta:
                     m.weight[m.padding_idx].zero_()
 
+    def _settle(self) -> None:
+        """The queued constant fills, then the deferred stds: everything written so far is in place
+        and measured (before code that may read or write any tensor runs)."""
+        self.fills.write()
+        self._flush()
+
     def norm(self, name: str, module: nn.Module) -> None:
         zero = name in self.zero_norms
-        _init_norm(module, keep_weight=zero)
+        queued = self.fills.norm(module, keep_weight=zero)
+        self._flush(queued)  # a deferred std of a tensor about to be filled is measured first
         w = attr(module, "weight")
         has_w = isinstance(w, Tensor)
         label = "kept zeros (zero-init residual)" if zero else "ones/zeros"
@@ -1012,7 +1066,7 @@ class _Walk:
         self._flush(own)
         for b in own:
             if id(b) not in done:
-                b.fill_(self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
+                self.fills.put(b, self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
                 done.add(id(b))
 
     def _weight(self, p: _Planned) -> None:
@@ -1025,6 +1079,8 @@ class _Walk:
             return
         try:
             write = getattr(p.choice.scheme, "write", None)
+            if not p.written:
+                self._settle()  # the scheme's own code runs: what came before it is written
             if p.written:
                 returned = []
             elif write is not None and p.checked is not None:  # checked in plan: write without checking again
