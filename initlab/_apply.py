@@ -1325,15 +1325,15 @@ def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]
 
 
 def _report(walk: _Walk, links: dict[str, LayerLink], label: str, params: list[dict[str, Any]],
-            residual: tuple[str | None, int, str], untraced: nn.Module | None = None,
-            modules: Iterable[tuple[str, nn.Module]] | None = None) -> InitReport:
+            residual: tuple[str | None, int, str],
+            untraced: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None) -> InitReport:
     """The report; ``extra`` says how auto's correction pass ran and where residual branches came from.
-    ``untraced``: the model, written without a trace (its activation column is found on first read);
-    ``modules``: its ``named_modules()``."""
+    ``untraced``: the model, written without a trace (its activation column is found on first read),
+    and its ``named_modules()``."""
     traced, note, _ = _trace_facts(links)
     report = InitReport(walk.finish(), traced, label, note, params=params)
     if untraced is not None:
-        report._pending = _DeferredTrace(untraced, walk.layers, modules)
+        report._pending = _DeferredTrace(untraced[0], walk.layers, untraced[1])
     if walk.calibration:
         report.extra["calibration"] = walk.calibration
     if residual[0]:
@@ -1412,8 +1412,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     inc, exc = _selectors(include, "include"), _selectors(exclude, "exclude")
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
-    every = list(model.named_modules(remove_duplicate=False))  # one walk for the targets, the keys, the table
-    unique = _first_seen(every)  # model.named_modules()
+    unique = _first_seen(every := list(model.named_modules(remove_duplicate=False)))  # one walk for all below
     targets, left_out = _targets(model, inc, exc, unique)
     policy, branches, found_by = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
@@ -1427,8 +1426,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         # choices first, outside no_grad (a gain may be computed with autograd)
         sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
         choices = _choices(targets, links, scheme_obj, label, sq)
-        fit = getattr(scheme_obj, "fit", None)
-        calib = bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
+        fit, calib = getattr(scheme_obj, "fit", None), bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
         safe = walk.plan(targets, links, choices) and fit is None and not (calib and batch is not None)
         params = walk.account(model, targets, left_out, strict, every)
         if not safe:
@@ -1439,8 +1437,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
                 walk.calibrate(model, links, batch)
             if policy:
                 walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
-            report = _report(walk, links, label, params, (policy, len(branches), found_by), None if trace else model,
-                             unique)
+            report = _report(walk, links, label, params, (policy, len(branches), found_by), None if trace else (model, unique))
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop
