@@ -125,7 +125,9 @@ class InitReport:
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
     ``realised_std`` the sample std measured after sampling (on at most the first ``STD_SAMPLE``
-    entries; None on the meta device). ``params``: dicts with keys name (fully qualified), module,
+    entries; None on the meta device): sqrt((S2 - S1^2/n) / (n - 1)) from the sums S1, S2 of the
+    entries and their squares, which is ``torch.std`` of them up to rounding (relative ~1e-6; see
+    :func:`_std_samples`). ``params``: dicts with keys name (fully qualified), module,
     kind, shape, action (None when left as it was) and why. ``traced`` is False when the model could not be traced
     with torch.fx and activations were found in module registration order (``note`` says why).
 
