@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from ..._engine import using_threads
 from ..metrics import LayerState
 from .activations import IDENTITY, SegmentAct, activation_key
 
@@ -291,7 +292,11 @@ class StackedMLP(Engine):
         for s in range(0, x.shape[0], _EVAL_CHUNK):
             xc, yc = x[s:s + _EVAL_CHUNK], y[s:s + _EVAL_CHUNK]
             n = xc.shape[0]
-            z = torch.addmm(b0, xc, W0) if b0 is not None else torch.mm(xc, W0)  # (n, M*H1)
+            # one GEMM, on one thread: a multi-threaded GEMM may split its sums by thread count (the
+            # batched products below and in training split over members, each on one thread), and the
+            # test loss must be the same bits whatever the run's thread count
+            with using_threads(1):
+                z = torch.addmm(b0, xc, W0) if b0 is not None else torch.mm(xc, W0)  # (n, M*H1)
             h = z.view(n, M, H1).transpose(0, 1)  # (M, n, H1), strided
             self._eval_act(0, h)
             for i in range(1, L):
