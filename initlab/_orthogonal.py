@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -163,26 +163,31 @@ class _QRQueue:
     there are QRs above :data:`_INLINE`, at most ``threads``; one when all are small and there
     are several) take the largest matrix waiting as soon as it is put, so the QRs overlap the
     drawing of the next matrices; :meth:`results` then runs the small QRs still waiting on the
-    calling thread (switched to one intra-op thread once for all) and waits for the workers.
-    :meth:`stop` (always, in a ``finally``) returns only when no worker runs any more."""
+    calling thread (switched to one intra-op thread once for all) and waits for those the workers
+    took, not for the workers themselves: on a busy machine a worker woken too late finds nothing
+    left and ends without touching any setting. :meth:`stop` (always, in a ``finally``) returns
+    only when no QR runs any more."""
 
     def __init__(self, costs: list[int], threads: int) -> None:
         self.costs, self.threads = costs, threads
         self.mats: list[Tensor | None] = [None] * len(costs)
         self.out: list[tuple[Tensor, Tensor] | None] = [None] * len(costs)
         self.waiting: list[int] = []
+        self.left, self.running = len(costs), 0  # QRs not done; QRs under way
         self.closed = False
+        self.error: BaseException | None = None
         self.cond = threading.Condition()
         big = sum(c > _INLINE for c in costs)
         workers = min(threads, big) if big else int(len(costs) > 1)
         pool = _qr_executor(threads)
-        self.futures = [pool.submit(self._work) for _ in range(workers)]
+        for _ in range(workers):
+            pool.submit(self._work)
 
     def put(self, i: int, a: Tensor) -> None:
         with self.cond:
             self.mats[i] = a
             self.waiting.append(i)
-            self.cond.notify()
+            self.cond.notify_all()
 
     def _take(self, largest: bool) -> int | None:
         """The largest matrix waiting (blocking until one is put or the queue is closed), or
@@ -190,29 +195,46 @@ class _QRQueue:
         with self.cond:
             while largest and not self.waiting and not self.closed:
                 self.cond.wait()
-            if not self.waiting:
+            if not self.waiting or self.error is not None:
                 return None
             j = (max if largest else min)(range(len(self.waiting)), key=lambda j: self.costs[self.waiting[j]])
             if not largest and self.costs[self.waiting[j]] > _INLINE:
                 return None
+            self.running += 1
             return self.waiting.pop(j)
 
-    def _run(self, i: int) -> None:
+    def _run(self, i: int, worker: bool) -> None:
         a, self.mats[i] = self.mats[i], None
-        self.out[i] = _qr_signs(a)  # type: ignore[arg-type]
+        error = None
+        try:
+            if worker:
+                # this worker's OpenMP and MKL on one thread (per-thread settings); the process-wide
+                # default that new threads start from is put back before the QR counts as done.
+                # get_num_threads first: torch sets a thread's count from that default at the
+                # thread's first parallel op, which would otherwise undo the 1 when another thread
+                # has just put the default back
+                torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    self.out[i] = _qr_signs(a)  # type: ignore[arg-type]
+                finally:
+                    torch.set_num_threads(self.threads)
+            else:
+                self.out[i] = _qr_signs(a)  # type: ignore[arg-type]
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            with self.cond:
+                self.running -= 1
+                self.left -= 1
+                if error is not None and self.error is None:
+                    self.error = error
+                self.cond.notify_all()
 
     def _work(self) -> None:
-        # this worker's OpenMP and MKL on one thread (per-thread settings); the process-wide default
-        # that new threads start from is put back afterwards. get_num_threads first: torch sets a
-        # thread's count from that default at the thread's first parallel op, which would otherwise
-        # undo the 1 when another thread has just put the default back
-        torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            while (i := self._take(True)) is not None:
-                self._run(i)
-        finally:
-            torch.set_num_threads(self.threads)
+        while (i := self._take(True)) is not None:
+            self._run(i, True)
 
     def results(self) -> list[tuple[Tensor, Tensor]]:
         with self.cond:
@@ -222,10 +244,13 @@ class _QRQueue:
         if i is not None:
             with using_threads(1):
                 while i is not None:
-                    self._run(i)
+                    self._run(i, False)
                     i = self._take(False)
-        for f in self.futures:
-            f.result()
+        with self.cond:
+            while self.left and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
         return self.out  # type: ignore[return-value]
 
     def stop(self) -> None:
@@ -233,9 +258,8 @@ class _QRQueue:
             self.closed = True
             self.waiting.clear()
             self.cond.notify_all()
-        for f in self.futures:  # never return (even on Ctrl-C) while a worker still runs
-            f.cancel()
-        wait(self.futures)
+            while self.running:  # never return (even on Ctrl-C) while a QR still runs
+                self.cond.wait()
 
 
 def _run_qrs(mats: list[Tensor], threads: int) -> list[tuple[Tensor, Tensor]]:
