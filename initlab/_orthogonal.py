@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from ._engine import _check_generator, _check_tensor, _sample_, check_gain, thread_pool, using_threads
+from ._engine import SMALL, _check_generator, _check_tensor, _sample_, check_gain, thread_pool, using_threads
 from ._errors import InitlabError, is_out_of_memory, memory_error
 
 __all__ = ["orthogonal_", "orthogonal_many_", "delta_orthogonal_", "identity_"]
@@ -103,10 +103,13 @@ def _scaled(q: Tensor, d: Tensor, g: float, rows: int, cols: int, out: Tensor | 
 def _write(tensor: Tensor, q: Tensor, d: Tensor, g: float, rows: int, cols: int) -> None:
     """``tensor`` = Q D g, reshaped: written in place by the product itself when ``tensor`` is a
     contiguous tensor of Q's dtype, else computed in Q's dtype and copied (rounded once)."""
-    if tensor.dtype == q.dtype and tensor.is_contiguous():
-        _scaled(q, d, g, rows, cols, out=tensor.view(rows, cols))
-    else:
-        tensor.copy_(_scaled(q, d, g, rows, cols).reshape(tensor.shape))
+    # a small one on one intra-op thread: an elementwise op split over torch's threads would wake
+    # the OpenMP team, which on a busy machine waits milliseconds for a time slice (same bits)
+    with using_threads(1 if tensor.numel() < SMALL else torch.get_num_threads()):
+        if tensor.dtype == q.dtype and tensor.is_contiguous():
+            _scaled(q, d, g, rows, cols, out=tensor.view(rows, cols))
+        else:
+            tensor.copy_(_scaled(q, d, g, rows, cols).reshape(tensor.shape))
 
 
 def _qr(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,16 +181,16 @@ class _QRQueue:
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         big = sum(c > _INLINE for c in costs)
-        workers = min(threads, big) if big else int(len(costs) > 1)
-        pool = _qr_executor(threads)
-        for _ in range(workers):
-            pool.submit(self._work)
+        self.workers = min(threads, big) if big else int(len(costs) > 1)  # still to start
 
     def put(self, i: int, a: Tensor) -> None:
         with self.cond:
             self.mats[i] = a
             self.waiting.append(i)
             self.cond.notify_all()
+        if self.workers:  # one worker started per matrix put, up to their number: none idles before
+            self.workers -= 1
+            _qr_executor(self.threads).submit(self._work)
 
     def _take(self, largest: bool) -> int | None:
         """The largest matrix waiting (blocking until one is put or the queue is closed), or
