@@ -163,13 +163,14 @@ def _qr_executor(workers: int) -> ThreadPoolExecutor:
 class _QRQueue:
     """QRs (:func:`_qr_signs`) of matrices handed in one by one (:meth:`put`), each on one
     intra-op thread (so bit-identical to the sequential one-thread QR). Worker threads (as many as
-    there are QRs above :data:`_INLINE`, at most ``threads``; one when all are small and there
-    are several) take the largest matrix waiting as soon as it is put, so the QRs overlap the
-    drawing of the next matrices; :meth:`results` then runs the small QRs still waiting on the
-    calling thread (switched to one intra-op thread once for all) and waits for those the workers
-    took, not for the workers themselves: on a busy machine a worker woken too late finds nothing
-    left and ends without touching any setting. :meth:`stop` (always, in a ``finally``) returns
-    only when no QR runs any more."""
+    there are QRs above :data:`_INLINE`, at most ``threads``) take the largest matrix waiting as
+    soon as it is put, so the QRs overlap the drawing of the next matrices; :meth:`results` then
+    runs the small QRs still waiting on the calling thread (switched to one intra-op thread once
+    for all) and waits for those the workers took, not for the workers themselves: on a busy
+    machine a worker woken too late finds nothing left and ends without touching any setting.
+    Only small QRs: no worker at all (on a quiet machine a worker would save a few tenths of a
+    millisecond on the study MLP; on a busy one its wake-up costs milliseconds). :meth:`stop`
+    (always, in a ``finally``) returns only when no QR runs any more."""
 
     def __init__(self, costs: list[int], threads: int) -> None:
         self.costs, self.threads = costs, threads
@@ -181,7 +182,7 @@ class _QRQueue:
         self.error: BaseException | None = None
         self.cond = threading.Condition()
         big = sum(c > _INLINE for c in costs)
-        self.workers = min(threads, big) if big else int(len(costs) > 1)  # still to start
+        self.workers = min(threads, big)  # still to start
 
     def put(self, i: int, a: Tensor) -> None:
         with self.cond:
