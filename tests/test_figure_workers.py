@@ -89,3 +89,29 @@ def test_cli_figure_workers_flag_is_checked(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "--figure-workers" in err and "expected an integer in [0, 64], got -1" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("busy, nice", [(0.0, workers.IDLE_NICE), (1.2, 0), (None, 0)])
+def test_workers_import_at_low_priority_only_on_an_idle_machine(busy, nice, monkeypatch):
+    started = []
+    monkeypatch.setattr(workers, "busy_now", lambda max_age=2.0: busy)
+    monkeypatch.setattr(workers, "_Worker", lambda command, n: started.append(n))
+    workers.FigureWorkers(2)
+    assert started == [nice, nice]
+
+
+def test_start_runs_the_imports_in_a_thread_with_the_given_nice_value():
+    import os
+    import subprocess
+
+    probe = ("import os, threading\n"
+             "import initlab.lab.report.workers as w\n"
+             "w.prepare = lambda: print('nice', os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))\n"
+             "w.main = lambda: print('main', os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or 0\n"
+             "exec(w._START)\n")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for value in (7, 0):
+        env = {**os.environ, "INITLAB_FIGURE_WORKER_NICE": str(value)}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["nice", str(max(base, value)), "main", str(base)]

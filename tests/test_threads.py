@@ -114,3 +114,53 @@ def test_member_init_and_first_pass_are_the_same_bits_for_any_thread_count(monke
     q1, s1 = _members_under(1, contextlib.nullcontext)
     q2, s2 = _members_under(2, contextlib.nullcontext)
     assert not (all(torch.equal(a, b) for a, b in zip(q1, q2, strict=True)) and repr(s1) == repr(s2))
+
+
+def test_busy_elsewhere_counts_other_processes_not_this_one(monkeypatch):
+    # two CPUs; over the window, 150 of 200 ticks busy (1.5 CPUs), 0.5 CPU of it this process's own
+    ticks = iter([(1000, 4000), (1150, 4200)])
+    times = iter([os.times_result((1.0, 2.0, 0, 0, 0)), os.times_result((1.025, 2.0, 0, 0, 0))])
+    clock = iter([10.0, 10.05])
+    monkeypatch.setattr(_threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(_threads, "_jiffies", lambda cpus: next(ticks))
+    monkeypatch.setattr(_threads.os, "times", lambda: next(times))
+    monkeypatch.setattr(_threads.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(_threads.time, "sleep", lambda s: None)
+    assert _threads.busy_elsewhere() == pytest.approx(1.0)
+
+
+def test_idle_cpus_prefers_the_measurement_over_the_load_average(monkeypatch):
+    monkeypatch.setattr(_threads, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(_threads.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: 0.2)
+    assert _threads.idle_cpus() == 4          # the load average (3) would leave 1
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: 2.6)
+    assert _threads.idle_cpus() == 1
+    monkeypatch.setattr(_threads, "busy_now", lambda max_age=2.0: None)  # no /proc/stat
+    assert _threads.idle_cpus() == 1          # 4 - 3 from the load average
+
+
+def test_jiffies_reads_only_the_given_cpus(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  9 9 9 9 9 9 9 9 0 0\n"
+                    "cpu0 10 0 5 80 5 0 0 0 0 0\n"
+                    "cpu1 1 1 1 1 1 1 1 1 0 0\n"
+                    "intr 12345\n")
+    real = _threads.Path
+    monkeypatch.setattr(_threads, "Path", lambda p: stat if p == "/proc/stat" else real(p))
+    assert _threads._jiffies({0}) == (15, 100)   # busy = total - idle - iowait
+    assert _threads._jiffies({0, 1}) == (21, 108)
+    assert _threads._jiffies({7}) is None
+    if os.path.exists("/proc/stat"):
+        monkeypatch.setattr(_threads, "Path", real)
+        busy = _threads.busy_elsewhere(0.02)
+        assert busy is None or 0.0 <= busy <= len(os.sched_getaffinity(0)) + 0.5
+
+
+def test_busy_now_reuses_a_recent_measurement(monkeypatch):
+    values = iter([0.3, 1.7])
+    monkeypatch.setattr(_threads, "busy_elsewhere", lambda window=0.05: next(values))
+    monkeypatch.setattr(_threads, "_measured", [])
+    assert _threads.busy_now() == 0.3
+    assert _threads.busy_now() == 0.3             # measured just now: the same value
+    assert _threads.busy_now(max_age=0.0) == 1.7  # too old: measured again

@@ -1,5 +1,6 @@
 """How many threads the lab gives torch: physical cores, capped by the CPUs this process may use
-(affinity, cgroup quota), by how busy the machine is (the 1-minute load average), and by the work.
+(affinity, cgroup quota), by how busy other processes keep them right now (measured over 50 ms;
+the 1-minute load average where that cannot be measured), and by the work.
 
 On a shared machine an OpenMP parallel region waits at its barrier for every one of its threads;
 a thread that has to queue behind other processes for a time slice (several ms) stalls every small
@@ -14,12 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 from .._engine import using_threads
 from .._errors import InitlabError
 
-__all__ = ["choose_threads", "using_threads", "one_thread", "usable_cpus", "physical_cores", "idle_cpus"]
+__all__ = ["choose_threads", "using_threads", "one_thread", "usable_cpus", "physical_cores", "idle_cpus",
+           "busy_elsewhere", "busy_now"]
 
 # below this many floating-point operations per parallel op, an extra thread costs more than it saves
 MIN_FLOPS_PER_THREAD = 2e6
@@ -69,9 +72,70 @@ def physical_cores() -> int:
     return max(1, min(len(cores), usable_cpus()))
 
 
+def _jiffies(cpus: set[int]) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of ``cpus`` since boot, from ``/proc/stat``'s per-CPU lines; None
+    where there is no such file (not Linux) or it names none of ``cpus``."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = total = 0
+    seen = False
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        ticks = [int(v) for v in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+        if len(ticks) < 5:
+            continue
+        seen = True
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]
+    return (busy, total) if seen and total else None
+
+
+def busy_elsewhere(window: float = 0.05) -> float | None:
+    """How many of this process's CPUs other processes keep busy right now: the busy share of their
+    clock ticks over ``window`` seconds, times the number of CPUs, less this process's own CPU time in
+    that window (its idle OpenMP threads may still be spinning). None where ``/proc/stat`` is not
+    available. Unlike the load average (a one-minute mean), it does not count work that has already
+    stopped, such as this process's own previous command."""
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    before, own0, t0 = _jiffies(cpus), os.times(), time.monotonic()
+    if before is None:
+        return None
+    time.sleep(window)
+    after, own1, t1 = _jiffies(cpus), os.times(), time.monotonic()
+    if after is None or after[1] <= before[1]:
+        return None
+    share = (after[0] - before[0]) / (after[1] - before[1])
+    own = (own1.user + own1.system - own0.user - own0.system) / max(t1 - t0, 1e-9)
+    return max(0.0, share * len(cpus) - own)
+
+
+_measured: list[tuple[float, float | None]] = []  # the last (time.monotonic(), busy_elsewhere())
+
+
+def busy_now(max_age: float = 2.0) -> float | None:
+    """:func:`busy_elsewhere`, or its last value when it was measured less than ``max_age`` seconds
+    ago (the thread policy and the figure workers' priority read the same measurement)."""
+    now = time.monotonic()
+    if _measured and now - _measured[-1][0] < max_age:
+        return _measured[-1][1]
+    value = busy_elsewhere()
+    _measured[:] = [(time.monotonic(), value)]
+    return value
+
+
 def idle_cpus(load: float | None = None) -> int:
-    """Usable CPUs not taken by other runnable work: ``usable - round(load average)``, at least 1.
-    ``load`` defaults to the 1-minute load average (0 where the platform has none)."""
+    """Usable CPUs not taken by other runnable work: ``usable - round(busy)``, at least 1, where
+    ``busy`` is ``load`` when given, else :func:`busy_now` (measured over 50 ms), else
+    the 1-minute load average (0 where the platform has none)."""
+    if load is None:
+        load = busy_now()
     if load is None:
         try:
             load = os.getloadavg()[0]

@@ -2,9 +2,9 @@
 
 The figures cost more than the page: matplotlib and pandas take seconds to import and each figure
 a second or more to draw, all in one thread. :class:`FigureWorkers` starts ``n`` processes
-(``python -m initlab.lab.report.workers``) before training; each imports the report's modules while
-the run trains, then waits. When the run is done, :meth:`FigureWorkers.write_report` hands each
-worker its share of the figures (every n-th name of the report's figure list; a worker draws those
+(:data:`COMMAND`) before training; each imports the report's modules while the run trains (at the
+lowest priority when the machine was otherwise idle: see :data:`IDLE_NICE`), then waits. When the
+run is done, :meth:`FigureWorkers.write_report` hands each worker its share of the figures (every n-th name of the report's figure list; a worker draws those
 its data calls for, one by one), waits for them, and has the first worker write ``report.html``.
 Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
 
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..._errors import InitlabError
+from .._threads import busy_now
 from .figures import grid_captions, grid_figures
 from .html import write_report as _write_report
 from .load import load_run
@@ -45,8 +46,32 @@ TIMEOUT_S = 300.0
 #: seconds a worker may take to start (import the report's modules) before it is killed
 START_TIMEOUT_S = 600.0
 
+#: how a worker starts: it imports torch, initlab and the report's modules in a thread whose nice
+#: value is ``INITLAB_FIGURE_WORKER_NICE`` (on Linux a nice value belongs to one thread), then
+#: answers jobs in its main thread at the normal priority
+_START = ("import os, sys, threading\n"
+          "def imports():\n"
+          "    try:\n"
+          "        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),\n"
+          "                       int(os.environ.get('INITLAB_FIGURE_WORKER_NICE', '0')))\n"
+          "    except (AttributeError, OSError, ValueError):\n"
+          "        pass\n"
+          "    from initlab.lab.report import workers\n"
+          "    workers.prepare()\n"
+          "t = threading.Thread(target=imports)\n"
+          "t.start()\n"
+          "t.join()\n"
+          "from initlab.lab.report import workers\n"
+          "sys.exit(workers.main())\n")
+
 #: the command that starts one worker (a list, as for ``subprocess.Popen``)
-COMMAND = [sys.executable, "-m", "initlab.lab.report.workers"]
+COMMAND = [sys.executable, "-c", _START]
+
+#: the nice value of a worker's imports when the machine was idle as the run started: they then take
+#: only the CPU time the run's training leaves (an OpenMP op waits for every one of its threads, so a
+#: worker that takes a core from one of them for a time slice stalls the other as well). On a machine
+#: that was busy they run at the normal priority, as other processes' work would starve them
+IDLE_NICE = 19
 
 
 def _names() -> list[str]:
@@ -62,8 +87,9 @@ class _Worker:
     """One worker process: its input pipe, its output lines (read by a thread into a queue, so that
     waiting for one has a deadline) and its error output (a temporary file, which never fills up)."""
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(self, command: Sequence[str], nice: int = 0) -> None:
         env = dict(os.environ)
+        env["INITLAB_FIGURE_WORKER_NICE"] = str(nice)
         root = str(Path(__file__).resolve().parents[3])  # the folder holding the initlab package
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.err = tempfile.TemporaryFile()
@@ -161,9 +187,11 @@ class FigureWorkers:
 
     def __init__(self, n: int = 2, command: Sequence[str] | None = None) -> None:
         self.workers: list[_Worker] = []
+        busy = busy_now()
+        nice = IDLE_NICE if busy is not None and busy < 0.5 else 0
         try:
             for _ in range(max(int(n), 1)):
-                self.workers.append(_Worker(command or COMMAND))
+                self.workers.append(_Worker(command or COMMAND, nice))
         except OSError:
             pass  # fewer workers (none: the report is written in this process)
 
@@ -278,12 +306,16 @@ def _page(run_dir: Path, missing: dict[str, str]) -> dict[str, Any]:
         return {"error": _one_line(e)}
 
 
-def main() -> int:
-    """A worker: import the report's modules, then answer one JSON job per input line until it ends."""
-    import matplotlib.backends.backend_agg  # noqa: F401 - imported now, while the run trains
+def prepare() -> None:
+    """Import what drawing needs (done while the run trains)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
     import matplotlib.figure  # noqa: F401
     import pandas  # noqa: F401
 
+
+def main() -> int:
+    """A worker: import the report's modules, then answer one JSON job per input line until it ends."""
+    prepare()
     sys.stdout.write(json.dumps({"ready": True}) + "\n")
     sys.stdout.flush()
     for line in sys.stdin:
