@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections import defaultdict
 import os
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -632,7 +632,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
       them), because a member's last bits depend on which members share its ensemble.
     - ``report``: write figures and report.html once every member is done.
     - ``checkpoint_every``: seconds between checkpoints of a training group (taken at log steps, and
-      always at the last one; 0 = every log step, None = none); an interrupted group continues from
+      always at the last one, which is written only when the run is interrupted before the group's
+      members are recorded; 0 = every log step, None = none); an interrupted group continues from
       its last checkpoint, bit-identical to an uninterrupted run. Units on a pool or a cluster send
       their checkpoints to this process, which saves them (a ``map`` executor trains from step 0).
     - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this
