@@ -21,6 +21,8 @@ before both timings. Run from the repository root:
 
     python bench/bench_lab.py                 # the full classic preset
     python bench/bench_lab.py --steps 200     # a quick run
+    python bench/bench_lab.py --skip-end-to-end --rounds 3 --profile   # training alone, with its op profile
+    python bench/bench_lab.py --threads 1 --clock cpu   # one thread, CPU time: steadier on a busy machine
 
 Two ratios against the peer's time (goals on 2 quiet cores): **training alone** (``run_group`` on
 every group: init, first pass, training, periodic metrics; goal >= 10x) and **end to end**
@@ -39,12 +41,17 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+
+#: the clock of every timing below (``--clock``): wall time, or this process's CPU time
+_clock: Callable[[], float] = time.perf_counter
 
 
 # ----------------------------------------------------------------------------- memory
@@ -201,9 +208,9 @@ def _time_ensemble(groups: list[Any], data: Any, samples: int) -> tuple[float, l
 
     _reset_peak_rss()
     rss0 = _rss_mb()
-    t = time.perf_counter()
+    t = _clock()
     results = [run_group(g, data) for g in groups]
-    t_ens = time.perf_counter() - t
+    t_ens = _clock() - t
     peak = _peak_rss_mb()
     engines = sorted({r.engine for r in results})
     parts = ", ".join(f"{k} {sum((r.timings or {}).get(k, 0.0) for r in results):.2f} s"
@@ -234,6 +241,25 @@ def _print_roofline(members: list[Any], train: Any, n_test: int, samples: int, g
           f"{len(members) * params * 16 / 2 ** 20:.0f} MiB")
 
 
+def _print_op_profile(groups: list[Any], data: Any, train: Any, top: int = 16) -> None:
+    """The ops of one more ensemble run by self CPU time (torch.profiler adds a few us per op), with
+    their calls per training step and time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from initlab.lab.training import run_group
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for g in groups:
+            run_group(g, data)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows) / 1e6
+    steps = int(train.steps)
+    print(f"  op profile of one more run (torch.profiler, {total:.2f} s of op self time; the whole run_group divided by its {steps} steps):")
+    for e in rows[:top]:
+        print(f"    {e.key:<28} {e.self_cpu_time_total / 1e6:6.3f} s {100 * e.self_cpu_time_total / 1e6 / total:5.1f}%"
+              f"  {e.count / steps:6.2f} calls/step  {e.self_cpu_time_total / steps:7.1f} us/step")
+
+
 def _final(metrics: list[dict[str, Any]], split: str, metric: str) -> dict[tuple[str, int], float]:
     """Each member's value at its last logged step."""
     out: dict[tuple[str, int], tuple[int, float]] = {}
@@ -248,9 +274,9 @@ def _final(metrics: list[dict[str, Any]], split: str, metric: str) -> dict[tuple
 def _time_peer(members: list[Any], data: Any, train: Any, samples: int) -> tuple[float, dict[tuple[str, int], Any]]:
     _reset_peak_rss()
     rss0 = _rss_mb()
-    t = time.perf_counter()
+    t = _clock()
     peer = {m.key: baseline_member(m.scenario, m.seed, data, train) for m in members}
-    t_peer = time.perf_counter() - t
+    t_peer = _clock() - t
     peak = _peak_rss_mb()
     print(f"peer (DataLoader + nn.Sequential + Adam, one model at a time): {t_peer:.2f} s, "
           f"{samples / t_peer:,.0f} training samples/s, peak RSS {peak:.0f} MiB (+{peak - rss0:.0f} MiB over the phase start)")
@@ -265,9 +291,9 @@ def _time_end_to_end(exp: Any, data: Any, figure_workers: int = 2) -> float:
     from initlab.lab.run import run_experiment
 
     with tempfile.TemporaryDirectory() as out:
-        t = time.perf_counter()
+        t = _clock()
         summary = run_experiment(exp, out, data=data, resume=False, figure_workers=figure_workers)
-        t_e2e = time.perf_counter() - t
+        t_e2e = _clock() - t
         report = summary.report is not None and os.path.exists(summary.report)
     print(f"end to end (run_experiment: train, first pass, TensorBoard, {len(summary.figures)} figures, "
           f"report {'written' if report else 'MISSING'}): {t_e2e:.2f} s")
@@ -295,9 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-end-to-end", action="store_true", help="do not time run_experiment")
     p.add_argument("--figure-workers", type=int, default=2,
                    help="report workers for the end-to-end run, as `initlab run --figure-workers` (default 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both sides (default: torch's own count)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or this process's CPU time (steadier on a busy machine with --threads 1; "
+                        "with more threads it adds the threads' times up, spinning included)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the training step's op profile (torch.profiler, one extra ensemble run)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat (ensemble, end to end, peer) this many times, interleaved; ratios are per-round medians")
     args = p.parse_args(argv)
+    global _clock
+    _clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from initlab.lab.data import load_dataset
     from initlab.lab.training import plan_groups, run_group
@@ -314,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"initlab lab bench: preset {exp.name!r}, {len(exp.scenarios)} scenarios x {len(train.seeds)} seeds = "
           f"{len(members)} models in {len(groups)} group(s); batch {train.batch_size}, {train.steps} steps, "
           f"log every {train.log_every}; train {n_train}, test {n_test}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus; data load {t_data:.2f} s (not timed below)")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} cpus, {args.clock} clock; data load {t_data:.2f} s (not timed below)")
     gflops = sgemm_gflops()
     print(f"roofline: fp32 GEMM 2048^3 = {gflops:.1f} GFLOP/s")
     _warm_up()
@@ -322,12 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     t_ens, results = _time_ensemble(groups, data, samples)
     if all(m.scenario.model.kind == "mlp" for m in members):
         _print_roofline(members, train, n_test, samples, gflops, t_ens, results)
+    if args.profile:
+        _print_op_profile(groups, data, train)
     ens_acc = _final([r for res in results for r in res.metrics], "test", "acc")
     # the same without flushing denormals to zero (saturated members then run at denormal speed)
-    t = time.perf_counter()
+    t = _clock()
     for g in groups:
         run_group(g, data, flush_denormal=False)
-    t_ens_denormal = time.perf_counter() - t
+    t_ens_denormal = _clock() - t
     print(f"ensemble with flush_denormal=False: {t_ens_denormal:.2f} s end to end, {samples / t_ens_denormal:,.0f} training samples/s")
     t_e2e = float("nan") if args.skip_end_to_end else _time_end_to_end(exp, data, args.figure_workers)
     if args.skip_peer:

@@ -20,9 +20,12 @@ fixed costs show (tracing with torch.fx to find activations, the report).
 ``--threads N`` sets ``torch.set_num_threads(N)`` first: on a loaded machine the engine's worker
 threads and torch's intra-op threads oversubscribe the cores (seen: mobilenet_v3_small's
 ``init_model`` 0.4-0.7 s with 1 thread, 6-8 s with 2, on 2 busy cores), so give the thread count
-with the figures.
+with the figures. ``--clock cpu`` times with the process's CPU time instead of the wall clock: on a
+shared machine it does not count the time other processes hold the cores (with one thread it is
+the work done; with more it sums the threads' work). Part 1 interleaves its contenders: each of
+``--repeat`` rounds runs every column once, in turn, and each figure is the median over the rounds.
 
-    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full] [--threads 1]
+    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full] [--threads 1] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -44,14 +47,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 FULL = ("mobilenet_v3_small", "efficientnet_b0", "resnet50", "vit_b_16")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
+
+
+def once(fn) -> float:
+    gc.collect()
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
 def median_time(fn, repeat: int) -> float:
-    times = []
+    return statistics.median(once(fn) for _ in range(repeat))
+
+
+def interleaved(fns: dict[str, object], repeat: int) -> dict[str, float]:
+    """Each function's median time over ``repeat`` rounds; every round runs each function once, in turn,
+    so that all of them see the same machine load."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
-        gc.collect()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            times[k].append(once(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bare_init(model: nn.Module, generator: torch.Generator) -> None:
@@ -89,11 +107,16 @@ def full(repeat: int, only: str) -> None:
         model = make()
         n = sum(p.numel() for p in model.parameters())
         initlab.init_model(model, "auto", generator=gen)  # warm-up (imports, caches)
-        t_con = median_time(make, repeat)
-        t_auto = median_time(lambda model=model: initlab.init_model(model, "auto", generator=gen), repeat)
-        t_he = median_time(lambda model=model: initlab.init_model(model, "he_normal", generator=gen), repeat)
-        t_bare = median_time(lambda model=model: bare_init(model, gen), repeat)
-        t_read = median_time(lambda model=model: initlab.init_model(model, "he_normal", generator=gen).rows, repeat)
+        _ = initlab.init_model(model, "he_normal", generator=gen).rows
+        bare_init(model, gen)
+        t = interleaved({
+            "construct": make,
+            "auto": lambda model=model: initlab.init_model(model, "auto", generator=gen),
+            "he": lambda model=model: initlab.init_model(model, "he_normal", generator=gen),
+            "bare": lambda model=model: bare_init(model, gen),
+            "read": lambda model=model: initlab.init_model(model, "he_normal", generator=gen).rows,
+        }, repeat)
+        t_con, t_auto, t_he, t_bare, t_read = (t[k] for k in ("construct", "auto", "he", "bare", "read"))
         print(f"{name:20} {n:>11,} {t_con * 1e3:>8.0f}ms {t_auto * 1e3:>7.0f}ms {t_he * 1e3:>7.0f}ms "
               f"{t_bare * 1e3:>7.0f}ms {t_auto / t_con:>14.2f}x {t_he / t_bare:>7.2f}x {t_read * 1e3:>7.0f}ms "
               f"{t_read / t_bare:>12.2f}x")
@@ -132,10 +155,15 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings of architecture names")
     ap.add_argument("--full", action="store_true", help="the full-size torchvision models (part 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (0: torch's default)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall: time.perf_counter; cpu: time.process_time (this process's CPU time)")
     args = ap.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}; median of {args.repeat}")
+    print(f"torch threads: {torch.get_num_threads()}; {args.clock} clock; median of {args.repeat}"
+          + (" interleaved rounds" if args.full else ""))
     if args.full:
         full(args.repeat, args.only)
     else:

@@ -59,6 +59,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -74,10 +75,10 @@ from ._keys import _sharding_hooks_off, is_dtensor, is_shard_block, keyed, local
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
 from ._graph import LayerLink, find_activations
-from ._layers import WEIGHT_LAYERS, init_biases, init_weights, is_norm, is_weight_layer, kind_name
+from ._layers import WEIGHT_LAYERS, attr, init_biases, init_weights, is_weight_layer, kind_name, layer_row
 from ._residual import apply_policy, check_policy, find_branches
 from ._reparam import commit, computed_kind, scratch_for
-from ._schemes import LayerChoice, Scheme, get_scheme, scheme_parameters, schemes
+from ._schemes import LayerChoice, Scheme, _write_planned, get_scheme, scheme_parameters, schemes
 from ._text import text_table
 from ._undo import Undo, all_or_nothing, check_memory, deferred_interrupt, tensor_bytes
 
@@ -124,7 +125,9 @@ class InitReport:
     ``rows``: dicts with keys name, kind, shape, fan_in, fan_out, activation, scheme, target_std,
     realised_std (plus gain and bias). ``target_std`` is the std the scheme aims at given the fans,
     ``realised_std`` the sample std measured after sampling (on at most the first ``STD_SAMPLE``
-    entries; None on the meta device). ``params``: dicts with keys name (fully qualified), module,
+    entries; None on the meta device): sqrt((S2 - S1^2/n) / (n - 1)) from the sums S1, S2 of the
+    entries and their squares, which is ``torch.std`` of them up to rounding (relative ~1e-6; see
+    :func:`_std_samples`). ``params``: dicts with keys name (fully qualified), module,
     kind, shape, action (None when left as it was) and why. ``traced`` is False when the model could not be traced
     with torch.fx and activations were found in module registration order (``note`` says why).
 
@@ -290,12 +293,13 @@ _STALE = ("the model changed between init_model and the first read of this repor
           "report right after init_model, or call initlab.find_activations(model)")
 
 
-def _trace_inputs(model: nn.Module) -> tuple[Any, ...]:
+def _trace_inputs(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> tuple[Any, ...]:
     """What :func:`find_activations` reads that is commonly changed after ``init_model``: every
     module (name, identity, type, training mode) and the parameters of activation modules
-    (identity, in-place version: a PReLU slope). Weight values, norms and buffers are not read."""
+    (identity, in-place version: a PReLU slope). Weight values, norms and buffers are not read.
+    ``modules``: ``model.named_modules()``, when the caller has them."""
     out = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if modules is None else modules:
         own = m._parameters
         ps = tuple((id(p), p._version) for p in own.values() if p is not None) \
             if own and not is_weight_layer(m) and is_activation_module(m) else ()
@@ -308,10 +312,11 @@ class _DeferredTrace:
     (:func:`find_activations`, FSDP hooks set aside as under ``init_model``) and fills the rows
     of the weight layers, unless :func:`_trace_inputs` changed since the writes."""
 
-    def __init__(self, model: nn.Module, layers: list[tuple[int, str]]) -> None:
+    def __init__(self, model: nn.Module, layers: list[tuple[int, str]],
+                 modules: Iterable[tuple[str, nn.Module]] | None = None) -> None:
         self.model: nn.Module | None = model
         self.layers = layers  # (index into the report's rows, the weight layer's module name)
-        self.seen = _trace_inputs(model)
+        self.seen = _trace_inputs(model, modules)
 
     def fill(self, rows: list[dict[str, Any]]) -> tuple[bool, str, bool]:
         """(traced, note, stale) after filling ``rows``' activation column."""
@@ -534,10 +539,12 @@ def _std_sample(t: Tensor) -> Tensor | None:
     thread: the same number for any ``torch.get_num_threads()``, and no OpenMP team woken for a
     64k-entry reduction (on two busy cores that made init_model 5-10x slower)."""
     with using_threads(1):
-        return _std_of(t)
+        flat = _sample_of(t)
+        return None if flat is None else torch.std(flat)
 
 
-def _std_of(t: Tensor) -> Tensor | None:
+def _sample_of(t: Tensor) -> Tensor | None:
+    """The entries :func:`_std_sample` measures, as a 1-d fp32/fp64 tensor (None: fewer than two, or meta)."""
     d = local(t).detach()  # a DTensor: its local shard (no collective)
     n = d.numel()
     if n < 2 or d.is_meta:
@@ -551,7 +558,48 @@ def _std_of(t: Tensor) -> Tensor | None:
         flat = d.reshape(-1)[:STD_SAMPLE]
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
-    return torch.std(flat)
+    return flat
+
+
+#: :func:`_std_samples` falls back to ``torch.std`` where its sums could lose precision: a mean that
+#: holds more than this share of the second moment (a constant fill), or a root mean square outside
+#: [1e-15, 1e15] (squares near the dtype's range)
+_MEAN_SHARE, _RMS_RANGE = 0.5, (1e-15, 1e15)
+_FLOATS = (torch.float32, torch.float64)
+
+
+def _std_samples(tensors: Sequence[Tensor]) -> list[float | None]:
+    """:func:`_std_sample` of many tensors as Python floats, with two reductions per tensor that
+    vectorise (``torch.std``'s single pass does not: it took ~70 % of init_model's own time on
+    efficientnet_b0): s = sqrt((S2 - S1^2 / n) / (n - 1)) from S1 = sum(x) and S2 = sum(x^2)
+    (``torch._foreach_norm``, one call for all). Equal to ``torch.std`` up to rounding (relative
+    ~1e-7 for zero-mean weights); where the sums could lose precision (see :data:`_MEAN_SHARE`) or
+    are not finite, ``torch.std`` itself. One host transfer per device and dtype."""
+    out: list[float | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+    with using_threads(1), torch.no_grad():
+        for i, t in enumerate(tensors):
+            d = local(t)
+            # a small contiguous fp32/fp64 tensor is reduced as it is (no view: these reductions read it in order)
+            flat = d if d.numel() <= STD_SAMPLE and not d.is_meta and d.dtype in _FLOATS and d.is_contiguous() \
+                and d.numel() >= 2 else _sample_of(d)
+            if flat is not None:
+                groups.setdefault((flat.device, flat.dtype), []).append((i, flat))
+        for items in groups.values():
+            flats = [f for _, f in items]
+            sums = torch.stack([f.sum() for f in flats]).tolist()
+            norms = torch.stack(torch._foreach_norm(flats)).tolist()
+            for (i, f), s1, r in zip(items, sums, norms):
+                n = f.numel()
+                s2 = r * r
+                share = s1 * s1 / n
+                rms = r / math.sqrt(n)
+                if math.isfinite(s2) and math.isfinite(s1) and share <= _MEAN_SHARE * s2 and \
+                        _RMS_RANGE[0] <= rms <= _RMS_RANGE[1]:
+                    out[i] = math.sqrt(max(0.0, (s2 - share) / (n - 1)))
+                else:
+                    out[i] = float(torch.std(f))
+    return out
 
 
 def _constant_std(t: Tensor) -> float | None:
@@ -596,22 +644,65 @@ def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
     return True
 
 
-def _init_norm(module: nn.Module, keep_weight: bool = False) -> None:
-    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    if isinstance(w, Tensor) and not keep_weight:
-        w.fill_(1.0)
-    if isinstance(b, Tensor):
-        b.zero_()
-    if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-        module.reset_running_stats()
-
-
 def _norm_tensors(module: nn.Module) -> list[Tensor]:
-    """What :func:`_init_norm` writes: the norm's weight and bias, its running statistics."""
-    out = [t for t in (getattr(module, "weight", None), getattr(module, "bias", None)) if isinstance(t, Tensor)]
+    """What :meth:`_Fills.norm` writes: the norm's weight and bias, its running statistics."""
+    out = [t for t in (attr(module, "weight"), attr(module, "bias")) if isinstance(t, Tensor)]
     if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
         out += [t for t in module.buffers(recurse=False)]
     return out
+
+
+class _Fills:
+    """Constant fills (norms' ones and zeros and running statistics, biases), queued and written
+    together: ``torch._foreach_zero_`` on all of them, then ``torch._foreach_add_`` of each
+    non-zero value (0 + c is c exactly), two calls where ~5 per norm layer were made. A value that
+    this would not give bit for bit (-0.0, or a constant for a half-precision tensor, which the
+    addition would round twice) is filled at once instead."""
+
+    def __init__(self) -> None:
+        self.zero: list[Tensor] = []
+        self.add: dict[float, list[Tensor]] = {}
+
+    def put(self, t: Tensor, value: float) -> None:
+        if is_dtensor(t):  # sharded: its own fill, not mixed with plain tensors in one call
+            t.fill_(value)
+        elif value == 0.0 and math.copysign(1.0, value) > 0:
+            self.zero.append(t)
+        elif value != 0.0 and (value == 1.0 or t.dtype in (torch.float32, torch.float64)):
+            self.zero.append(t)
+            self.add.setdefault(value, []).append(t)
+        else:
+            t.fill_(value)
+
+    def norm(self, module: nn.Module, keep_weight: bool = False) -> list[Tensor]:
+        """A norm's weight 1 (unless ``keep_weight``), bias 0 and running statistics reset, queued (a
+        norm type with its own ``reset_running_stats`` runs it now); returns the tensors it will write."""
+        w, b = attr(module, "weight"), attr(module, "bias")
+        out = []
+        if isinstance(w, Tensor) and not keep_weight:
+            out.append(w)
+            self.put(w, 1.0)
+        if isinstance(b, Tensor):
+            out.append(b)
+            self.put(b, 0.0)
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            stats = [module._buffers.get(k) for k in ("running_mean", "running_var", "num_batches_tracked")]
+            if type(module).reset_running_stats is not nn.modules.batchnorm._NormBase.reset_running_stats or \
+                    not all(isinstance(t, Tensor) for t in stats):
+                self.write()
+                module.reset_running_stats()
+            else:  # what it does: running mean 0, running variance 1, the counter 0
+                for t, v in zip(stats, (0.0, 1.0, 0.0)):
+                    out.append(t)
+                    self.put(t, v)
+        return out
+
+    def write(self) -> None:
+        if self.zero:
+            torch._foreach_zero_(self.zero)
+        for value, ts in self.add.items():
+            torch._foreach_add_(ts, value)
+        self.zero, self.add = [], {}
 
 
 @dataclass
@@ -638,28 +729,59 @@ class _Planned:
     written: bool = False  # sampled by Walk._presample
 
 
-def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor) -> None:
+def _computed(module: nn.Module, pname: str) -> str | None:
+    """:func:`~initlab._reparam.computed_kind`: a parameter registered under ``pname`` is plain (a
+    parametrization removes it from ``_parameters``), so only the other weights are looked at."""
+    return None if module._parameters.get(pname) is not None else computed_kind(module, pname)
+
+
+def _weight_slot(name: str, module: nn.Module, pname: str, tensor: Tensor, computed: str | None) -> None:
     """The tensor must be a parameter init_model can fill in place (not lazy, not computed)."""
     if isinstance(tensor, nn.parameter.UninitializedParameter):
         raise InitlabError(f"layer {name!r} ({kind_name(module)}) has uninitialised lazy parameters; "
                            "run one forward pass before init_model")
-    if computed_kind(module, pname) == "unknown":
+    if computed == "unknown":
         raise InitlabError(
             f"layer {name!r} ({kind_name(module)}): its {pname} is computed from other tensors (a "
             "parametrization or torch.nn.utils.weight_norm/spectral_norm), so init_model cannot set it in place; "
             f"initialise the underlying parameters yourself, or leave the layer out (exclude=[{name!r}])")
 
 
-def _check_write(p: _Planned, generator: torch.Generator | None) -> None:
+def _engine_check_key(scheme: Any, part: Tensor, fans: tuple[float, float]) -> tuple[Any, ...] | None:
+    """What the engine's check (:func:`~initlab._engine.planned_std`, the ``check`` of every scheme
+    that writes with :func:`~initlab._schemes._write_planned`) reads of a tensor, as a key: equal
+    keys give the same result (the generator is the walk's own). None for any other check."""
+    if getattr(scheme, "write", None) is not _write_planned or type(part) is not Tensor and \
+            type(part) is not nn.Parameter:
+        return None
+    return (id(scheme), fans, part.dtype, part.device.type, part.is_meta, part.numel() == 0, part.is_inference(),
+            torch.is_inference_mode_enabled())
+
+
+def _check_write(p: _Planned, generator: torch.Generator | None, memo: dict[tuple[Any, ...], Any]) -> None:
     """Run the scheme's checks on every part without writing (``Scheme.check``); a part that needs a
-    scratch copy of its size could still run out of memory, so it is not safe."""
-    check = getattr(p.choice.scheme, "check", None)
+    scratch copy of its size could still run out of memory, so it is not safe. ``memo``: this walk's
+    results of the engine's own check and of target stds (many layers share their fans)."""
+    scheme = p.choice.scheme
+    check = getattr(scheme, "check", None)
     _check_block_fans(p)
     try:
         if check is not None:
-            p.checked = [check(part, p.fans, generator) for part in p.parts]
+            checked = []
+            for part in p.parts:
+                key = _engine_check_key(scheme, part, p.fans)
+                got = memo.get(key) if key is not None else None
+                if got is None:
+                    got = check(part, p.fans, generator)
+                    if key is not None:
+                        memo[key] = got
+                checked.append(got)
+            p.checked = checked
         block_shape = (p.tensor.shape[0] // p.blocks, *p.tensor.shape[1:])
-        p.target = _scheme_target(p.choice.scheme, p.fans[0], p.fans[1], block_shape)
+        key = ("target", id(scheme), p.fans, block_shape)
+        if key not in memo:
+            memo[key] = _scheme_target(scheme, p.fans[0], p.fans[1], block_shape)
+        p.target = memo[key]
     except InitlabError as e:
         raise InitlabError(f"layer {p.label!r} ({kind_name(p.module)} {tuple(p.tensor.shape)}): {e}") from e
     p.safe = check is not None and not any(needs_scratch(part) for part in p.parts)
@@ -742,10 +864,30 @@ class _Walk:
         self.pads: list[nn.Embedding] = []  # tied Embeddings whose padding row is zeroed last
         self.calibration: dict[str, Any] = {}  # auto's correction pass: the batch it ran on, the factors
         self.layers: list[tuple[int, str]] = []  # rows of weight layers: (row index, module name)
+        self.deferred: list[tuple[int, Tensor]] = []  # rows whose std is measured with the next ones (_flush)
+        self.deferred_ids: set[int] = set()
+        self.memo: dict[tuple[Any, ...], Any] = {}  # _check_write's results, by what they depend on
+        self.fills = _Fills()  # constant fills of norms and biases, written together
 
     def _add(self, row: dict[str, Any], std: Tensor | float | None) -> None:
         self.rows.append(row)
         self.stds.append(std)
+
+    def _defer(self, row: dict[str, Any], t: Tensor) -> None:
+        """A row whose realised std is measured in one batch with the others (:func:`_std_samples`),
+        before anything could write ``t`` again (:meth:`_flush`)."""
+        self.deferred.append((len(self.rows), t))
+        self.deferred_ids.add(id(t))
+        self._add(row, None)
+
+    def _flush(self, before: Iterable[Tensor] | None = None) -> None:
+        """Measure the deferred stds now; with ``before``, only if one of those tensors (about to be
+        written) is among them."""
+        if not self.deferred or (before is not None and self.deferred_ids.isdisjoint(map(id, before))):
+            return
+        for (i, _), v in zip(self.deferred, _std_samples([t for _, t in self.deferred])):
+            self.stds[i] = v
+        self.deferred, self.deferred_ids = [], set()
 
     def reset_others(self, targets: list[tuple[str, nn.Module, str]]) -> None:
         """``reset_parameters()`` of the other parameter-holding modules, first: an activation
@@ -782,9 +924,9 @@ class _Walk:
 
     def _plan_one(self, name: str, module: nn.Module, act: Activation | None, choice: LayerChoice, pname: str,
                   tensor: Tensor, blocks: int, seen: dict[int, str]) -> _Planned:
-        _weight_slot(name, module, pname, tensor)
+        computed, underlying = _computed(module, pname), []
+        _weight_slot(name, module, pname, tensor, computed)
         label = _weight_label(name, pname)
-        computed, underlying = computed_kind(module, pname), []
         if computed is not None:  # weight norm, spectral norm, pruning: the effective weight is sampled
             tensor, underlying = scratch_for(module, pname, computed)
         try:
@@ -801,7 +943,7 @@ class _Walk:
             p.tied_to = seen[id(tensor)]
             return p
         seen[id(tensor)] = label
-        _check_write(p, self.generator)
+        _check_write(p, self.generator, self.memo)
         p.safe = p.safe and computed is None
         return p
 
@@ -835,6 +977,8 @@ class _Walk:
             self._presample()
             biases: set[int] = set()
             for name, module, what in targets:
+                if what not in ("norm", "weight"):
+                    self._settle()  # a module's own code or a convention: it may read or write any tensor
                 if what == "norm":
                     self.norm(name, module)
                 elif what == "other":
@@ -849,14 +993,22 @@ class _Walk:
                     for p in self.planned[name]:
                         self._weight(p)
                     self._biases(name, module, biases)
+            self._settle()
             for m in self.pads:  # a tied Embedding's padding row, after its readout role wrote the weight
                 if not m.weight.is_meta:
                     m.weight[m.padding_idx].zero_()
 
+    def _settle(self) -> None:
+        """The queued constant fills, then the deferred stds: everything written so far is in place
+        and measured (before code that may read or write any tensor runs)."""
+        self.fills.write()
+        self._flush()
+
     def norm(self, name: str, module: nn.Module) -> None:
         zero = name in self.zero_norms
-        _init_norm(module, keep_weight=zero)
-        w = getattr(module, "weight", None)
+        queued = self.fills.norm(module, keep_weight=zero)
+        self._flush(queued)  # a deferred std of a tensor about to be filled is measured first
+        w = attr(module, "weight")
         has_w = isinstance(w, Tensor)
         label = "kept zeros (zero-init residual)" if zero else "ones/zeros"
         self._add(_row(name, module, tuple(w.shape) if has_w else (), scheme=label,
@@ -912,9 +1064,11 @@ class _Walk:
     def _biases(self, name: str, module: nn.Module, done: set[int]) -> None:
         if self.bias_mode == "keep":
             return
-        for b in init_biases(module):
+        own = init_biases(module)
+        self._flush(own)
+        for b in own:
             if id(b) not in done:
-                b.fill_(self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
+                self.fills.put(b, self.bias_mode if isinstance(self.bias_mode, float) else 0.0)
                 done.add(id(b))
 
     def _weight(self, p: _Planned) -> None:
@@ -927,6 +1081,8 @@ class _Walk:
             return
         try:
             write = getattr(p.choice.scheme, "write", None)
+            if not p.written:
+                self._settle()  # the scheme's own code runs: what came before it is written
             if p.written:
                 returned = []
             elif write is not None and p.checked is not None:  # checked in plan: write without checking again
@@ -950,8 +1106,8 @@ class _Walk:
         if p.computed is not None:
             effective = commit(m, p.pname, p.computed, p.tensor)
             label += " (effective weight)"
-        self._add(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, label, p.target, p.choice.gain, bias),
-                  _std_sample(effective))
+        self._defer(_row(p.label, m, shape, p.fans[0], p.fans[1], p.act, label, p.target, p.choice.gain, bias),
+                    effective)
 
     def _filled_in_place(self, p: _Planned, returned: list[Any]) -> None:
         """A scheme that returned new tensors and left the weight as it was did nothing: say so."""
@@ -968,21 +1124,22 @@ class _Walk:
         (DTensor) norm always gets ones: each rank sees only its own shard, and after ``to_empty()``
         one rank's memory may hold zeros where another's does not, so a choice made from local values
         could differ between ranks (and deciding from the whole tensor would need a collective)."""
-        ws = [(name, m.weight, getattr(m, "bias", None)) for name, m, what in targets
-              if what == "norm" and isinstance(getattr(m, "weight", None), Tensor) and not m.weight.is_meta
-              and not is_dtensor(m.weight)]
+        ws = [(name, w, attr(m, "bias")) for name, m, what in targets
+              if what == "norm" and isinstance(w := attr(m, "weight"), Tensor) and not w.is_meta and not is_dtensor(w)]
         zero = {name for name, w, b in ws if not bool(torch.any(local(w)))
                 and (not isinstance(b, Tensor) or not bool(torch.any(local(b))))}
         self.zero_norms = zero if len(zero) < len(ws) else set()
 
     def account(self, model: nn.Module, targets: list[tuple[str, nn.Module, str]], left_out: set[str],
-                strict: bool | None) -> list[dict[str, Any]]:
+                strict: bool | None, modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[dict[str, Any]]:
         """Before any write: what happens to every parameter (one row per parameter name). Raises
         when ``strict`` and a parameter would be left as it is (``strict=None``: only when such a
-        parameter is still on the meta device or holds NaN/inf, i.e. is detectably uninitialised)."""
+        parameter is still on the meta device or holds NaN/inf, i.e. is detectably uninitialised).
+        ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller has them."""
         fate = self.fate
         for name, module, what in targets:
-            own = dict(module.named_parameters(recurse=False))
+            own = dict(module.named_parameters(recurse=False)) if what == "conv" else \
+                {k: t for k, t in module._parameters.items() if t is not None}  # only their identities are read
             if what == "weight":
                 for p in self.planned[name]:
                     for t in p.underlying or [p.tensor]:
@@ -1003,17 +1160,18 @@ class _Walk:
                     c = self.conventions[(name, pname)] = param_convention(pname, t, module)
                     if c is not None:
                         fate[id(t)] = c.label
-        table = self._param_table(model, left_out, {name: what for name, _, what in targets})
+        table = self._param_table(model, left_out, {name: what for name, _, what in targets}, modules)
         _check_strict(table, self._tensors, strict)
         self.undo.save_all([(f"parameter {row['name']!r}", t) for row, t in zip(table, self._tensors)
                             if row["module_kind"] in ("rnn", "pos", "conv") and row["action"] is not None])
         return table
 
-    def _param_table(self, model: nn.Module, left_out: set[str], kinds: dict[str, str]) -> list[dict[str, Any]]:
+    def _param_table(self, model: nn.Module, left_out: set[str], kinds: dict[str, str],
+                     modules: Iterable[tuple[str, nn.Module]] | None = None) -> list[dict[str, Any]]:
         table: list[dict[str, Any]] = []
         self._tensors: list[Tensor] = []
         first: dict[int, str] = {}
-        for mname, m in model.named_modules(remove_duplicate=False):
+        for mname, m in model.named_modules(remove_duplicate=False) if modules is None else modules:
             for pname, t in m._parameters.items():
                 if t is None:
                     continue
@@ -1038,6 +1196,7 @@ class _Walk:
         if not done:
             return
         self.calibration = {"batch": kind, "factors": done}
+        measured: list[tuple[int, Tensor]] = []
         for i, row in enumerate(self.rows):
             a = done.get(row["name"])
             if a is None:
@@ -1046,14 +1205,19 @@ class _Walk:
             for key in ("gain", "target_std"):
                 if isinstance(row.get(key), float):
                     row[key] *= a
-            self.stds[i] = _std_sample(self.planned[row["name"]][0].tensor)
+            measured.append((i, self.planned[row["name"]][0].tensor))
+        for (i, _), v in zip(measured, _std_samples([t for _, t in measured])):
+            self.stds[i] = v
 
     def residual(self, done: dict[str, str], modules: dict[str, nn.Module], params: list[dict[str, Any]]) -> None:
         """The report after a residual policy: the rows and parameters it changed say so."""
+        measured: list[tuple[int, Tensor]] = []
         for i, row in enumerate(self.rows):
             if row["name"] in done:
                 row["scheme"] = f"{row['scheme']} + {done[row['name']]}"
-                self.stds[i] = _std_sample(modules[row["name"]].weight)
+                measured.append((i, modules[row["name"]].weight))
+        for (i, _), v in zip(measured, _std_samples([t for _, t in measured])):
+            self.stds[i] = v
         for prow in params:
             mname, _, pname = prow["name"].rpartition(".")
             if pname == "weight" and mname in done and prow["action"] is not None:
@@ -1066,32 +1230,55 @@ class _Walk:
         return self.rows
 
 
+_OWN = ("parameters", "named_parameters", "buffers", "named_buffers")
+
+
+@lru_cache(maxsize=None)
+def _plain_members(cls: type) -> bool:
+    """Whether a module type lists its own parameters and buffers as ``nn.Module`` does (then
+    ``_parameters`` and ``_buffers`` say whether it has any, without building generators)."""
+    return all(getattr(cls, f) is getattr(nn.Module, f) for f in _OWN)
+
+
+def _has_own(m: nn.Module, buffers: bool = False) -> bool:
+    """``any(m.parameters(recurse=False))`` (or ``buffers=True``: any parameter or buffer)."""
+    if not _plain_members(type(m)):
+        return any(True for _ in m.parameters(recurse=False)) or \
+            (buffers and any(True for _ in m.buffers(recurse=False)))
+    return any(p is not None for p in m._parameters.values()) or \
+        (buffers and any(b is not None for b in m._buffers.values()))
+
+
 def _kind(name: str, m: nn.Module) -> str | None:
     """What the walk does with a module: "weight" (fan-based), "pos" (a position Embedding),
     "norm", "rnn" (per gate), "other" (its reset_parameters), "conv" (a convention per parameter)."""
-    if is_weight_layer(m) or is_conv1d(m):
+    row = layer_row(m)
+    role = None if row is None else row.role
+    if role == "weight" or (type(m).__name__ == "Conv1D" and is_conv1d(m)):
         return "pos" if is_position_embedding(name, m) else "weight"
     if isinstance(m, parametrize.ParametrizationList):  # the originals of a parametrized weight: its layer's
         return None
-    if is_norm(m):
-        has = any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False))
-        return "norm" if has else None
-    if not any(True for _ in m.parameters(recurse=False)):
+    if role == "norm":
+        return "norm" if _has_own(m, buffers=True) else None
+    if not _has_own(m):
         return None
     if isinstance(m, nn.RNNBase):
         return "rnn"
     return "other" if callable(getattr(m, "reset_parameters", None)) else "conv"
 
 
-def _targets(model: nn.Module, inc: list[Selector] | None,
-             exc: list[Selector] | None) -> tuple[list[tuple[str, nn.Module, str]], set[str]]:
+def _targets(model: nn.Module, inc: list[Selector] | None, exc: list[Selector] | None,
+             modules: Iterable[tuple[str, nn.Module]] | None = None) -> tuple[list[tuple[str, nn.Module, str]], set[str]]:
     """(name, module, kind) in registration order, after include/exclude (see :func:`_kind`), and
-    the names of the modules include/exclude left out."""
-    found = [(name, m, what) for name, m in model.named_modules() if (what := _kind(name, m)) is not None]
+    the names of the modules include/exclude left out. ``modules``: ``model.named_modules()``."""
+    found = [(name, m, what) for name, m in (model.named_modules() if modules is None else modules)
+             if (what := _kind(name, m)) is not None]
     if not found:
         kinds = ", ".join(sorted({c.__name__ for c in WEIGHT_LAYERS}))
         raise InitlabError(f"model {type(model).__name__} has nothing to initialise: no weight layer ({kinds}), "
                            "no normalisation layer and no module with parameters of its own")
+    if inc is None and exc is None:
+        return found, set()
     out = []
     left_out: set[str] = set()
     inc_used: set[int] = set()
@@ -1122,9 +1309,7 @@ def _fit(model: nn.Module, batch: Tensor, generator: torch.Generator | None, sch
     updates = result.row_updates()
     modules = dict(model.named_modules())
     rows = [row for row in report.rows if row["name"] in updates]
-    with torch.no_grad():
-        stds = [_std_sample(modules[row["name"]].weight) for row in rows]
-    for row, v in zip(rows, _to_floats(stds)):
+    for row, v in zip(rows, _std_samples([modules[row["name"]].weight for row in rows])):
         row.update(scheme=scheme.name, **updates[row["name"]])
         row["realised_std"] = v
     report.extra[scheme.name] = result
@@ -1142,18 +1327,32 @@ def _branches(model: nn.Module, residual: object) -> tuple[str | None, list[Any]
 
 
 def _report(walk: _Walk, links: dict[str, LayerLink], label: str, params: list[dict[str, Any]],
-            residual: tuple[str | None, int, str], untraced: nn.Module | None = None) -> InitReport:
+            residual: tuple[str | None, int, str],
+            untraced: tuple[nn.Module, list[tuple[str, nn.Module]]] | None = None) -> InitReport:
     """The report; ``extra`` says how auto's correction pass ran and where residual branches came from.
-    ``untraced``: the model, written without a trace (its activation column is found on first read)."""
+    ``untraced``: the model, written without a trace (its activation column is found on first read),
+    and its ``named_modules()``."""
     traced, note, _ = _trace_facts(links)
     report = InitReport(walk.finish(), traced, label, note, params=params)
     if untraced is not None:
-        report._pending = _DeferredTrace(untraced, walk.layers)
+        report._pending = _DeferredTrace(untraced[0], walk.layers, untraced[1])
     if walk.calibration:
         report.extra["calibration"] = walk.calibration
     if residual[0]:
         report.extra["residual"] = dict(zip(("policy", "branches", "found_by"), residual))
     return report
+
+
+def _first_seen(modules: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` from ``model.named_modules(remove_duplicate=False)``: each module
+    once, under its first name (a repeated module's subtree holds only modules seen before)."""
+    seen: set[int] = set()
+    out = []
+    for name, m in modules:
+        if id(m) not in seen:
+            seen.add(id(m))
+            out.append((name, m))
+    return out
 
 
 def _check_args(model: object, bias: object, generator: object) -> str | float:
@@ -1215,12 +1414,13 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
     inc, exc = _selectors(include, "include"), _selectors(exclude, "exclude")
     scheme_obj, label = _resolve_scheme(scheme, scheme_params)
     _check_needs(scheme_obj, label, batch, inc, exc)
-    targets, left_out = _targets(model, inc, exc)
+    unique = _first_seen(every := list(model.named_modules(remove_duplicate=False)))  # one walk for all below
+    targets, left_out = _targets(model, inc, exc, unique)
     policy, branches, found_by = _branches(model, residual)
     undo = Undo("undoing init_model on failure")
     undo.save_generator(generator)
     held = deferred_interrupt(release=False)
-    with all_or_nothing(undo), keyed(model, generator):  # one draw of generator keys every parameter by name
+    with all_or_nothing(undo), keyed(model, generator, modules=every):  # one draw of generator keys every parameter by name
         walk = _Walk(generator, bias_mode, undo)
         walk.scheme, walk.embedding_role = scheme_obj, scaled_tied_readout(model)
         walk.reset_others(targets)
@@ -1228,10 +1428,9 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
         # choices first, outside no_grad (a gain may be computed with autograd)
         sq = 1.0 if not isinstance(batch, Tensor) or not batch.is_floating_point() else float(batch.double().square().mean())
         choices = _choices(targets, links, scheme_obj, label, sq)
-        fit = getattr(scheme_obj, "fit", None)
-        calib = bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
+        fit, calib = getattr(scheme_obj, "fit", None), bool(getattr(getattr(scheme_obj, "for_layer", None), "calibrate", False))
         safe = walk.plan(targets, links, choices) and fit is None and not (calib and batch is not None)
-        params = walk.account(model, targets, left_out, strict)
+        params = walk.account(model, targets, left_out, strict, every)
         if not safe:
             undo.save_all(walk.written(targets))
         with held if safe else nullcontext():
@@ -1240,7 +1439,7 @@ def init_model(model: nn.Module, scheme: Any = "auto", *, generator: torch.Gener
                 walk.calibrate(model, links, batch)
             if policy:
                 walk.residual(apply_policy(model, policy, branches), dict(model.named_modules()), params)
-            report = _report(walk, links, label, params, (policy, len(branches), found_by), None if trace else model)
+            report = _report(walk, links, label, params, (policy, len(branches), found_by), None if trace else (model, unique))
         if fit is not None:
             _fit(model, batch, generator, scheme_obj, report)  # type: ignore[arg-type]
     held.release()  # a Ctrl-C held back during the writes: the model is finished, now stop

@@ -158,6 +158,8 @@ def check_std(std: float, dtype: torch.dtype, distribution: str = "normal", *, m
 
 def check_mode(mode: object) -> str:
     """A valid mode name (``fan_in``, ``fan_out``, ``fan_avg``, ``fan_geo_avg``)."""
+    if type(mode) is str and mode in MODES:
+        return mode
     key = mode.strip().lower() if isinstance(mode, str) else mode
     if key not in MODES:
         raise unknown_choice("mode", mode, MODES)
@@ -166,6 +168,8 @@ def check_mode(mode: object) -> str:
 
 def check_distribution(distribution: object) -> str:
     """A valid distribution name (``truncated_normal``, ``normal``, ``uniform``)."""
+    if type(distribution) is str and distribution in DISTRIBUTIONS:
+        return distribution
     key = distribution.strip().lower() if isinstance(distribution, str) else distribution
     key = _DIST_ALIASES.get(key, key) if isinstance(key, str) else key
     if key not in DISTRIBUTIONS:
@@ -189,6 +193,9 @@ def _fan_for(mode: str, fan_in: float, fan_out: float) -> float:
 
 
 def _check_fans(f: object) -> tuple[float, float]:
+    if type(f) is tuple and len(f) == 2 and type(f[0]) in (int, float) and type(f[1]) in (int, float) and \
+            0 <= f[0] < math.inf and 0 <= f[1] < math.inf:  # the common case, without the general checks
+        return float(f[0]), float(f[1])
     if isinstance(f, (tuple, list)) and len(f) == 2 and all(
             is_number(v) and not isinstance(v, Tensor) and math.isfinite(v) and v >= 0 for v in f):
         return float(f[0]), float(f[1])
@@ -680,6 +687,9 @@ def planned_std(tensor: Tensor, scale: float = 1.0, mode: str = "fan_in", distri
     if tensor.numel() == 0:
         return None, distribution, gen
     std = math.sqrt(scale / n)
+    info = _finfo(tensor.dtype)
+    if math.isfinite(std) and info.tiny <= std and _REACH.get(distribution, 10.0) * std <= info.max:
+        return std, distribution, gen  # what check_std returns, without formatting its message
     return check_std(std, tensor.dtype, distribution, how=f"sqrt(scale / {mode}) = sqrt({scale:.4g} / {n:.4g})"), \
         distribution, gen
 

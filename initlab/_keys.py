@@ -26,7 +26,7 @@ import contextlib
 import contextvars
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,9 +38,17 @@ from ._errors import InitlabError
 __all__ = ["keyed", "resolve", "is_dtensor", "local", "call_base", "Target", "shard_runs", "row_blocks", "is_shard_block"]
 
 
+_DTENSOR: list[type] = []  # DTensor, once torch.distributed.tensor is imported
+
+
 def _dtensor_type() -> type | None:
+    if _DTENSOR:
+        return _DTENSOR[0]
     mod = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before it is imported
-    return getattr(mod, "DTensor", None) if mod is not None else None
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    if cls is not None:
+        _DTENSOR.append(cls)
+    return cls
 
 
 def is_dtensor(t: object) -> bool:
@@ -80,12 +88,13 @@ class Target:
     lens: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
 
 
+_PLAIN = (Tensor, nn.Parameter)  # not an UninitializedParameter (its isinstance check costs ~0.4 us)
 _SHARD_BLOCKS: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()  # row_blocks' views
 _current: contextvars.ContextVar[_Context | None] = contextvars.ContextVar("initlab_keys", default=None)
 
 
 def _address(t: Tensor) -> int | None:
-    if isinstance(t, nn.parameter.UninitializedParameter) or t.is_meta or t.numel() == 0:
+    if type(t) not in _PLAIN and isinstance(t, nn.parameter.UninitializedParameter) or t.is_meta or t.numel() == 0:
         return None
     try:
         return t.untyped_storage().data_ptr()
@@ -94,31 +103,51 @@ def _address(t: Tensor) -> int | None:
 
 
 @contextlib.contextmanager
-def keyed(model: nn.Module, generator: torch.Generator | None) -> Iterator[int]:
+def keyed(model: nn.Module, generator: torch.Generator | None, *,
+          modules: Sequence[tuple[str, nn.Module]] | None = None) -> Iterator[int]:
     """Key every tensor sampled inside by ``(one draw of generator, parameter name, index)``;
-    yields the draw."""
+    yields the draw. ``modules``: ``model.named_modules(remove_duplicate=False)``, when the caller
+    has it (the parameters are then read from it, as ``model.named_parameters()`` names them)."""
     params: dict[int, tuple[str, Tensor]] = {}
-    for name, p in model.named_parameters():
-        addr = _address(local(p))
+    dt = _dtensor_type()
+    for name, p in named_parameters(model, modules):
+        addr = _address(p.to_local() if dt is not None and isinstance(p, dt) else p)
         if addr is not None:
             params.setdefault(addr, (name, p))
     ctx = _Context(call_base(generator), params)
     token = _current.set(ctx)
     try:
-        with _sharding_hooks_off(model):
+        with _sharding_hooks_off(model, None if modules is None else [m for _, m in modules]):
             yield ctx.base
     finally:
         _current.reset(token)
 
 
+def named_parameters(model: nn.Module, modules: Sequence[tuple[str, nn.Module]] | None = None
+                     ) -> Iterator[tuple[str, Tensor]]:
+    """``model.named_parameters()``, read from ``modules`` (``model.named_modules(remove_duplicate=False)``)
+    when given: each parameter once, under the name of its first holder, in the same order."""
+    if modules is None or type(model).named_parameters is not nn.Module.named_parameters:
+        yield from model.named_parameters()
+        return
+    seen: set[int] = set()
+    for mname, m in modules:
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield (f"{mname}.{pname}" if mname else pname), p
+
+
 @contextlib.contextmanager
-def _sharding_hooks_off(model: nn.Module) -> Iterator[None]:
+def _sharding_hooks_off(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
     """FSDP2 modules' forward hooks set aside while ``init_model`` traces the model with
     ``torch.fx`` (tracing calls each block's hooks: an all-gather, and a block that then believes
-    it is the root, so the model's first real forward fails)."""
+    it is the root, so the model's first real forward fails). ``modules``: ``model.modules()``,
+    when the caller has them."""
     saved = []
-    for m in model.modules():
-        if hasattr(m, "_get_fsdp_state") and (m._forward_pre_hooks or m._forward_hooks):
+    for m in model.modules() if modules is None else modules:
+        if (m._forward_pre_hooks or m._forward_hooks) and hasattr(m, "_get_fsdp_state"):
             saved.append((m, m._forward_pre_hooks, m._forward_hooks))
             m._forward_pre_hooks, m._forward_hooks = type(m._forward_pre_hooks)(), type(m._forward_hooks)()
     try:

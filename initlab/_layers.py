@@ -35,7 +35,7 @@ from ._errors import InitlabError
 __all__ = ["LayerRow", "LAYERS", "WEIGHT_LAYERS", "NORM_LAYERS", "AFFINE_LAYERS", "layer_row", "is_weight_layer",
            "is_norm", "is_transparent", "is_plain", "is_affine", "is_stock_affine", "is_modeled", "is_one_hot", "fan_rule",
            "kind_name", "init_weights", "init_biases", "output_layer", "output_weight", "output_bias", "calls_children_functionally",
-           "channel_dim", "describe_input", "guess_input_shape", "output_width", "activation_module", "mlp"]
+           "channel_dim", "describe_input", "attr", "guess_input_shape", "output_width", "activation_module", "mlp"]
 
 ROLES = ("weight", "norm", "pass", "other")
 
@@ -186,6 +186,14 @@ def kind_name(m: nn.Module) -> str:
 # the tensors of a weight layer
 
 
+def attr(m: nn.Module, name: str) -> Any:
+    """``getattr(m, name, None)``; a registered parameter is read from ``m._parameters`` (no
+    ``Module.__getattr__``, which costs a microsecond or two: a parameter's name cannot also be
+    an attribute, so it is the same object)."""
+    params = m._parameters
+    return params[name] if name in params else getattr(m, name, None)
+
+
 def init_weights(m: nn.Module) -> list[tuple[str, Tensor, int]]:
     """(parameter name, tensor, blocks) to initialise for a weight layer: MultiheadAttention's
     fused in_proj_weight (3E, E) is three (E, E) blocks, its separate q/k/v weights one each."""
@@ -193,14 +201,15 @@ def init_weights(m: nn.Module) -> list[tuple[str, Tensor, int]]:
         if m.in_proj_weight is not None:
             return [("in_proj_weight", m.in_proj_weight, 3)]
         return [(n, getattr(m, n), 1) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight")]
-    return [("weight", m.weight, 1)]
+    w = m._parameters.get("weight")
+    return [("weight", m.weight if w is None else w, 1)]
 
 
 def init_biases(m: nn.Module) -> list[Tensor]:
     """The bias tensors of a weight layer that ``init_model`` sets (MultiheadAttention: in_proj_bias,
     bias_k, bias_v; out_proj is a Linear of its own)."""
     names = ("in_proj_bias", "bias_k", "bias_v") if isinstance(m, nn.MultiheadAttention) else ("bias",)
-    return [t for t in (getattr(m, n, None) for n in names) if isinstance(t, Tensor)]
+    return [t for t in (attr(m, n) for n in names) if isinstance(t, Tensor)]
 
 
 def output_layer(m: nn.Module) -> nn.Module:

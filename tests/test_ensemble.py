@@ -122,6 +122,38 @@ def test_ensemble_matches_single_model_training_float32(data):
     assert not np.allclose(ens0, wrong, rtol=1e-4)
 
 
+def test_training_is_the_same_bits_for_any_thread_count(data, monkeypatch):
+    """The stacked engine's step (batched matmuls, the fused Adam over every tensor, the evaluations)
+    gives the same metrics, bit for bit, on 1 and 2 threads. Negative control: one initial weight
+    moved by one ulp changes them, so the comparison sees last-bit differences."""
+    from initlab._engine import using_threads
+
+    exp = make_exp([("sigmoid", "normal"), ("relu", "he_normal")], widths=[784, 64, 32, 10], seeds=(0, 1),
+                   steps=60, log_every=20)
+    (group,) = E.plan_groups(exp)
+
+    def values(threads):
+        with using_threads(threads):
+            res = E.run_group(group, data)
+        assert res.engine == "stacked"
+        return [(r["scenario"], r["seed"], r["step"], r["split"], r["metric"], r["value"]) for r in res.metrics]
+
+    one = values(1)
+    assert values(2) == one
+    real_init = E.init_member
+
+    def nudged(scenario, seed, **kw):
+        model = real_init(scenario, seed, **kw)
+        if seed == 1 and scenario.activation == "relu":
+            with torch.no_grad():
+                w = model[0].weight
+                w[0, 300] = torch.nextafter(w[0, 300], torch.tensor(math.inf))
+        return model
+
+    monkeypatch.setattr(group_mod, "init_member", nudged)
+    assert values(1) != one
+
+
 def test_ensemble_matches_single_model_float64_mixed_activations(data):
     """float64, N(0,1) weights included (chaotic in float32), leaky ReLU, a generic activation
     (GELU, autograd path), a single-layer model, and SGD: agreement to 1e-9."""

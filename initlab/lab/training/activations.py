@@ -55,7 +55,10 @@ class SegmentAct:
         return self.name == IDENTITY[0]
 
     def forward(self, z: Tensor, out: Tensor, track: bool) -> None:
-        z, out = z[self.start:self.stop], out[self.start:self.stop]
+        self.forward_slice(z[self.start:self.stop], out[self.start:self.stop], track)
+
+    def forward_slice(self, z: Tensor, out: Tensor, track: bool) -> None:
+        """:meth:`forward` on this segment's slices themselves (``z[start:stop]``, ``out[start:stop]``)."""
         if self._kernels is not None:
             self._kernels.forward(z, out, self.param)
         elif track:
@@ -70,9 +73,12 @@ class SegmentAct:
     def backward(self, g: Tensor, z: Tensor, h: Tensor) -> None:
         """``g[slice] *= phi'(z[slice])`` in place (``h`` = phi(z))."""
         s = slice(self.start, self.stop)
-        gs = g[s]
+        self.backward_slice(g[s], z[s], h[s])
+
+    def backward_slice(self, gs: Tensor, zs: Tensor, hs: Tensor) -> None:
+        """:meth:`backward` on this segment's slices themselves."""
         if self._kernels is not None:
-            self._kernels.backward(gs, z[s], h[s], self.param)
+            self._kernels.backward(gs, zs, hs, self.param)
             return
         assert self._saved is not None
         zs, hs = self._saved

@@ -202,70 +202,77 @@ class StackedMLP(Engine):
                 pred=torch.empty(M, b, dtype=torch.long, device=self.device),
                 top=torch.empty(M, b, **kw),
                 hit=torch.empty(M, b, dtype=torch.bool, device=self.device),
-                n_hit=torch.empty(M, dtype=torch.long, device=self.device),
                 minus_one=torch.full((M, 1, b), -1.0, **kw),
             )
+            self._plan_views(buf, b)
             self._bufs[b] = buf
         return buf
+
+    def _plan_views(self, buf: dict[str, Any], b: int) -> None:
+        """Every view a step of batch size ``b`` uses, made once (the buffers and parameters stay the
+        same tensors until :meth:`keep`): the matmuls' operands and outputs, and each activation
+        segment's slices."""
+        M, L = self.M, len(self.W)
+        x = buf["x"].view(M, b, -1)
+        ins = [x] + buf["h"][:-1]
+        fwd = []
+        for i, (W, bias, z) in enumerate(zip(self.W, self.b, buf["z"])):
+            if i < L - 1:
+                args = (bias, ins[i], W) if bias is not None else (ins[i], W)
+            else:  # Z^T = W^T H^T (+ b^T): (M, classes, b)
+                args = ((bias.transpose(1, 2), W.transpose(1, 2), ins[i].transpose(1, 2)) if bias is not None
+                        else (W.transpose(1, 2), ins[i].transpose(1, 2)))
+            acts = [(a, z[a.start:a.stop], buf["h"][i][a.start:a.stop]) for a in self.acts[i]] \
+                if not self.identity_layer[i] else []
+            fwd.append((torch.baddbmm if bias is not None else torch.bmm, args, z, acts))
+        bwd = []
+        for i in range(L - 1, -1, -1):
+            g = buf["g"][i]
+            gz = g.transpose(1, 2) if i == L - 1 else g  # (M, b, out)
+            acts = [(a, g[a.start:a.stop], zs, hs) for a, zs, hs in fwd[i][3]]
+            grad_in = (gz, self.W[i].transpose(1, 2), buf["g"][i - 1]) if i > 0 else None
+            bwd.append((acts, ins[i].transpose(1, 2), gz, self.gW[i], self.gb[i], grad_in))
+        buf.update(fwd=fwd, bwd=bwd, y_col=buf["y"].view(M, 1, b), y_row=buf["y"].view(M, b),
+                   nll_row=buf["nll"].view(M, b))
 
     # --- training
     @torch.no_grad()
     def train_forward(self, idx: Tensor, loss_out: Tensor, acc_out: Tensor) -> None:
-        M, L = self.M, len(self.W)
-        b = idx.numel() // M
+        b = idx.numel() // self.M
         buf = self._buffers(b)
         self._b = b
         torch.index_select(self.x_train, 0, idx, out=buf["x"])
         torch.index_select(self.y_train, 0, idx, out=buf["y"])
-        h = buf["x"].view(M, b, -1)
-        for i, W in enumerate(self.W):
-            z = buf["z"][i]
-            if i < L - 1:
-                if self.b[i] is not None:
-                    torch.baddbmm(self.b[i], h, W, out=z)
-                else:
-                    torch.bmm(h, W, out=z)
-            else:  # Z^T = W^T H^T (+ b^T): (M, classes, b)
-                if self.b[i] is not None:
-                    torch.baddbmm(self.b[i].transpose(1, 2), W.transpose(1, 2), h.transpose(1, 2), out=z)
-                else:
-                    torch.bmm(W.transpose(1, 2), h.transpose(1, 2), out=z)
-            if not self.identity_layer[i]:
-                for a in self.acts[i]:
-                    a.forward(z, buf["h"][i], True)
-            h = buf["h"][i]
-        y = buf["y"].view(M, 1, b)
-        torch.log_softmax(h, 1, out=buf["logp"])  # h: logits (M, classes, b)
-        torch.gather(buf["logp"], 1, y, out=buf["nll"])
-        torch.mean(buf["nll"].view(M, b), 1, out=loss_out)
+        for mm, args, z, acts in buf["fwd"]:
+            mm(*args, out=z)
+            for a, zs, hs in acts:
+                a.forward_slice(zs, hs, True)
+        h = buf["h"][-1]  # the logits (M, classes, b)
+        torch.log_softmax(h, 1, out=buf["logp"])
+        torch.gather(buf["logp"], 1, buf["y_col"], out=buf["nll"])
+        torch.mean(buf["nll_row"], 1, out=loss_out)
         loss_out.neg_()
         torch.max(h, 1, out=(buf["top"], buf["pred"]))  # max(dim) is much faster than argmax over a middle dim
-        torch.eq(buf["pred"], buf["y"].view(M, b), out=buf["hit"])
-        torch.sum(buf["hit"], 1, out=buf["n_hit"])
-        acc_out.copy_(buf["n_hit"]).div_(b)
+        torch.eq(buf["pred"], buf["y_row"], out=buf["hit"])
+        torch.sum(buf["hit"], 1, dtype=acc_out.dtype, out=acc_out)  # counts, exact in float
+        acc_out.div_(b)
 
     @torch.no_grad()
     def backward(self) -> None:
         b = self._b
         buf = self._bufs[b]
-        M, L = self.M, len(self.W)
-        g = buf["g"][L - 1]  # dL/dZ_L^T = (softmax - onehot)^T / b, (M, classes, b)
+        g = buf["g"][-1]  # dL/dZ_L^T = (softmax - onehot)^T / b, (M, classes, b)
         torch.exp(buf["logp"], out=g)
-        g.scatter_add_(1, buf["y"].view(M, 1, b), buf["minus_one"])
+        g.scatter_add_(1, buf["y_col"], buf["minus_one"])
         g.mul_(1.0 / b)
-        for i in range(L - 1, -1, -1):
-            if not self.identity_layer[i]:
-                for a in self.acts[i]:
-                    a.backward(g, buf["z"][i], buf["h"][i])
-            inp = buf["h"][i - 1] if i > 0 else buf["x"].view(M, b, -1)
-            gz = g.transpose(1, 2) if i == L - 1 else g  # (M, b, out)
-            torch.bmm(inp.transpose(1, 2), gz, out=self.gW[i])
-            if self.gb[i] is not None:
-                torch.sum(gz, 1, keepdim=True, out=self.gb[i])
-            if i > 0:
-                g_prev = buf["g"][i - 1]
-                torch.bmm(gz, self.W[i].transpose(1, 2), out=g_prev)
-                g = g_prev
+        for acts, inp_t, gz, gW, gb, grad_in in buf["bwd"]:
+            for a, gs, zs, hs in acts:
+                a.backward_slice(gs, zs, hs)
+            torch.bmm(inp_t, gz, out=gW)
+            if gb is not None:
+                torch.sum(gz, 1, keepdim=True, out=gb)
+            if grad_in is not None:
+                torch.bmm(grad_in[0], grad_in[1], out=grad_in[2])
 
     # --- evaluation
     @torch.no_grad()
