@@ -297,7 +297,19 @@ def _time_end_to_end(exp: Any, data: Any, figure_workers: int = 2) -> float:
         report = summary.report is not None and os.path.exists(summary.report)
     print(f"end to end (run_experiment: train, first pass, TensorBoard, {len(summary.figures)} figures, "
           f"report {'written' if report else 'MISSING'}): {t_e2e:.2f} s")
+    print("  " + _phases(summary.timings, t_e2e))
     return t_e2e
+
+
+def _phases(tm: dict[str, float], total: float) -> str:
+    """One line: where ``run_experiment``'s time went (``RunSummary.timings``)."""
+    train, events, commit = tm.get("train", 0.0), tm.get("events", 0.0), tm.get("commit", 0.0)
+    first = tm.get("unit.init_first_pass", 0.0)
+    parts = [("first pass", first), ("training", train - events - commit - first), ("events (TensorBoard, checkpoints)", events),
+             ("commit (parts, logs, CSVs)", commit), ("finish (run.json, CSVs)", tm.get("finish", 0.0)),
+             ("figures + report", tm.get("report", 0.0))]
+    rest = total - train - tm.get("finish", 0.0) - tm.get("report", 0.0)
+    return "phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts) + f", set-up and other {rest:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch.utils.tensorboard import SummaryWriter
 
 import initlab.lab.report.html as report_html
 import initlab.lab.report.plots as report_plots
+import initlab.lab.report.tensorboard as report_tb
 import initlab.lab.rundir as rundir
 import initlab.lab.run as lab_run
 from initlab.lab import _io
@@ -50,9 +50,9 @@ EXPERIMENT = {
 #: (kind, module, attribute, when): calls that can be interrupted, before or after they do their work
 TARGETS = [
     ("checkpoint", lab_run, "save_checkpoint", "after"),
-    ("member commit (inside)", np, "savez_compressed", "before"),
+    ("member commit (inside)", rundir, "_write_npz", "before"),
     ("member commit (between members)", lab_run, "commit_member", "after"),
-    ("TensorBoard (inside a log)", SummaryWriter, "add_scalar", "before"),
+    ("TensorBoard (inside a log)", report_tb.MemberLog, "add", "before"),
     ("TensorBoard (between logs)", lab_run._Live, "log", "after"),
     ("metrics merge", rundir, "_write_if_changed", "after"),
     ("run.json", lab_run, "write_meta", "after"),

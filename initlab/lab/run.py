@@ -49,6 +49,7 @@ import math
 import os
 import shutil
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ from .executors import Executor, InProcess, UnitTask
 from .metrics import METRICS_COLUMNS, registered
 from .report import write_report
 from .report.workers import FigureWorkers
-from .report.tensorboard import MemberLog, write_member_events
+from .report.tensorboard import MemberLog, flush_logs, write_member_events
 from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
                      drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_histograms,
                      read_part_values, read_run_meta, save_checkpoint, tb_dir, write_meta)
@@ -119,6 +120,12 @@ class RunSummary:
     figures: list[Path] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     retries: int = 0
+    #: seconds per phase of this call: ``train`` (the units, from the first event to the last result, with
+    #: ``events`` and ``commit`` inside it), ``events`` (TensorBoard live logs and checkpoints from the units'
+    #: events), ``commit`` (recording members: parts, canonical logs, merged CSVs), ``unit.<phase>`` (summed
+    #: over units, from :attr:`GroupResult.timings`: ``init_first_pass``, ``setup``, ``train``, ``eval``),
+    #: ``finish`` (logs left to write, merged CSVs, run.json) and ``report`` (figures and report.html)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def tb_dir(self) -> Path:
@@ -259,6 +266,7 @@ class _Live:
         self.logs: dict[tuple[str, int], MemberLog] = {}
         self.hists: dict[int, list[tuple[str, int, int, dict[str, Any]]]] = {}
         self.preload: dict[int, list[tuple[str, int, int, dict[str, Any]]]] = {}
+        self.final: dict[int, dict[str, Any]] = {}  # unit -> its state after the last step, not yet written
 
     def members(self, i: int) -> list[Member]:
         return [m for m in self.run.units[i].members if m.key not in self.run.done]
@@ -279,12 +287,13 @@ class _Live:
                     log.histograms(step, h)
 
     def log(self, i: int, event: dict[str, Any]) -> None:
-        """A log step's rows, first pass and histograms into the members' logs, flushed."""
+        """A log step's rows, first pass and histograms into the members' logs, flushed together."""
         step = int(event["step"])
         fp, hists = event.get("first_pass") or {}, event.get("histograms") or {}
         rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in event.get("rows", ()):
             rows.setdefault((str(r["scenario"]), int(r["seed"])), []).append(r)
+        written = []
         for m in self.members(i):
             log = self.logs.get(m.key)
             if log is None:
@@ -295,11 +304,28 @@ class _Live:
                 log.histograms(step, hists[m.key])
                 self.hists.setdefault(i, []).append((m.key[0], m.key[1], step, hists[m.key]))
             log.rows(rows.get(m.key, ()))
-            log.flush()
+            written.append(log)
+        flush_logs(written)  # one pass over every member's new records
 
     def checkpoint(self, i: int, state: dict[str, Any]) -> None:
         """Save a unit's training state, with the histograms of the steps before it (those of its own
-        step are computed again when it continues)."""
+        step are computed again when it continues). The state after the last step is kept in memory
+        instead: the unit's result follows at once and its commit drops the checkpoint, so writing it
+        (the ensemble's weights and optimiser state, tens of MB) would be wasted; it is written only when
+        the commit, or the run, is interrupted before that (:meth:`save_final`), or the unit is retried."""
+        if int(state["step"]) >= int(self.run.exp.train.steps):
+            self.final[i] = state
+            return
+        self._save(i, state)
+
+    def save_final(self, i: int | None = None) -> None:
+        """Write the kept last-step state of unit ``i`` (every unit when None), if any."""
+        for k in list(self.final) if i is None else [i]:
+            state = self.final.pop(k, None)
+            if state is not None:
+                self._save(k, state)
+
+    def _save(self, i: int, state: dict[str, Any]) -> None:
         step = int(state["step"])
         hists = [[sc, seed, st, h] for sc, seed, st, h in self.hists.get(i, []) if st < step]
         run = self.run
@@ -349,6 +375,7 @@ class _Run:
         self.retried = 0
         self.figure_workers = 0
         self.workers: FigureWorkers | None = None
+        self.timings: dict[str, float] = defaultdict(float)
 
     def emit(self, event: str, unit: int, step: int = 0, members: tuple = (), worker: str = "") -> None:
         if self.callback is not None:
@@ -400,6 +427,8 @@ class _Run:
                 self._finish(report)
                 self.emit("done", -1, int(self.exp.train.steps))
             except BaseException:
+                with contextlib.suppress(Exception):
+                    self.live.save_final()
                 with contextlib.suppress(Exception):  # the training time is counted once
                     write_meta(self.run_dir, self.exp, self.fingerprint, "interrupted", self.members,
                                0.0 if self.meta_written else self.wall, failed=self.failed)
@@ -431,6 +460,7 @@ class _Run:
         finally:
             self.live.close()
             self.wall = time.perf_counter() - t_train if self.units else 0.0
+            self.timings["train"] += time.perf_counter() - t_train
 
     def _train_units(self, data: Dataset | None, executor: Any) -> None:
         tasks = [self._task(i, 0, data) for i in range(len(self.units))]
@@ -451,6 +481,13 @@ class _Run:
 
     def _on_event(self, ev: tuple) -> None:
         """An event of a unit (see :mod:`initlab.lab.executors`); those of an attempt that was given up are ignored."""
+        t0 = time.perf_counter()
+        try:
+            self._event(ev)
+        finally:
+            self.timings["events"] += time.perf_counter() - t0
+
+    def _event(self, ev: tuple) -> None:
         kind, i, attempt = ev[0], int(ev[1]), int(ev[2])
         if kind == "start":
             self.live.start(i, attempt)
@@ -468,6 +505,7 @@ class _Run:
         the unit is then recorded as failed, with its error, and the run goes on without it."""
         self.live.attempt.pop(task.index, None)
         self.live.close(task.index)
+        self.live.save_final(task.index)  # a unit that failed after its last step continues from there
         if task.attempt < self.retries:
             self.retried += 1
             return self._task(task.index, task.attempt + 1, task.data)
@@ -477,28 +515,42 @@ class _Run:
         return None
 
     def _commit(self, i: int, result: GroupResult) -> None:
-        """Record the group's members that are not recorded yet, merge the CSVs, drop its checkpoint."""
+        """Record the group's members that are not recorded yet, merge the CSVs, drop its checkpoint (an
+        interruption before that writes the unit's last-step state, so the next run continues from there)."""
+        t0 = time.perf_counter()
         unit = self.units[i]
-        for m in unit.members:
-            if m.key in self.done:
-                continue
-            hists = self.live.member_histograms(i, m.key)
-            self.live.close_member(m.key)
-            # the live log gives way to the canonical one, written from what is recorded: the same file (wall
-            # times aside) however the unit was interrupted, retried or resumed (an interruption in between
-            # leaves no log, which the end of the run, or the next run, writes from the part)
-            shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
-            values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
-                                         self.groups.index(unit), hists)
-            self._write_tb(m, values, rows, hists, replace=False)
-            self.done.add(m.key)
-            self.n_done += 1
-            self.members_run += 1
-        self.live.attempt.pop(i, None)
-        merge(self.run_dir, self.members)
+        try:
+            for m in unit.members:
+                if m.key not in self.done:
+                    self._commit_member(i, m, result)
+            self.live.attempt.pop(i, None)
+            merge(self.run_dir, self.members)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.live.save_final(i)
+            raise
+        self.live.final.pop(i, None)
         drop_checkpoint(self.run_dir, unit.keys)
         self.units_run += 1
+        for k, v in (getattr(result, "timings", None) or {}).items():
+            self.timings[f"unit.{k}"] += float(v)
+        self.timings["commit"] += time.perf_counter() - t0
         self.emit("unit_done", i, int(self.exp.train.steps), tuple(unit.keys))
+
+    def _commit_member(self, i: int, m: Member, result: GroupResult) -> None:
+        unit = self.units[i]
+        hists = self.live.member_histograms(i, m.key)
+        self.live.close_member(m.key)
+        # the live log gives way to the canonical one, written from what is recorded: the same file (wall
+        # times aside) however the unit was interrupted, retried or resumed (an interruption in between
+        # leaves no log, which the end of the run, or the next run, writes from the part)
+        shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
+        values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
+                                     self.groups.index(unit), hists)
+        self._write_tb(m, values, rows, hists, replace=False)
+        self.done.add(m.key)
+        self.n_done += 1
+        self.members_run += 1
 
     def _write_tb(self, m: Member, values: dict[str, np.ndarray] | None = None,
                   metrics: Sequence[dict[str, Any]] | None = None,
@@ -514,6 +566,7 @@ class _Run:
 
     def _finish(self, report: bool) -> None:
         """Logs whose writing was interrupted, the merged CSVs, run.json and (when complete) the report."""
+        t0 = time.perf_counter()
         for m in (m for g in self.groups for m in g.members):
             if (member_dir(self.run_dir, *m.key) / "member.json").is_file() and not tb_dir(self.run_dir, *m.key).is_dir():
                 self._write_tb(m, replace=False)
@@ -524,22 +577,29 @@ class _Run:
         meta = write_meta(self.run_dir, self.exp, self.fingerprint, status, self.members, self.wall, failed=self.failed)
         self.meta_written = True
         self.diverged = list(meta["diverged"])
+        self.timings["finish"] += time.perf_counter() - t0
         if status == "complete" and report:
-            need = self.units_run > 0 or not (self.run_dir / "report.html").is_file()
-            if not need:
-                self.report_path = self.run_dir / "report.html"
-            elif self.workers is not None:
-                self.report_path = self.workers.write_report(self.run_dir)
-            else:
-                self.report_path = write_report(self.run_dir)
-            self.figures = sorted((self.run_dir / "figures").glob("*.png"))
+            t0 = time.perf_counter()
+            self._report()
+            self.timings["report"] += time.perf_counter() - t0
+
+    def _report(self) -> None:
+        """Figures and report.html: drawn by the figure workers when there are some, else here."""
+        need = self.units_run > 0 or not (self.run_dir / "report.html").is_file()
+        if not need:
+            self.report_path = self.run_dir / "report.html"
+        elif self.workers is not None:
+            self.report_path = self.workers.write_report(self.run_dir)
+        else:
+            self.report_path = write_report(self.run_dir)
+        self.figures = sorted((self.run_dir / "figures").glob("*.png"))
 
     def summary(self, t0: float) -> RunSummary:
         return RunSummary(run_dir=self.run_dir, name=self.exp.name, fingerprint=self.fingerprint,
                           members_total=len(self.members), members_run=self.members_run,
                           members_skipped=self.skipped, units_run=self.units_run, diverged=self.diverged,
                           wall_s=time.perf_counter() - t0, report=self.report_path, figures=self.figures,
-                          failed=list(self.failed), retries=self.retried)
+                          failed=list(self.failed), retries=self.retried, timings=dict(self.timings))
 
 
 def _callback(progress: Callable[[RunProgress], Any] | bool | None) -> Callable[[RunProgress], Any] | None:
@@ -572,7 +632,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
       them), because a member's last bits depend on which members share its ensemble.
     - ``report``: write figures and report.html once every member is done.
     - ``checkpoint_every``: seconds between checkpoints of a training group (taken at log steps, and
-      always at the last one; 0 = every log step, None = none); an interrupted group continues from
+      always at the last one, which is written only when the run is interrupted before the group's
+      members are recorded; 0 = every log step, None = none); an interrupted group continues from
       its last checkpoint, bit-identical to an uninterrupted run. Units on a pool or a cluster send
       their checkpoints to this process, which saves them (a ``map`` executor trains from step 0).
     - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this

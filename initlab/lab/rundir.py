@@ -46,7 +46,7 @@ import socket
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -363,14 +363,23 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
     with atomic_dir(target, replace=True) as tmp:
         (tmp / "metrics.csv").write_text(csv_text(metrics, METRICS_COLUMNS), encoding="utf-8")
         (tmp / "first_pass.csv").write_text(csv_text(first_pass, first_pass_columns(first_pass)), encoding="utf-8")
-        with open(tmp / "values.npz", "wb") as f:
-            np.savez_compressed(f, **values)
+        _write_npz(tmp / "values.npz", values)
         (tmp / "histograms.json").write_text(json.dumps([[int(st), h] for st, h in histograms]), encoding="utf-8")
         for name, (rows, cols) in records.items():
             if rows:
                 (tmp / name).write_text(csv_text(rows, cols), encoding="utf-8")
         (tmp / "member.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return values, metrics
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``arrays`` as an ``.npz`` archive (one ``<name>.npy`` per array, as ``np.savez_compressed`` writes it)
+    deflated at level 1: first-pass arrays are noise in their low bits, so the default level 6 costs ~3x the
+    time for a file ~5% smaller."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, a in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
 
 
 def _corrupt(path: Path, part: Path, e: BaseException) -> InitlabError:

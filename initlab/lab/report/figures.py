@@ -48,7 +48,7 @@ from ..._errors import InitlabError
 from ...theory import depth_scales
 from ..studies import run_experiment_spec, scenario_sw2, spectra_of
 from .load import RunData
-from .plots import _hist, _margins, _new_figure, _save
+from .plots import _hist, _margins, _new_figure, _save, drawing
 from .stats import final_values
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +140,7 @@ def _seed_band(ax: Any, x: np.ndarray, per_x: Sequence[np.ndarray], color: Any, 
 # ----------------------------------------------------------------------------- metric against depth
 
 
+@drawing
 def metric_vs_depth(tables: Mapping[str, pandas.DataFrame], path: str | Path, *,
                     ylabels: Mapping[str, str] | None = None, chance: float | None = 0.1) -> Path:
     """One row per metric (``tables``: metric -> frame with columns activation, scheme, depth, seed,
@@ -188,6 +189,7 @@ def _index_coord(values: np.ndarray, grid: np.ndarray, log: bool) -> np.ndarray:
     return out
 
 
+@drawing
 def grid_heatmap(table: pandas.DataFrame, path: str | Path, *, x: str, y: str, xlabel: str, ylabel: str,
                  value_label: str, title: str,
                  curve: tuple[np.ndarray, np.ndarray, str] | None = None, vmin: float | None = 0.0,
@@ -235,6 +237,7 @@ def grid_heatmap(table: pandas.DataFrame, path: str | Path, *, x: str, y: str, x
 # ----------------------------------------------------------------------------- variance against depth
 
 
+@drawing
 def variance_vs_depth(table: pandas.DataFrame, path: str | Path) -> Path:
     """``table`` (columns activation, scheme, layer, seed, measured, predicted): per activation a
     panel, per scheme the measured variance (mean, min..max band over seeds) and the prediction
@@ -271,6 +274,7 @@ def variance_vs_depth(table: pandas.DataFrame, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- histograms over training
 
 
+@drawing
 def layer_histograms(snapshots: Mapping[int, Mapping[int, np.ndarray]], path: str | Path, *,
                      what: str = "activation", bins: int = 60, bounds: tuple[float, float] | None = None) -> Path:
     """``snapshots``: training step -> layer -> values (pooled over seeds). One row per layer, one
@@ -336,6 +340,7 @@ def pooled_densities(table: pandas.DataFrame) -> tuple[dict[int, tuple[np.ndarra
 _DENSITY_X = {"activation": "activation h_l = \u03c6(z_l)", "gradient": "back-propagated gradient dC/dz_l"}
 
 
+@drawing
 def layer_densities(table: pandas.DataFrame, path: str | Path, *, quantity: str = "activation") -> Path:
     """``table``: ``layer_histograms.csv`` rows of one quantity. One row of panels per scenario: the first
     step (initialisation) and the last; per layer the density (mean over seeds, :func:`pooled_densities`)
@@ -373,6 +378,7 @@ def layer_densities(table: pandas.DataFrame, path: str | Path, *, quantity: str 
     return _save(fig, path)
 
 
+@drawing
 def init_iterations(table: pandas.DataFrame, path: str | Path) -> Path:
     """``table``: ``init.csv`` rows of the quantity "iterations": one line per scenario over the layer index
     (mean over seeds, band min..max, dots = seeds)."""
@@ -419,6 +425,7 @@ def _record_figures(data: RunData, fig_dir: Path, want: Callable[[str], bool]) -
 # ----------------------------------------------------------------------------- Jacobian spectra
 
 
+@drawing
 def jacobian_spectra(spectra: Mapping[str, Sequence[np.ndarray]], path: str | Path) -> Path:
     """``spectra``: label -> one array of singular values per seed. Left: histogram of log10 s,
     pooled over seeds; right: the empirical distribution function, mean over seeds with a
@@ -538,6 +545,7 @@ def _spectra_scenarios(exp: Any) -> list[str]:
     return out
 
 
+@drawing
 def grid_figures(data: RunData, fig_dir: str | Path, only: Collection[str] | None = None) -> dict[str, Path]:
     """The figures of this module that the run's grid calls for (with ``only``: those of these names),
     written into ``fig_dir``."""

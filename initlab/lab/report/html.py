@@ -269,13 +269,14 @@ def claim_rows(data: RunData) -> list[dict[str, str]]:
 
 
 def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True,
-                 missing: Mapping[str, str] | None = None) -> Path:
+                 missing: Mapping[str, str] | None = None, data: RunData | None = None) -> Path:
     """(Re)build ``figures/*.png`` and ``report.html`` of ``run_dir`` from its files; return the report's path.
 
     With ``figures=False`` the existing PNGs are embedded as they are (none are redrawn); ``missing``
-    (name -> why) names figures that could not be drawn (their files are not embedded).
+    (name -> why) names figures that could not be drawn (their files are not embedded). ``data``: the
+    run directory already loaded (:func:`load_run`), e.g. by the figure worker that writes the page.
     """
-    data = load_run(run_dir)
+    data = load_run(run_dir) if data is None else data
     fig_dir = data.run_dir / "figures"
     if figures:
         figs = make_figures(data.metrics, data.first_pass, data.values, data.scenarios, fig_dir, info=data.info,

@@ -90,6 +90,10 @@ def _read_metrics(run_dir: Path) -> pandas.DataFrame:
         raise InitlabError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(METRICS_COLUMNS)}; "
                            f"{_REBUILD}")
     for column, numbers in (("seed", "integers"), ("step", "integers"), ("value", "numbers")):
+        kind = metrics[column].dtype.kind
+        if kind == "i" or (kind == "f" and numbers == "numbers"):  # parsed as numbers already: nothing to check
+            metrics[column] = metrics[column].astype("int64" if numbers == "integers" else float)
+            continue
         text = metrics[column].map(str).astype(object).str.strip()  # NaN -> "nan", whatever the dtype
         parsed = pd.to_numeric(text, errors="coerce")
         bad = parsed.isna() & ~text.str.lower().isin(["nan", "", "<na>", "none"] if column == "value" else [])

@@ -263,6 +263,8 @@ def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str,
     """Draw ``names`` (those the data calls for) one by one; a figure that raises is left out (its old
     file removed) and returned as name -> why. With ``out``, one JSON line per figure as it is done."""
     data = load_run(run_dir)
+    if out is not None:  # a worker: the page of the same run, written next, reads the same files
+        _LOADED[:] = [(run_dir, data)]
     fig_dir = data.run_dir / "figures"
     missing: dict[str, str] = {}
     for name in names:
@@ -289,9 +291,15 @@ def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str,
     return missing
 
 
+#: (run directory, its RunData) as this worker last loaded it to draw figures
+_LOADED: list[tuple[Path, Any]] = []
+
+
 def _page(run_dir: Path, missing: dict[str, str]) -> dict[str, Any]:
+    data = _LOADED[0][1] if _LOADED and _LOADED[0][0] == run_dir else None
+    _LOADED.clear()
     try:
-        return {"page": str(_write_report(run_dir, figures=False, missing=missing))}
+        return {"page": str(_write_report(run_dir, figures=False, missing=missing, data=data))}
     except OSError as e:
         return {"oserror": _os_error(e)}
     except Exception as e:  # noqa: BLE001 - sent back and raised in the run's process
