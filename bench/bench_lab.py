@@ -28,7 +28,7 @@ Two ratios against the peer's time (goals on 2 quiet cores): **training alone** 
 every group: init, first pass, training, periodic metrics; goal >= 10x) and **end to end**
 (``run_experiment`` of the same experiment into a fresh directory: training, first pass,
 TensorBoard logs, figures and the HTML report, drawn as ``initlab run`` draws them: by
-``--figure-workers`` processes (default 2) that import matplotlib and pandas while the run trains;
+``--figure-workers`` processes (default: as `initlab run` chooses, 2 where 2 CPUs are idle beyond training's threads, else fewer) that import matplotlib and pandas while the run trains;
 0 draws them in this process, including the first import of matplotlib and pandas; goal >= 5x). The Python start-up and ``import torch``/``initlab``, which
 every command pays, are not in either time.
 """
@@ -283,7 +283,7 @@ def _time_peer(members: list[Any], data: Any, train: Any, samples: int) -> tuple
     return t_peer, peer
 
 
-def _time_end_to_end(exp: Any, data: Any, figure_workers: int = 2) -> float:
+def _time_end_to_end(exp: Any, data: Any, figure_workers: int | None = None) -> float:
     """Wall time of ``run_experiment`` into a fresh directory (train, TensorBoard, figures, report), with
     ``figure_workers`` report workers as ``initlab run`` starts them."""
     import tempfile
@@ -319,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="override the number of seeds (0..N-1)")
     p.add_argument("--skip-peer", action="store_true", help="time the ensemble only")
     p.add_argument("--skip-end-to-end", action="store_true", help="do not time run_experiment")
-    p.add_argument("--figure-workers", type=int, default=2,
-                   help="report workers for the end-to-end run, as `initlab run --figure-workers` (default 2)")
+    p.add_argument("--figure-workers", type=int, default=None,
+                   help="report workers for the end-to-end run, as `initlab run --figure-workers` "
+                        "(default: as `initlab run` chooses them)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: torch's own count)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

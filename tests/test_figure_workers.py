@@ -77,7 +77,7 @@ def test_failing_figures_are_named_missing(in_process, tmp_path, monkeypatch):
 
 
 def test_bad_figure_workers_argument(tmp_path):
-    with pytest.raises(InitlabError, match="figure_workers: expected an integer in \\[0, 64\\], got int -1"):
+    with pytest.raises(InitlabError, match="figure_workers: expected an integer in \\[0, 64\\] or None, got int -1"):
         run_experiment(small(), tmp_path / "run", progress=False, figure_workers=-1)
     assert not (tmp_path / "run").exists()
 
@@ -115,3 +115,14 @@ def test_start_runs_the_imports_in_a_thread_with_the_given_nice_value():
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["nice", str(max(base, value)), "main", str(base)]
+
+
+def test_auto_figure_workers_only_on_cpus_training_leaves_idle(monkeypatch):
+    import torch
+
+    import initlab.lab.run as lab_run
+
+    threads = torch.get_num_threads()
+    for idle, expected in [(threads, 0), (threads + 1, 1), (threads + 2, 2), (threads + 9, 2), (1, 0)]:
+        monkeypatch.setattr(lab_run, "idle_cpus", lambda load=None, n=idle: n)
+        assert lab_run.auto_figure_workers() == expected, (idle, threads)

@@ -105,9 +105,10 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--threads", metavar="N", type=_positive_int, default=None,
                    help="torch threads (default: the idle physical cores; OMP_NUM_THREADS if set)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--figure-workers", metavar="N", type=_count, default=2,
+    p.add_argument("--figure-workers", metavar="N", type=_count, default=None,
                    help="processes that import the report's modules while the run trains and draw its figures "
-                        "in parallel afterwards (default 2; 0: draw them in this process)")
+                        "in parallel afterwards (default: 2 where at least 2 CPUs are idle beyond the training "
+                        "threads, else fewer; 0: draw them in this process)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",
