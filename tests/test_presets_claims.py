@@ -17,12 +17,18 @@ WITH_CLAIMS = [n for n in preset_names() if load_experiment(n).claims]
 #: a smaller grid for a preset whose [grid] is large (two values of each axis: what its claims need to be measured)
 GRIDS = {"edge-of-chaos": {"sw2": [1.0, 4.0], "depths": [10, 25]}}
 
+#: scenarios deeper than this run with this depth
+MAX_DEPTH = 8
+
 
 def reduced(name: str):
     d = read_toml(files("initlab.lab.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8"), name)
     d["data"]["limit"] = 300
     d["train"].update(steps=4, log_every=2, seeds=[0, 1], first_pass_batch=8)
     d.get("grid", {}).update(GRIDS.get(name, {}))
+    for sc in d.get("scenarios", []):  # a deep scenario's claims are measured as well on a few layers
+        if sc.get("depth", 0) > MAX_DEPTH:
+            sc["depth"] = MAX_DEPTH
     return experiment_from_dict(d)
 
 

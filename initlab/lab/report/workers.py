@@ -1,11 +1,14 @@
 """The report drawn by worker processes that start while the run trains.
 
-The figures cost more than the page: matplotlib and pandas take seconds to import and each figure
-a second or more to draw, all in one thread. :class:`FigureWorkers` starts ``n`` processes
-(:data:`COMMAND`) before training; each imports the report's modules while the run trains (at the
-lowest priority when the machine was otherwise idle: see :data:`IDLE_NICE`), then waits. When the
-run is done, :meth:`FigureWorkers.write_report` hands each worker its share of the figures (every n-th name of the report's figure list; a worker draws those
-its data calls for, one by one), waits for them, and has the first worker write ``report.html``.
+The figures cost more than the page: matplotlib and pandas take about a second to import and each
+figure a fraction of a second to draw, all in one thread. :class:`FigureWorkers` starts ``n``
+processes (:data:`COMMAND`) before training; each imports the report's modules while the run trains
+(at the lowest priority when the machine was otherwise idle: see :data:`IDLE_NICE`), then waits.
+``initlab run`` starts them only where CPUs are idle beyond the training's threads
+(:func:`initlab.lab.run.auto_figure_workers`). When the run is done,
+:meth:`FigureWorkers.write_report` hands each worker its share of the figures (every n-th name of the
+report's figure list; a worker draws those its data calls for, one by one), waits for them, and has
+the first worker write ``report.html``.
 Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
 
 Failures never hang the run nor lose it: a figure that raises is left out and the page says, under
