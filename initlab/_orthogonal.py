@@ -73,12 +73,8 @@ def _gaussian(rows: int, cols: int, dtype: torch.dtype, device: torch.device,
 _INLINE = 1 << 24
 
 
-def _cost(a: Tensor) -> int:
-    """The QR's work, in units of its flop count: n m^2 for a (n, m) matrix, n >= m."""
-    return _cost_of(a.shape[0], a.shape[1])
-
-
-def _cost_of(rows: int, cols: int) -> int:
+def _cost(rows: int, cols: int) -> int:
+    """A QR's work, in units of its flop count: n m^2 for a (n, m) matrix, n >= m."""
     return max(rows, cols) * min(rows, cols) ** 2
 
 
@@ -119,7 +115,7 @@ def _qr(a: Tensor) -> tuple[Tensor, Tensor]:
     threads = torch.get_num_threads()
     if a.device.type != "cpu" or threads == 1:
         return _qr_signs(a)
-    if _cost(a) <= _INLINE:  # short: on this thread, switched to one intra-op thread and back
+    if _cost(*a.shape) <= _INLINE:  # short: on this thread, switched to one intra-op thread and back
         with using_threads(1):
             return _qr_signs(a)
     # long: in a worker thread, so the caller's thread count never changes (switching it around a
@@ -268,7 +264,7 @@ class _QRQueue:
 
 def _run_qrs(mats: list[Tensor], threads: int) -> list[tuple[Tensor, Tensor]]:
     """Each matrix's :func:`_qr_signs`, on one intra-op thread each, spread as by :class:`_QRQueue`."""
-    queue = _QRQueue([_cost(a) for a in mats], threads)
+    queue = _QRQueue([_cost(*a.shape) for a in mats], threads)
     try:
         for i, a in enumerate(mats):
             queue.put(i, a)
@@ -304,7 +300,7 @@ def orthogonal_many_(tensors: Sequence[Tensor], gain: float = 1.0, *,
             orthogonal_(t, gain, generator=gen)
         return tensors
     slot = {k: i for i, k in enumerate(cpu)}
-    queue = _QRQueue([_cost_of(*todo[k][1:3]) for k in cpu], threads)
+    queue = _QRQueue([_cost(*todo[k][1:3]) for k in cpu], threads)
     try:
         nbytes = 0
         for k, (t, rows, cols, gen) in enumerate(todo):  # in order: the generator's stream as for orthogonal_

@@ -103,7 +103,7 @@ EDGE = [(256, 256), (257, 256), (256, 257), (100, 784), (10, 100)]
 
 def test_edge_shapes_bit_identical_for_any_thread_count():
     from initlab import _orthogonal
-    assert _orthogonal._cost_of(256, 256) == _orthogonal._INLINE < _orthogonal._cost_of(257, 256)
+    assert _orthogonal._cost(256, 256) == _orthogonal._INLINE < _orthogonal._cost(257, 256)
 
     def single():
         g = torch.Generator().manual_seed(11)

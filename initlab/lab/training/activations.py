@@ -70,13 +70,8 @@ class SegmentAct:
         else:
             out.copy_(self.fn(z.clone() if self.inplace else z))
 
-    def backward(self, g: Tensor, z: Tensor, h: Tensor) -> None:
-        """``g[slice] *= phi'(z[slice])`` in place (``h`` = phi(z))."""
-        s = slice(self.start, self.stop)
-        self.backward_slice(g[s], z[s], h[s])
-
     def backward_slice(self, gs: Tensor, zs: Tensor, hs: Tensor) -> None:
-        """:meth:`backward` on this segment's slices themselves."""
+        """``gs *= phi'(zs)`` in place, on this segment's slices (``g[start:stop]``, ...; ``hs`` = phi(zs))."""
         if self._kernels is not None:
             self._kernels.backward(gs, zs, hs, self.param)
             return
