@@ -2,21 +2,49 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+#: the torch thread count of the runs that tests compare bit for bit (see ``fixed_threads``)
+TEST_THREADS = "2"
+
+
+@contextmanager
+def _omp_threads(n: str):
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = n
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
 
 @pytest.fixture(scope="module")
 def fixed_threads():
     """One torch thread count for every run here (the default follows the machine's idle cores, which change
     between runs; results are bit-identical between runs with the same count)."""
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "2"
-    yield
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
+    with _omp_threads(TEST_THREADS):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_reference(tmp_path_factory):
+    """The uninterrupted in-process run of ``rundir_compare.small()`` (``max_members=SMALL_MAX_MEMBERS``, no
+    report, the ``fixed_threads`` count), computed once for every test that compares another executor's or an
+    interrupted run's directory with it (tests/test_executors.py, tests/test_ray_cluster.py). Read only."""
+    from initlab.lab.run import run_experiment
+
+    from rundir_compare import SMALL_MAX_MEMBERS, small
+
+    out = tmp_path_factory.mktemp("small-ref") / "run"
+    with _omp_threads(TEST_THREADS):
+        summary = run_experiment(small(), out, max_members=SMALL_MAX_MEMBERS, report=False)
+    assert summary.complete
+    return out

@@ -59,6 +59,10 @@ class KillOnce:
             self.killed.append(pid)
 
 
+#: units of at most this many members for ``small()`` (5 members -> 3 units, so that two workers train at once)
+SMALL_MAX_MEMBERS = 2
+
+
 def small():
     """The smoke study, shortened: 5 members, 40 steps, a log step every 10."""
     from initlab.lab.config import load_experiment, with_overrides

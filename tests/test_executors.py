@@ -18,20 +18,18 @@ from initlab.lab.executors import InProcess, ProcessPool, RayExecutor, make_exec
 from initlab.lab.metrics import Metric, register_metric, unregister_metric
 from initlab.lab.run import read_run_meta, run_experiment
 
-from rundir_compare import KillOnce, compare_run_dirs, small, tb_events
+from rundir_compare import SMALL_MAX_MEMBERS, KillOnce, compare_run_dirs, small, tb_events
 
 pytestmark = pytest.mark.usefixtures("fixed_threads")
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_MEMBERS = 2  # 5 members -> 3 units, so that two workers train at once
+MAX_MEMBERS = SMALL_MAX_MEMBERS  # 5 members -> 3 units, so that two workers train at once
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    summary = run_experiment(small(), out, max_members=MAX_MEMBERS, report=False)
-    assert summary.complete
-    return out
+def reference(small_reference):
+    """The uninterrupted in-process run (conftest.py: computed once, shared with tests/test_ray_cluster.py)."""
+    return small_reference
 
 
 def test_process_pool_gives_the_in_process_run_directory_after_a_killed_worker(tmp_path, reference):

@@ -23,10 +23,10 @@ from initlab.lab.config import with_overrides  # noqa: E402
 from initlab.lab.executors import RayExecutor  # noqa: E402
 from initlab.lab.run import run_experiment  # noqa: E402
 
-from rundir_compare import KillOnce, compare_run_dirs, small  # noqa: E402
+from rundir_compare import SMALL_MAX_MEMBERS, KillOnce, compare_run_dirs, small  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_MEMBERS = 2
+MAX_MEMBERS = SMALL_MAX_MEMBERS
 
 
 def _free_port() -> int:
@@ -103,11 +103,10 @@ def cluster():
         _stop(temp_dir)
 
 
-def test_ray_cluster_gives_the_in_process_run_directory_after_a_killed_worker(cluster, tmp_path):
+def test_ray_cluster_gives_the_in_process_run_directory_after_a_killed_worker(cluster, tmp_path, small_reference):
     import ray
 
-    ref = tmp_path / "inprocess"
-    run_experiment(small(), ref, max_members=MAX_MEMBERS, report=False)
+    ref = small_reference  # the in-process run (conftest.py: computed once, shared with tests/test_executors.py)
     kill = KillOnce()
     out = tmp_path / "ray"
     t0 = time.perf_counter()

@@ -7,6 +7,8 @@ hidden behind a function-level import is still a cycle.
 from __future__ import annotations
 
 import ast
+import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +32,9 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
 def sources() -> dict[str, tuple[Path, ast.Module]]:
+    """module name -> (path, parsed tree) of every module, parsed once per test session (read only)."""
     return {module_name(p): (p, ast.parse(p.read_text(), filename=str(p))) for p in sorted(ROOT.rglob("*.py"))}
 
 
@@ -190,9 +194,18 @@ def test_long_function_detector_is_not_blind():
     assert len(long_functions(limit=5)) > 50
 
 
-@pytest.mark.parametrize("heavy", ["pandas", "matplotlib", "tensorboard", "scipy", "initlab.lab", "torchvision", "timm",
-                                   "transformers"])
-def test_import_initlab_stays_light(heavy):
-    code = f"import sys, initlab; print({heavy!r} in sys.modules)"
+HEAVY = ["pandas", "matplotlib", "tensorboard", "scipy", "initlab.lab", "torchvision", "timm", "transformers"]
+
+
+@pytest.fixture(scope="module")
+def loaded_by_import_initlab() -> dict[str, bool]:
+    """heavy module -> whether a fresh interpreter has it loaded after ``import initlab`` (one interpreter for
+    every parameter of the test below)."""
+    code = f"import json, sys, initlab; print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("heavy", HEAVY)
+def test_import_initlab_stays_light(heavy, loaded_by_import_initlab):
+    assert loaded_by_import_initlab[heavy] is False
