@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -48,3 +49,33 @@ def small_reference(tmp_path_factory):
         summary = run_experiment(small(), out, max_members=SMALL_MAX_MEMBERS, report=False)
     assert summary.complete
     return out
+
+
+_LOCAL_RAY = {"started": False}
+
+
+@pytest.fixture
+def local_ray():
+    """Ray on this machine (127.0.0.1, one CPU, no dashboard) in the test process: started by the first test that
+    asks for it and kept for the next ones (each start costs seconds), shut down at the end of the session or
+    when a test connects Ray elsewhere (tests/test_ray_cluster.py calls :func:`stop_local_ray` first)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False)
+        _LOCAL_RAY["started"] = True
+    return ray
+
+
+def stop_local_ray() -> None:
+    """Shut down the Ray that :func:`local_ray` started, if it is still up."""
+    if _LOCAL_RAY["started"]:
+        import ray
+
+        ray.shutdown()
+        _LOCAL_RAY["started"] = False
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "ray" in sys.modules:
+        stop_local_ray()

@@ -23,6 +23,7 @@ from initlab.lab.config import with_overrides  # noqa: E402
 from initlab.lab.executors import RayExecutor  # noqa: E402
 from initlab.lab.run import run_experiment  # noqa: E402
 
+from conftest import stop_local_ray  # noqa: E402
 from rundir_compare import SMALL_MAX_MEMBERS, KillOnce, compare_run_dirs, small  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,7 @@ def cluster():
              f"--metrics-export-port={_free_port()}", *common, env=env)
         import ray
 
+        stop_local_ray()  # this process joins this cluster instead (one Ray connection per process)
         # the driver joins as a client of 127.0.0.1 (it would otherwise look for a node at the host's address);
         # the executor finds Ray initialised and uses that connection
         ray.init(address=f"127.0.0.1:{port}", _node_ip_address="127.0.0.1", logging_level="ERROR",

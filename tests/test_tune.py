@@ -3,7 +3,6 @@ real local Ray (marked ``ray``) whose designed trial ASHA must stop."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import sys
 
@@ -16,7 +15,6 @@ from initlab.lab.tune import import_ray, parse_dist, parse_param, run_tune, sear
 from initlab.lab.tune.results import critical_value, sigma_w2
 from initlab.lab.tune.trial import objective
 
-HAS_RAY = importlib.util.find_spec("ray") is not None
 
 BASE = {
     "name": "tiny",
@@ -152,15 +150,7 @@ def test_critical_value_maps_the_parameter_to_sigma_w2():
 # ----------------------------------------------------------------------------- a real search
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    if not HAS_RAY:
-        pytest.skip("needs the ray extra")
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray
-    ray.shutdown()
+# ``local_ray`` (tests/conftest.py): Ray on 127.0.0.1 with one CPU in this process, shared with tests/test_tune_resume.py
 
 
 def read_rows(path):

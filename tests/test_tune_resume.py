@@ -129,7 +129,8 @@ def to_end(proc, out):
 
 
 @pytest.mark.ray
-def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path, start):
+def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_files(toml, tmp_path, start, capsys,
+                                                                                   local_ray):
     a, hold = tmp_path / "a", tmp_path / "hold"
     hold.mkdir()
     proc = start(toml, a, hold=hold)
@@ -155,10 +156,13 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
     shutil.copytree(a, fresh)
     asha_file(control / "ray" / "tanh-normal").unlink()  # negative control: ASHA's record lost
 
-    # at once (each a Ray of its own): the same command again; the same search started over (--fresh), which
-    # is an uninterrupted search; and the negative control
-    procs = [start(toml, a), start(toml, fresh, "--fresh"), start(toml, control)]
-    resumed, reference, lost = (to_end(p, out) for p, out in zip(procs, (a, fresh, control)))
+    # at once: the same command again and the negative control in processes of their own (each starts a Ray of
+    # its own), and meanwhile, here, on this process's Ray (``local_ray``), the same search started over
+    # (--fresh), which is an uninterrupted search
+    procs = [start(toml, a), start(toml, control)]
+    assert main(["tune", str(toml), "--cpus", "1", "--out", str(fresh), "--fresh"]) == 0
+    reference = rows(fresh / "tune_results.csv")
+    resumed, lost = (to_end(p, out) for p, out in zip(procs, (a, control)))
     assert {Path(d).name.split("_")[1] for d in trial_dirs(fresh)}.isdisjoint(
         {Path(d).name.split("_")[1] for d in trial_dirs(a)})  # new trial ids: nothing of the old state kept
     # the finished trial was not run again, the unfinished one was
@@ -172,10 +176,13 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
 
     assert lost != reference and [(r["step"], r["stopped_early"]) for r in lost] == [("20", "false")] * 2
 
-    # another search on the same directory: one line, nothing touched
+    # another search on the same directory (the command, here: it is refused before Ray starts): one line,
+    # nothing touched
     before = sorted(p.relative_to(a) for p in a.rglob("*"))
-    rc, out, err = finish(start(toml, a, "--param", "scheme.std=grid(0.5, 20)"))
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "holds another search" in err
+    capsys.readouterr()
+    rc = main(["tune", str(toml), "--cpus", "1", "--out", str(a), "--param", "scheme.std=grid(0.5, 20)"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and "holds another search" in err
     assert "scheme.std grid(0.5, 30) -> grid(0.5, 20)" in err
     assert sorted(p.relative_to(a) for p in a.rglob("*")) == before
 
