@@ -60,13 +60,16 @@ def test_python_m_initlab_run_end_to_end(cli_run):
     assert "step/s" not in proc.stderr and "%|" not in proc.stderr
 
 
-def test_same_command_again_resumes_with_nothing_to_do(cli_run):
+def test_same_command_again_resumes_with_nothing_to_do(cli_run, monkeypatch, capsys):
+    """The same command again (in this process: ``python -m initlab`` itself is the test above)."""
     cwd, _ = cli_run
     out = cwd / "out" / "smoke"
     before = snapshot(out)
-    proc = run_cli("run", "smoke", "--steps", "20", "--out", "out/smoke", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr
-    assert "nothing to train, all 5 model(s) already done" in proc.stdout
+    monkeypatch.chdir(cwd)
+    rc = main(["run", "smoke", "--steps", "20", "--out", "out/smoke"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert "nothing to train, all 5 model(s) already done" in stdout
     after = snapshot(out)
     assert after["metrics.csv"] == before["metrics.csv"] and after["first_pass.csv"] == before["first_pass.csv"]
 
