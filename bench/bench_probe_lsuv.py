@@ -13,7 +13,8 @@
    same variance band, and initlab should be >= 2x faster. Skipped, with a message, when ``lsuv``
    is not installed (``pip install --no-deps lsuv==0.3.0``).
 
-Run: ``python bench/bench_probe_lsuv.py [--repeat N] [--quick] [--threads N] [--clock wall|cpu] [--only probe|lsuv]``. Timings are medians of
+Run: ``python bench/bench_probe_lsuv.py [--repeat N] [--quick] [--study] [--threads N] [--clock wall|cpu]
+[--only probe|lsuv]`` (``--study``: only the study MLP, the issue's goal rows). Timings are medians of
 interleaved runs (A, B, A, B, ...) after warm-up, on the current torch thread count.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: int =
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_probe(repeat: int, quick: bool) -> None:
+def bench_probe(repeat: int, quick: bool, study: bool = False) -> None:
     print("== probe (moments only) vs plain forward + backward ==")
     g = torch.Generator().manual_seed(0)
     cases = [
@@ -82,6 +83,8 @@ def bench_probe(repeat: int, quick: bool) -> None:
     if not quick:
         cases.append(("MLP 784-100-100-10 (the study), batch 256", mlp([784, 100, 100, 10]),
                       torch.rand(256, 784, generator=g)))
+    if study:
+        cases = [c for c in cases if "study" in c[0]]
     for name, model, x in cases:
         y = torch.randint(0, 10, (x.shape[0],), generator=g)
 
@@ -176,7 +179,7 @@ def output_variances(model: nn.Module, x: torch.Tensor) -> list[float]:
     return got
 
 
-def bench_lsuv(repeat: int, quick: bool) -> None:
+def bench_lsuv(repeat: int, quick: bool, study: bool = False) -> None:
     print("\n== initlab.lsuv_ vs PyPI lsuv 0.3.0 (lsuv_with_singlebatch) ==")
     try:
         from lsuv import lsuv_with_singlebatch
@@ -196,6 +199,8 @@ def bench_lsuv(repeat: int, quick: bool) -> None:
     ]
     if quick:
         cases = cases[1:2] + cases[3:]
+    if study:
+        cases = cases[:1]
     for name, base, x in cases:
         base.eval()  # the peer runs in eval mode; so do we here, for identical statistics
 
@@ -265,6 +270,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer cases and repeats")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--only", choices=("probe", "lsuv"), default=None, help="run one of the two benches")
+    ap.add_argument("--study", action="store_true", help="only the study MLP 784-100-100-10 (issue #12's goals)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time, or this process's CPU time (robust on a shared machine with --threads 1)")
     args = ap.parse_args()
@@ -277,10 +283,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"initlab {initlab.__version__}\n")
     if args.only != "lsuv":
-        bench_probe(repeat, args.quick)
+        bench_probe(repeat, args.quick, args.study)
     if args.only != "probe":
-        bench_lsuv(repeat, args.quick)
-        inplace_note()
+        bench_lsuv(repeat, args.quick, args.study)
+        if not args.study:
+            inplace_note()
 
 
 if __name__ == "__main__":

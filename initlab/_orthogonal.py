@@ -146,10 +146,15 @@ def orthogonal_(tensor: Tensor, gain: float = 1.0, *, generator: torch.Generator
     _check_gain_fits(tensor, g, "orthogonal_")
     if tensor.is_meta or tensor.numel() == 0:
         return tensor
+    _orthogonal_checked(tensor, rows, cols, gen, g)
+    return tensor
+
+
+def _orthogonal_checked(tensor: Tensor, rows: int, cols: int, gen: torch.Generator | None, g: float) -> None:
+    """:func:`orthogonal_` of a tensor whose arguments are checked already."""
     work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     q, d = _haar_checked(rows, cols, work, tensor.device, gen, "orthogonal_")
     _write(tensor, q, d, g, rows, cols)
-    return tensor
 
 
 def _qr_executor(workers: int) -> ThreadPoolExecutor:
@@ -296,8 +301,8 @@ def orthogonal_many_(tensors: Sequence[Tensor], gain: float = 1.0, *,
     threads = torch.get_num_threads()
     cpu = [k for k, (t, *_rest) in enumerate(todo) if t.device.type == "cpu"]
     if threads == 1 or len(cpu) < 2:
-        for t, _, _, gen in todo:
-            orthogonal_(t, gain, generator=gen)
+        for t, rows, cols, gen in todo:
+            _orthogonal_checked(t, rows, cols, gen, g)
         return tensors
     slot = {k: i for i, k in enumerate(cpu)}
     queue = _QRQueue([_cost(*todo[k][1:3]) for k in cpu], threads)
@@ -310,7 +315,7 @@ def orthogonal_many_(tensors: Sequence[Tensor], gain: float = 1.0, *,
                 nbytes += 3 * a.numel() * a.element_size()
                 queue.put(slot[k], a)
             else:
-                orthogonal_(t, gain, generator=gen)
+                _orthogonal_checked(t, rows, cols, gen, g)
         try:
             qs = queue.results()
         except (RuntimeError, MemoryError) as e:

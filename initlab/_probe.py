@@ -69,13 +69,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from . import theory
 from ._activations import Activation, plain_settings, resolve_activation
 from ._engine import using_threads
 from ._errors import InitlabError, is_out_of_memory, memory_error, unknown_choice
 from ._fans import module_fans
-from ._forward import as_inputs, first_tensor, forward_error, hooks, kept_buffers, locate_failure, no_mha_fastpath
+from ._forward import as_inputs, first_tensor, forward_error, kept_buffers, locate_failure, no_mha_fastpath
 from ._graph import WEIGHT_LAYERS, find_activations
 from ._layers import channel_dim, is_modeled, is_norm, is_one_hot, is_plain, output_bias, output_layer, output_weight
 from ._stats import Histogram, as_float, channel_sums, flat, histogram, host_moments, moments
@@ -411,7 +412,7 @@ class _Layer:
     (:class:`_Sink`), reduced to statistics on the host once, after the pass."""
 
     __slots__ = ("name", "module", "link", "act", "order", "cdim", "counts", "shape", "post_shape",
-                 "in_shape", "in_ref", "post_apply", "fans", "w_at")
+                 "in_shape", "in_ref", "post_apply", "fans", "w_at", "weight")
 
     def __init__(self, name: str, module: nn.Module, link: Any) -> None:
         self.name, self.module, self.link = name, module, link
@@ -427,6 +428,7 @@ class _Layer:
         self.post_apply = False  # whether act.fn is applied to the output of the module feeding the activation
         self.fans = (0, 0)  # initlab.fans of the output weight, read after the pass
         self.w_at = -1  # where the weight's sum and sum of squares are among the transfer's scalars
+        self.weight: Tensor | None = None  # the output weight, read once per pass
 
 
 def _resolve_post_source(link: Any, modules: Any) -> tuple[str | None, bool]:
@@ -587,24 +589,34 @@ class _Probe:
         """The forward pass (and the backward pass with ``loss_fn``) with every hook installed;
         hooks are removed afterwards, also when the forward or the loss fails."""
         keep = any(m._buffers for m in self.modules.values())  # BatchNorm statistics and the like
-        with kept_buffers(model, modules=self.modules) if keep else nullcontext(), hooks() as handles:
-            self._install(handles)
-            grad_params = self._grad_params()
-            with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
-                    using_threads(self.threads):
-                try:
-                    out = model(*inputs)
-                except InitlabError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the model's own failure, explained in one line
-                    for h in handles:  # the failure is located by a second pass, without these hooks
-                        h.remove()
-                    handles.clear()
-                    layers = [(n, layer.module) for n, layer in self.layers.items()]
-                    tracker = None if is_out_of_memory(e) else locate_failure(model, inputs, layers)
-                    raise forward_error(e, inputs, tracker, layers) from e
-                if loss_fn is not None:
-                    self._run_backward(loss_fn(out), grad_params)  # a user's loss raises its own error
+        handles: list[Any] = []
+        with kept_buffers(model, modules=self.modules) if keep else nullcontext():
+            try:
+                self._pass(model, inputs, loss_fn, handles)
+            finally:
+                for h in handles:
+                    h.remove()
+
+    def _pass(self, model: nn.Module, inputs: tuple[Tensor, ...], loss_fn: Callable[[Any], Tensor] | None,
+              handles: list[Any]) -> None:
+        """:meth:`run` inside the buffer keeper; ``handles`` collects the hooks' handles."""
+        self._install(handles)
+        grad_params = self._grad_params()
+        with torch.set_grad_enabled(self.backward), no_mha_fastpath() if self.plan.attention else nullcontext(), \
+                using_threads(self.threads):
+            try:
+                out = model(*inputs)
+            except InitlabError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the model's own failure, explained in one line
+                for h in handles:  # the failure is located by a second pass, without these hooks
+                    h.remove()
+                handles.clear()
+                layers = [(n, layer.module) for n, layer in self.layers.items()]
+                tracker = None if is_out_of_memory(e) else locate_failure(model, inputs, layers)
+                raise forward_error(e, inputs, tracker, layers) from e
+            if loss_fn is not None:
+                self._run_backward(loss_fn(out), grad_params)  # a user's loss raises its own error
 
     def _install(self, handles: list[Any]) -> None:
         sources: dict[str, None] = {}
@@ -623,9 +635,12 @@ class _Probe:
         return partial(fn, *args) if self.threads == 1 else partial(_on_one_thread, fn, *args)
 
     def _grad_params(self) -> list[Tensor]:
-        params = [output_weight(layer.module) for layer in self.layers.values()]
-        # distinct, in order (keyed by identity: a tensor's own hash is a Python call)
-        grad_params = list({id(p): p for p in params if p is not None and p.requires_grad}.values())
+        distinct: dict[int, Tensor] = {}  # keyed by identity: a tensor's own hash is a Python call
+        for layer in self.layers.values():
+            p = layer.weight = output_weight(layer.module)
+            if p is not None and p.requires_grad:
+                distinct[id(p)] = p
+        grad_params = list(distinct.values())
         if self.backward and not grad_params:
             raise InitlabError("no weight of the model requires grad, so no backward pass is possible; "
                                "call probe without target/loss, or enable requires_grad")
@@ -638,7 +653,8 @@ class _Probe:
         if not loss_t.requires_grad:
             raise InitlabError("the loss does not depend on any weight (no grad_fn); check the model and loss")
         try:
-            gs = torch.autograd.grad(loss_t.reshape(()), grad_params, allow_unused=True)
+            gs = torch.autograd.grad(loss_t if loss_t.dim() == 0 else loss_t.reshape(()), grad_params,
+                                     allow_unused=True)
         except RuntimeError as e:
             if is_out_of_memory(e):
                 raise memory_error("the backward pass", sum(p.numel() * p.element_size() for p in grad_params), e) from e
@@ -657,12 +673,18 @@ class _Probe:
         y = out if isinstance(out, Tensor) else first_tensor(out)
         if y is None:
             return
-        layer.order = len(self.order)
-        self.order.append(layer)
+        order = self.order
+        layer.order = len(order)
+        order.append(layer)
         yd = self._measure_pre(layer, mod, y)
-        x = args[0] if args else None
-        if isinstance(x, Tensor) and x.is_floating_point():
-            self._measure_input(layer, x)
+        if args:
+            x = args[0]
+            if isinstance(x, Tensor) and x.is_floating_point():
+                layer.in_shape = x.shape
+                if (ref := self.recall(x)) is None:
+                    self._measure_input(layer, x)  # not measured yet: two passes
+                else:
+                    layer.in_ref = ref
         self.remember(y, layer, "pre")
         if self.bins is not None:
             b = output_bias(mod)
@@ -679,7 +701,8 @@ class _Probe:
             else:
                 self.measure_post(layer, y, True)
         if self.backward and y.requires_grad:
-            y.register_hook(self._hook(self._on_grad, layer))
+            y.register_hook(partial(self._on_grad, layer) if self.threads == 1 else
+                            partial(_on_one_thread, self._on_grad, layer))
 
     def _measure_pre(self, layer: _Layer, mod: nn.Module, y: Tensor) -> Tensor:
         """Per-channel sums and the squared deviations from the channel means of the layer output;
@@ -687,22 +710,29 @@ class _Probe:
         yd = y.detach()
         if yd.dtype not in _FLOATS:
             yd = yd.float()
-        layer.shape = shape = tuple(yd.shape)
-        if len(shape) == 1:
+        shape = layer.shape = yd.shape
+        dims = len(shape)
+        if dims == 1:
             yd = yd.unsqueeze(0)
-        dims = yd.dim()
-        cdim = layer.cdim = channel_dim(mod, yd)
+            dims = 2
         n = yd.numel()
-        c = yd.shape[cdim]
-        if cdim == dims - 1:  # channels last: the channel sums broadcast as they are
-            sum_c = yd.sum(dim=0) if dims == 2 else channel_sums(yd, cdim)
+        if dims == 2 and not isinstance(mod, _ConvNd):  # (samples, features): the common case
+            layer.cdim = 1
+            sum_c = yd.sum(dim=0)
+            c = sum_c.shape[0]
             # deviations from the channel means in one pass: y - sum_c / (values per channel)
             d = torch.sub(yd, sum_c, alpha=c / n).reshape(-1)
         else:
-            sum_c = channel_sums(yd, cdim)
-            shape = [1] * dims
-            shape[cdim] = -1
-            d = torch.sub(yd, sum_c.reshape(shape), alpha=c / n).reshape(-1)
+            cdim = layer.cdim = channel_dim(mod, yd)
+            c = yd.shape[cdim]
+            if cdim == dims - 1:  # channels last: the channel sums broadcast as they are
+                sum_c = channel_sums(yd, cdim)
+                d = torch.sub(yd, sum_c, alpha=c / n).reshape(-1)
+            else:
+                sum_c = channel_sums(yd, cdim)
+                bshape = [1] * dims
+                bshape[cdim] = -1
+                d = torch.sub(yd, sum_c.reshape(bshape), alpha=c / n).reshape(-1)
         i, sink = layer.order, self.sink
         sink.vectors.append(sum_c)
         sink.v_index.append((i, "pre_sum_c", c))
@@ -712,15 +742,13 @@ class _Probe:
         return yd
 
     def _measure_input(self, layer: _Layer, x: Tensor) -> None:
-        layer.in_shape = tuple(x.shape)
-        layer.in_ref = self.recall(x)
-        if layer.in_ref is None:  # not measured yet: two passes
-            xf = flat(as_float(x))
-            s_in = xf.sum()
-            dx = xf - s_in / xf.numel()
-            self.sink.scalars += (s_in, torch.dot(dx, dx))
-            self.sink.s_index += ((layer.order, "in_sum"), (layer.order, "in_dev"))
-            layer.counts["in"] = xf.numel()
+        """The moments of a layer input not measured before (two passes)."""
+        xf = flat(as_float(x))
+        s_in = xf.sum()
+        dx = xf - s_in / xf.numel()
+        self.sink.scalars += (s_in, torch.dot(dx, dx))
+        self.sink.s_index += ((layer.order, "in_sum"), (layer.order, "in_dev"))
+        layer.counts["in"] = xf.numel()
 
     def _on_source(self, src: str, mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
         """Forward hook of the module feeding (or being) an activation: the post-activation of every
@@ -793,26 +821,34 @@ def _unit_maxima(p: Tensor, layer: _Layer) -> Tensor:
 # --------------------------------------------------------------------------- statistics on the host
 
 
-def _queue_params(sink: _Sink, i: int, layer: _Layer, grads: dict[int, Tensor], plan: _Plan) -> None:
-    """Queue the sums of a layer's output weight (and of its gradient) and its bias, and read its
-    fans now (so the table reflects the model as it was probed). Runs without grad mode: the
+def _queue_params(sink: _Sink, order: list[_Layer], grads: dict[int, Tensor], plan: _Plan) -> None:
+    """Queue the sums of every layer's output weight (and of its gradient) and its bias, and read
+    the fans now (so the table reflects the model as it was probed). Runs without grad mode: the
     parameters are read as they are, no graph is recorded."""
-    mod = layer.module
-    w = output_weight(mod)
-    layer.fans = plan.layer_fans(layer.name, mod, w)
-    if w is not None and not w.is_meta:
-        wf = (w if w.dtype in _FLOATS else w.float()).reshape(-1)
-        layer.w_at = len(sink.scalars)
-        sink.sums(i, "w", wf)
-        layer.counts["w"] = wf.numel()
-        g = grads.get(id(w))
-        if g is not None:
-            gf = (g if g.dtype in _FLOATS else g.float()).reshape(-1)
-            sink.sums(i, "wg", gf)
-            layer.counts["wg"] = gf.numel()
-    b = output_bias(mod)
-    if b is not None and not b.is_meta:
-        sink.vector(i, "bias", b)
+    scalars, s_index, vectors, v_index = sink.scalars, sink.s_index, sink.vectors, sink.v_index
+    floats, dot = _FLOATS, torch.dot
+    for i, layer in enumerate(order):
+        mod, w = layer.module, layer.weight
+        layer.fans = plan.layer_fans(layer.name, mod, w)
+        counts = layer.counts
+        if w is not None and not w.is_meta:
+            wf = (w if w.dtype in floats else w.float()).reshape(-1)
+            layer.w_at = len(scalars)
+            scalars += (wf.sum(), dot(wf, wf))
+            s_index += ((i, "w_sum"), (i, "w_sq"))
+            counts["w"] = wf.numel()
+            g = grads.get(id(w))
+            if g is not None:
+                gf = (g if g.dtype in floats else g.float()).reshape(-1)
+                scalars += (gf.sum(), dot(gf, gf))
+                s_index += ((i, "wg_sum"), (i, "wg_sq"))
+                counts["wg"] = gf.numel()
+        b = output_bias(mod)
+        if b is not None and not b.is_meta:
+            if b.dim() != 1:
+                b = b.reshape(-1)
+            vectors.append(b)
+            v_index.append((i, "bias", b.numel()))
 
 
 def _pre_stats(row: dict[str, Any], v: dict[str, Any], c: dict[str, int]) -> None:
@@ -915,8 +951,7 @@ def _fetch(state: _Probe) -> _Host:
     loss_value, loss_at = state.loss_value, len(sink.scalars)
     if loss_value is not None:
         sink.scalar(-1, "loss", loss_value if loss_value.dim() == 0 else loss_value.reshape(()))
-    for i, layer in enumerate(order):
-        _queue_params(sink, i, layer, state.grads, state.plan)
+    _queue_params(sink, order, state.grads, state.plan)
     vectors, scalars = sink.fetch()
     sink.vectors, sink.scalars, state.grads = [], [], {}
     host = _Host(sink, vectors, scalars, scalars[loss_at] if loss_value is not None else None)
@@ -924,7 +959,8 @@ def _fetch(state: _Probe) -> _Host:
         at = layer.w_at
         if at >= 0:
             n = layer.counts["w"]
-            if (scalars[at] / n) ** 2 > 0.99 * scalars[at + 1] / n:
+            m = scalars[at] / n
+            if m * m > 0.99 * scalars[at + 1] / n:
                 # E[w^2] - E[w]^2 would lose digits: two passes instead
                 host.w_var[i] = float(moments(as_float(output_weight(layer.module)))[1])
     return host
@@ -1035,13 +1071,16 @@ def _probe(model: nn.Module, batch: Tensor | tuple[Tensor, ...], target: Tensor 
     loss_fn = _make_loss(loss, target)
     modules = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
     state = _Probe(_plan(model, modules), modules, bins, loss_fn is not None, threads)
-    state.sink.scalar(-1, "batch_sum", batch_sum)  # the first scalar and the first vector
-    state.sink.vector(-1, "batch_norms", batch_norms)
+    sink = state.sink
+    sink.scalars.append(batch_sum)  # the first scalar and the first vector
+    sink.s_index.append((-1, "batch_sum"))
+    sink.vectors.append(batch_norms)
+    sink.v_index.append((-1, "batch_norms", batch_norms.numel()))
     if x0.is_floating_point():
         state.remember(x0, None, "batch")
     state.run(model, inputs, loss_fn)
 
-    with torch.no_grad(), np.errstate(all="ignore"):  # overflowed models give inf/NaN statistics
+    with torch.no_grad():  # (host arithmetic on Python floats and numpy's dot: inf/NaN raise no warning)
         host = _fetch(state)
         two_pass = _batch_two_pass(batch, host.scalars[0], host.vectors[:batch_norms.numel()], xf)
     missing = [n for n, layer in state.layers.items() if layer.order < 0]

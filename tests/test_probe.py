@@ -572,3 +572,42 @@ def test_length_summary_equal_groups_match_the_group_by_group_means():
     # negative control: unsorted groups give other means
     a = rng.gamma(2.0, 0.1, 256)
     assert not np.array_equal(_length_summary(a, 16), a.reshape(16, -1).mean(axis=1))
+
+
+@pytest.mark.parametrize("case", ["linear_1d", "linear_3d", "conv1d_unbatched", "conv2d"])
+def test_pre_activation_moments_for_every_output_layout(case):
+    """Each output layout the probe reduces separately (a 1-d Linear output, a Linear over a 3-d
+    input whose channels are last, an unbatched Conv1d whose channels come first, a batched Conv2d):
+    pre-activation moments with and without bias and the dead-unit fraction, against a direct
+    float64 computation. Negative control: a per-channel shift of the reference changes its variance
+    by more than the tolerance."""
+    g = torch.Generator().manual_seed(3)
+    layer, x, bshape = {
+        "linear_1d": (nn.Linear(6, 5), torch.randn(6, generator=g), [-1]),
+        "linear_3d": (nn.Linear(6, 5), torch.randn(4, 3, 6, generator=g), [-1]),
+        "conv1d_unbatched": (nn.Conv1d(3, 5, 3), torch.randn(3, 9, generator=g), [-1, 1]),
+        "conv2d": (nn.Conv2d(3, 5, 3), torch.randn(4, 3, 6, 6, generator=g), [1, -1, 1, 1]),
+    }[case]
+    layer = layer.double()
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([-40.0, 0.5, -0.5, 1.0, 2.0]))  # unit 0 is dead for every sample
+    row = probe(nn.Sequential(layer, nn.ReLU()), x.double()).rows[0]
+    with torch.no_grad():
+        h = layer(x.double())
+        no_bias = h - layer.bias.reshape(bshape)
+
+    def close(a, b):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+    for prefix, t in (("pre_bias", h), ("pre", no_bias)):
+        m, v, sq = _moments(t)
+        assert close(row[f"{prefix}_mean"], m), (prefix, row[f"{prefix}_mean"], m)
+        assert close(row[f"{prefix}_var"], v), (prefix, row[f"{prefix}_var"], v)
+        assert close(row[f"{prefix}_sq_mean"], sq), (prefix, row[f"{prefix}_sq_mean"], sq)
+    # a unit (feature or channel) is dead when it is <= 0 for every sample and position
+    cdim = {"linear_1d": 0, "linear_3d": 2, "conv1d_unbatched": 0, "conv2d": 1}[case]
+    per_unit = h.movedim(cdim, -1).reshape(-1, 5)
+    dead = (per_unit <= 0).all(dim=0).double().mean().item()
+    assert row["dead_frac"] == dead and dead >= 1 / 5  # unit 0 at least
+    shifted = no_bias + 0.1 * torch.arange(5.0, dtype=torch.float64).reshape(bshape)
+    assert not close(row["pre_var"], _moments(shifted)[1])
