@@ -72,3 +72,50 @@ def test_nothing_is_written_when_the_batch_raises():
     ref = torch.empty(64, 64)
     variance_scaling_(ref, 2.0, "fan_in", "normal", generator=torch.Generator().manual_seed(0))
     assert torch.equal(t, ref)
+
+
+def _tiny_set(seed: int, calls: list[int] | None = None) -> list[torch.Tensor]:
+    """Tiny tensors of odd and even sizes, fp32 and fp64, normal, truncated normal and uniform,
+    more of them than one batch holds (``calls``: the sizes of the batches filled together)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(80):  # 80 x ~2.5k fp32 elements > CHUNK: at least two batches
+        shape = (7 + i % 5, 3 + (i * 7) % 11, 3, 3)
+        t = torch.empty(shape, dtype=torch.float64 if i % 4 == 3 else torch.float32)
+        dist = ("normal", "truncated_normal", "uniform")[i % 3]
+        variance_scaling_(t, 1.0 + i / 10, "fan_in", dist, generator=g)
+        out.append(t)
+    return out
+
+
+def test_tiny_tensors_batched_have_the_bits_of_one_call_each(monkeypatch):
+    ref = _tiny_set(5)  # outside batched(): one call per tensor
+    sizes: list[int] = []
+    real = _engine._fill_batch
+    monkeypatch.setattr(_engine, "_fill_batch", lambda group, kind, work: sizes.append(len(group)) or
+                        real(group, kind, work))
+    with batched():
+        got = _tiny_set(5)
+    assert len(sizes) >= 4 and max(sizes) > 1  # filled together: normal and truncated, fp32 and fp64, 2+ batches
+    assert sum(sizes) == sum(1 for i in range(80) if i % 3 != 2)  # the uniform ones one by one
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+    with batched():
+        other = _tiny_set(6)  # negative control: another seed, other values
+    assert not any(torch.equal(a, b) for a, b in zip(ref, other))
+
+
+def test_tiny_blocks_of_a_fused_weight_batched_as_one_call_each(monkeypatch):
+    # MultiheadAttention's in_proj is three row blocks: runs that start inside the parameter
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.MultiheadAttention(15, 3), nn.MultiheadAttention(8, 2))
+
+    a, b = make(), make()
+    init_model(a, "xavier_normal", generator=torch.Generator().manual_seed(1))
+    with monkeypatch.context() as mp:
+        mp.setattr(_apply, "batched", contextlib.nullcontext)
+        init_model(b, "xavier_normal", generator=torch.Generator().manual_seed(1))
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert a[0].in_proj_weight.std() > 0 and not torch.equal(a[0].in_proj_weight[:15], a[0].in_proj_weight[15:30])
