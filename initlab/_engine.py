@@ -498,39 +498,85 @@ _batch: contextvars.ContextVar[list[tuple[Any, ...]] | None] = contextvars.Conte
 
 
 @contextlib.contextmanager
-def batched() -> Iterator[None]:
+def batched(measure: int = 0) -> Iterator[dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]]:
     """Inside, every CPU tensor the sampler fills in place is only prepared (its key and runs,
     on the calling thread); all are filled when the block ends, with the small ones (below
     :data:`SMALL` elements) spread over ``torch.get_num_threads()`` threads as whole tensors,
     which no per-tensor call can do without a thread hand-off per tensor. The values are the
     same (each element is a function of its key and index). Nothing is written when the block
-    raises; nothing inside it may read what it samples."""
+    raises; nothing inside it may read what it samples.
+
+    ``measure=n``: the dict it yields then holds, once the block has ended, the sum and the
+    2-norm (``x.sum()``, ``torch._foreach_norm([x])[0]``, on one intra-op thread) of the first
+    ``n`` elements ``x`` of each fp32/fp64 tensor filled, computed by the thread that filled it
+    while they are in its cache, keyed by ``(x.data_ptr(), x.numel(), x.dtype)`` with the
+    tensor's version counter after the write (:func:`measured` reads them back)."""
     jobs: list[tuple[Any, ...]] = []
+    stats: dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]] = {}
     token = _batch.set(jobs)
     try:
-        yield
+        yield stats
     finally:
         _batch.reset(token)
-    _fill_all(jobs)
+    _fill_all(jobs, (measure, stats) if measure > 0 else None)
+
+
+_Stats = tuple[int, "dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]"] | None
+
+
+def _version(t: Tensor) -> int | None:
+    """``t._version`` (None for an inference tensor, which has no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _measure(flat: Tensor, stats: _Stats) -> None:
+    """Record :func:`batched`'s sums of the just-filled 1-d tensor ``flat``."""
+    if stats is None or flat.dtype not in (torch.float32, torch.float64):
+        return
+    n, out = stats
+    x = flat[:n] if flat.numel() > n else flat
+    v = _version(flat)
+    if x.numel() >= 2 and v is not None:
+        with using_threads(1):
+            out[(x.data_ptr(), x.numel(), x.dtype)] = (v, x.sum(), torch._foreach_norm([x])[0])
+
+
+def measured(x: Tensor, version: int | None, stats: dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]
+             ) -> tuple[Tensor, Tensor] | None:
+    """The (sum, 2-norm) :func:`batched` recorded for the 1-d tensor ``x`` (a view of the first
+    elements of a tensor it filled, at its version counter ``version``), or None: not recorded, or
+    written since."""
+    hit = stats.get((x.data_ptr(), x.numel(), x.dtype)) if stats else None
+    return None if hit is None or version is None or hit[0] != version else (hit[1], hit[2])
 
 
 _TINY = 1 << 14  # a tensor this small is mostly Python per call: its own thread would only contend for the GIL
 
 
-def _fill_all(jobs: list[tuple[Any, ...]]) -> None:
+def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
     """Fill the jobs :func:`batched` collected: the large ones chunk-parallel, one after the
     other; the small ones as balanced groups of whole tensors, one group per thread, the calling
-    thread taking one group and every tiny tensor (below ``_TINY`` elements)."""
+    thread taking one group and every tiny tensor (below ``_TINY`` elements). ``stats``:
+    :func:`batched`'s ``measure`` and the dict its sums go to."""
     for j in jobs:
         if j[0].numel() >= SMALL:
             _fill_chunks(*j)
+            _measure(j[0], stats)
     small = [j for j in jobs if _TINY <= j[0].numel() < SMALL]
     tiny = [j for j in jobs if j[0].numel() < _TINY]
     workers = workers_for(sum(j[0].numel() for j in small))
-    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        for j in small:
+
+    def fill(group: list[tuple[Any, ...]]) -> None:
+        for j in group:
             _fill_chunks(*j)
-        _fill_tiny(tiny)
+            _measure(j[0], stats)
+
+    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
+        fill(small)
+        _fill_tiny(tiny, stats)
         return
     groups: list[list[tuple[Any, ...]]] = [[] for _ in range(workers)]
     load = [sum(j[0].numel() for j in tiny)] + [0] * (workers - 1)
@@ -538,11 +584,11 @@ def _fill_all(jobs: list[tuple[Any, ...]]) -> None:
         w = load.index(min(load))
         groups[w].append(j)
         load[w] += j[0].numel()
-    _run_parallel([lambda g=g: [_fill_chunks(*j) for j in g] for g in groups[1:]], workers,  # the pool of that size
-                  here=lambda: (_fill_tiny(tiny), [_fill_chunks(*j) for j in groups[0]]))
+    _run_parallel([lambda g=g: fill(g) for g in groups[1:]], workers,  # the pool of that size
+                  here=lambda: (_fill_tiny(tiny, stats), fill(groups[0])))
 
 
-def _fill_tiny(jobs: list[tuple[Any, ...]]) -> None:
+def _fill_tiny(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
     """Fill tiny jobs (one run each, normal or truncated normal, in their work dtype) a batch of up to
     :data:`CHUNK` elements at a time: each job's words from its own stream, then one uniform grid,
     one erfinv over the batch and one scaled copy into each tensor. Elementwise the same operations
@@ -556,15 +602,16 @@ def _fill_tiny(jobs: list[tuple[Any, ...]]) -> None:
             batches.setdefault((kind, work), []).append(j)
         else:
             _fill_chunks(*j)
+            _measure(flat, stats)
     with using_threads(1):
         for (kind, work), group in batches.items():
             lo, size = 0, 0
             for i, j in enumerate(group):
                 if size and size + j[0].numel() > CHUNK:
-                    _fill_batch(group[lo:i], kind, work)
+                    _fill_batch(group[lo:i], kind, work, stats)
                     lo, size = i, 0
                 size += j[0].numel()
-            _fill_batch(group[lo:], kind, work)
+            _fill_batch(group[lo:], kind, work, stats)
 
 
 def _batchable(a: float, work: torch.dtype) -> bool:
@@ -573,7 +620,7 @@ def _batchable(a: float, work: torch.dtype) -> bool:
     return math.isfinite(s) and s < _finfo(work).max / 16
 
 
-def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype) -> None:
+def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype, stats: _Stats = None) -> None:
     """:func:`_fill_tiny`'s batch: ``group`` jobs of one kind and work dtype, whole runs."""
     per = 1 if work == torch.float64 else 2
     halves = []
@@ -586,12 +633,11 @@ def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype) -> N
     if kind == "truncated":
         _scale(v.numpy(), _ERF_SQRT2)
     torch.erfinv(v, out=v)
-    u = v.numpy()
     at = 0
     for flat, _, a, _, _, _, _ in group:
         n = flat.numel()
-        seg = u[at: at + n]
-        np.multiply(seg, seg.dtype.type(a * _SQRT2), out=flat.numpy())
+        torch.mul(v[at: at + n], a * _SQRT2, out=flat)  # s rounded to the dtype first, as _scale does
+        _measure(flat, stats)
         at += n
 
 

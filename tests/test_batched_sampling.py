@@ -34,7 +34,7 @@ def init(threads: int, *, batch: bool = True, scheme: str = "he_normal", seed: i
         with contextlib.ExitStack() as stack:
             if not batch:
                 mp = stack.enter_context(pytest.MonkeyPatch.context())
-                mp.setattr(_apply, "batched", contextlib.nullcontext)
+                mp.setattr(_apply, "batched", lambda measure=0: contextlib.nullcontext({}))
             m = many_small()
             init_model(m, scheme, generator=torch.Generator().manual_seed(seed))
     finally:
@@ -92,8 +92,8 @@ def test_tiny_tensors_batched_have_the_bits_of_one_call_each(monkeypatch):
     ref = _tiny_set(5)  # outside batched(): one call per tensor
     sizes: list[int] = []
     real = _engine._fill_batch
-    monkeypatch.setattr(_engine, "_fill_batch", lambda group, kind, work: sizes.append(len(group)) or
-                        real(group, kind, work))
+    monkeypatch.setattr(_engine, "_fill_batch", lambda group, kind, work, stats=None: sizes.append(len(group)) or
+                        real(group, kind, work, stats))
     with batched():
         got = _tiny_set(5)
     assert len(sizes) >= 4 and max(sizes) > 1  # filled together: normal and truncated, fp32 and fp64, 2+ batches
@@ -114,8 +114,33 @@ def test_tiny_blocks_of_a_fused_weight_batched_as_one_call_each(monkeypatch):
     a, b = make(), make()
     init_model(a, "xavier_normal", generator=torch.Generator().manual_seed(1))
     with monkeypatch.context() as mp:
-        mp.setattr(_apply, "batched", contextlib.nullcontext)
+        mp.setattr(_apply, "batched", lambda measure=0: contextlib.nullcontext({}))
         init_model(b, "xavier_normal", generator=torch.Generator().manual_seed(1))
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert a[0].in_proj_weight.std() > 0 and not torch.equal(a[0].in_proj_weight[:15], a[0].in_proj_weight[15:30])
+
+
+def test_stds_taken_while_sampling_equal_the_ones_measured_after(monkeypatch):
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(40, 24, padding_idx=3), nn.Linear(24, 300), nn.Conv2d(3, 8, 3),
+                             nn.Linear(300, 300), nn.Linear(300, 1000, bias=False).double())
+
+    used: list[bool] = []
+    real = _apply.measured
+    monkeypatch.setattr(_apply, "measured", lambda x, v, known: used.append(r := real(x, v, known)) or r)
+    fast = init_model(make(), "xavier_normal", generator=torch.Generator().manual_seed(2))
+    n_used = sum(r is not None for r in used)
+    with monkeypatch.context() as mp:
+        mp.setattr(_apply, "batched", lambda measure=0: contextlib.nullcontext({}))
+        slow = init_model(make(), "xavier_normal", generator=torch.Generator().manual_seed(2))
+    assert n_used == 4  # every sampled weight but the Embedding, whose padding row was zeroed after sampling
+    assert [r["realised_std"] for r in fast.rows] == [r["realised_std"] for r in slow.rows]
+    # negative control: sums looked up without the version check give the Embedding's std before its
+    # padding row was zeroed, another number
+    monkeypatch.setattr(_apply, "measured", lambda x, v, known: (h := known.get((x.data_ptr(), x.numel(), x.dtype)))
+                        and (h[1], h[2]))
+    stale = init_model(make(), "xavier_normal", generator=torch.Generator().manual_seed(2))
+    assert stale.rows[0]["realised_std"] != slow.rows[0]["realised_std"]
+    assert [r["realised_std"] for r in stale.rows[1:]] == [r["realised_std"] for r in slow.rows[1:]]
