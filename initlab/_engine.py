@@ -508,7 +508,7 @@ def batched(measure: int = 0) -> Iterator[dict[tuple[int, int, torch.dtype], tup
 
     ``measure=n``: the dict it yields then holds, once the block has ended, the sum and the
     2-norm (``x.sum()``, ``torch._foreach_norm([x])[0]``, on one intra-op thread) of the first
-    ``n`` elements ``x`` of each fp32/fp64 tensor filled, computed by the thread that filled it
+    ``n`` elements ``x`` of each fp32/fp64 tensor filled (of at least ``_TINY`` elements), computed by the thread that filled it
     while they are in its cache, keyed by ``(x.data_ptr(), x.numel(), x.dtype)`` with the
     tensor's version counter after the write (:func:`measured` reads them back)."""
     jobs: list[tuple[Any, ...]] = []
@@ -533,8 +533,9 @@ def _version(t: Tensor) -> int | None:
 
 
 def _measure(flat: Tensor, stats: _Stats) -> None:
-    """Record :func:`batched`'s sums of the just-filled 1-d tensor ``flat``."""
-    if stats is None or flat.dtype not in (torch.float32, torch.float64):
+    """Record :func:`batched`'s sums of the just-filled 1-d tensor ``flat`` (not below ``_TINY``
+    elements: there the two reductions are mostly per-call cost, the same on any thread)."""
+    if stats is None or flat.dtype not in (torch.float32, torch.float64) or flat.numel() < _TINY:
         return
     n, out = stats
     x = flat[:n] if flat.numel() > n else flat

@@ -124,8 +124,9 @@ def test_tiny_blocks_of_a_fused_weight_batched_as_one_call_each(monkeypatch):
 def test_stds_taken_while_sampling_equal_the_ones_measured_after(monkeypatch):
     def make() -> nn.Module:
         torch.manual_seed(0)
-        return nn.Sequential(nn.Embedding(40, 24, padding_idx=3), nn.Linear(24, 300), nn.Conv2d(3, 8, 3),
-                             nn.Linear(300, 300), nn.Linear(300, 1000, bias=False).double())
+        # every weight at least _TINY entries (below, the sums are taken after sampling, as before)
+        return nn.Sequential(nn.Embedding(2000, 24, padding_idx=3), nn.Linear(24, 1000), nn.Conv2d(64, 32, 3),
+                             nn.Linear(300, 300), nn.Linear(300, 1000, bias=False).double(), nn.Linear(8, 8))
 
     used: list[bool] = []
     real = _apply.measured
@@ -135,7 +136,8 @@ def test_stds_taken_while_sampling_equal_the_ones_measured_after(monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(_apply, "batched", lambda measure=0: contextlib.nullcontext({}))
         slow = init_model(make(), "xavier_normal", generator=torch.Generator().manual_seed(2))
-    assert n_used == 4  # every sampled weight but the Embedding, whose padding row was zeroed after sampling
+    assert n_used == 4  # every sampled weight but the Embedding, whose padding row was zeroed after sampling,
+    # and the tiny Linear(8, 8)
     assert [r["realised_std"] for r in fast.rows] == [r["realised_std"] for r in slow.rows]
     # negative control: sums looked up without the version check give the Embedding's std before its
     # padding row was zeroed, another number
