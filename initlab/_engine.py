@@ -44,7 +44,7 @@ import math
 import numbers
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -460,15 +460,17 @@ def workers_for(n: int) -> int:
 def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts: np.ndarray,
                  lens: np.ndarray, work: torch.dtype) -> None:
     """Fill the 1-d contiguous CPU tensor ``flat`` (its elements: the runs, end to end) chunk by
-    chunk; chunks spread over :func:`workers_for` threads (the result does not depend on it).
-    Every torch operation runs on one intra-op thread, so no OpenMP team is left spinning."""
+    chunk; chunks spread over :func:`workers_for` threads, the calling one and pool threads, each
+    taking the next chunk when it is free (a thread that the machine's load holds back takes fewer;
+    the result does not depend on who fills which chunk). Every torch operation runs on one
+    intra-op thread, so no OpenMP team is left spinning."""
     n = flat.numel()
     nchunks = -(-n // CHUNK)
     whole = starts.size == 1 and int(starts[0]) == 0  # a whole tensor: one run, no search
 
-    def run(lo: int, hi: int) -> None:
+    def run(chunks: Iterator[int]) -> None:
         scratch = None if flat.dtype == work else torch.empty(min(CHUNK, n), dtype=work)
-        for i in range(lo, hi):
+        for i in chunks:
             s, e = i * CHUNK, min(n, (i + 1) * CHUNK)
             dst = flat[s:e] if nchunks > 1 else flat
             buf = dst if scratch is None else scratch[: e - s]
@@ -479,19 +481,19 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
             if scratch is not None:
                 dst.copy_(buf)
 
-    def single(lo: int, hi: int) -> None:
+    def single(chunks: Iterator[int]) -> None:
         # always, also on tiny tensors: erfinv splits work far below torch's usual grain size
         # (32768), so a 4096-element erfinv would wake the OpenMP team (21 ms on a busy machine
         # with 2 threads, 0.07 ms with 1); switching costs about half a microsecond
         with using_threads(1):
-            run(lo, hi)
+            run(chunks)
 
     workers = workers_for(n)
     if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        single(0, nchunks)
+        single(iter(range(nchunks)))
         return
-    bounds = [nchunks * w // workers for w in range(workers + 1)]
-    _run_parallel([lambda w=w: single(bounds[w], bounds[w + 1]) for w in range(workers)], workers)
+    order = iter(range(nchunks))  # shared: next() on it is one step under the GIL, so each chunk is taken once
+    _run_parallel([lambda: single(order)] * (workers - 1), workers, here=lambda: single(order))
 
 
 _batch: contextvars.ContextVar[list[tuple[Any, ...]] | None] = contextvars.ContextVar("initlab_batch", default=None)
@@ -559,8 +561,8 @@ _TINY = 1 << 14  # a tensor this small is mostly Python per call: its own thread
 
 def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
     """Fill the jobs :func:`batched` collected: the large ones chunk-parallel, one after the
-    other; the small ones as balanced groups of whole tensors, one group per thread, the calling
-    thread taking one group and every tiny tensor (below ``_TINY`` elements). ``stats``:
+    other; the small ones whole, each thread taking the next one when it is free, the calling
+    thread first filling every tiny tensor (below ``_TINY`` elements). ``stats``:
     :func:`batched`'s ``measure`` and the dict its sums go to."""
     for j in jobs:
         if j[0].numel() >= SMALL:
@@ -570,7 +572,7 @@ def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
     tiny = [j for j in jobs if j[0].numel() < _TINY]
     workers = workers_for(sum(j[0].numel() for j in small))
 
-    def fill(group: list[tuple[Any, ...]]) -> None:
+    def fill(group: Iterable[tuple[Any, ...]]) -> None:
         for j in group:
             _fill_chunks(*j)
             _measure(j[0], stats)
@@ -579,14 +581,11 @@ def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
         fill(small)
         _fill_tiny(tiny, stats)
         return
-    groups: list[list[tuple[Any, ...]]] = [[] for _ in range(workers)]
-    load = [sum(j[0].numel() for j in tiny)] + [0] * (workers - 1)
-    for j in sorted(small, key=lambda j: -j[0].numel()):  # largest first, to the least loaded group
-        w = load.index(min(load))
-        groups[w].append(j)
-        load[w] += j[0].numel()
-    _run_parallel([lambda g=g: fill(g) for g in groups[1:]], workers,  # the pool of that size
-                  here=lambda: (_fill_tiny(tiny, stats), fill(groups[0])))
+    # largest first, each thread taking the next job when it is free (shared iterator: each job once);
+    # the calling thread fills the tiny ones first
+    queue = iter(sorted(small, key=lambda j: -j[0].numel()))
+    _run_parallel([lambda: fill(queue)] * (workers - 1), workers,  # the pool of that size
+                  here=lambda: (_fill_tiny(tiny, stats), fill(queue)))
 
 
 def _fill_tiny(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:

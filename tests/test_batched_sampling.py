@@ -146,3 +146,36 @@ def test_stds_taken_while_sampling_equal_the_ones_measured_after(monkeypatch):
     stale = init_model(make(), "xavier_normal", generator=torch.Generator().manual_seed(2))
     assert stale.rows[0]["realised_std"] != slow.rows[0]["realised_std"]
     assert [r["realised_std"] for r in stale.rows[1:]] == [r["realised_std"] for r in slow.rows[1:]]
+
+
+def test_threads_take_chunks_from_one_queue_each_once(monkeypatch):
+    # a pool thread held back (here: by a sleep on its first chunk) leaves the chunks to the calling
+    # thread; every chunk is still filled once, with the bits of one thread
+    import threading
+    import time
+
+    n = 6 * _engine.CHUNK + 77
+    ref = variance_scaling_(torch.empty(n), 2.0, "fan_in", "normal", generator=torch.Generator().manual_seed(9),
+                            fans=(50, 50))
+    filled: list[tuple[int, str]] = []
+    real = _engine._fill_run
+
+    def spy(buf, kind, a, key, start):
+        name = threading.current_thread().name
+        if name.startswith("initlab-sample") and not any(w == name for _, w in filled):
+            time.sleep(0.05)
+        filled.append((start, name))
+        return real(buf, kind, a, key, start)
+
+    monkeypatch.setattr(_engine, "_fill_run", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = variance_scaling_(torch.empty(n), 2.0, "fan_in", "normal", generator=torch.Generator().manual_seed(9),
+                                fans=(50, 50))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, ref)
+    starts = sorted(s for s, _ in filled)
+    assert starts == [i * _engine.CHUNK for i in range(7)]  # each chunk once
+    assert {w for _, w in filled} >= {threading.main_thread().name}  # the calling thread takes chunks too
