@@ -589,16 +589,17 @@ def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
 
 
 def _fill_tiny(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
-    """Fill tiny jobs (one run each, normal or truncated normal, in their work dtype) a batch of up to
-    :data:`CHUNK` elements at a time: each job's words from its own stream, then one uniform grid,
-    one erfinv over the batch and one scaled copy into each tensor. Elementwise the same operations
-    as :func:`_fill_run` (the grid is exact, erfinv and the product are per element), so the same
-    bits; what is saved is the per-call cost (~15 us a tensor), which dominates below ~4k elements.
-    Any other job is filled alone."""
+    """Fill tiny jobs (one run each, in their work dtype) a batch of up to :data:`CHUNK` elements
+    of one distribution at a time: each job's words from its own stream, then one uniform grid, one
+    erfinv over the batch (normal, truncated normal) and one scaled copy into each tensor.
+    Elementwise the same operations as :func:`_fill_run` (the grid is exact, erfinv and the product
+    are per element), so the same bits; what is saved is the per-call cost (~15 us a tensor),
+    which dominates below ~4k elements. A job whose scale needs :func:`_transform`'s overflow
+    guard is filled alone."""
     batches: dict[tuple[str, torch.dtype], list[tuple[Any, ...]]] = {}
     for j in jobs:
         flat, kind, a, _, starts, _, work = j
-        if flat.dtype == work and starts.size == 1 and kind in ("normal", "truncated") and _batchable(a, work):
+        if flat.dtype == work and starts.size == 1 and _batchable(kind, a, work):
             batches.setdefault((kind, work), []).append(j)
         else:
             _fill_chunks(*j)
@@ -614,10 +615,13 @@ def _fill_tiny(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
             _fill_batch(group[lo:], kind, work, stats)
 
 
-def _batchable(a: float, work: torch.dtype) -> bool:
-    """Whether :func:`_transform`'s final product is the one rounding ``a sqrt(2)`` makes (no overflow guard)."""
+def _batchable(kind: str, a: float, work: torch.dtype) -> bool:
+    """Whether :func:`_transform`'s final product is one multiplication by ``a`` (uniform) or by
+    ``a sqrt(2)`` (normal, truncated normal), not its overflow-guarded two."""
+    if kind == "uniform":
+        return a < _finfo(work).max / 2
     s = a * _SQRT2
-    return math.isfinite(s) and s < _finfo(work).max / 16
+    return kind in ("normal", "truncated") and math.isfinite(s) and s < _finfo(work).max / 16
 
 
 def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype, stats: _Stats = None) -> None:
@@ -632,11 +636,13 @@ def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype, stat
     v = _grid(np.concatenate(halves))
     if kind == "truncated":
         _scale(v.numpy(), _ERF_SQRT2)
-    torch.erfinv(v, out=v)
+    if kind != "uniform":
+        torch.erfinv(v, out=v)
     at = 0
     for flat, _, a, _, _, _, _ in group:
         n = flat.numel()
-        torch.mul(v[at: at + n], a * _SQRT2, out=flat)  # s rounded to the dtype first, as _scale does
+        # as _transform: the uniform's a v; the normal's s erfinv(v), s rounded to the dtype first as _scale does
+        torch.mul(v[at: at + n], a if kind == "uniform" else a * _SQRT2, out=flat)
         _measure(flat, stats)
         at += n
 
