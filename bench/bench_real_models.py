@@ -12,6 +12,13 @@ on every weight layer, zero biases, norms 1/0). Goals: auto/construct <= 1.5, he
 finds the activation column when first read; ``he+read`` also reads ``report.rows`` (the trace),
 for what a caller who prints the report waits.
 
+``--parts`` (with ``--full``) splits ``he`` and ``bare`` in the same rounds: ``sample`` = the time
+``init_model`` spends in the sampler (``initlab._engine._fill_all``: Philox words, inverse CDF, the
+report's sums taken while the values are in cache) against ``normal_`` = the same tensors filled
+by ``Tensor.normal_`` alone (what ``bare`` spends in torch's sampler); ``own`` = the rest, each
+side's Python (``init_model``: checks, plan, keys, report rows; ``bare``: its loop). The ratio is
+bounded below by ``sample / normal_`` where the Python parts are equal.
+
 Part 2 (default), on the harness's small architectures (``tests/test_real_models.py``): per
 architecture ``construct``, ``meta+init`` = building on the meta device, ``to_empty()`` and
 ``init_model(model, "auto")`` (the README's recipe) and ``init_model`` alone. Small models make the
@@ -25,7 +32,7 @@ shared machine it does not count the time other processes hold the cores (with o
 the work done; with more it sums the threads' work). Part 1 interleaves its contenders: each of
 ``--repeat`` rounds runs every column once, in turn, and each figure is the median over the rounds.
 
-    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full] [--threads 1] [--clock cpu]
+    python bench/bench_real_models.py [--repeat 5] [--only gpt2,resnet] [--full [--parts]] [--threads 1] [--clock cpu]
 """
 from __future__ import annotations
 
@@ -90,14 +97,58 @@ def bare_init(model: nn.Module, generator: torch.Generator) -> None:
                     nn.init.zeros_(b)
 
 
-def full(repeat: int, only: str) -> None:
+def _sampler_timer() -> list[float]:
+    """Wrap the sampler's batch fill (``initlab._engine._fill_all``) so that the returned list
+    accumulates the time spent in it."""
+    from initlab import _engine
+
+    spent = [0.0]
+    inner = _engine._fill_all
+
+    def timed_fill(*args: object, **kwargs: object) -> None:
+        t0 = clock()
+        try:
+            inner(*args, **kwargs)
+        finally:
+            spent[0] += clock() - t0
+    _engine._fill_all = timed_fill
+    return spent
+
+
+def parts(name: str, model: nn.Module, gen: torch.Generator, repeat: int) -> None:
+    """``--parts``: he and bare split into sampling and the rest, interleaved rounds."""
+    spent = _sampler_timer()
+    weights = [p for m in model.modules() if is_weight_layer(m)
+               for n, p in m.named_parameters(recurse=False) if n.endswith("weight") and p.dim() >= 2]
+
+    def normal_only() -> None:
+        with torch.no_grad():
+            for p in weights:
+                p.normal_(0.0, 0.01, generator=gen)
+
+    rows: dict[str, list[float]] = {k: [] for k in ("he", "sample", "bare", "normal_")}
+    for _ in range(repeat):
+        spent[0] = 0.0
+        rows["he"].append(once(lambda: initlab.init_model(model, "he_normal", generator=gen)))
+        rows["sample"].append(spent[0])
+        rows["bare"].append(once(lambda: bare_init(model, gen)))
+        rows["normal_"].append(once(normal_only))
+    t = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
+    print(f"{name:20} he {t['he']:6.1f}ms = sample {t['sample']:6.1f} + own {t['he'] - t['sample']:5.1f}   "
+          f"bare {t['bare']:6.1f}ms = normal_ {t['normal_']:6.1f} + own {t['bare'] - t['normal_']:5.1f}   "
+          f"sample/normal_ {t['sample'] / t['normal_']:.2f}x  he/bare {t['he'] / t['bare']:.2f}x  "
+          f"({sum(p.numel() for p in weights):,} sampled entries in {len(weights)} tensors)")
+
+
+def full(repeat: int, only: str, split: bool = False) -> None:
     from initlab._compat import ensure_torchvision
     from initlab._zoo import build
 
     ensure_torchvision()
     gen = torch.Generator().manual_seed(0)
-    print(f"{'model':20} {'params':>11} {'construct':>10} {'auto':>9} {'he':>9} {'bare':>9} "
-          f"{'auto/construct':>15} {'he/bare':>8} {'he+read':>9} {'he+read/bare':>13}")
+    if not split:
+        print(f"{'model':20} {'params':>11} {'construct':>10} {'auto':>9} {'he':>9} {'bare':>9} "
+              f"{'auto/construct':>15} {'he/bare':>8} {'he+read':>9} {'he+read/bare':>13}")
     for name in FULL:
         if only and not any(s in name for s in only.split(",")):
             continue
@@ -106,6 +157,11 @@ def full(repeat: int, only: str) -> None:
             return build(f"torchvision:{name}")
         model = make()
         n = sum(p.numel() for p in model.parameters())
+        if split:
+            initlab.init_model(model, "he_normal", generator=gen)  # warm-up
+            bare_init(model, gen)
+            parts(name, model, gen, repeat)
+            continue
         initlab.init_model(model, "auto", generator=gen)  # warm-up (imports, caches)
         _ = initlab.init_model(model, "he_normal", generator=gen).rows
         bare_init(model, gen)
@@ -154,6 +210,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated substrings of architecture names")
     ap.add_argument("--full", action="store_true", help="the full-size torchvision models (part 1)")
+    ap.add_argument("--parts", action="store_true", help="with --full: he and bare split into sampling and the rest")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (0: torch's default)")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall: time.perf_counter; cpu: time.process_time (this process's CPU time)")
@@ -165,7 +222,7 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}; {args.clock} clock; median of {args.repeat}"
           + (" interleaved rounds" if args.full else ""))
     if args.full:
-        full(args.repeat, args.only)
+        full(args.repeat, args.only, args.parts)
     else:
         harness(args.repeat, args.only)
 

@@ -70,7 +70,7 @@ from ._activations import Activation, is_activation_module
 from ._calibrate import calibrate
 from ._conventions import (TOKEN_STD, Convention, conv1d_fans, init_recurrent, is_conv1d, is_position_embedding,
                            param_convention, scaled_tied_readout)
-from ._engine import batched, needs_scratch, truncated_normal_, using_threads
+from ._engine import _version, batched, measured, needs_scratch, truncated_normal_, using_threads
 from ._keys import _sharding_hooks_off, is_dtensor, is_shard_block, keyed, local, row_blocks
 from ._errors import InitlabError, is_out_of_memory, memory_error
 from ._fans import module_fans
@@ -568,15 +568,17 @@ _MEAN_SHARE, _RMS_RANGE = 0.5, (1e-15, 1e15)
 _FLOATS = (torch.float32, torch.float64)
 
 
-def _std_samples(tensors: Sequence[Tensor]) -> list[float | None]:
+def _std_samples(tensors: Sequence[Tensor], known: dict[Any, Any] | None = None) -> list[float | None]:
     """:func:`_std_sample` of many tensors as Python floats, with two reductions per tensor that
     vectorise (``torch.std``'s single pass does not: it took ~70 % of init_model's own time on
     efficientnet_b0): s = sqrt((S2 - S1^2 / n) / (n - 1)) from S1 = sum(x) and S2 = sum(x^2)
     (``torch._foreach_norm``, one call for all). Equal to ``torch.std`` up to rounding (relative
     ~1e-7 for zero-mean weights); where the sums could lose precision (see :data:`_MEAN_SHARE`) or
-    are not finite, ``torch.std`` itself. One host transfer per device and dtype."""
+    are not finite, ``torch.std`` itself. One host transfer per device and dtype. ``known``: the
+    sums :func:`initlab._engine.batched` took while sampling (``measure=STD_SAMPLE``), used for a
+    tensor not written since (the same operations on the same entries: the same numbers)."""
     out: list[float | None] = [None] * len(tensors)
-    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor, Any]]] = {}
     with using_threads(1), torch.no_grad():
         for i, t in enumerate(tensors):
             d = local(t)
@@ -584,12 +586,14 @@ def _std_samples(tensors: Sequence[Tensor]) -> list[float | None]:
             flat = d if d.numel() <= STD_SAMPLE and not d.is_meta and d.dtype in _FLOATS and d.is_contiguous() \
                 and d.numel() >= 2 else _sample_of(d)
             if flat is not None:
-                groups.setdefault((flat.device, flat.dtype), []).append((i, flat))
+                hit = measured(flat, _version(d), known) if known else None
+                groups.setdefault((flat.device, flat.dtype), []).append((i, flat, hit))
         for items in groups.values():
-            flats = [f for _, f in items]
-            sums = torch.stack([f.sum() for f in flats]).tolist()
-            norms = torch.stack(torch._foreach_norm(flats)).tolist()
-            for (i, f), s1, r in zip(items, sums, norms):
+            flats = [f for _, f, hit in items if hit is None]
+            norms_left = iter(torch._foreach_norm(flats)) if flats else iter(())
+            sums = torch.stack([f.sum() if hit is None else hit[0] for _, f, hit in items]).tolist()
+            norms = torch.stack([next(norms_left) if hit is None else hit[1] for _, _, hit in items]).tolist()
+            for (i, f, _), s1, r in zip(items, sums, norms):
                 n = f.numel()
                 s2 = r * r
                 share = s1 * s1 / n
@@ -624,6 +628,17 @@ def _to_floats(stds: list[Tensor | float | None]) -> list[float | None]:
         for i, v in zip(idx, values):
             out[i] = float(v)
     return out
+
+
+def _any_nonzero(tensors: list[Tensor]) -> list[bool]:
+    """``bool(torch.any(t))`` for each tensor (its local shard); floating tensors on one device
+    with one call: the largest |entry| (``torch._foreach_norm`` with ord inf) is 0 exactly when
+    every entry is 0 or -0 (a NaN gives NaN, an inf inf: not 0, as ``any`` finds)."""
+    ts = [local(t) for t in tensors]
+    if len(ts) > 1 and all(t.is_floating_point() and t.numel() and t.device == ts[0].device for t in ts):
+        with using_threads(1):
+            return [v != 0.0 for v in torch.stack(torch._foreach_norm(ts, math.inf)).tolist()]
+    return [bool(torch.any(t)) for t in ts]
 
 
 def _reset_other(module: nn.Module, generator: torch.Generator | None) -> bool:
@@ -868,6 +883,7 @@ class _Walk:
         self.deferred_ids: set[int] = set()
         self.memo: dict[tuple[Any, ...], Any] = {}  # _check_write's results, by what they depend on
         self.fills = _Fills()  # constant fills of norms and biases, written together
+        self.known: dict[Any, Any] = {}  # the sampler's sums of what it wrote (initlab._engine.batched)
 
     def _add(self, row: dict[str, Any], std: Tensor | float | None) -> None:
         self.rows.append(row)
@@ -885,7 +901,7 @@ class _Walk:
         written) is among them."""
         if not self.deferred or (before is not None and self.deferred_ids.isdisjoint(map(id, before))):
             return
-        for (i, _), v in zip(self.deferred, _std_samples([t for _, t in self.deferred])):
+        for (i, _), v in zip(self.deferred, _std_samples([t for _, t in self.deferred], self.known)):
             self.stds[i] = v
         self.deferred, self.deferred_ids = [], set()
 
@@ -963,7 +979,7 @@ class _Walk:
     def _presample(self) -> None:
         """The engine's checked in-place writes, first and together (:func:`initlab._engine.batched`:
         the small tensors fill in parallel, whole); :meth:`_weight` then only reports them."""
-        with batched():
+        with batched(measure=STD_SAMPLE) as self.known:
             for ps in self.planned.values():
                 for p in ps:
                     write = getattr(p.choice.scheme, "write", None)
@@ -1126,7 +1142,8 @@ class _Walk:
         could differ between ranks (and deciding from the whole tensor would need a collective)."""
         ws = [(name, w, attr(m, "bias")) for name, m, what in targets
               if what == "norm" and isinstance(w := attr(m, "weight"), Tensor) and not w.is_meta and not is_dtensor(w)]
-        zero = {name for name, w, b in ws if not bool(torch.any(local(w)))
+        nonzero = _any_nonzero([w for _, w, _ in ws])
+        zero = {name for (name, w, b), nz in zip(ws, nonzero) if not nz
                 and (not isinstance(b, Tensor) or not bool(torch.any(local(b))))}
         self.zero_norms = zero if len(zero) < len(ws) else set()
 

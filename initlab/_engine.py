@@ -44,7 +44,7 @@ import math
 import numbers
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -287,12 +287,17 @@ def _unit_grid(w: np.ndarray, first: int, n: int, dtype: torch.dtype) -> Tensor:
     from the words ``w``: fp32 element ``e`` takes half ``e % 2`` of its word (low half first),
     fp64 element ``e`` a whole word; ``first`` is the parity of the first element (fp32).
     ``w`` is overwritten (the result shares its memory)."""
-    if dtype == torch.float64:
-        np.right_shift(w, _SHIFT64, out=w)
-        np.bitwise_or(w, _EXP64, out=w)
-        f = w.view(np.float64)
+    return _grid(w if dtype == torch.float64 else w.astype("<u8", copy=False).view("<u4")[first: first + n])
+
+
+def _grid(h: np.ndarray) -> Tensor:
+    """The uniforms of :func:`_unit_grid` from the bits ``h`` of each element: 32-bit halves (fp32)
+    or 64-bit words (fp64), overwritten (the result shares their memory)."""
+    if h.dtype.itemsize == 8:
+        np.right_shift(h, _SHIFT64, out=h)
+        np.bitwise_or(h, _EXP64, out=h)
+        f = h.view(np.float64)
     else:
-        h = w.astype("<u8", copy=False).view("<u4")[first: first + n]
         np.right_shift(h, _SHIFT32, out=h)
         np.bitwise_or(h, _EXP32, out=h)
         f = h.view(np.float32)
@@ -455,15 +460,17 @@ def workers_for(n: int) -> int:
 def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts: np.ndarray,
                  lens: np.ndarray, work: torch.dtype) -> None:
     """Fill the 1-d contiguous CPU tensor ``flat`` (its elements: the runs, end to end) chunk by
-    chunk; chunks spread over :func:`workers_for` threads (the result does not depend on it).
-    Every torch operation runs on one intra-op thread, so no OpenMP team is left spinning."""
+    chunk; chunks spread over :func:`workers_for` threads, the calling one and pool threads, each
+    taking the next chunk when it is free (a thread that the machine's load holds back takes fewer;
+    the result does not depend on who fills which chunk). Every torch operation runs on one
+    intra-op thread, so no OpenMP team is left spinning."""
     n = flat.numel()
     nchunks = -(-n // CHUNK)
     whole = starts.size == 1 and int(starts[0]) == 0  # a whole tensor: one run, no search
 
-    def run(lo: int, hi: int) -> None:
+    def run(chunks: Iterator[int]) -> None:
         scratch = None if flat.dtype == work else torch.empty(min(CHUNK, n), dtype=work)
-        for i in range(lo, hi):
+        for i in chunks:
             s, e = i * CHUNK, min(n, (i + 1) * CHUNK)
             dst = flat[s:e] if nchunks > 1 else flat
             buf = dst if scratch is None else scratch[: e - s]
@@ -474,66 +481,170 @@ def _fill_chunks(flat: Tensor, kind: str, a: float, key: tuple[int, int], starts
             if scratch is not None:
                 dst.copy_(buf)
 
-    def single(lo: int, hi: int) -> None:
+    def single(chunks: Iterator[int]) -> None:
         # always, also on tiny tensors: erfinv splits work far below torch's usual grain size
         # (32768), so a 4096-element erfinv would wake the OpenMP team (21 ms on a busy machine
         # with 2 threads, 0.07 ms with 1); switching costs about half a microsecond
         with using_threads(1):
-            run(lo, hi)
+            run(chunks)
 
     workers = workers_for(n)
     if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        single(0, nchunks)
+        single(iter(range(nchunks)))
         return
-    bounds = [nchunks * w // workers for w in range(workers + 1)]
-    _run_parallel([lambda w=w: single(bounds[w], bounds[w + 1]) for w in range(workers)], workers)
+    order = iter(range(nchunks))  # shared: next() on it is one step under the GIL, so each chunk is taken once
+    _run_parallel([lambda: single(order)] * (workers - 1), workers, here=lambda: single(order))
 
 
 _batch: contextvars.ContextVar[list[tuple[Any, ...]] | None] = contextvars.ContextVar("initlab_batch", default=None)
 
 
 @contextlib.contextmanager
-def batched() -> Iterator[None]:
+def batched(measure: int = 0) -> Iterator[dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]]:
     """Inside, every CPU tensor the sampler fills in place is only prepared (its key and runs,
     on the calling thread); all are filled when the block ends, with the small ones (below
     :data:`SMALL` elements) spread over ``torch.get_num_threads()`` threads as whole tensors,
     which no per-tensor call can do without a thread hand-off per tensor. The values are the
     same (each element is a function of its key and index). Nothing is written when the block
-    raises; nothing inside it may read what it samples."""
+    raises; nothing inside it may read what it samples.
+
+    ``measure=n``: the dict it yields then holds, once the block has ended, the sum and the
+    2-norm (``x.sum()``, ``torch._foreach_norm([x])[0]``, on one intra-op thread) of the first
+    ``n`` elements ``x`` of each fp32/fp64 tensor filled (of at least ``_TINY`` elements), computed by the thread that filled it
+    while they are in its cache, keyed by ``(x.data_ptr(), x.numel(), x.dtype)`` with the
+    tensor's version counter after the write (:func:`measured` reads them back)."""
     jobs: list[tuple[Any, ...]] = []
+    stats: dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]] = {}
     token = _batch.set(jobs)
     try:
-        yield
+        yield stats
     finally:
         _batch.reset(token)
-    _fill_all(jobs)
+    _fill_all(jobs, (measure, stats) if measure > 0 else None)
+
+
+_Stats = tuple[int, "dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]"] | None
+
+
+def _version(t: Tensor) -> int | None:
+    """``t._version`` (None for an inference tensor, which has no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _measure(flat: Tensor, stats: _Stats) -> None:
+    """Record :func:`batched`'s sums of the just-filled 1-d tensor ``flat`` (not below ``_TINY``
+    elements: there the two reductions are mostly per-call cost, the same on any thread)."""
+    if stats is None or flat.dtype not in (torch.float32, torch.float64) or flat.numel() < _TINY:
+        return
+    n, out = stats
+    x = flat[:n] if flat.numel() > n else flat
+    v = _version(flat)
+    if x.numel() >= 2 and v is not None:
+        with using_threads(1):
+            out[(x.data_ptr(), x.numel(), x.dtype)] = (v, x.sum(), torch._foreach_norm([x])[0])
+
+
+def measured(x: Tensor, version: int | None, stats: dict[tuple[int, int, torch.dtype], tuple[int, Tensor, Tensor]]
+             ) -> tuple[Tensor, Tensor] | None:
+    """The (sum, 2-norm) :func:`batched` recorded for the 1-d tensor ``x`` (a view of the first
+    elements of a tensor it filled, at its version counter ``version``), or None: not recorded, or
+    written since."""
+    hit = stats.get((x.data_ptr(), x.numel(), x.dtype)) if stats else None
+    return None if hit is None or version is None or hit[0] != version else (hit[1], hit[2])
 
 
 _TINY = 1 << 14  # a tensor this small is mostly Python per call: its own thread would only contend for the GIL
 
 
-def _fill_all(jobs: list[tuple[Any, ...]]) -> None:
+def _fill_all(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
     """Fill the jobs :func:`batched` collected: the large ones chunk-parallel, one after the
-    other; the small ones as balanced groups of whole tensors, one group per thread, the calling
-    thread taking one group and every tiny tensor (below ``_TINY`` elements)."""
+    other; the small ones whole, each thread taking the next one when it is free, the calling
+    thread first filling every tiny tensor (below ``_TINY`` elements). ``stats``:
+    :func:`batched`'s ``measure`` and the dict its sums go to."""
     for j in jobs:
         if j[0].numel() >= SMALL:
             _fill_chunks(*j)
+            _measure(j[0], stats)
     small = [j for j in jobs if _TINY <= j[0].numel() < SMALL]
     tiny = [j for j in jobs if j[0].numel() < _TINY]
     workers = workers_for(sum(j[0].numel() for j in small))
-    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
-        for j in small + tiny:
+
+    def fill(group: Iterable[tuple[Any, ...]]) -> None:
+        for j in group:
             _fill_chunks(*j)
+            _measure(j[0], stats)
+
+    if workers == 1 or threading.current_thread().name.startswith("initlab-sample"):
+        fill(small)
+        _fill_tiny(tiny, stats)
         return
-    groups: list[list[tuple[Any, ...]]] = [list(tiny)] + [[] for _ in range(workers - 1)]
-    load = [sum(j[0].numel() for j in tiny)] + [0] * (workers - 1)
-    for j in sorted(small, key=lambda j: -j[0].numel()):  # largest first, to the least loaded group
-        w = load.index(min(load))
-        groups[w].append(j)
-        load[w] += j[0].numel()
-    _run_parallel([lambda g=g: [_fill_chunks(*j) for j in g] for g in groups[1:]], workers,  # the pool of that size
-                  here=lambda: [_fill_chunks(*j) for j in groups[0]])
+    # largest first, each thread taking the next job when it is free (shared iterator: each job once);
+    # the calling thread fills the tiny ones first
+    queue = iter(sorted(small, key=lambda j: -j[0].numel()))
+    _run_parallel([lambda: fill(queue)] * (workers - 1), workers,  # the pool of that size
+                  here=lambda: (_fill_tiny(tiny, stats), fill(queue)))
+
+
+def _fill_tiny(jobs: list[tuple[Any, ...]], stats: _Stats = None) -> None:
+    """Fill tiny jobs (one run each, in their work dtype) a batch of up to :data:`CHUNK` elements
+    of one distribution at a time: each job's words from its own stream, then one uniform grid, one
+    erfinv over the batch (normal, truncated normal) and one scaled copy into each tensor.
+    Elementwise the same operations as :func:`_fill_run` (the grid is exact, erfinv and the product
+    are per element), so the same bits; what is saved is the per-call cost (~15 us a tensor),
+    which dominates below ~4k elements. A job whose scale needs :func:`_transform`'s overflow
+    guard is filled alone."""
+    batches: dict[tuple[str, torch.dtype], list[tuple[Any, ...]]] = {}
+    for j in jobs:
+        flat, kind, a, _, starts, _, work = j
+        if flat.dtype == work and starts.size == 1 and _batchable(kind, a, work):
+            batches.setdefault((kind, work), []).append(j)
+        else:
+            _fill_chunks(*j)
+            _measure(flat, stats)
+    with using_threads(1):
+        for (kind, work), group in batches.items():
+            lo, size = 0, 0
+            for i, j in enumerate(group):
+                if size and size + j[0].numel() > CHUNK:
+                    _fill_batch(group[lo:i], kind, work, stats)
+                    lo, size = i, 0
+                size += j[0].numel()
+            _fill_batch(group[lo:], kind, work, stats)
+
+
+def _batchable(kind: str, a: float, work: torch.dtype) -> bool:
+    """Whether :func:`_transform`'s final product is one multiplication by ``a`` (uniform) or by
+    ``a sqrt(2)`` (normal, truncated normal), not its overflow-guarded two."""
+    if kind == "uniform":
+        return a < _finfo(work).max / 2
+    s = a * _SQRT2
+    return kind in ("normal", "truncated") and math.isfinite(s) and s < _finfo(work).max / 16
+
+
+def _fill_batch(group: list[tuple[Any, ...]], kind: str, work: torch.dtype, stats: _Stats = None) -> None:
+    """:func:`_fill_tiny`'s batch: ``group`` jobs of one kind and work dtype, whole runs."""
+    per = 1 if work == torch.float64 else 2
+    halves = []
+    for flat, _, _, key, starts, _, _ in group:
+        start, n = int(starts[0]), flat.numel()
+        w0 = start // per
+        w = _philox.words(key, w0, -(-(start + n) // per) - w0)
+        halves.append(w if per == 1 else w.astype("<u8", copy=False).view("<u4")[start - w0 * per: start - w0 * per + n])
+    v = _grid(np.concatenate(halves))
+    if kind == "truncated":
+        _scale(v.numpy(), _ERF_SQRT2)
+    if kind != "uniform":
+        torch.erfinv(v, out=v)
+    at = 0
+    for flat, _, a, _, _, _, _ in group:
+        n = flat.numel()
+        # as _transform: the uniform's a v; the normal's s erfinv(v), s rounded to the dtype first as _scale does
+        torch.mul(v[at: at + n], a if kind == "uniform" else a * _SQRT2, out=flat)
+        _measure(flat, stats)
+        at += n
 
 
 def _run_parallel(tasks: list[Any], workers: int, here: Any = None) -> None:
