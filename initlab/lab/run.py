@@ -67,8 +67,7 @@ from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
 from .executors import Executor, InProcess, UnitTask
 from .metrics import METRICS_COLUMNS, registered
-from .report import write_report
-from .report.workers import FigureWorkers
+from .report.workers import FigureWorkers, write_report_forked
 from .report.tensorboard import MemberLog, flush_logs, write_member_events
 from .rundir import (DurableBatch, check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
                      drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_histograms,
@@ -593,8 +592,8 @@ class _Run:
             self.report_path = self.run_dir / "report.html"
         elif self.workers is not None:
             self.report_path = self.workers.write_report(self.run_dir)
-        else:
-            self.report_path = write_report(self.run_dir)
+        else:  # the training is done: its CPUs draw the figures, in this process and a fork of it
+            self.report_path = write_report_forked(self.run_dir)
         self.figures = sorted((self.run_dir / "figures").glob("*.png"))
 
     def summary(self, t0: float) -> RunSummary:

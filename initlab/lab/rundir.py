@@ -343,17 +343,21 @@ class DurableBatch:
     system joins them into one or two journal commits), renames each directory or file into place in
     the order they were added, and flushes the parent directories at once. The guarantees are those of
     ``atomic_dir``: a path is either left as it was or replaced by its complete new content (a crash
-    between two renames leaves the earlier ones done, the later ones not); on an error or an
-    interruption before :meth:`commit` ends, the temporaries not yet renamed are removed (``with``
-    block; :func:`~initlab.lab._io.clean_tmp` removes those a ``kill -9`` leaves).
+    between two renames leaves the earlier ones done, the later ones not). Used as ``with DurableBatch()
+    as batch:``, the batch commits when the block ends, also when it raises: what was complete by then
+    (each :meth:`dir` block that ended, each :meth:`file`) is put in place, as it would have been when
+    written one by one, and the rest removed (:func:`~initlab.lab._io.clean_tmp` removes what a
+    ``kill -9`` leaves).
     """
 
     def __init__(self) -> None:
         self._items: list[tuple[Path, Path, bool]] = []  # (temporary, target, replace)
 
-    def dir(self, target: str | os.PathLike[str], *, replace: bool = False) -> Path:
-        """A new empty temporary directory that becomes ``target`` on :meth:`commit` (``replace``: an existing
-        ``target`` is swapped for it, else an existing ``target`` is an error then)."""
+    @contextlib.contextmanager
+    def dir(self, target: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
+        """``with batch.dir(target) as tmp:`` a new empty temporary directory, to fill in the block, that becomes
+        ``target`` when the batch commits (``replace``: an existing ``target`` is swapped for it, else an
+        existing ``target`` is an error then); a block that raises leaves nothing behind."""
         target = Path(target)
         tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
@@ -362,8 +366,12 @@ class DurableBatch:
         except OSError as e:
             _name_the_target(e, target)
             raise
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self._items.append((tmp, target, replace))
-        return tmp
 
     def file(self, target: str | os.PathLike[str], data: bytes) -> None:
         """``data`` becomes the file ``target`` on :meth:`commit` (replacing it), with the mode the umask gives."""
@@ -414,12 +422,15 @@ class DurableBatch:
         return self
 
     def __exit__(self, kind: Any, *rest: object) -> None:
-        if kind is None:
-            try:
+        """Commit; also when the block raised: what was complete by then is kept (as it would have been,
+        written one by one), and the error is raised."""
+        try:
+            if kind is None:
                 self.commit()
-            finally:
-                self.discard()
-        else:
+            else:
+                with contextlib.suppress(Exception):
+                    self.commit()
+        finally:
             self.discard()
 
 
@@ -499,8 +510,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     target = member_dir(run_dir, scenario.name, seed)
-    with contextlib.nullcontext(batch.dir(target, replace=True)) if batch is not None \
-            else atomic_dir(target, replace=True) as tmp:
+    with batch.dir(target, replace=True) if batch is not None else atomic_dir(target, replace=True) as tmp:
         (tmp / "metrics.csv").write_text(csv_text(metrics, METRICS_COLUMNS), encoding="utf-8")
         (tmp / "first_pass.csv").write_text(csv_text(first_pass, first_pass_columns(first_pass)), encoding="utf-8")
         _write_npz(tmp / "values.npz", values)

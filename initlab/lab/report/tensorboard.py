@@ -52,7 +52,6 @@ tensorboard and torch.utils.tensorboard are imported inside the functions.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -332,8 +331,14 @@ class MemberLog:
     def _hparams(self, hparams: Mapping[str, Any]) -> None:
         from torch.utils.tensorboard import summary as tb_summary
 
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
         clean = {str(k): v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
         for summary in tb_summary.hparams(clean, {tag: 0.0 for tag in HPARAM_METRICS}):
+            for value in summary.value:  # the hparams map in key order: the same bytes in every process
+                data = value.metadata.plugin_data
+                data.content = plugin_data_pb2.HParamsPluginData.FromString(data.content).SerializeToString(
+                    deterministic=True)
             self.add(summary, None)
 
     def add(self, summary: Any, step: int | None) -> None:
@@ -410,8 +415,7 @@ def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
     members' logs and parts, :class:`~initlab.lab.rundir.DurableBatch`), else now.
     """
     log_dir = Path(log_dir)
-    with contextlib.nullcontext(batch.dir(log_dir, replace=replace)) if batch is not None \
-            else atomic_dir(log_dir, replace=replace) as tmp:
+    with batch.dir(log_dir, replace=replace) if batch is not None else atomic_dir(log_dir, replace=replace) as tmp:
         log = MemberLog(tmp, hparams)
         try:
             log.first_pass(values)
