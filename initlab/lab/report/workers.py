@@ -41,6 +41,7 @@ from ..._errors import InitlabError
 from .._io import clean_tmp
 from .._threads import busy_now, usable_cpus
 from .figures import grid_captions, grid_figures
+from .html import prepare_page
 from .html import write_report as _write_report
 from .load import load_run
 from .plots import figures, make_figures
@@ -276,6 +277,7 @@ def write_report_forked(run_dir: str | os.PathLike[str]) -> Path:
     try:
         data = load_run(run_dir)
         missing = _draw(run_dir, mine, None, data)
+        page = prepare_page(data)  # the tables and findings while the child draws
         done, current, why = child.results(missing)
         finished = why is None
         if not finished:
@@ -284,7 +286,7 @@ def write_report_forked(run_dir: str | os.PathLike[str]) -> Path:
                 _drop(run_dir, current)
             left = [n for n in theirs if n not in done and n != current]
             missing.update(_draw(run_dir, left, None, data))
-        return _write_report(run_dir, figures=False, missing=missing, data=data)
+        return _write_report(run_dir, figures=False, missing=missing, data=data, page=page)
     finally:
         if not finished:  # stopped (an error here, Ctrl-C) or failed: no file of it is left half-written
             child.kill()
