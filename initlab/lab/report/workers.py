@@ -238,6 +238,11 @@ class _ForkedWorker(_Worker):
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child (coverage is not collected there)
                 _child(r, w, self.err.fileno(), run_dir, names, data)
+        except BaseException:
+            for fd in (r, w):
+                os.close(fd)
+            self.err.close()
+            raise
         finally:
             gc.unfreeze()
         os.close(w)
@@ -262,8 +267,7 @@ def _child(r: int, w: int, err: int, run_dir: Path, names: Sequence[str], data: 
         code = 0
     except BaseException:  # noqa: BLE001 - the parent reports the figure missing with the last line
         with contextlib.suppress(BaseException):
-            traceback.print_exc()
-            sys.stderr.flush()
+            os.write(2, traceback.format_exc().encode("utf-8", "replace"))
     finally:
         os._exit(code)
 
