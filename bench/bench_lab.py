@@ -291,14 +291,24 @@ def _time_end_to_end(exp: Any, data: Any, figure_workers: int | None = None) -> 
     from initlab.lab.run import run_experiment
 
     with tempfile.TemporaryDirectory() as out:
+        kids = _children_cpu()
         t = _clock()
         summary = run_experiment(exp, out, data=data, resume=False, figure_workers=figure_workers)
         t_e2e = _clock() - t
+        kids = _children_cpu() - kids
         report = summary.report is not None and os.path.exists(summary.report)
     print(f"end to end (run_experiment: train, first pass, TensorBoard, {len(summary.figures)} figures, "
           f"report {'written' if report else 'MISSING'}): {t_e2e:.2f} s")
     print("  " + _phases(summary.timings, t_e2e))
+    print(f"  CPU time of the processes it started (figure workers, the report's fork), not in the time above: "
+          f"{kids:.2f} s; load average {os.getloadavg()[0]:.1f}")
     return t_e2e
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) child processes."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _phases(tm: dict[str, float], total: float) -> str:

@@ -289,3 +289,43 @@ def test_real_smoke_run_shows_the_first_pass_outcomes(tmp_path):
     assert l1.loc["sigmoid-normal", "saturated_frac"] > 0.5 > 0.05 > l1.loc["sigmoid-xavier", "saturated_frac"]
     sat = round(100 * l1.loc["sigmoid-normal", "saturated_frac"])
     assert f"sigmoid-normal: {sat}% of layer-1 unit outputs saturated" in text
+
+
+def _plain_value(label: str) -> float:
+    """The number a plain log-axis label (``2\u00d710\u207b\u00b3``, ``10\u2075``, ``1``) denotes."""
+    sup = str.maketrans("\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079", "-0123456789")
+    m = re.fullmatch("(?:([0-9.]+)\u00d7)?10([\u207b\u2070-\u2079\u00b9\u00b2\u00b3]+)", label)
+    if m is None:
+        return float(label)
+    return float(m.group(1) or 1) * 10.0 ** int(m.group(2).translate(sup))
+
+
+@pytest.mark.parametrize("lo, hi", [(1e-3, 1e5), (0.5, 30.0), (0.02, 0.3)])
+def test_log_axes_are_labelled_in_plain_text_at_the_same_ticks(lo, hi, tmp_path):
+    """Log axes get plain-text labels (no mathtext to parse and lay out) on exactly the ticks matplotlib's
+    own formatter labels, each naming its tick's value; without the replacement the labels are mathtext."""
+    from initlab.lab.report import plots
+
+    def labels(plain: bool):
+        fig = plots._new_figure(4, 3)
+        ax = fig.subplots()
+        ax.plot([1, 2], [lo, hi])
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(ax.yaxis.get_minor_locator())  # the same ticks either way
+        if plain:
+            plots._lean_ticks(ax)
+        fig.canvas.draw()
+        ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+        return {t.get_loc(): t.label1.get_text() for t in ticks if lo <= t.get_loc() <= hi}, fig
+
+    mine, fig = labels(True)
+    theirs, _ = labels(False)
+    assert any(text.startswith("$") for text in theirs.values())  # the control: matplotlib writes mathtext
+    shared = set(mine) & set(theirs)
+    assert shared and {loc for loc in shared if mine[loc]} == {loc for loc in shared if theirs[loc]}
+    assert not any(text.startswith("$") or "\\" in text for text in mine.values())
+    for loc, text in mine.items():
+        if text:
+            assert _plain_value(text) == pytest.approx(loc, rel=1e-9), (loc, text)
+    plots._save(fig, tmp_path / "log.png")
+    assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

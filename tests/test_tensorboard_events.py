@@ -85,3 +85,34 @@ def test_a_wrong_crc_is_rejected_by_the_reader(tmp_path):
     data[-1] ^= 0xFF  # the last record's data CRC
     events.write_bytes(bytes(data))
     assert len(list(RawEventFileLoader(str(events)).Load())) == n - 1  # the record fails its check and is dropped
+
+
+def test_hparams_are_the_same_bytes_in_every_process(tmp_path):
+    """The HParams summaries' plugin data (a protobuf map, whose serialised order otherwise follows the
+    process's hash seed) is written in key order: a log written by another process (a resumed run, a worker)
+    is the same file, wall times aside. Checked against a fresh interpreter with another hash seed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = {f"k{i}": (i if i % 2 else f"v{i}") for i in range(12)}
+
+    def contents(log_dir: Path) -> list[bytes]:
+        (f,) = log_dir.glob("events.out.tfevents*")
+        return [v.metadata.plugin_data.content for ev in EventFileLoader(str(f)).Load() for v in ev.summary.value]
+
+    log = tb.MemberLog(tmp_path / "here", hparams)
+    log.close()
+    code = ("import sys\nfrom initlab.lab.report import tensorboard as tb\n"
+            f"tb.MemberLog(sys.argv[1], {hparams!r}).close()\n")
+    root = str(Path(tb.__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "there")], check=True, env=env, timeout=300)
+    here, there = contents(tmp_path / "here"), contents(tmp_path / "there")
+    assert len(here) == 3 and here == there
+    for c in here:
+        assert c == plugin_data_pb2.HParamsPluginData.FromString(c).SerializeToString(deterministic=True)

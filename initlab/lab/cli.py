@@ -108,7 +108,7 @@ def _add_run(subparsers: Any) -> None:
     p.add_argument("--figure-workers", metavar="N", type=_count, default=None,
                    help="processes that import the report's modules while the run trains and draw its figures "
                         "in parallel afterwards (default: 2 where at least 2 CPUs are idle beyond the training "
-                        "threads, else fewer; 0: draw them in this process)")
+                        "threads, else fewer; 0: draw them after training, in this process and a fork of it)")
     p.add_argument("--fresh", action="store_true",
                    help="discard the results already in --out (same experiment only) and start over")
     p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_",

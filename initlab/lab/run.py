@@ -67,10 +67,9 @@ from .config import config_fingerprint, experiment_to_toml
 from .data import Dataset, load_dataset
 from .executors import Executor, InProcess, UnitTask
 from .metrics import METRICS_COLUMNS, registered
-from .report import write_report
-from .report.workers import FigureWorkers
+from .report.workers import FigureWorkers, write_report_forked
 from .report.tensorboard import MemberLog, flush_logs, write_member_events
-from .rundir import (check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
+from .rundir import (DurableBatch, check_out_dir, check_out_path, clear_results, commit_member, config_differences, done_members,
                      drop_checkpoint, load_checkpoint, lock, member_dir, merge, read_part_csv, read_part_histograms,
                      read_part_values, read_run_meta, save_checkpoint, tb_dir, write_meta)
 from .specs import Experiment
@@ -520,9 +519,14 @@ class _Run:
         t0 = time.perf_counter()
         unit = self.units[i]
         try:
-            for m in unit.members:
-                if m.key not in self.done:
-                    self._commit_member(i, m, result)
+            with DurableBatch() as batch:  # the members' parts and logs flushed to disk together
+                todo = [m for m in unit.members if m.key not in self.done]
+                for m in todo:
+                    self._commit_member(i, m, result, batch)
+            for m in todo:
+                self.done.add(m.key)
+                self.n_done += 1
+                self.members_run += 1
             self.live.attempt.pop(i, None)
             merge(self.run_dir, self.members)
         except BaseException:
@@ -537,7 +541,7 @@ class _Run:
         self.timings["commit"] += time.perf_counter() - t0
         self.emit("unit_done", i, int(self.exp.train.steps), tuple(unit.keys))
 
-    def _commit_member(self, i: int, m: Member, result: GroupResult) -> None:
+    def _commit_member(self, i: int, m: Member, result: GroupResult, batch: DurableBatch) -> None:
         unit = self.units[i]
         hists = self.live.member_histograms(i, m.key)
         self.live.close_member(m.key)
@@ -546,15 +550,13 @@ class _Run:
         # leaves no log, which the end of the run, or the next run, writes from the part)
         shutil.rmtree(tb_dir(self.run_dir, m.scenario.name, m.seed), ignore_errors=True)
         values, rows = commit_member(self.run_dir, self.fingerprint, m.scenario, m.seed, result,
-                                     self.groups.index(unit), hists)
-        self._write_tb(m, values, rows, hists, replace=False)
-        self.done.add(m.key)
-        self.n_done += 1
-        self.members_run += 1
+                                     self.groups.index(unit), hists, batch=batch)
+        self._write_tb(m, values, rows, hists, replace=False, batch=batch)
 
     def _write_tb(self, m: Member, values: dict[str, np.ndarray] | None = None,
                   metrics: Sequence[dict[str, Any]] | None = None,
-                  hists: Sequence[tuple[int, dict[str, Any]]] | None = None, *, replace: bool = True) -> None:
+                  hists: Sequence[tuple[int, dict[str, Any]]] | None = None, *, replace: bool = True,
+                  batch: DurableBatch | None = None) -> None:
         """The member's TensorBoard log, from ``values``, ``metrics`` and ``hists`` or else from its recorded part."""
         if values is None or metrics is None or hists is None:
             part = member_dir(self.run_dir, m.scenario.name, m.seed)
@@ -562,7 +564,7 @@ class _Run:
             values = read_part_values(part)
             hists = read_part_histograms(part)
         write_member_events(tb_dir(self.run_dir, m.scenario.name, m.seed), values, metrics, replace=replace,
-                            histograms=hists, hparams=member_hparams(self.exp, m))
+                            histograms=hists, hparams=member_hparams(self.exp, m), batch=batch)
 
     def _finish(self, report: bool) -> None:
         """Logs whose writing was interrupted, the merged CSVs, run.json and (when complete) the report."""
@@ -590,8 +592,8 @@ class _Run:
             self.report_path = self.run_dir / "report.html"
         elif self.workers is not None:
             self.report_path = self.workers.write_report(self.run_dir)
-        else:
-            self.report_path = write_report(self.run_dir)
+        else:  # the training is done: its CPUs draw the figures, in this process and a fork of it
+            self.report_path = write_report_forked(self.run_dir)
         self.figures = sorted((self.run_dir / "figures").glob("*.png"))
 
     def summary(self, t0: float) -> RunSummary:
@@ -638,7 +640,9 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
       their checkpoints to this process, which saves them (a ``map`` executor trains from step 0).
     - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this
       process an exception stops the run).
-    - ``figure_workers``: 0 (draw the figures in this process after training), or how many worker
+    - ``figure_workers``: 0 (draw the figures after training, in this process and a child forked from it:
+      :func:`~initlab.lab.report.workers.write_report_forked`; in this process alone where one CPU is
+      usable or there is no ``os.fork``), or how many worker
       processes to start before training: they import the report's modules while the run trains and
       draw the figures in parallel when it is done (:mod:`initlab.lab.report.workers`; a figure that
       fails is named on the page as missing, the run is kept); None: :func:`auto_figure_workers`

@@ -17,6 +17,7 @@ import html
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,8 +256,31 @@ def render_html(data: RunData, figures: Mapping[str, Path], found: Sequence[Find
                 claims: Sequence[Mapping[str, str]] = (), missing: Mapping[str, str] | None = None) -> str:
     """The report page as a string (see the module docstring); ``claims``: the rows of claims.csv, shown
     first; ``missing``: figures that could not be drawn (name -> why), named in the figures section."""
+    before, after = _around_figures(data, found, claims)
+    return before + _figures_section(figures, missing) + after
+
+
+def _around_figures(data: RunData, found: Sequence[Finding], claims: Sequence[Mapping[str, str]]) -> tuple[str, str]:
+    """The page's text before the figures section and after it."""
     return (_head(data) + _claims_section(claims) + _findings_section(found) + _summary_section(data)
-            + _first_pass_section(data) + _figures_section(figures, missing) + _files_section(data))
+            + _first_pass_section(data), _files_section(data))
+
+
+@dataclass(frozen=True)
+class Page:
+    """Everything of a run's page but its figures (:func:`prepare_page`), for :func:`write_report`."""
+
+    before: str
+    after: str
+    claims: list[dict[str, str]]
+
+
+def prepare_page(data: RunData) -> Page:
+    """The page's claims, findings and tables, which need no figure: computed while figures are drawn elsewhere
+    (:func:`initlab.lab.report.workers.write_report_forked`), then passed to :func:`write_report`."""
+    rows = claim_rows(data)
+    before, after = _around_figures(data, findings(data), rows)
+    return Page(before, after, rows)
 
 
 def claim_rows(data: RunData) -> list[dict[str, str]]:
@@ -269,12 +293,14 @@ def claim_rows(data: RunData) -> list[dict[str, str]]:
 
 
 def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True,
-                 missing: Mapping[str, str] | None = None, data: RunData | None = None) -> Path:
+                 missing: Mapping[str, str] | None = None, data: RunData | None = None,
+                 page: Page | None = None) -> Path:
     """(Re)build ``figures/*.png`` and ``report.html`` of ``run_dir`` from its files; return the report's path.
 
     With ``figures=False`` the existing PNGs are embedded as they are (none are redrawn); ``missing``
     (name -> why) names figures that could not be drawn (their files are not embedded). ``data``: the
-    run directory already loaded (:func:`load_run`), e.g. by the figure worker that writes the page.
+    run directory already loaded (:func:`load_run`), e.g. by the figure worker that writes the page;
+    ``page``: its :func:`prepare_page`, computed beforehand.
     """
     data = load_run(run_dir) if data is None else data
     fig_dir = data.run_dir / "figures"
@@ -285,8 +311,8 @@ def write_report(run_dir: str | os.PathLike[str], *, figures: bool = True,
     else:
         figs = {name: fig_dir / name for name in {**figure_captions(), **grid_captions()}
                 if (fig_dir / name).is_file() and name not in (missing or {})}
-    rows = claim_rows(data)
-    if rows:
-        atomic_write_text(data.run_dir / "claims.csv", claims_csv(rows))
-    text = render_html(data, figs, findings(data), rows, missing)
+    page = prepare_page(data) if page is None else page
+    if page.claims:
+        atomic_write_text(data.run_dir / "claims.csv", claims_csv(page.claims))
+    text = page.before + _figures_section(figs, missing) + page.after
     return atomic_write_text(data.run_dir / "report.html", text)

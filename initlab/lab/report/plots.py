@@ -25,6 +25,7 @@ import functools
 import gc
 import io
 import math
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -114,7 +115,7 @@ def _lean_ticks(ax: Any) -> None:
     heights: 9 on a histogram panel) gets at most 6 major ticks on x and 5 on y at the same round steps;
     a log axis spanning 3 decades or more gets no minor ticks (its decades are labelled; below that the
     minor ticks carry the labels and stay)."""
-    from matplotlib.ticker import AutoLocator, MaxNLocator, NullLocator
+    from matplotlib.ticker import AutoLocator, LogFormatterSciNotation, MaxNLocator, NullLocator
 
     if ax.get_label() == "<colorbar>":
         return
@@ -126,6 +127,43 @@ def _lean_ticks(ax: Any) -> None:
             lo, hi = sorted(lim())
             if lo > 0 and hi >= 1e3 * lo:
                 axis.set_minor_locator(NullLocator())
+            for get, put in ((axis.get_major_formatter, axis.set_major_formatter),
+                             (axis.get_minor_formatter, axis.set_minor_formatter)):
+                if type(get()) is LogFormatterSciNotation:
+                    put(_plain_log_formatter(get()))
+
+
+#: superscript digits and minus, for powers of ten written as plain text
+_SUPERSCRIPT = str.maketrans("-\u22120123456789", "\u207b\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _plain_power(label: str) -> str:
+    """A log axis label of matplotlib's mathtext (``$\\mathdefault{2\\times10^{-3}}$``) as plain text
+    (``2\u00d710\u207b\u00b3``): the same label, without the mathtext parser and its layout (about a fifth
+    of a second per log axis)."""
+    if not (label.startswith("$") and label.endswith("$")):
+        return label
+    body = label[1:-1]
+    if body.startswith("\\mathdefault{") and body.endswith("}"):
+        body = body[len("\\mathdefault{"):-1]
+    body = body.replace("\\times", "\u00d7").replace("\\cdot", "\u00b7").replace("\\minus", "-")
+    body = re.sub(r"\^\{([^}]*)\}", lambda m: m.group(1).translate(_SUPERSCRIPT), body)
+    return body.replace("{", "").replace("}", "").replace("\\", "")
+
+
+def _plain_log_formatter(base: Any) -> Any:
+    """``base`` (a ``LogFormatterSciNotation``: which ticks get a label, and the label) with plain-text labels."""
+    from matplotlib.ticker import FuncFormatter
+
+    class _Plain(FuncFormatter):
+        def set_locs(self, locs: Any) -> None:
+            base.set_locs(locs)
+
+        def set_axis(self, axis: Any) -> None:
+            super().set_axis(axis)
+            base.set_axis(axis)
+
+    return _Plain(lambda x, pos=None: _plain_power(base(x, pos)))
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -161,7 +199,9 @@ def _save(fig: Figure, path: str | Path) -> Path:
     for ax in fig.axes:
         ax._autotitlepos = False
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    # zlib level 1: flat colours compress almost as well as at the default level 6 (files ~10% larger)
+    # in about half the time
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
     return atomic_write_bytes(path, buf.getvalue())
 
 

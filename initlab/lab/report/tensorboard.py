@@ -66,7 +66,7 @@ import numpy as np
 
 from .._io import atomic_dir
 from ..metrics import tensorboard_tag
-from ..rundir import member_log_dir
+from ..rundir import DurableBatch, member_log_dir
 
 __all__ = ["write_member_events", "member_log_dir", "first_pass_tags", "MemberLog", "HPARAM_METRICS"]
 
@@ -331,8 +331,14 @@ class MemberLog:
     def _hparams(self, hparams: Mapping[str, Any]) -> None:
         from torch.utils.tensorboard import summary as tb_summary
 
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
         clean = {str(k): v for k, v in hparams.items() if isinstance(v, (bool, int, float, str))}
         for summary in tb_summary.hparams(clean, {tag: 0.0 for tag in HPARAM_METRICS}):
+            for value in summary.value:  # the hparams map in key order: the same bytes in every process
+                data = value.metadata.plugin_data
+                data.content = plugin_data_pb2.HParamsPluginData.FromString(data.content).SerializeToString(
+                    deterministic=True)
             self.add(summary, None)
 
     def add(self, summary: Any, step: int | None) -> None:
@@ -397,7 +403,7 @@ class MemberLog:
 def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
                         metrics: Iterable[Mapping[str, Any]], *, replace: bool = True,
                         histograms: Iterable[tuple[int, Mapping[str, Any]]] = (),
-                        hparams: Mapping[str, Any] | None = None) -> Path:
+                        hparams: Mapping[str, Any] | None = None, batch: DurableBatch | None = None) -> Path:
     """Write one member's TensorBoard events into ``log_dir`` (created atomically).
 
     ``values``: first-pass arrays ``input``, ``mat_mul_<i>``, ``fc_out_<i>`` (as in
@@ -405,10 +411,11 @@ def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
     step, split, metric, value). Non-finite metric values (a diverged member) are skipped.
     ``histograms``: (step, ``{tag: raw histogram}``) pairs; ``hparams``: the member's
     hyperparameters for the HParams view. With ``replace=True`` an existing directory is swapped
-    for the new one.
+    for the new one. ``batch``: the directory is put in place when the batch commits (with the other
+    members' logs and parts, :class:`~initlab.lab.rundir.DurableBatch`), else now.
     """
     log_dir = Path(log_dir)
-    with atomic_dir(log_dir, replace=replace) as tmp:
+    with batch.dir(log_dir, replace=replace) if batch is not None else atomic_dir(log_dir, replace=replace) as tmp:
         log = MemberLog(tmp, hparams)
         try:
             log.first_pass(values)

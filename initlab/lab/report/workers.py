@@ -11,6 +11,11 @@ report's figure list; a worker draws those its data calls for, one by one), wait
 the first worker write ``report.html``.
 Files are written atomically by the drawing functions themselves, as in :func:`write_report`.
 
+Where no worker runs during training (``figure_workers=0``, and ``initlab run``'s default where the
+training leaves no CPU idle), :func:`write_report_forked` draws the report once training is done, in the
+run's process and one child forked from it, which inherits the imported modules and the loaded run
+directory: on two cores the figures take about half the time.
+
 Failures never hang the run nor lose it: a figure that raises is left out and the page says, under
 *Figures*, which figure is missing and why (one line); an ``OSError`` (a full disk) is raised in the
 run's process, as when the figures are drawn there. A worker that dies, or does not answer within
@@ -22,26 +27,32 @@ the page is written in this process. The figures' bytes are the same as
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from ..._errors import InitlabError
-from .._threads import busy_now
+from .._io import clean_tmp
+from .._threads import busy_now, usable_cpus
 from .figures import grid_captions, grid_figures
+from .html import prepare_page
 from .html import write_report as _write_report
 from .load import load_run
 from .plots import figures, make_figures
 
-__all__ = ["FigureWorkers", "TIMEOUT_S", "START_TIMEOUT_S", "COMMAND"]
+__all__ = ["FigureWorkers", "write_report_forked", "TIMEOUT_S", "START_TIMEOUT_S", "COMMAND"]
 
 #: seconds a worker may take to draw one figure or to write the page before it is killed
 TIMEOUT_S = 300.0
@@ -96,8 +107,11 @@ class _Worker:
         root = str(Path(__file__).resolve().parents[3])  # the folder holding the initlab package
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.err, text=True, env=env)
+        self.proc: Any = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=self.err, text=True, env=env)
+        self._watch()
+
+    def _watch(self) -> None:
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.ready = False  # its modules imported
         self.reader = threading.Thread(target=self._read, name="initlab-figure-worker-reader", daemon=True)
@@ -184,6 +198,119 @@ class _Worker:
         self.err.close()
 
 
+class _Forked:
+    """The parts of ``subprocess.Popen`` that :class:`_Worker` uses, for a child made by ``os.fork``."""
+
+    def __init__(self, pid: int, stdout: IO[str]) -> None:
+        self.pid, self.stdin, self.stdout = pid, None, stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"figure worker {self.pid}", timeout or 0.0)
+            time.sleep(0.002)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+class _ForkedWorker(_Worker):
+    """A worker forked from this process when the run is done: it has every module this process imported
+    (no start-up), draws ``names`` of ``run_dir`` and exits. Its answers are those of :func:`main`."""
+
+    def __init__(self, run_dir: Path, names: Sequence[str], data: Any) -> None:
+        self.err = tempfile.TemporaryFile()
+        r, w = os.pipe()
+        gc.freeze()  # the child's collections then skip what it inherits (fewer copy-on-write page copies)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child (coverage is not collected there)
+                _child(r, w, self.err.fileno(), run_dir, names, data)
+        except BaseException:
+            for fd in (r, w):
+                os.close(fd)
+            self.err.close()
+            raise
+        finally:
+            gc.unfreeze()
+        os.close(w)
+        self.proc = _Forked(pid, os.fdopen(r, "r"))
+        self._watch()
+
+
+def _child(r: int, w: int, err: int, run_dir: Path, names: Sequence[str], data: Any) -> None:  # pragma: no cover
+    """The forked worker: draw ``names`` of ``data`` (the run directory as the parent loaded it), one JSON line
+    per event into the pipe ``w``, then exit at once (no exit handlers of the run's process; a signal, e.g.
+    Ctrl-C, ends it the same way)."""
+    code = 1
+    try:
+        os.close(r)
+        os.dup2(err, 2)
+        with os.fdopen(w, "w") as out:
+            prepare()
+            out.write(json.dumps({"ready": True}) + "\n")
+            out.flush()
+            _draw(run_dir, names, out, data)
+            out.write(json.dumps({"done": True}) + "\n")
+        code = 0
+    except BaseException:  # noqa: BLE001 - the parent reports the figure missing with the last line
+        with contextlib.suppress(BaseException):
+            os.write(2, traceback.format_exc().encode("utf-8", "replace"))
+    finally:
+        os._exit(code)
+
+
+def write_report_forked(run_dir: str | os.PathLike[str]) -> Path:
+    """The figures and the page of a finished run, drawn by this process and one child forked from it (every
+    other figure of the report's list each; the child inherits the imported modules and the loaded run
+    directory, so it starts at once), then the page written here: on two cores the figures take about half the time of :func:`write_report`
+    in one process, with the same bytes. A figure that raises, or the child's failure, is handled as
+    :class:`FigureWorkers` handles it (named missing on the page; the child's figures not drawn are drawn
+    here). Not on Linux, or with one usable CPU: :func:`write_report` in this process."""
+    run_dir = Path(run_dir)
+    if not (hasattr(os, "fork") and sys.platform.startswith("linux")) or usable_cpus() < 2:
+        return _write_report(run_dir)  # macOS: a fork of a process with threads may crash in system libraries
+    names = _names()
+    theirs, mine = names[0::2], names[1::2]
+    data = load_run(run_dir)
+    prepare()  # imported once, before the fork
+    try:
+        child = _ForkedWorker(run_dir, theirs, data)
+    except OSError:
+        return _write_report(run_dir, data=data)
+    finished = False
+    try:
+        missing = _draw(run_dir, mine, None, data)
+        page = prepare_page(data)  # the tables and findings while the child draws
+        done, current, why = child.results(missing)
+        finished = why is None
+        if not finished:
+            if current is not None:
+                missing[current] = why
+                _drop(run_dir, current)
+            left = [n for n in theirs if n not in done and n != current]
+            missing.update(_draw(run_dir, left, None, data))
+        return _write_report(run_dir, figures=False, missing=missing, data=data, page=page)
+    finally:
+        if not finished:  # stopped (an error here, Ctrl-C) or failed: no file of it is left half-written
+            child.kill()
+        child.close()
+        if not finished:
+            clean_tmp(run_dir / "figures")
+
+
 class FigureWorkers:
     """``n`` report workers, started now (they import the report's modules while the run trains);
     :meth:`write_report` draws the figures and the page with them, :meth:`close` ends them."""
@@ -262,10 +389,11 @@ def _drop(run_dir: Path, name: str) -> None:
 # ----------------------------------------------------------------------------- the worker side
 
 
-def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None) -> dict[str, str]:
+def _draw(run_dir: Path, names: Sequence[str], out: IO[str] | None, data: Any = None) -> dict[str, str]:
     """Draw ``names`` (those the data calls for) one by one; a figure that raises is left out (its old
-    file removed) and returned as name -> why. With ``out``, one JSON line per figure as it is done."""
-    data = load_run(run_dir)
+    file removed) and returned as name -> why. With ``out``, one JSON line per figure as it is done.
+    ``data``: the run directory already loaded."""
+    data = load_run(run_dir) if data is None else data
     if out is not None:  # a worker: the page of the same run, written next, reads the same files
         _LOADED[:] = [(run_dir, data)]
     fig_dir = data.run_dir / "figures"
