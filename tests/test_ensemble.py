@@ -156,6 +156,34 @@ def test_training_is_the_same_bits_for_any_thread_count(data, monkeypatch, width
     assert values(1) != one
 
 
+def _histogram_float64(w):
+    """weight_histogram's counts as computed before float32 sorting: numpy on the float64 values."""
+    a = w.detach().double().flatten().numpy()
+    a = a[np.isfinite(a)]
+    lo, hi = float(a.min()), float(a.max())
+    edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo, np.nextafter(lo, np.inf)])
+    return np.histogram(a, bins=edges)[0].tolist()
+
+
+def test_weight_histogram_counts_from_float32_are_the_float64_counts():
+    """The live weight histograms count float32 weights by sorting them in float32: the same counts as
+    numpy on the float64 values, for normal weights, ties on the bucket edges (small integers), a constant
+    tensor and non-finite entries. Negative control: edges rounded to float32 before counting miscount."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(784, 100, generator=g) * 0.05, torch.randint(-15, 16, (40, 30), generator=g).float(),
+             torch.full((7, 3), 0.25), torch.randn(50, 20, generator=g)]
+    cases[3][3, 4], cases[3][7, 1] = float("nan"), float("inf")
+    for w in cases:
+        h = group_mod.weight_histogram(w)
+        assert h["bucket"] == _histogram_float64(w) and sum(h["bucket"]) == int(torch.isfinite(w).sum())
+    a = np.linspace(-1.0, 1.0, 31)[1:-1].astype(np.float32)  # float32 values next to the float64 edges
+    vals = np.concatenate([a, np.nextafter(a, np.float32(2)), np.nextafter(a, np.float32(-2)), [-1.0, 1.0]])
+    w = torch.from_numpy(vals.astype(np.float32))
+    edges = np.linspace(-1.0, 1.0, 31)
+    wrong = np.histogram(vals.astype(np.float32), bins=edges.astype(np.float32))[0].tolist()
+    assert group_mod.weight_histogram(w)["bucket"] == _histogram_float64(w) != wrong
+
+
 def test_ensemble_matches_single_model_float64_mixed_activations(data):
     """float64, N(0,1) weights included (chaotic in float32), leaky ReLU, a generic activation
     (GELU, autograd path), a single-layer model, and SGD: agreement to 1e-9."""

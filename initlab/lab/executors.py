@@ -114,6 +114,11 @@ class _Checkpointer:
         self.task, self.emit, self.last = task, emit, time.monotonic()
         self.steps = int(task.spec.train.steps)
 
+    def wants(self, step: int) -> bool:
+        """Whether a state at ``step`` would be emitted now (the loop builds only the states it sends)."""
+        every = self.task.checkpoint_every
+        return every is not None and (time.monotonic() - self.last >= every or int(step) >= self.steps)
+
     def __call__(self, state: dict[str, Any]) -> None:
         every = self.task.checkpoint_every
         if every is None:

@@ -168,6 +168,7 @@ class StackedMLP(Engine):
             p.grad = torch.zeros_like(p)
         self.gW = [w.grad for w in self.W]
         self.gb = [b.grad if b is not None else None for b in self.b]
+        self._g_full: Tensor | None = None
         self.acts: list[list[SegmentAct]] = []
         for i in range(len(self.W)):
             segs: list[SegmentAct] = []
@@ -321,12 +322,15 @@ class StackedMLP(Engine):
     @torch.no_grad()
     def layers(self) -> list[LayerState]:
         """Each weight layer, (M, in, out) as stacked here; the first one with its frozen input rows
-        (their gradient is exactly zero)."""
+        (their gradient is exactly zero), written into buffers this engine keeps: read them before its
+        next step."""
         out = []
         for i, (w, g) in enumerate(zip(self.W, self.gW)):
             if i == 0 and self.W_in_full is not None:
-                w = self.W_in_full.index_copy(1, self.active, w.detach())
-                g = torch.zeros_like(w).index_copy_(1, self.active, g)
+                w = self.W_in_full.index_copy_(1, self.active, w.detach())
+                if self._g_full is None:
+                    self._g_full = torch.zeros_like(w)  # the frozen rows stay 0
+                g = self._g_full.index_copy_(1, self.active, g)
             out.append(LayerState(str(i + 1), w.detach(), g))
         return out
 

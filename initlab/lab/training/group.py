@@ -141,14 +141,20 @@ def weight_histogram(w: Tensor) -> dict[str, Any]:
     min, max, num, sum, sum_squares, and 30 equal buckets over [min, max] (``bucket_limit``: their
     upper edges, ``bucket``: their counts). Computed in float64 from the values alone (numpy's pairwise sums, no
     BLAS, whose threads would change the last bits), so the same
-    weights give the same histogram on any executor."""
-    a = w.detach().to("cpu", torch.float64).flatten().numpy()
-    a = a[np.isfinite(a)]
+    weights give the same histogram on any executor. The counts of float32 weights come from sorting
+    the float32 values (half the bytes of float64; numpy compares them with the float64 edges in
+    float64, so the counts are the same)."""
+    t = w.detach().to("cpu").flatten()
+    a = t.to(torch.float64).numpy()
+    finite = np.isfinite(a)
+    whole = bool(finite.all())
+    if not whole:
+        a = a[finite]
     if not a.size:
         return tb_histogram(a, np.zeros(1), np.zeros(0))
     lo, hi = float(a.min()), float(a.max())
     edges = np.unique(np.linspace(lo, hi, 31)) if hi > lo else np.array([lo, np.nextafter(lo, np.inf)])
-    counts, _ = np.histogram(a, bins=edges)
+    counts, _ = np.histogram(t.numpy() if whole and t.dtype == torch.float32 else a, bins=edges)
     return tb_histogram(a, edges, counts)
 
 
@@ -211,7 +217,9 @@ def run_group(spec: GroupSpec, data: Dataset, *, progress: Callable[[int], Any] 
     moves by less than 1e-30 of a weight.
     ``checkpoint(state)`` is called at each log step, after the step's rows are recorded and before
     ``progress``, with the training state (:meth:`~initlab.lab.training.loop.TrainLoop.state`: a dict
-    of CPU tensors, numbers and lists, a snapshot the caller may keep or save); ``resume=state``
+    of CPU tensors, numbers and lists, a snapshot the caller may keep or save); a ``checkpoint`` with a
+    ``wants(step)`` method is called only at the steps where it returns True (a snapshot of the weights
+    and the optimiser state costs a copy of them); ``resume=state``
     continues from such a state instead of step 0 (the members are still built, initialised and
     probed, which is deterministic), and gives results bit-identical to an uninterrupted call.
     ``on_log(event)``: live events at each log step (see the module docstring), with weight

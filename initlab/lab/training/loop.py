@@ -299,7 +299,9 @@ class TrainLoop:
         self._flush_nan(step)
         self.last_log, self.w = step, 0
         if self.checkpoint is not None:
-            self.checkpoint(self.state())
+            wants = getattr(self.checkpoint, "wants", None)  # a checkpointer that says which states it keeps
+            if wants is None or wants(step):
+                self.checkpoint(self.state())
         self._report(step)
 
     # --- checkpoints
