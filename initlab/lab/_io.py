@@ -37,6 +37,8 @@ __all__ = [
     "atomic_write_csv",
     "read_csv",
     "atomic_dir",
+    "replace_dir",
+    "new_tmp_dir",
     "clean_tmp",
     "fsync_dir",
     "csv_text",
@@ -196,6 +198,19 @@ def read_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[dict[str, st
         return list(reader.fieldnames or []), rows
 
 
+def new_tmp_dir(target: Path) -> Path:
+    """A new empty temporary directory beside ``target`` (its parents made), to be renamed to ``target``;
+    an ``OSError`` names ``target``."""
+    tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        _name_the_target(e, target)
+        raise
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name and rename it to ``path`` when the block succeeds.
@@ -207,39 +222,39 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
     :func:`clean_tmp` removes; ``path`` itself is then missing, i.e. "not done", never half done).
     """
     path = Path(path)
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:
-        _name_the_target(e, path)
-        raise
+    tmp = new_tmp_dir(path)
     try:
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        if path.exists():
-            if not replace:
-                raise FileExistsError(f"{path} already exists")
-            old = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-            os.replace(path, old)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                if not path.exists():  # put the old directory back: nothing is lost by an interruption here
-                    with contextlib.suppress(OSError):
-                        os.replace(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path, replace)
         fsync_dir(path.parent)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _name_the_target(e, path)
         raise
+
+
+def replace_dir(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the directory ``tmp`` to ``path``; an existing ``path`` (only with ``replace``, else
+    ``FileExistsError``) is renamed aside first, put back if the rename fails, then removed."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    if not replace:
+        raise FileExistsError(f"{path} already exists")
+    old = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if not path.exists():  # put the old directory back: nothing is lost by an interruption here
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_tmp(root: str | os.PathLike[str]) -> int:

@@ -59,7 +59,7 @@ from .. import __version__
 from .._errors import InitlabError
 from .._probe import COLUMNS as PROBE_COLUMNS
 from ._io import (TMP_PREFIX, _name_the_target, atomic_dir, atomic_write_bytes, atomic_write_text, csv_text, file_mode,
-                  fsync_dir, read_csv, slug)
+                  fsync_dir, new_tmp_dir, read_csv, replace_dir, slug)
 from .config import config_fingerprint, experiment_to_dict, load_experiment
 from .metrics import METRICS_COLUMNS
 from .specs import Experiment, Scenario
@@ -359,13 +359,7 @@ class DurableBatch:
         ``target`` when the batch commits (``replace``: an existing ``target`` is swapped for it, else an
         existing ``target`` is an error then); a block that raises leaves nothing behind."""
         target = Path(target)
-        tmp = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.mkdir()
-        except OSError as e:
-            _name_the_target(e, target)
-            raise
+        tmp = new_tmp_dir(target)
         try:
             yield tmp
         except BaseException:
@@ -435,23 +429,12 @@ class DurableBatch:
 
 
 def _put_in_place(tmp: Path, target: Path, replace: bool) -> None:
-    """Rename ``tmp`` to ``target``; an existing directory ``target`` is renamed aside first (and put back
-    when the rename fails), then removed, as :func:`~initlab.lab._io.atomic_dir` does."""
-    if tmp.is_dir() and target.exists():
-        if not replace:
-            raise FileExistsError(f"{target} already exists")
-        old = target.parent / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if not target.exists():  # put the old directory back: nothing is lost by an interruption here
-                with contextlib.suppress(OSError):
-                    os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    os.replace(tmp, target)
+    """Rename ``tmp`` to ``target``: a directory as :func:`~initlab.lab._io.atomic_dir` does
+    (:func:`~initlab.lab._io.replace_dir`), a file by one ``os.replace``."""
+    if tmp.is_dir():
+        replace_dir(tmp, target, replace)
+    else:
+        os.replace(tmp, target)
 
 
 # ----------------------------------------------------------------------------- members
