@@ -164,6 +164,7 @@ def test_forked_report_is_the_in_process_report(in_process, tmp_path, monkeypatc
     parent = os.getpid()
     monkeypatch.setitem(workers.make_figures.__globals__, "_save", save)
     monkeypatch.setattr(workers, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
     workers.write_report_forked(two)
     assert _figures(two) == _figures(one) and set(_figures(one)) >= FIGURES
     assert _page(two) == _page(one)
@@ -194,6 +195,7 @@ def test_forked_child_that_fails(in_process, tmp_path, monkeypatch, fault):
 
     monkeypatch.setattr(workers, "make_figures", make_figures)
     monkeypatch.setattr(workers, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
     page = workers.write_report_forked(run).read_text()
     want = _figures(in_process)
     got = _figures(run)
@@ -204,12 +206,20 @@ def test_forked_child_that_fails(in_process, tmp_path, monkeypatch, fault):
     assert not list(run.rglob(".initlab-tmp-*"))
 
 
-def test_forked_report_on_one_cpu_is_drawn_here(in_process, tmp_path, monkeypatch):
+@pytest.mark.parametrize("usable, busy", [(1, 0.0), (2, 0.6), (4, 2.7)])
+def test_forked_report_without_two_idle_cpus_is_drawn_here(in_process, tmp_path, monkeypatch, usable, busy):
+    """One usable CPU, or other processes keeping all but one busy: the figures are drawn in this process
+    alone (a fork would only take time slices from it). Negative control: with 2 idle CPUs it forks."""
     import os
 
     run = tmp_path / "run"
     shutil.copytree(in_process, run)
-    monkeypatch.setattr(workers, "usable_cpus", lambda: 1)
-    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked on one CPU"))
+    monkeypatch.setattr(workers, "usable_cpus", lambda: usable)
+    monkeypatch.setattr(workers, "busy_now", lambda: busy)
+    assert workers._idle_for_fork() < 2
+    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # the same CPUs idle: it forks where 2 are usable
+    assert (workers._idle_for_fork() >= 2) == (usable >= 2)
+    monkeypatch.setattr(workers, "busy_now", lambda: busy)
+    monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked without two idle CPUs"))
     workers.write_report_forked(run)
     assert _figures(run) == _figures(in_process)

@@ -641,8 +641,8 @@ def run_experiment(exp: Experiment, out_dir: str | os.PathLike[str], *, resume: 
     - ``retries``: how many times a failed unit is tried again on a pool or a cluster (in this
       process an exception stops the run).
     - ``figure_workers``: 0 (draw the figures after training, in this process and a child forked from it:
-      :func:`~initlab.lab.report.workers.write_report_forked`; in this process alone where one CPU is
-      usable or there is no ``os.fork``), or how many worker
+      :func:`~initlab.lab.report.workers.write_report_forked`; in this process alone where fewer than 2
+      usable CPUs are idle or there is no ``os.fork``), or how many worker
       processes to start before training: they import the report's modules while the run trains and
       draw the figures in parallel when it is done (:mod:`initlab.lab.report.workers`; a figure that
       fails is named on the page as missing, the run is kept); None: :func:`auto_figure_workers`
