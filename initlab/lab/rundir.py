@@ -75,7 +75,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["member_dir", "member_log_dir", "tb_dir", "read_run_meta", "config_differences", "check_out_dir", "lock",
            "check_out_path", "done_members", "first_pass_columns", "commit_member", "merge", "write_meta", "clear_results",
            "read_part_csv", "read_part_values", "read_part_histograms", "checkpoint_path", "save_checkpoint", "load_checkpoint",
-           "drop_checkpoint", "DurableBatch", "METRICS_COLUMNS", "FIRST_PASS_LEAD"]
+           "drop_checkpoint", "DurableBatch", "staged_dir", "METRICS_COLUMNS", "FIRST_PASS_LEAD"]
 
 FIRST_PASS_LEAD = ("scenario", "seed", "scheme")
 _FORMAT = 1
@@ -428,6 +428,13 @@ class DurableBatch:
             self.discard()
 
 
+def staged_dir(target: str | os.PathLike[str], *, replace: bool = False,
+               batch: DurableBatch | None = None) -> contextlib.AbstractContextManager[Path]:
+    """``with staged_dir(target) as tmp:`` a temporary directory that becomes ``target``: when ``batch``
+    commits (:meth:`DurableBatch.dir`), or else when the block ends (:func:`~initlab.lab._io.atomic_dir`)."""
+    return batch.dir(target, replace=replace) if batch is not None else atomic_dir(target, replace=replace)
+
+
 def _put_in_place(tmp: Path, target: Path, replace: bool) -> None:
     """Rename ``tmp`` to ``target``: a directory as :func:`~initlab.lab._io.atomic_dir` does
     (:func:`~initlab.lab._io.replace_dir`), a file by one ``os.replace``."""
@@ -493,7 +500,7 @@ def commit_member(run_dir: Path, fingerprint: str, scenario: Scenario, seed: int
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     target = member_dir(run_dir, scenario.name, seed)
-    with batch.dir(target, replace=True) if batch is not None else atomic_dir(target, replace=True) as tmp:
+    with staged_dir(target, replace=True, batch=batch) as tmp:
         (tmp / "metrics.csv").write_text(csv_text(metrics, METRICS_COLUMNS), encoding="utf-8")
         (tmp / "first_pass.csv").write_text(csv_text(first_pass, first_pass_columns(first_pass)), encoding="utf-8")
         _write_npz(tmp / "values.npz", values)

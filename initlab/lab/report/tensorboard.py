@@ -64,9 +64,8 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_dir
 from ..metrics import tensorboard_tag
-from ..rundir import DurableBatch, member_log_dir
+from ..rundir import DurableBatch, member_log_dir, staged_dir
 
 __all__ = ["write_member_events", "member_log_dir", "first_pass_tags", "MemberLog", "HPARAM_METRICS"]
 
@@ -415,7 +414,7 @@ def write_member_events(log_dir: str | Path, values: Mapping[str, np.ndarray],
     members' logs and parts, :class:`~initlab.lab.rundir.DurableBatch`), else now.
     """
     log_dir = Path(log_dir)
-    with batch.dir(log_dir, replace=replace) if batch is not None else atomic_dir(log_dir, replace=replace) as tmp:
+    with staged_dir(log_dir, replace=replace, batch=batch) as tmp:
         log = MemberLog(tmp, hparams)
         try:
             log.first_pass(values)
