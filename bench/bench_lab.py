@@ -30,7 +30,8 @@ every group: init, first pass, training, periodic metrics; goal >= 10x) and **en
 TensorBoard logs, figures and the HTML report, drawn as ``initlab run`` draws them: by
 ``--figure-workers`` processes (default: as `initlab run` chooses, 2 where 2 CPUs are idle beyond training's threads, else fewer) that import matplotlib and pandas while the run trains;
 0 draws them in this process, including the first import of matplotlib and pandas; goal >= 5x). The Python start-up and ``import torch``/``initlab``, which
-every command pays, are not in either time.
+every command pays, are not in either time; ``--commands N`` times the two commands a user runs as whole
+processes instead (``initlab run PRESET`` against the peer alone as a script), start-up included.
 """
 from __future__ import annotations
 
@@ -341,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also print the training step's op profile (torch.profiler, one extra ensemble run)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat (ensemble, end to end, peer) this many times, interleaved; ratios are per-round medians")
+    p.add_argument("--commands", type=int, default=0, metavar="N",
+                   help="instead: time the two commands a user runs, as whole processes (Python start-up, imports "
+                        "and data load included), N interleaved rounds: `initlab run PRESET` against this script's "
+                        "peer alone (--peer-only)")
+    p.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)  # the peer as a plain script
     args = p.parse_args(argv)
+    if args.commands:
+        return _time_commands(args.preset, args.commands)
     global _clock
     _clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads is not None:
@@ -352,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
 
     exp = _experiment(args)
     train = exp.train
+    if args.peer_only:  # what a plain script does: load the data, train one model after the other
+        data = load_dataset(exp.data)
+        members = [m for g in plan_groups(exp) for m in g.members]
+        _time_peer(members, data, train, _samples(train, int(data.x_train.shape[0]), len(members)))
+        return 0
     t = time.perf_counter()
     data = load_dataset(exp.data)
     t_data = time.perf_counter() - t
@@ -399,6 +412,30 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append((r_ens, r_e2e, _time_peer(members, data, train, samples)[0]))
         print(f"round {k}: training alone {rounds[-1][2] / r_ens:.1f}x, end to end {rounds[-1][2] / r_e2e:.1f}x")
     _print_ratios(rounds)
+    return 0
+
+
+def _time_commands(preset: str, rounds: int) -> int:
+    """Wall time of ``initlab run PRESET`` (into a fresh folder) and of the peer alone, each a whole
+    process, interleaved; prints each time, the medians and their ratio."""
+    import subprocess
+    import tempfile
+
+    here = os.path.abspath(__file__)
+    times: dict[str, list[float]] = {"initlab run": [], "peer script": []}
+    for k in range(rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmds = {"initlab run": [sys.executable, "-m", "initlab.cli", "run", preset, "--out", os.path.join(tmp, "run")],
+                    "peer script": [sys.executable, here, "--peer-only", "--preset", preset]}
+            for name, cmd in cmds.items():
+                t = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                times[name].append(time.perf_counter() - t)
+        print(f"round {k + 1}: " + ", ".join(f"{n} {v[-1]:.2f} s" for n, v in times.items())
+              + f"; load average {os.getloadavg()[0]:.1f}")
+    a, b = (statistics.median(v) for v in times.values())
+    print(f"whole commands (Python start-up, imports, data, training, and for initlab TensorBoard, figures, report): "
+          f"initlab run {preset} {a:.2f} s, peer script {b:.2f} s: {b / a:.1f}x (median of {rounds})")
     return 0
 
 

@@ -14,7 +14,7 @@ LAB = Path(__file__).resolve().parents[1] / "initlab" / "lab"
 #: the lab's modules, each importing only modules listed before it
 ORDER = [
     "_io", "_checks", "_threads", "specs", "config", "data", "models", "metrics", "claims",
-    "training.plan", "training.activations", "training.engines", "training.records", "training.loop", "training.first_pass",
+    "training.plan", "training.activations", "training.engines", "training.records", "training.optim", "training.loop", "training.first_pass",
     "training.group", "training",
     "rundir", "studies",
     "report.labels", "report.stats", "report.load", "report.tensorboard", "report.plots", "report.figures", "report.findings",

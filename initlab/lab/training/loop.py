@@ -35,75 +35,28 @@ from ..._layers import activation_module
 from ..metrics import ENGINE_METRICS, LogView, registered, values_by_name
 from ..specs import OPTIMIZERS, TrainSpec
 from .engines import Engine
+from .optim import FusedAdam, FusedSGD, fused_supported
 from .plan import Member, data_seed
 from .records import histogram_rows, histogram_steps
 
-__all__ = ["TrainLoop", "make_optimizer", "optimizer_step", "mlp_layer_stats", "mlp_layer_values"]
+__all__ = ["TrainLoop", "make_optimizer", "mlp_layer_stats", "mlp_layer_values"]
 
 
-def make_optimizer(name: str, params: list[Tensor], lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: list[Tensor], lr: float, momentum: float = 0.0) -> Any:
     """Adam (defaults betas=(0.9, 0.999), eps=1e-8, as ``torch.optim.Adam``) or SGD (plain, or with
     ``momentum``: v <- momentum v + g, w <- w - lr v, as ``torch.optim.SGD``).
 
-    Uses the fused kernel when the device and dtype support it (one kernel for every tensor),
-    else the foreach implementation; both are elementwise, so per-member results are unchanged.
+    :class:`~initlab.lab.training.optim.FusedAdam` / ``FusedSGD`` (torch's fused kernels, one call
+    for every tensor, without importing ``torch._dynamo``) where the kernels take the tensors, else
+    ``torch.optim``'s foreach implementation; all are elementwise, so per-member results are unchanged.
     """
     key = str(name).lower()
     if key not in OPTIMIZERS:
         raise unknown_choice("optimizer", name, OPTIMIZERS)
-    cls = torch.optim.Adam if key == "adam" else torch.optim.SGD
+    if fused_supported(params):
+        return FusedAdam(params, lr) if key == "adam" else FusedSGD(params, lr, momentum)
     kw: dict[str, Any] = {"momentum": float(momentum)} if momentum else {}
-    try:
-        return cls(params, lr=lr, fused=True, **kw)
-    except (RuntimeError, TypeError, ValueError):
-        return cls(params, lr=lr, foreach=True, **kw)
-
-
-def optimizer_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
-    """``opt.step`` as a callable; for a fused ``torch.optim.Adam`` with one parameter group, the same
-    update without the Python around the kernel: once torch's own first step has created the state
-    (step counts, m and v), each call adds 1 to the step count and runs one ``torch._fused_adam_``
-    over every tensor, with the group's lr, betas, eps and weight decay: the kernel
-    ``torch.optim.Adam(fused=True).step`` calls, so the result is bit-identical (tested). The tensors'
-    equal step counts become one shared tensor (one ``add_`` instead of ``_foreach_add_`` over
-    scalars, which costs ~70 us on the CPU).
-    Anything else (SGD, foreach Adam, AMSGrad, several groups, a parameter without a gradient)
-    calls ``opt.step()``.
-    """
-    groups = opt.param_groups
-    if type(opt) is not torch.optim.Adam or len(groups) != 1 or not groups[0].get("fused"):
-        return opt.step
-    group = groups[0]
-    if group["amsgrad"] or group["maximize"] or group.get("decoupled_weight_decay") or isinstance(group["lr"], Tensor):
-        return opt.step
-    params = list(group["params"])
-    kw = dict(amsgrad=False, lr=float(group["lr"]), beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-              weight_decay=float(group["weight_decay"]), eps=float(group["eps"]), maximize=False)
-    cached: list[list[Tensor]] = []
-
-    def step() -> None:
-        grads = [p.grad for p in params]
-        if not cached:
-            states = [opt.state.get(p) for p in params]
-            if any(g is None for g in grads) or not all(st and "exp_avg" in st for st in states):
-                opt.step()  # torch creates the state on its first step
-                return
-            steps = [st["step"] for st in states]  # type: ignore[index]
-            if all(torch.equal(t, steps[0]) for t in steps):  # one count for all: one add_ per step
-                steps = [steps[0]] * len(steps)
-                for st in states:
-                    st["step"] = steps[0]  # type: ignore[index]
-            cached.extend([[st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], steps])  # type: ignore[index]
-        elif any(g is None for g in grads):
-            opt.step()
-            return
-        if cached[2][0] is cached[2][-1]:
-            cached[2][0].add_(1)
-        else:
-            torch._foreach_add_(cached[2], 1)
-        torch._fused_adam_(params, grads, cached[0], cached[1], [], cached[2], **kw)
-
-    return step
+    return (torch.optim.Adam if key == "adam" else torch.optim.SGD)(params, lr=lr, foreach=True, **kw)
 
 
 def _cloned(obj: Any) -> Any:
@@ -437,11 +390,11 @@ class TrainLoop:
         self._set_optimizer(make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum))
         self._move_optimizer_state(old_opt, triples, ki)
 
-    def _set_optimizer(self, opt: torch.optim.Optimizer) -> None:
+    def _set_optimizer(self, opt: Any) -> None:
         """A new optimiser (its state is filled in afterwards: the first step reads it)."""
-        self.opt, self.opt_step = opt, optimizer_step(opt)
+        self.opt, self.opt_step = opt, opt.step
 
-    def _move_optimizer_state(self, old_opt: torch.optim.Optimizer, triples: list[tuple[Tensor, Tensor, bool]],
+    def _move_optimizer_state(self, old_opt: Any, triples: list[tuple[Tensor, Tensor, bool]],
                               ki: Tensor) -> None:
         for old_p, new_p, is_stacked in triples:
             st = old_opt.state.get(old_p)

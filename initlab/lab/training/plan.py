@@ -187,7 +187,9 @@ def group_memory(spec: GroupSpec) -> int:
     # a small model runs its one-example pass on the CPU (uninitialised memory, no RNG drawn): torch's
     # first forward on the meta device loads its meta kernels, about a second once per process
     device = "cpu" if 4 * params <= _CPU_COUNT_BYTES else "meta"
-    model = model.to_empty(device=device)
+    # Module.to_empty's empty_like of a meta tensor runs torch's Python reference, which imports
+    # torch.fx's symbolic shapes (~0.3 s); an empty tensor of the same shape is the same here
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     with torch.no_grad():
         model(torch.zeros(1, int(spec.model.widths[0]), device=device))
