@@ -503,3 +503,21 @@ def test_first_pass_fallback_rows_number_layers_from_1_like_the_probe(data, monk
     assert [r["layer"] for r in bad.first_pass] == [r["layer"] for r in good.first_pass]
     for b, g in zip(bad.first_pass, good.first_pass):  # the same layer under the same number
         assert b["pre_var"] == pytest.approx(g["pre_var"], rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 500, 1000, 2048])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_evaluation_first_layer_product_is_the_one_thread_gemm_bit_for_bit(n, threads):
+    from initlab._engine import using_threads
+    from initlab.lab.training.engines import _rows_mm
+
+    g = torch.Generator().manual_seed(n)
+    x, w, b = torch.randn(n, 712, generator=g), torch.randn(712, 1500, generator=g), torch.randn(1, 1500, generator=g)
+    with using_threads(1):
+        want, want_nb = torch.addmm(b, x, w), torch.mm(x, w)
+    with using_threads(threads):
+        got, got_nb = _rows_mm(x, w, b), _rows_mm(x, w, None)
+    assert torch.equal(got, want) and torch.equal(got_nb, want_nb)
+    # negative control: the same product summed in another order differs in some last bits
+    other = (x.double() @ w.double() + b.double()).float()
+    assert not torch.equal(other, want)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from ..._engine import using_threads
+from ..._engine import thread_pool, using_threads
 from ..metrics import LayerState
 from .activations import IDENTITY, SegmentAct, activation_key
 
@@ -87,6 +87,39 @@ def parse_mlp(model: nn.Module, scenario_activation: object) -> tuple[bool, list
 
 
 # ----------------------------------------------------------------------------- engines
+
+_SPLIT_ROWS = 128  # _rows_mm computes a product of at least twice this many rows as two halves
+
+
+def _rows_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``b + x @ w`` as one-thread GEMMs, so the same bits for any thread count (a multi-threaded GEMM may
+    split its sums by thread count). With at least 2 * :data:`_SPLIT_ROWS` rows on the CPU, always as two
+    halves of rows, side by side in two threads when torch has two: each row's sums are those of the
+    whole product (the row blocks of a GEMM do not change an element's sums; tested), at half the time."""
+    n = x.shape[0]
+    out = torch.empty((n, w.shape[1]), dtype=x.dtype, device=x.device)
+
+    def rows(lo: int, hi: int) -> None:
+        with torch.no_grad(), using_threads(1):  # grad mode is per thread
+            if b is not None:
+                torch.addmm(b, x[lo:hi], w, out=out[lo:hi])
+            else:
+                torch.mm(x[lo:hi], w, out=out[lo:hi])
+
+    half = n // 2 if x.device.type == "cpu" and n >= 2 * _SPLIT_ROWS else n
+    if half == n:
+        rows(0, n)
+    elif torch.get_num_threads() >= 2:
+        other = thread_pool("initlab-eval", 1).submit(rows, half, n)
+        try:
+            rows(0, half)
+        finally:
+            other.result()
+    else:
+        rows(0, half)
+        rows(half, n)
+    return out
+
 
 
 class Engine:
@@ -293,11 +326,7 @@ class StackedMLP(Engine):
         for s in range(0, x.shape[0], _EVAL_CHUNK):
             xc, yc = x[s:s + _EVAL_CHUNK], y[s:s + _EVAL_CHUNK]
             n = xc.shape[0]
-            # one GEMM, on one thread: a multi-threaded GEMM may split its sums by thread count (the
-            # batched products below and in training split over members, each on one thread), and the
-            # test loss must be the same bits whatever the run's thread count
-            with using_threads(1):
-                z = torch.addmm(b0, xc, W0) if b0 is not None else torch.mm(xc, W0)  # (n, M*H1)
+            z = _rows_mm(xc, W0, b0)  # (n, M*H1)
             h = z.view(n, M, H1).transpose(0, 1)  # (M, n, H1), strided
             self._eval_act(0, h)
             for i in range(1, L):
