@@ -121,7 +121,6 @@ def _rows_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return out
 
 
-
 class Engine:
     """Interface of a training engine over M members (in the trainer's member order)."""
 

@@ -39,6 +39,7 @@ class _Fused:
         self.params = list(params)
         self.param_groups = [{**group, "params": self.params}]
         self.state: dict[Tensor, dict[str, Any]] = {}
+        self._lists: tuple[list[Tensor], ...] | None = None  # the step's tensor lists, built at the first step
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict``'s format: state by parameter index, one group."""
@@ -83,7 +84,6 @@ class FusedAdam(_Fused):
         super().__init__(params, dict(lr=float(lr), betas=(0.9, 0.999), eps=1e-08, weight_decay=0, amsgrad=False,
                                       maximize=False, foreach=None, capturable=False, differentiable=False,
                                       fused=True, decoupled_weight_decay=False))
-        self._lists: tuple[list[Tensor], ...] | None = None
 
     def _prepare(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
         states = []
@@ -125,7 +125,6 @@ class FusedSGD(_Fused):
     def __init__(self, params: Sequence[Tensor], lr: float, momentum: float = 0.0) -> None:
         super().__init__(params, dict(lr=float(lr), momentum=momentum or 0, dampening=0, weight_decay=0,
                                       nesterov=False, maximize=False, foreach=None, differentiable=False, fused=True))
-        self._lists = None
 
     def step(self) -> None:
         params, grads = self._with_grads()
