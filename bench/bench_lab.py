@@ -360,11 +360,6 @@ def main(argv: list[str] | None = None) -> int:
 
     exp = _experiment(args)
     train = exp.train
-    if args.peer_only:  # what a plain script does: load the data, train one model after the other
-        data = load_dataset(exp.data)
-        members = [m for g in plan_groups(exp) for m in g.members]
-        _time_peer(members, data, train, _samples(train, int(data.x_train.shape[0]), len(members)))
-        return 0
     t = time.perf_counter()
     data = load_dataset(exp.data)
     t_data = time.perf_counter() - t
@@ -372,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     members = [m for g in groups for m in g.members]
     n_train, n_test = int(data.x_train.shape[0]), int(data.x_test.shape[0])
     samples = _samples(train, n_train, len(members))
+    if args.peer_only:  # what a plain script does: load the data, train one model after the other
+        _time_peer(members, data, train, samples)
+        return 0
     print(f"initlab lab bench: preset {exp.name!r}, {len(exp.scenarios)} scenarios x {len(train.seeds)} seeds = "
           f"{len(members)} models in {len(groups)} group(s); batch {train.batch_size}, {train.steps} steps, "
           f"log every {train.log_every}; train {n_train}, test {n_test}; torch {torch.__version__}, "

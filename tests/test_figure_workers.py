@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import initlab.lab.report.workers as workers
+from initlab.lab import _threads
 from initlab import InitlabError
 from initlab.lab.run import run_experiment
 
@@ -163,8 +164,8 @@ def test_forked_report_is_the_in_process_report(in_process, tmp_path, monkeypatc
 
     parent = os.getpid()
     monkeypatch.setitem(workers.make_figures.__globals__, "_save", save)
-    monkeypatch.setattr(workers, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
+    monkeypatch.setattr(_threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(_threads, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
     workers.write_report_forked(two)
     assert _figures(two) == _figures(one) and set(_figures(one)) >= FIGURES
     assert _page(two) == _page(one)
@@ -194,8 +195,8 @@ def test_forked_child_that_fails(in_process, tmp_path, monkeypatch, fault):
         return real(*args, only=only, **kwargs)
 
     monkeypatch.setattr(workers, "make_figures", make_figures)
-    monkeypatch.setattr(workers, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
+    monkeypatch.setattr(_threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(_threads, "busy_now", lambda: 0.0)  # two idle CPUs, whatever else runs now
     page = workers.write_report_forked(run).read_text()
     want = _figures(in_process)
     got = _figures(run)
@@ -214,12 +215,12 @@ def test_forked_report_without_two_idle_cpus_is_drawn_here(in_process, tmp_path,
 
     run = tmp_path / "run"
     shutil.copytree(in_process, run)
-    monkeypatch.setattr(workers, "usable_cpus", lambda: usable)
-    monkeypatch.setattr(workers, "busy_now", lambda: busy)
-    assert workers._idle_for_fork() < 2
-    monkeypatch.setattr(workers, "busy_now", lambda: 0.0)  # the same CPUs idle: it forks where 2 are usable
-    assert (workers._idle_for_fork() >= 2) == (usable >= 2)
-    monkeypatch.setattr(workers, "busy_now", lambda: busy)
+    monkeypatch.setattr(_threads, "usable_cpus", lambda: usable)
+    monkeypatch.setattr(_threads, "busy_now", lambda: busy)
+    assert _threads.idle_cpus() < 2
+    monkeypatch.setattr(_threads, "busy_now", lambda: 0.0)  # the same CPUs idle: it forks where 2 are usable
+    assert (_threads.idle_cpus() >= 2) == (usable >= 2)
+    monkeypatch.setattr(_threads, "busy_now", lambda: busy)
     monkeypatch.setattr(os, "fork", lambda: pytest.fail("forked without two idle CPUs"))
     workers.write_report_forked(run)
     assert _figures(run) == _figures(in_process)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 import queue
 import signal
@@ -46,7 +45,7 @@ from typing import IO, Any
 
 from ..._errors import InitlabError
 from .._io import clean_tmp
-from .._threads import busy_now, usable_cpus
+from .._threads import busy_now, idle_cpus
 from .figures import grid_captions, grid_figures
 from .html import prepare_page
 from .html import write_report as _write_report
@@ -273,24 +272,17 @@ def _child(r: int, w: int, err: int, run_dir: Path, names: Sequence[str], data: 
         os._exit(code)
 
 
-def _idle_for_fork() -> int:
-    """Usable CPUs less those other processes keep busy now (:func:`~initlab.lab._threads.busy_now`; 0
-    where it cannot be measured): with fewer than 2 a forked child only takes time slices from this process
-    (measured on 2 busy cores: no wall time saved, ~25% more CPU)."""
-    busy = busy_now() or 0.0
-    return usable_cpus() - math.floor(busy + 0.5)
-
-
 def write_report_forked(run_dir: str | os.PathLike[str]) -> Path:
     """The figures and the page of a finished run, drawn by this process and one child forked from it (every
     other figure of the report's list each; the child inherits the imported modules and the loaded run
     directory, so it starts at once), then the page written here: on two cores the figures take about half the time of :func:`write_report`
     in one process, with the same bytes. A figure that raises, or the child's failure, is handled as
     :class:`FigureWorkers` handles it (named missing on the page; the child's figures not drawn are drawn
-    here). Not on Linux, or with fewer than 2 usable CPUs that other processes leave idle: :func:`write_report` in
-    this process."""
+    here). Not on Linux, or with fewer than 2 usable CPUs that other processes leave idle
+    (:func:`~initlab.lab._threads.idle_cpus`; on 2 busy cores a fork saved no wall time and cost ~25% more CPU):
+    :func:`write_report` in this process."""
     run_dir = Path(run_dir)
-    if not (hasattr(os, "fork") and sys.platform.startswith("linux")) or _idle_for_fork() < 2:
+    if not (hasattr(os, "fork") and sys.platform.startswith("linux")) or idle_cpus() < 2:
         return _write_report(run_dir)  # macOS: a fork of a process with threads may crash in system libraries
     names = _names()
     theirs, mine = names[0::2], names[1::2]
