@@ -156,13 +156,15 @@ def test_ctrl_c_mid_search_then_the_same_command_resumes_to_the_uninterrupted_fi
     shutil.copytree(a, fresh)
     asha_file(control / "ray" / "tanh-normal").unlink()  # negative control: ASHA's record lost
 
-    # at once: the same command again and the negative control in processes of their own (each starts a Ray of
-    # its own), and meanwhile, here, on this process's Ray (``local_ray``), the same search started over
-    # (--fresh), which is an uninterrupted search
-    procs = [start(toml, a), start(toml, control)]
+    # at once: the same command again in a process of its own (it starts a Ray of its own), and meanwhile,
+    # here, on this process's Ray (``local_ray``), the same search started over (--fresh), which is an
+    # uninterrupted search, then the negative control resumed
+    proc = start(toml, a)
     assert main(["tune", str(toml), "--cpus", "1", "--out", str(fresh), "--fresh"]) == 0
     reference = rows(fresh / "tune_results.csv")
-    resumed, lost = (to_end(p, out) for p, out in zip(procs, (a, control)))
+    assert main(["tune", str(toml), "--cpus", "1", "--out", str(control)]) == 0
+    lost = rows(control / "tune_results.csv")
+    resumed = to_end(proc, a)
     assert {Path(d).name.split("_")[1] for d in trial_dirs(fresh)}.isdisjoint(
         {Path(d).name.split("_")[1] for d in trial_dirs(a)})  # new trial ids: nothing of the old state kept
     # the finished trial was not run again, the unfinished one was
