@@ -84,7 +84,7 @@ def test_a_checkpoint_of_either_continues_in_the_other(kind, lr, momentum, first
     p1 = _params()
     o1 = make[first](kind, p1, lr, momentum)
     _steps(o1, p1, 10)
-    saved = {k: v for k, v in o1.state_dict().items()}
+    saved = o1.state_dict()
     p2 = [p.detach().clone().requires_grad_(True) for p in p1]
     for p in p2:
         p.grad = torch.zeros_like(p)

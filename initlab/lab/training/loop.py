@@ -156,7 +156,7 @@ class TrainLoop:
         self.probe_x, self.probe_y = x_test[:n_probe], y_test[:n_probe]
         self.alive = list(members)
         self.gens = [torch.Generator().manual_seed(data_seed(m.seed)) for m in self.alive]
-        self._set_optimizer(make_optimizer(self.opt_name, engine.params, self.lr, self.momentum))
+        self._new_optimizer()
         dtype = engine.params[0].dtype
         # the log window: per step since the last log, each member's minibatch loss and accuracy
         self.win_loss = torch.zeros(self.log_every, len(self.alive), device=device, dtype=dtype)
@@ -216,7 +216,7 @@ class TrainLoop:
         self.pos += b
         if self.alive:
             self.engine.backward()
-            self.opt_step()
+            self.opt.step()
             self.w += 1
 
     def _forward(self, k: int, b: int) -> None:
@@ -295,7 +295,7 @@ class TrainLoop:
             with torch.no_grad():
                 for p, v in zip(self.engine.params, st["params"], strict=True):
                     p.copy_(v)
-            self._set_optimizer(make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum))
+            self._new_optimizer()
             self.opt.load_state_dict(st["opt"])
         self.perm = st["perm"].to(self.device)
         if self.perm.numel():
@@ -387,12 +387,13 @@ class TrainLoop:
         self.perm = self.perm.index_select(0, ki)
         self.full, self.tail = self._epoch_batches(self.perm)
         self.win_loss, self.win_acc = self.win_loss.index_select(1, ki), self.win_acc.index_select(1, ki)
-        self._set_optimizer(make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum))
+        self._new_optimizer()
         self._move_optimizer_state(old_opt, triples, ki)
 
-    def _set_optimizer(self, opt: Any) -> None:
-        """A new optimiser (its state is filled in afterwards: the first step reads it)."""
-        self.opt, self.opt_step = opt, opt.step
+    def _new_optimizer(self) -> None:
+        """A new optimiser over the engine's parameters (its state is filled in afterwards: the first step
+        reads it)."""
+        self.opt = make_optimizer(self.opt_name, self.engine.params, self.lr, self.momentum)
 
     def _move_optimizer_state(self, old_opt: Any, triples: list[tuple[Tensor, Tensor, bool]],
                               ki: Tensor) -> None:
